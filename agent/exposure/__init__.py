@@ -1,0 +1,2 @@
+"""Exposure engine, sans-I/O: sightings -> encounters (aggregation), the proximity
+rule with calibration, and diagnosis-key matching."""
