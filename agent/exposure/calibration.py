@@ -1,0 +1,112 @@
+"""Device calibration: per-model RSSI correction and TX power.
+
+attenuation = TX power of the transmitter - (RSSI measured + RSSI correction of the receiver)
+(Exposure Notification Bluetooth spec v1.2, "Attenuation"; Google's calibration list).
+
+The file format is Google's Exposure Notification calibration list of 2020-09-30 /
+2020-12-14 (``oem,device,model,rssi_correction,tx,calibration_confidence``); the older
+2020-06-13 list (``oem,model,rssi correction (...),tx (...),has direct measurement``) is
+read too. The lists use different sign conventions between versions: use one version
+consistently for all devices of an experiment.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Google's confidence scale: 0 none/estimated, 1 low, 2 medium, 3 high.
+CONFIDENCE_UNKNOWN = 0
+
+
+class CalibrationError(ValueError):
+    """A calibration file cannot be read."""
+
+
+@dataclass(frozen=True)
+class DeviceCalibration:
+    model: str
+    rssi_correction: float
+    tx_power: float
+    confidence: int
+    oem: str = ""
+    device: str = ""
+
+
+#: Used for a model nobody calibrated: the median of Google's 2020-12-14 list
+#: (correction +4 dB, TX -26 dBm), confidence 0. See docs/proximity.md.
+DEFAULT_CALIBRATION = DeviceCalibration("unknown", 4.0, -26.0, CONFIDENCE_UNKNOWN)
+
+
+class CalibrationTable:
+    def __init__(self, entries: list[DeviceCalibration], default: DeviceCalibration = DEFAULT_CALIBRATION):
+        self.default = default
+        self._by_key: dict[str, DeviceCalibration] = {}
+        for e in entries:
+            for k in (e.model, e.device):
+                if k:
+                    self._by_key.setdefault(k.strip().lower(), e)
+
+    def __len__(self) -> int:
+        return len({id(v) for v in self._by_key.values()})
+
+    def lookup(self, model: str | None) -> DeviceCalibration:
+        """Calibration for a model (case-insensitive, by model or device name); the
+        documented default with confidence 0 when unknown."""
+        if model:
+            name = model.strip().lower()
+            e = self._by_key.get(name)
+            if e is not None:
+                return e
+            # "/proc/device-tree/model" adds a revision: "Raspberry Pi 3 Model B Rev 1.2"
+            prefixes = [k for k in self._by_key if name.startswith(k + " ")]
+            if prefixes:
+                return self._by_key[max(prefixes, key=len)]
+        return self.default
+
+    @classmethod
+    def from_csv_text(cls, text: str, *, source: str = "<text>") -> "CalibrationTable":
+        rows = list(csv.reader(io.StringIO(text)))
+        if not rows:
+            raise CalibrationError(f"{source}: empty calibration file")
+        header = [h.strip().lower() for h in rows[0]]
+        entries = []
+        try:
+            if header[:6] == ["oem", "device", "model", "rssi_correction", "tx", "calibration_confidence"]:
+                for r in rows[1:]:
+                    if not r or r[0].lstrip().startswith("#"):
+                        continue
+                    entries.append(DeviceCalibration(r[2], float(r[3]), float(r[4]), int(r[5]), r[0], r[1]))
+            elif len(header) >= 5 and header[0] == "oem" and header[1] == "model" and header[2].startswith("rssi correction"):
+                for r in rows[1:]:
+                    if not r:
+                        continue
+                    conf = 2 if r[4].strip().lower() == "yes" else 1
+                    entries.append(DeviceCalibration(r[1], float(r[2]), float(r[3]), conf, r[0]))
+            else:
+                raise CalibrationError(f"{source}: unknown calibration header {rows[0]}")
+        except (IndexError, ValueError) as e:
+            if isinstance(e, CalibrationError):
+                raise
+            raise CalibrationError(f"{source}: bad row in calibration file: {e}") from None
+        return cls(entries)
+
+    @classmethod
+    def load(cls, *paths: str | Path) -> "CalibrationTable":
+        """Load and merge files; earlier files win for a model listed twice."""
+        entries: list[DeviceCalibration] = []
+        for p in paths:
+            try:
+                text = Path(p).read_text(encoding="utf-8")
+            except OSError as e:
+                raise CalibrationError(f"cannot read calibration file {p}: {e.strerror}") from None
+            t = cls.from_csv_text(text, source=str(p))
+            entries.extend(dict.fromkeys(t._by_key.values()))
+        return cls(entries)
+
+
+def bundled_calibration_path() -> Path:
+    """hardware/calibration.csv as shipped in the package."""
+    return Path(__file__).with_name("calibration.csv")

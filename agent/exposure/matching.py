@@ -1,0 +1,194 @@
+"""Diagnosis keys -> RPIs -> hits among stored encounters, sans-I/O.
+
+For each key: skip it before any cryptography when its validity (± the tolerance)
+cannot overlap any stored encounter; otherwise derive its RPIK, compute all its RPIs in
+one AES-ECB call, and look them up. The look-up is vectorised: a batch of keys' RPIs is
+filtered with numpy against a 2^24-entry table of stored RPI prefixes, and only the few
+candidates are compared exactly. Keys are split over worker processes (fork) so that
+every core works. A hit is kept when the encounter's time lies within ± tolerance
+intervals of the RPI's interval (clocks drift; the Pi has no RTC), and its AEM decrypts
+to well-formed metadata.
+"""
+
+from __future__ import annotations
+
+import hmac
+import multiprocessing
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from ..protocol import gaen
+from ..protocol.export import DiagnosisKey
+from .encounter import Encounter
+
+#: ± 2 hours in 10-minute intervals.
+DEFAULT_TOLERANCE_INTERVALS = 12
+_PREFIX_BITS = 24
+_BATCH_KEYS = 4096
+_ZERO_SALT = bytes(32)
+_RPIK_INFO = b"EN-RPIK\x01"
+
+
+def _rpik(tek: bytes) -> bytes:
+    # HKDF-SHA256 (RFC 5869) with empty salt and a 16-byte output is one extract and one
+    # expand block; the same as gaen.derive_rpik, without the object overhead per key.
+    prk = hmac.digest(_ZERO_SALT, tek, "sha256")
+    return hmac.digest(prk, _RPIK_INFO, "sha256")[:16]
+
+
+@dataclass
+class Hit:
+    encounter: Encounter
+    enin: int  # the interval of the matching RPI
+    tx_power_dbm: int
+
+
+@dataclass
+class KeyMatch:
+    key: DiagnosisKey
+    hits: list[Hit] = field(default_factory=list)
+    rejected_metadata: int = 0
+    rejected_time: int = 0
+
+
+@dataclass
+class MatchStats:
+    keys: int = 0
+    skipped_no_overlap: int = 0
+    keys_derived: int = 0
+    rpis_computed: int = 0
+    candidates: int = 0
+
+
+class EncounterIndex:
+    """Stored encounters, indexed for matching."""
+
+    def __init__(self, encounters: Sequence[Encounter]) -> None:
+        self.by_rpi: dict[bytes, list[Encounter]] = {}
+        for e in encounters:
+            self.by_rpi.setdefault(e.rpi, []).append(e)
+        if encounters:
+            self.min_enin = min(gaen.en_interval_number(e.first_seen) for e in encounters)
+            self.max_enin = max(gaen.en_interval_number(e.last_seen) for e in encounters)
+        else:
+            self.min_enin, self.max_enin = 1, 0
+        self.prefix_table = np.zeros(1 << _PREFIX_BITS, dtype=np.bool_)
+        if self.by_rpi:
+            prefixes = np.frombuffer(b"".join(self.by_rpi), dtype=">u4")[::4] >> (32 - _PREFIX_BITS)
+            self.prefix_table[prefixes] = True
+
+    def __len__(self) -> int:
+        return len(self.by_rpi)
+
+
+_blocks_cache: dict[tuple[int, int], bytes] = {}
+
+
+def _blocks(start: int, period: int) -> bytes:
+    b = _blocks_cache.get((start, period))
+    if b is None:
+        if len(_blocks_cache) > 4096:
+            _blocks_cache.clear()
+        b = _blocks_cache[(start, period)] = b"".join(gaen.padded_data(start + j) for j in range(period))
+    return b
+
+
+def _scan(index: EncounterIndex, keys: Sequence[tuple[bytes, int, int]]) -> list[tuple[int, int]]:
+    """(key position, RPI offset j) of every exact RPI hit among ``keys``."""
+    table, by_rpi = index.prefix_table, index.by_rpi
+    hits: list[tuple[int, int]] = []
+    shift = 32 - _PREFIX_BITS
+    for b0 in range(0, len(keys), _BATCH_KEYS):
+        batch = keys[b0 : b0 + _BATCH_KEYS]
+        parts, owners, offsets = [], [], [0]
+        for pos, (tek, start, period) in enumerate(batch, b0):
+            enc = Cipher(algorithms.AES(_rpik(tek)), modes.ECB()).encryptor()
+            parts.append(enc.update(_blocks(start, period)))
+            owners.append(pos)
+            offsets.append(offsets[-1] + period)
+        buf = b"".join(parts)
+        pref = np.frombuffer(buf, dtype=">u4")[::4] >> shift
+        cand = np.flatnonzero(table[pref])
+        if cand.size == 0:
+            continue
+        offs = np.asarray(offsets)
+        for c in cand.tolist():
+            rpi = buf[c * 16 : c * 16 + 16]
+            if rpi in by_rpi:
+                k = int(np.searchsorted(offs, c, side="right")) - 1
+                hits.append((owners[k], c - offsets[k]))
+    return hits
+
+
+_worker_index: EncounterIndex | None = None
+
+
+def _worker(keys: Sequence[tuple[bytes, int, int]], base: int) -> list[tuple[int, int]]:
+    assert _worker_index is not None
+    return [(base + p, j) for p, j in _scan(_worker_index, keys)]
+
+
+def match_keys(
+    keys: Sequence[DiagnosisKey],
+    index: EncounterIndex,
+    *,
+    tolerance_intervals: int = DEFAULT_TOLERANCE_INTERVALS,
+    workers: int | None = None,
+    stats: MatchStats | None = None,
+) -> list[KeyMatch]:
+    """Matches for the keys with at least one hit. ``workers``: processes (default:
+    all CPUs for large inputs, in-process for small ones)."""
+    global _worker_index
+    st = stats if stats is not None else MatchStats()
+    st.keys += len(keys)
+    todo: list[tuple[bytes, int, int]] = []
+    todo_keys: list[DiagnosisKey] = []
+    for k in keys:
+        start, end = k.rolling_start_interval_number, k.rolling_start_interval_number + k.rolling_period - 1
+        if end + tolerance_intervals < index.min_enin or start - tolerance_intervals > index.max_enin:
+            st.skipped_no_overlap += 1
+            continue
+        todo.append((k.key_data, start, k.rolling_period))
+        todo_keys.append(k)
+    st.keys_derived += len(todo)
+    st.rpis_computed += sum(t[2] for t in todo)
+    if workers is None:
+        workers = (os.cpu_count() or 1) if len(todo) >= 20_000 else 1
+    if workers <= 1 or len(todo) < 2 * _BATCH_KEYS:
+        raw_hits = _scan(index, todo)
+    else:
+        _worker_index = index  # inherited by the forked workers, not pickled
+        try:
+            chunk = -(-len(todo) // workers)
+            ctx = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
+                futs = [ex.submit(_worker, todo[i : i + chunk], i) for i in range(0, len(todo), chunk)]
+                raw_hits = [h for f in futs for h in f.result()]
+        finally:
+            _worker_index = None
+    st.candidates += len(raw_hits)
+
+    matches: dict[int, KeyMatch] = {}
+    for pos, j in raw_hits:
+        key = todo_keys[pos]
+        enin = key.rolling_start_interval_number + j
+        rpi = gaen.rpis_from_rpik(_rpik(key.key_data), enin, 1)[0]
+        m = matches.get(pos) or matches.setdefault(pos, KeyMatch(key))
+        aemk = gaen.derive_aemk(key.key_data)
+        for enc in index.by_rpi.get(rpi, ()):
+            first, last = gaen.en_interval_number(enc.first_seen), gaen.en_interval_number(enc.last_seen)
+            if last < enin - tolerance_intervals or first > enin + tolerance_intervals:
+                m.rejected_time += 1
+                continue
+            try:
+                meta = gaen.Metadata.from_bytes(gaen.decrypt_aem(aemk, rpi, enc.aem))
+            except (gaen.MetadataError, gaen.CryptoInputError):
+                m.rejected_metadata += 1
+                continue
+            m.hits.append(Hit(enc, enin, meta.tx_power_dbm))
+    return [m for _, m in sorted(matches.items())]
