@@ -2,16 +2,38 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import sys
+from pathlib import Path
 
 import click
 
 from agent import __version__
 
+#: Exceptions that are the user's to fix: printed as one sentence, exit 1.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+
+
+def friendly_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except _USER_ERRORS as e:
+            if ctx.find_root().params.get("debug"):
+                raise
+            raise click.ClickException(str(e)) from None
+    return wrapper
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ctagent")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def main(debug: bool) -> None:
     """ctagent: a Bluetooth LE contact-tracing device agent."""
 
 
@@ -25,6 +47,45 @@ def demo(seed: int) -> None:
     if result.matched_rpis == 0:
         click.echo("error: the walk-through found no match", err=True)
         sys.exit(1)
+
+
+@main.command("eval")
+@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="CSV: pair,timestamp,rssi,tx_power[,receiver_model,transmitter_model]")
+@click.option("--rule", type=click.Choice(["distance", "buckets"]), default="distance", show_default=True)
+@click.option("--distance-threshold", type=float, default=1.0, show_default=True, help="metres")
+@click.option("--duration-threshold", type=float, default=15.0, show_default=True, help="minutes")
+@click.option("--calibration", "calibration_files", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Extra calibration list(s) (Google EN format); hardware/calibration.csv is always loaded.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@friendly_errors
+def eval_cmd(input_path, rule, distance_threshold, duration_threshold, calibration_files, as_json):
+    """Run the proximity rule on your own recorded sightings."""
+    from agent.exposure.calibration import CalibrationTable, bundled_calibration_path
+    from agent.exposure.evaluate import evaluate, read_sightings_csv
+    from agent.exposure.rule import ProximityConfig
+
+    cfg = ProximityConfig(rule=rule, distance_threshold_m=distance_threshold, duration_threshold_min=duration_threshold)
+    cal = CalibrationTable.load(*calibration_files, bundled_calibration_path())
+    pairs = read_sightings_csv(input_path.read_text(encoding="utf-8", errors="replace"), source=str(input_path))
+    results = evaluate(pairs, cfg, cal)
+    if as_json:
+        click.echo(json.dumps({"rule": rule, "distance_threshold_m": distance_threshold,
+                               "duration_threshold_min": duration_threshold,
+                               "pairs": [r.to_dict() for r in results]}, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{input_path.name}: rule '{rule}', {distance_threshold:g} m / {duration_threshold:g} min")
+    for c in ("pair", "decision", "minutes counted", f"est. minutes within {distance_threshold:g} m",
+              "minutes observed", "samples", "rx calibration"):
+        t.add_column(c, justify="right" if c != "pair" else "left")
+    for r in results:
+        t.add_row(r.pair, "[bold red]EXPOSED[/]" if r.exposed else "not exposed", f"{r.minutes_counted:.1f}",
+                  f"{r.close_minutes_estimated:.1f}", str(r.minutes_observed), str(r.samples),
+                  {0: "default", 1: "low", 2: "medium", 3: "high"}.get(r.receiver_confidence, "?"))
+    Console(width=max(100, Console().width)).print(t)
 
 
 if __name__ == "__main__":  # pragma: no cover

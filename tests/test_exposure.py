@@ -125,11 +125,13 @@ def test_windows_spanning_midnight_split_by_day():
 
 def test_bucket_rule_weights():
     c = ProximityConfig(rule="buckets")
-    (d,) = decide(obs(10, 50.0), c)  # immediate: 1.5 x 10
+    (d,) = decide(obs(15, 50.0), c)  # immediate: 1.0 x 15
     assert d.minutes == 15 and d.exposed
-    (d,) = decide(obs(20, 70.0), c)  # medium: 0.5 x 20
-    assert d.minutes == 10 and not d.exposed
+    (d,) = decide(obs(20, 60.0), c)  # medium: 0.25 x 20
+    assert d.minutes == 5 and not d.exposed
     assert d.windows[0]["bucket"] == 2
+    (d,) = decide(obs(10, 55.0) + obs(10, 50.0, start=T0 + 600), c)  # near 0.5 x 10 + immediate 10
+    assert d.minutes == 15 and d.exposed
 
 
 def test_config_validation():

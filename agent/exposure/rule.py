@@ -45,10 +45,11 @@ class ProximityConfig:
     gap_fill_windows: int = 2
     #: TX power assumed before a match gives the real one (dBm; from the calibration default).
     default_tx_power_dbm: float = -26.0
-    #: EN v2 attenuation buckets: upper bounds (dB) of immediate, near, medium ...
-    bucket_thresholds_db: tuple[float, ...] = (55.0, 63.0, 73.0)
+    #: EN v2 style attenuation buckets: upper bounds (dB) of immediate, near, medium: ~1, 2, 3 m
+    #: under the default model (EN apps used 55/63/73 dB on Google's own attenuation scale) ...
+    bucket_thresholds_db: tuple[float, ...] = (50.0, 57.5, 62.0)
     #: ... and the weight of each bucket (the last one is "other", beyond the last bound).
-    bucket_weights: tuple[float, ...] = (1.5, 1.0, 0.5, 0.0)
+    bucket_weights: tuple[float, ...] = (1.0, 0.5, 0.25, 0.0)
 
     def __post_init__(self) -> None:
         if self.rule not in ("distance", "buckets"):
