@@ -88,5 +88,71 @@ def eval_cmd(input_path, rule, distance_threshold, duration_threshold, calibrati
     Console(width=max(100, Console().width)).print(t)
 
 
+# -- backend -------------------------------------------------------------------------
+
+@main.group()
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("backend-data"),
+              show_default=True, envvar="CTAGENT_BACKEND_DIR", help="Keys, exports and the embedded database.")
+@click.option("--database", default=None, envvar="CTAGENT_BACKEND_DATABASE",
+              help="SQLAlchemy URL (default: SQLite in --data-dir; postgresql://... works too).")
+@click.option("--region", default="XX", show_default=True)
+@click.pass_context
+def backend(ctx, data_dir, database, region):
+    """The reference backend: codes, publish, signed exports."""
+    ctx.obj = {"data_dir": data_dir, "database": database, "region": region}
+
+
+def _backend(ctx):
+    from backend.core import Backend, BackendConfig
+
+    o = ctx.obj
+    return Backend(BackendConfig(o["data_dir"], database_url=o["database"], region=o["region"]))
+
+
+@backend.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True)
+@click.option("--add-user", nargs=2, metavar="USER PASSWORD", default=None, help="Create a physician account first.")
+@click.pass_context
+@friendly_errors
+def backend_serve(ctx, host, port, add_user):
+    """Serve the API, the physicians' page and the export files."""
+    from backend.app import serve
+
+    b = _backend(ctx)
+    if add_user:
+        b.add_user(*add_user)
+    click.echo(f"export signing public key (give it to the agents): {b.public_key_b64}")
+    serve(b, host, port)
+
+
+@backend.command("code")
+@click.option("--test-type", type=click.Choice(["confirmed", "likely"]), default="confirmed", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@friendly_errors
+def backend_code(ctx, test_type, as_json):
+    """Issue a verification code (as a lab system would)."""
+    c = _backend(ctx).issue_code("cli", test_type=test_type)
+    click.echo(json.dumps(c) if as_json else f"code {c['code']} (15 min)   long code {c['longCode']} (24 h)")
+
+
+@backend.command("export")
+@click.pass_context
+@friendly_errors
+def backend_export(ctx):
+    """Write the signed export files of keys whose embargo ended."""
+    names = _backend(ctx).run_export()
+    click.echo(f"{len(names)} export file(s) written" + ("".join(f"\n  {n}" for n in names)))
+
+
+@backend.command("public-key")
+@click.pass_context
+@friendly_errors
+def backend_public_key(ctx):
+    """Print the export signing public key (base64 SubjectPublicKeyInfo)."""
+    click.echo(_backend(ctx).public_key_b64)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

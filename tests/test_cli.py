@@ -17,3 +17,16 @@ def test_version_and_help():
 def test_console_script_runs_the_walkthrough():
     out = subprocess.run([sys.executable, "-m", "cli", "demo", "--seed", "3"], capture_output=True, text=True, check=True)
     assert "matched" in out.stdout and "TX power -8 dBm" in out.stdout
+
+
+def test_backend_code_export_and_public_key(tmp_path):
+    import json
+    base = ["backend", "--data-dir", str(tmp_path / "b")]
+    r = CliRunner().invoke(cli.main, base + ["code", "--json"])
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.output)["code"]) == 8
+    r = CliRunner().invoke(cli.main, base + ["public-key"])
+    assert r.exit_code == 0 and len(r.output.strip()) > 80
+    r = CliRunner().invoke(cli.main, base + ["export"])
+    assert r.exit_code == 0 and "0 export file(s)" in r.output
+    assert (tmp_path / "b" / "exports" / "index.txt").exists()
