@@ -14,9 +14,11 @@ def test_version_and_help():
     assert r.exit_code == 0 and "demo" in r.output
 
 
-def test_console_script_runs_the_walkthrough():
-    out = subprocess.run([sys.executable, "-m", "cli", "demo", "--seed", "3"], capture_output=True, text=True, check=True)
-    assert "matched" in out.stdout and "TX power -8 dBm" in out.stdout
+def test_errors_are_one_sentence_without_traceback():
+    r = CliRunner().invoke(cli.main, ["demo", "--devices", "2"])
+    assert r.exit_code == 1 and "at least 4 devices" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(cli.main, ["demo", "--days", "20"])
+    assert r.exit_code == 1 and "between 1 and 14" in r.output
 
 
 def test_backend_code_export_and_public_key(tmp_path):

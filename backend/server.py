@@ -1,0 +1,40 @@
+"""Run the backend's HTTP server in a background thread (the demo's embedded backend
+and the tests' live server): real uvicorn on 127.0.0.1, an ephemeral port."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import uvicorn
+
+from .app import create_app
+from .core import Backend
+
+
+class BackgroundServer:
+    def __init__(self, backend: Backend, host: str = "127.0.0.1", port: int = 0) -> None:
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.port = port
+        self.url = f"http://{host}:{port}"
+        config = uvicorn.Config(create_app(backend), host=host, port=port, log_level="warning", lifespan="off",
+                                access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="ctagent-backend", daemon=True)
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the embedded backend did not start on {self.url}")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
