@@ -1,0 +1,215 @@
+"""Configuration: one TOML file, overridable by environment variables
+(``CTAGENT_<SECTION>_<KEY>``, e.g. ``CTAGENT_SYNC_BACKEND_URL``) and by CLI flags.
+Invalid settings are rejected at start with the file, the key and the reason."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .exposure.rule import ConfigError as RuleConfigError
+from .exposure.rule import ProximityConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class AgentSection:
+    data_dir: str = "~/.local/share/ctagent"
+    #: master key: "keyfile" (a 0600 file in data_dir) or "passphrase" (read from $CTAGENT_PASSPHRASE)
+    key: str = "keyfile"
+    retention_days: int = 14
+    #: this device's model, looked up in hardware/calibration.csv
+    device_model: str = "Raspberry Pi 3 Model B"
+    #: extra calibration lists (Google EN format)
+    calibration_files: list[str] = field(default_factory=list)
+    flush_interval_s: float = 60.0
+
+
+@dataclass
+class RadioSection:
+    #: "bluez" (a real adapter) or "sim" (the simulated medium with virtual peers)
+    kind: str = "sim"
+    adapter: str = "hci0"
+    #: peers around this device when kind = "sim"
+    sim_peers: int = 5
+    sim_seed: int = 0
+
+
+@dataclass
+class SyncSection:
+    backend_url: str = ""
+    #: base64 SubjectPublicKeyInfo of the export signing key(s) to trust
+    trusted_keys: list[str] = field(default_factory=list)
+    interval_s: float = 4 * 3600.0
+    jitter_s: float = 1800.0
+
+
+@dataclass
+class NotifySection:
+    #: a command run on exposure; receives CTAGENT_EXPOSURE_DATE and CTAGENT_EXPOSURE_MINUTES
+    #: in its environment (never identifiers). Empty: no command.
+    on_exposure: str = ""
+
+
+@dataclass
+class Config:
+    agent: AgentSection = field(default_factory=AgentSection)
+    radio: RadioSection = field(default_factory=RadioSection)
+    sync: SyncSection = field(default_factory=SyncSection)
+    notify: NotifySection = field(default_factory=NotifySection)
+    proximity: ProximityConfig = field(default_factory=ProximityConfig)
+    source: str = "<defaults>"
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(os.path.expanduser(self.agent.data_dir))
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "agent.db"
+
+    @property
+    def key_file(self) -> Path:
+        return self.data_dir / "master.key"
+
+
+_SECTIONS = {"agent": AgentSection, "radio": RadioSection, "sync": SyncSection, "notify": NotifySection}
+
+
+def _coerce(src: str, section: str, key: str, value, typ):
+    where = f"{src}: [{section}] {key}"
+    try:
+        if typ in ("float", float):
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if typ in ("int", int):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if typ in ("str", str):
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+        if str(typ).startswith("list"):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {typ}, got {value!r}") from None
+    return value
+
+
+def _validate(cfg: Config) -> None:
+    src = cfg.source
+    if cfg.radio.kind not in ("bluez", "sim"):
+        raise ConfigError(f"{src}: [radio] kind: must be 'bluez' or 'sim', not {cfg.radio.kind!r}")
+    if cfg.agent.key not in ("keyfile", "passphrase"):
+        raise ConfigError(f"{src}: [agent] key: must be 'keyfile' or 'passphrase'")
+    if cfg.agent.retention_days < 1:
+        raise ConfigError(f"{src}: [agent] retention_days: must be at least 1")
+    if cfg.agent.flush_interval_s <= 0 or cfg.sync.interval_s <= 0 or cfg.sync.jitter_s < 0:
+        raise ConfigError(f"{src}: intervals must be positive")
+    if cfg.sync.backend_url and not cfg.sync.backend_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{src}: [sync] backend_url: must start with http:// or https://")
+    if cfg.sync.backend_url and not cfg.sync.trusted_keys:
+        raise ConfigError(f"{src}: [sync] trusted_keys: needed to verify the backend's export files")
+    from .protocol.export import ExportError, load_public_key
+    for k in cfg.sync.trusted_keys:
+        try:
+            load_public_key(k)
+        except ExportError as e:
+            raise ConfigError(f"{src}: [sync] trusted_keys: {e}") from None
+
+
+def load_config(path: Path | None, env: dict[str, str] | None = None) -> Config:
+    env = dict(os.environ) if env is None else env
+    doc: dict = {}
+    src = "<defaults>"
+    if path is not None:
+        src = str(path)
+        try:
+            doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{src}: no such configuration file; create one with `ctagent init`") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{src}: not valid TOML: {e}") from None
+    cfg = Config(source=src)
+    for name in doc:
+        if name not in _SECTIONS and name != "proximity":
+            raise ConfigError(f"{src}: unknown section [{name}]")
+    for name, cls in _SECTIONS.items():
+        section = getattr(cfg, name)
+        values = doc.get(name, {})
+        known = {f.name: f.type for f in fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"{src}: [{name}] {key}: unknown setting")
+        for key, typ in known.items():
+            env_key = f"CTAGENT_{name.upper()}_{key.upper()}"
+            if env_key in env:
+                setattr(section, key, _coerce(f"${env_key}", name, key, env[env_key], typ))
+            elif key in values:
+                setattr(section, key, _coerce(src, name, key, values[key], typ))
+    try:
+        cfg.proximity = ProximityConfig.from_mapping(doc.get("proximity", {}))
+    except (RuleConfigError, TypeError, ValueError) as e:
+        raise ConfigError(f"{src}: [proximity] {e}") from None
+    _validate(cfg)
+    return cfg
+
+
+TEMPLATE = '''# ctagent configuration. Every setting can be overridden by an environment variable
+# CTAGENT_<SECTION>_<KEY> (e.g. CTAGENT_SYNC_BACKEND_URL) and some by command-line flags.
+
+[agent]
+# Where the encrypted store, its keyring and the master key file live.
+data_dir = "{data_dir}"
+# Master key: "keyfile" (a random key in data_dir/master.key, mode 0600) or
+# "passphrase" (read from the CTAGENT_PASSPHRASE environment variable; scrypt).
+key = "{key}"
+# Days of encounters and own keys kept; older days are erased (crypto-erasure).
+retention_days = 14
+# This device's model, for its RSSI correction and TX power (hardware/calibration.csv).
+device_model = "Raspberry Pi 3 Model B"
+# Extra calibration lists in Google's EN format.
+calibration_files = []
+# Seconds between writes of aggregated sightings to the store (a power cut loses at most this).
+flush_interval_s = 60
+
+[radio]
+# "bluez" for a real adapter, "sim" for the simulated medium with virtual peers.
+kind = "{radio}"
+adapter = "hci0"
+sim_peers = 5
+sim_seed = 0
+
+[sync]
+# The backend (empty: no sync). Its export signing public key must be trusted below
+# (print it with `ctagent backend public-key`).
+backend_url = ""
+trusted_keys = []
+# Seconds between syncs, plus a random jitter up to jitter_s.
+interval_s = 14400
+jitter_s = 1800
+
+[notify]
+# Command run on exposure (e.g. light an LED). It receives CTAGENT_EXPOSURE_DATE and
+# CTAGENT_EXPOSURE_MINUTES in its environment, never an identifier.
+on_exposure = ""
+
+[proximity]
+# The 15-minute / 1-metre rule; see docs/proximity.md for the defaults and why.
+rule = "distance"
+distance_threshold_m = 1.0
+duration_threshold_min = 15.0
+attenuation_at_1m_db = 50.0
+path_loss_exponent = 2.5
+'''
