@@ -11,8 +11,12 @@ import click
 
 from agent import __version__
 
+from agent.store import StoreError, StoreKeyError  # noqa: E402
+from agent.sync.client import SyncError  # noqa: E402
+
 #: Exceptions that are the user's to fix: printed as one sentence, exit 1.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, StoreError, StoreKeyError, SyncError)
+DEFAULT_CONFIG = Path("~/.config/ctagent/ctagent.toml").expanduser()
 
 
 def friendly_errors(fn):
@@ -33,8 +37,244 @@ def friendly_errors(fn):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ctagent")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(debug: bool) -> None:
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_CONFIG,
+              envvar="CTAGENT_CONFIG", show_default=True, help="The TOML configuration file.")
+@click.pass_context
+def main(ctx, debug: bool, config_path: Path) -> None:
     """ctagent: a Bluetooth LE contact-tracing device agent."""
+    ctx.obj = {"config_path": config_path}
+
+
+def _cfg():
+    from agent.config import load_config
+
+    return load_config(click.get_current_context().find_root().obj["config_path"])
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=1, default=str))
+
+
+def _table(title: str, columns: list[str], rows: list[list]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    Console(width=max(100, Console().width)).print(t)
+
+
+def _date(day: int) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(day * 86400, dt.timezone.utc).date().isoformat()
+
+
+# -- the device ------------------------------------------------------------------------
+
+@main.command()
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("~/.local/share/ctagent").expanduser(), show_default=True)
+@click.option("--key", type=click.Choice(["keyfile", "passphrase"]), default="keyfile", show_default=True,
+              help="Master key from a 0600 key file, or from $CTAGENT_PASSPHRASE (scrypt).")
+@click.option("--radio", type=click.Choice(["bluez", "sim"]), default="bluez", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing configuration file.")
+@friendly_errors
+def init(data_dir, key, radio, force):
+    """Write a commented configuration and create the encrypted store."""
+    from agent import ops
+
+    path = click.get_current_context().find_root().obj["config_path"]
+    cfg = ops.init(path, data_dir=data_dir, key=key, radio=radio, force=force)
+    click.echo(f"configuration: {path}\nstore: {cfg.db_path} (master key: "
+               f"{cfg.key_file if key == 'keyfile' else '$CTAGENT_PASSPHRASE'})")
+
+
+@main.command()
+@click.option("--radio", type=click.Choice(["bluez", "sim"]), default=None, help="Override [radio] kind.")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING"]), default="INFO", show_default=True)
+@friendly_errors
+def run(radio, log_level):
+    """Run the agent: advertise, scan, store, sync, notify (until SIGTERM)."""
+    from agent import ops
+
+    cfg = _cfg()
+    ops.setup_logging(log_level)
+    sys.exit(ops.run_daemon(cfg, radio=radio or cfg.radio.kind))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def status(as_json):
+    """Health, counts, last sync and exposure state."""
+    from agent import ops
+    from agent.sync.client import STATE_LAST_SUCCESS
+
+    cfg = _cfg()
+    daemon = None
+    sp = cfg.data_dir / "status.json"
+    if sp.exists():
+        daemon = json.loads(sp.read_text())
+    with ops.open_store(cfg) as store:
+        out = {"store": str(cfg.db_path), "days_stored": len(store.encounter_days()),
+               "encounters": sum(store.encounter_days().values()), "own_keys": len(store.teks()),
+               "exposed_days": [_date(e["day"]) for e in store.exposures()],
+               "last_sync": store.get_state(STATE_LAST_SUCCESS), "daemon": daemon}
+    if as_json:
+        _echo_json(out)
+        return
+    exposure = "EXPOSED on " + ", ".join(out["exposed_days"]) if out["exposed_days"] else "no exposure found"
+    click.echo(f"store        {out['store']}\nencounters   {out['encounters']} over {out['days_stored']} day(s)\n"
+               f"own keys     {out['own_keys']}\nlast sync    {out['last_sync'] or 'never'}\nexposure     {exposure}")
+    if daemon:
+        click.echo(f"daemon       mode={daemon['mode']} rotations={daemon['rotations']} sightings={daemon['sightings']}")
+    else:
+        click.echo("daemon       no status file (not running?)")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def encounters(as_json):
+    """Per-day summary of what was heard (nothing identifying)."""
+    from agent import ops
+
+    with ops.open_store(_cfg()) as store:
+        rows = ops.encounter_summary(store)
+    if as_json:
+        _echo_json([{**r, "date": _date(r["day"])} for r in rows])
+        return
+    _table("Encounters per day", ["date", "identifiers heard", "samples", "minutes observed"],
+           [[_date(r["day"]), r["encounters"], r["samples"], r["windows"]] for r in rows])
+
+
+@main.command()
+@click.option("--explain", is_flag=True, help="Windows, distances and minutes behind each decision.")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def exposures(explain, as_json):
+    """Exposures found."""
+    from agent import ops
+
+    with ops.open_store(_cfg()) as store:
+        exps = store.exposures()
+    if as_json:
+        _echo_json([e if explain else {k: v for k, v in e.items() if k != "explain"} for e in exps])
+        return
+    if not exps:
+        click.echo("no exposure found")
+        return
+    _table("Exposures", ["date", "minutes", "rule"], [[_date(e["day"]), e["minutes"], e["rule"]] for e in exps])
+    if explain:
+        for e in exps:
+            click.echo(f"\n{_date(e['day'])}:")
+            for w in e["explain"]["windows"]:
+                click.echo(f"  window {w['start']:.0f}: attenuation {w['attenuation_db']} dB, "
+                           f"~{w['distance_m']} m, counted {w['minutes']} min{' (gap filled)' if w['filled'] else ''}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def sync(as_json):
+    """Download new export files, verify them and check for exposure now."""
+    import time
+
+    from agent import ops
+
+    cfg = _cfg()
+    client = ops.sync_client(cfg)
+    if client is None:
+        raise click.ClickException("no backend configured: set [sync] backend_url in " + cfg.source)
+    with ops.open_store(cfg) as store:
+        agent = ops.make_agent(cfg, store)
+        res, decisions = agent.sync(client, time.time())
+    out = {"offline": res.offline, "files": res.files_new, "failed_files": res.files_failed, "keys": len(res.keys),
+           "exposed": any(d.exposed for d in decisions)}
+    if as_json:
+        _echo_json(out)
+    elif res.offline:
+        click.echo("backend unreachable: nothing downloaded (the daemon retries by itself)")
+    else:
+        click.echo(f"{res.files_new} new export file(s), {len(res.keys)} key(s) checked; "
+                   + ("EXPOSURE FOUND: see `ctagent exposures`" if out["exposed"] else "no exposure found"))
+
+
+@main.command()
+@click.option("--code", required=True, help="The verification code from the health authority.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@friendly_errors
+def declare(code, yes):
+    """Upload your keys of the last 14 days (you tested positive)."""
+    import time
+
+    from agent import ops
+    from agent.sync.client import teks_to_upload
+
+    cfg = _cfg()
+    client = ops.sync_client(cfg)
+    if client is None:
+        raise click.ClickException("no backend configured: set [sync] backend_url in " + cfg.source)
+    with ops.open_store(cfg) as store:
+        teks = teks_to_upload(store, time.time())
+        if not yes:
+            click.confirm(f"Upload your {len(teks)} key(s) of the last 14 days? People you met will be notified "
+                          "without learning who you are.", abort=True)
+        resp = client.declare(code, teks, store, now=time.time())
+    click.echo(f"published: {resp['insertedExposures']} key(s)")
+
+
+@main.command("export")
+@click.option("--consent", is_flag=True, help="I have the consent of this device's carrier for this export.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@friendly_errors
+def export_cmd(consent, fmt, output):
+    """Research export of encounter summaries, pseudonymised."""
+    from agent import ops
+
+    if not consent:
+        raise click.ClickException("a research export needs the carrier's explicit consent: add --consent")
+    with ops.open_store(_cfg()) as store:
+        text = ops.research_export(store, fmt)
+    if output:
+        from agent.store.keys import write_private_file
+
+        write_private_file(output, text.encode())
+        click.echo(f"written to {output} (mode 0600)")
+    else:
+        click.echo(text, nl=False)
+
+
+@main.command()
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@friendly_errors
+def purge(yes):
+    """Erase the store: keys, encounters, exposures (cannot be undone)."""
+    from agent import ops
+
+    cfg = _cfg()
+    if not yes:
+        click.confirm(f"Erase everything in {cfg.data_dir}?", abort=True)
+    removed = ops.purge(cfg)
+    click.echo(f"erased {len(removed)} file(s)")
+
+
+@main.command()
+@click.option("--adapter", default="hci0", show_default=True)
+def doctor(adapter):
+    """Check Bluetooth hardware, BlueZ and permissions; say what to fix."""
+    from agent import ops
+
+    ok, checks = ops.doctor(adapter)
+    for name, good, detail in checks:
+        click.echo(f"[{'ok' if good else 'FAIL'}] {name}: {detail}")
+    if not ok:
+        sys.exit(1)
 
 
 @main.command()

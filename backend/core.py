@@ -126,6 +126,8 @@ class Backend:
             write_private_file(pepper_path, secrets.token_bytes(32))
         self._pepper = pepper_path.read_bytes()
         self.limiter = RateLimiter(clock)
+        if not (config.exports_dir / "index.txt").exists():
+            self._write_index(self.clock())
 
     # -- helpers ------------------------------------------------------------------
     def _h(self, secret: str) -> str:

@@ -99,6 +99,8 @@ class SyncClient:
             res.not_modified = True
             store.set_state(STATE_LAST_SUCCESS, time.time())
             return res
+        if r.status_code == 404:  # nothing published yet
+            return res
         if r.status_code != 200:
             raise SyncError(f"index.txt: HTTP {r.status_code}")
         names = [ln.strip() for ln in r.text.splitlines() if ln.strip()]
