@@ -101,9 +101,8 @@ def run_daemon(cfg: Config, *, radio: str) -> int:
         adv, scan = SimAdvertiser(clock), SimScanner(clock, peers=cfg.radio.sim_peers, seed=cfg.radio.sim_seed,
                                                      tx_cal=cal.tx_power, rx_corr=cal.rssi_correction)
     else:
-        store.close()
-        raise ConfigError("the BlueZ radio is not available in this version yet (tracked in issue 5); "
-                          "use --radio sim for a dry run")
+        from .ble.bluez import BluezAdvertiser, BluezScanner
+        adv, scan = BluezAdvertiser(cfg.radio.adapter), BluezScanner(cfg.radio.adapter)
     d = Daemon(agent, clock=clock, advertiser=adv, scanner=scan, sync_client=sync_client(cfg),
                status_path=cfg.data_dir / "status.json", flush_interval_s=cfg.agent.flush_interval_s,
                sync_interval_s=cfg.sync.interval_s, sync_jitter_s=cfg.sync.jitter_s,

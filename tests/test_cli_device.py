@@ -125,7 +125,25 @@ def test_doctor_without_bluetooth_says_so():
     assert r.exit_code == 1 and "no Bluetooth in its kernel" in r.output
 
 
-def test_bluez_radio_is_refused_clearly(env):
-    e, _ = env
-    r = invoke(e, "run", "--radio", "bluez")
-    assert r.exit_code == 1 and "issue 5" in r.output and "Traceback" not in r.output
+def test_run_with_the_bluez_radio_on_a_fake_bluetoothd(env):
+    from .fake_bluez_fixture import FakeBluezEnv
+    e, tmp = env
+    fake = FakeBluezEnv(adapters=1)
+    try:
+        if not fake.start():
+            pytest.skip(fake.skip_reason)
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "run", "--radio", "bluez"],
+                                env={**os.environ, **e, "DBUS_SYSTEM_BUS_ADDRESS": fake.address},
+                                stderr=subprocess.PIPE, text=True)
+        status_file = tmp / "data" / "status.json"
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            if status_file.exists() and (json.loads(status_file.read_text()).get("advertiser") or {}).get("advertising"):
+                break
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0, proc.stderr.read()
+        st = json.loads(status_file.read_text())
+        assert st["rotations"] >= 1 and st["scanner"] is not None
+    finally:
+        fake.stop()

@@ -1,0 +1,1 @@
+"""Test support for the real BlueZ code paths: a fake bluetoothd on a private D-Bus."""

@@ -1,0 +1,320 @@
+"""A fake bluetoothd for tests: the org.bluez objects that bleak and our advertiser use,
+on whatever bus ``DBUS_SYSTEM_BUS_ADDRESS`` names (a private dbus-daemon in tests).
+
+Implements: the ObjectManager at ``/`` (GetManagedObjects, InterfacesAdded/Removed);
+per adapter ``/org/bluez/hciN``: Adapter1 (SetDiscoveryFilter, StartDiscovery,
+StopDiscovery, Discovering, Powered ...) and LEAdvertisingManager1
+(Register/UnregisterAdvertisement with BlueZ's limits and errors); Device1 objects for
+what an adapter hears, with RSSI/ServiceData property changes, following BlueZ's
+reporting rules (without DuplicateData a device is reported again only when its RSSI
+moved by >= 8 dB or its data changed). Registered advertisements are relayed between
+adapters through the simulated medium (log-distance path loss from the adapters'
+positions, Rayleigh fading).
+
+A control object ``/ctagent_fake`` (interface ``ctagent.FakeBluez1``) lets tests move
+adapters (SetPosition), restart the daemon (Restart: registrations dropped, the
+org.bluez name released and taken again) and read counters (Stats).
+
+Run: ``python -m agent.ble.testing.fakebluez --adapters 2``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import random
+import sys
+
+from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+BLUEZ = "org.bluez"
+OM = "org.freedesktop.DBus.ObjectManager"
+PROPS = "org.freedesktop.DBus.Properties"
+ADAPTER = "org.bluez.Adapter1"
+ADVMGR = "org.bluez.LEAdvertisingManager1"
+DEVICE = "org.bluez.Device1"
+ADV = "org.bluez.LEAdvertisement1"
+CONTROL = "ctagent.FakeBluez1"
+CONTROL_PATH = "/ctagent_fake"
+LEGACY_MAX = 31
+
+
+def uuid128(u: str) -> str:
+    u = u.lower()
+    return f"0000{u}-0000-1000-8000-00805f9b34fb" if len(u) == 4 else u
+
+
+def legacy_length(props: dict) -> int:
+    """Bytes the advertisement needs in a legacy PDU, as BlueZ builds it (flags added)."""
+    n = 3  # Flags
+    uuids = props.get("ServiceUUIDs", [])
+    short = [u for u in uuids if len(u) == 4]
+    long = [u for u in uuids if len(u) != 4]
+    if short:
+        n += 2 + 2 * len(short)
+    if long:
+        n += 2 + 16 * len(long)
+    for u, data in props.get("ServiceData", {}).items():
+        n += 2 + (2 if len(u) == 4 else 16) + len(data)
+    for _, data in props.get("ManufacturerData", {}).items():
+        n += 2 + 2 + len(data)
+    if props.get("LocalName"):
+        n += 2 + len(props["LocalName"])
+    return n
+
+
+class Adapter:
+    def __init__(self, index: int, rng: random.Random) -> None:
+        self.index = index
+        self.path = f"/org/bluez/hci{index}"
+        self.address = ":".join(f"{rng.randrange(256):02X}" for _ in range(6))
+        self.position = (float(index), 0.0)
+        self.discovering = False
+        self.filter: dict = {}
+        self.ads: dict[tuple[str, str], dict] = {}  # (sender, path) -> {"props", "address"}
+        self.devices: dict[str, dict] = {}  # address -> {"path", "rssi_reported", "data"}
+        self.max_ads = 1  # a Raspberry Pi controller: a single advertising set
+
+    def props(self) -> dict[str, Variant]:
+        return {
+            "Address": Variant("s", self.address), "AddressType": Variant("s", "public"),
+            "Name": Variant("s", f"fake{self.index}"), "Alias": Variant("s", f"fake{self.index}"),
+            "Powered": Variant("b", True), "Discoverable": Variant("b", False), "Pairable": Variant("b", False),
+            "Discovering": Variant("b", self.discovering), "UUIDs": Variant("as", []),
+            "Roles": Variant("as", ["central", "peripheral"]), "Modalias": Variant("s", "usb:v1D6Bp0246d0540"),
+        }
+
+    def advmgr_props(self) -> dict[str, Variant]:
+        return {"ActiveInstances": Variant("y", len(self.ads)),
+                "SupportedInstances": Variant("y", max(0, self.max_ads - len(self.ads))),
+                "SupportedIncludes": Variant("as", ["tx-power", "appearance", "local-name"])}
+
+
+class FakeBluez:
+    def __init__(self, n_adapters: int, seed: int = 0, tick_s: float = 0.1) -> None:
+        self.rng = random.Random(seed)
+        self.adapters = {a.path: a for a in (Adapter(i, self.rng) for i in range(n_adapters))}
+        self.tick_s = tick_s
+        self.bus: MessageBus | None = None
+        self.stats = {"registered": 0, "unregistered": 0, "rejected": 0, "reports": 0, "signals": 0}
+        self.online = True
+
+    # -- plumbing -----------------------------------------------------------------------
+    def _signal(self, path: str, iface: str, member: str, sig: str, body: list) -> None:
+        self.stats["signals"] += 1
+        self.bus.send(Message.new_signal(path, iface, member, sig, body))
+
+    def _managed(self) -> dict:
+        out = {}
+        for a in self.adapters.values():
+            out[a.path] = {ADAPTER: a.props(), ADVMGR: a.advmgr_props()}
+            for d in a.devices.values():
+                out[d["path"]] = {DEVICE: d["props"]}
+        return out
+
+    def _changed(self, path: str, iface: str, changed: dict) -> None:
+        self._signal(path, PROPS, "PropertiesChanged", "sa{sv}as", [iface, changed, []])
+
+    def handle(self, msg: Message):
+        if msg.message_type != MessageType.METHOD_CALL or not self.online:
+            return None
+        path, iface, member = msg.path, msg.interface, msg.member
+        if path == CONTROL_PATH and iface == CONTROL:
+            return self._control(msg)
+        if path == "/" and iface == OM and member == "GetManagedObjects":
+            return Message.new_method_return(msg, "a{oa{sa{sv}}}", [self._managed()])
+        a = self.adapters.get(path)
+        if iface == PROPS and member in ("Get", "GetAll"):
+            props = None
+            if a is not None:
+                props = {ADAPTER: a.props(), ADVMGR: a.advmgr_props()}.get(msg.body[0])
+            else:
+                for ad in self.adapters.values():
+                    for d in ad.devices.values():
+                        if d["path"] == path and msg.body[0] == DEVICE:
+                            props = d["props"]
+            if props is None:
+                return Message.new_error(msg, "org.freedesktop.DBus.Error.UnknownInterface", "no such interface")
+            if member == "GetAll":
+                return Message.new_method_return(msg, "a{sv}", [props])
+            if msg.body[1] not in props:
+                return Message.new_error(msg, "org.freedesktop.DBus.Error.InvalidArgs", "no such property")
+            return Message.new_method_return(msg, "v", [props[msg.body[1]]])
+        if a is None:
+            return None
+        if iface == ADAPTER:
+            if member == "SetDiscoveryFilter":
+                a.filter = {k: v.value for k, v in msg.body[0].items()}
+                return Message.new_method_return(msg)
+            if member == "StartDiscovery":
+                if not a.discovering:
+                    a.discovering = True
+                    self._changed(a.path, ADAPTER, {"Discovering": Variant("b", True)})
+                return Message.new_method_return(msg)
+            if member == "StopDiscovery":
+                if not a.discovering:
+                    return Message.new_error(msg, "org.bluez.Error.Failed", "No discovery started")
+                a.discovering = False
+                self._changed(a.path, ADAPTER, {"Discovering": Variant("b", False)})
+                return Message.new_method_return(msg)
+            if member == "GetDiscoveryFilters":
+                return Message.new_method_return(msg, "as", [["UUIDs", "RSSI", "Pathloss", "Transport",
+                                                              "DuplicateData", "Discoverable", "Pattern"]])
+            if member == "RemoveDevice":
+                return Message.new_method_return(msg)
+        if iface == ADVMGR:
+            if member == "RegisterAdvertisement":
+                asyncio.ensure_future(self._register(a, msg))
+                return True
+            if member == "UnregisterAdvertisement":
+                key = (msg.sender, msg.body[0])
+                if key not in a.ads:
+                    return Message.new_error(msg, "org.bluez.Error.DoesNotExist", "Does Not Exist")
+                del a.ads[key]
+                self.stats["unregistered"] += 1
+                self._changed(a.path, ADVMGR, a.advmgr_props())
+                return Message.new_method_return(msg)
+        return Message.new_error(msg, "org.freedesktop.DBus.Error.UnknownMethod", f"{iface}.{member} not implemented")
+
+    async def _register(self, a: Adapter, msg: Message) -> None:
+        key = (msg.sender, msg.body[0])
+
+        def reply_error(name: str, text: str) -> None:
+            self.stats["rejected"] += 1
+            self.bus.send(Message.new_error(msg, name, text))
+
+        if key in a.ads:
+            return reply_error("org.bluez.Error.AlreadyExists", "Already Exists")
+        if len(a.ads) >= a.max_ads:
+            return reply_error("org.bluez.Error.NotPermitted", "Maximum advertisements reached")
+        r = await self.bus.call(Message(destination=msg.sender, path=msg.body[0], interface=PROPS, member="GetAll",
+                                        signature="s", body=[ADV]))
+        if r.message_type == MessageType.ERROR:
+            return reply_error("org.bluez.Error.Failed", "Failed to parse advertisement.")
+        props = {k: v.value for k, v in r.body[0].items()}
+        props["ServiceData"] = {u: bytes(v.value if isinstance(v, Variant) else v)
+                                for u, v in props.get("ServiceData", {}).items()}
+        if props.get("Type") not in ("broadcast", "peripheral"):
+            return reply_error("org.bluez.Error.InvalidArguments", "Invalid Arguments in method call")
+        if legacy_length(props) > LEGACY_MAX:
+            return reply_error("org.bluez.Error.InvalidLength", "Advertising data too long")
+        # Privacy off: each registration gets a fresh non-resolvable private address
+        v = self.rng.getrandbits(46) or 1
+        address = ":".join(f"{b:02X}" for b in v.to_bytes(6, "big"))
+        a.ads[key] = {"props": props, "address": address}
+        self.stats["registered"] += 1
+        self.bus.send(Message.new_method_return(msg))
+        self._changed(a.path, ADVMGR, a.advmgr_props())
+
+    def _control(self, msg: Message):
+        if msg.member == "SetPosition":
+            idx, x, y = msg.body
+            self.adapters[f"/org/bluez/hci{idx}"].position = (x, y)
+            return Message.new_method_return(msg)
+        if msg.member == "SetMaxAdvertisements":
+            idx, n = msg.body
+            self.adapters[f"/org/bluez/hci{idx}"].max_ads = n
+            return Message.new_method_return(msg)
+        if msg.member == "Stats":
+            return Message.new_method_return(msg, "a{su}", [{k: int(v) for k, v in self.stats.items()}])
+        if msg.member == "Restart":
+            asyncio.ensure_future(self._restart())
+            return Message.new_method_return(msg)
+        return Message.new_error(msg, "org.freedesktop.DBus.Error.UnknownMethod", msg.member)
+
+    async def _restart(self) -> None:
+        """bluetoothd restarting: registrations and devices are lost, the name goes away."""
+        self.online = False
+        for a in self.adapters.values():
+            a.ads.clear()
+            for d in list(a.devices.values()):
+                self._signal("/", OM, "InterfacesRemoved", "oas", [d["path"], [DEVICE]])
+            a.devices.clear()
+            a.discovering = False
+        await self.bus.release_name(BLUEZ)
+        await asyncio.sleep(0.5)
+        await self.bus.request_name(BLUEZ)
+        self.online = True
+        for a in self.adapters.values():
+            self._signal("/", OM, "InterfacesAdded", "oa{sa{sv}}", [a.path, {ADAPTER: a.props(), ADVMGR: a.advmgr_props()}])
+
+    # -- the radio ------------------------------------------------------------------------
+    def _rssi(self, rx: Adapter, tx: Adapter) -> int | None:
+        d = max(0.1, math.dist(rx.position, tx.position))
+        mean = -45.5 - 10 * 2.2 * math.log10(d)  # a Pi 3 pair: -45.5 dBm at 1 m
+        p = self.rng.expovariate(1.0)
+        rssi = round(mean + 10 * math.log10(max(p, 1e-6)))
+        return rssi if rssi >= -100 else None
+
+    def _report(self, rx: Adapter, ad: dict, rssi: int) -> None:
+        self.stats["reports"] += 1
+        addr = ad["address"]
+        sd = {uuid128(u): Variant("ay", v) for u, v in ad["props"].get("ServiceData", {}).items()}
+        uuids = [uuid128(u) for u in ad["props"].get("ServiceUUIDs", [])]
+        dev = rx.devices.get(addr)
+        if dev is None:
+            path = f"{rx.path}/dev_{addr.replace(':', '_')}"
+            props = {"Address": Variant("s", addr), "AddressType": Variant("s", "random"),
+                     "Alias": Variant("s", addr.replace(":", "-")), "Paired": Variant("b", False),
+                     "Trusted": Variant("b", False), "Blocked": Variant("b", False), "Connected": Variant("b", False),
+                     "LegacyPairing": Variant("b", False), "Adapter": Variant("o", rx.path),
+                     "RSSI": Variant("n", rssi), "ServiceData": Variant("a{sv}", sd), "UUIDs": Variant("as", uuids),
+                     "ServicesResolved": Variant("b", False)}
+            rx.devices[addr] = {"path": path, "props": props, "rssi_reported": rssi, "data": sd}
+            self._signal("/", OM, "InterfacesAdded", "oa{sa{sv}}", [path, {DEVICE: props}])
+            return
+        dup = bool(rx.filter.get("DuplicateData", False))
+        changed = {}
+        data_changed = {k: bytes(v.value) for k, v in dev["data"].items()} != {k: bytes(v.value) for k, v in sd.items()}
+        if data_changed or dup:
+            changed["ServiceData"] = Variant("a{sv}", sd)
+            dev["data"] = sd
+        if dup or data_changed or abs(rssi - dev["rssi_reported"]) >= 8:
+            changed["RSSI"] = Variant("n", rssi)
+            dev["rssi_reported"] = rssi
+        dev["props"].update(changed)
+        if changed:
+            self._changed(dev["path"], DEVICE, changed)
+
+    async def relay(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            if not self.online:
+                continue
+            for rx in self.adapters.values():
+                if not rx.discovering:
+                    continue
+                floor = rx.filter.get("RSSI", -127)
+                for tx in self.adapters.values():
+                    if tx is rx:
+                        continue
+                    for ad in list(tx.ads.values()):
+                        # advertising every ~250 ms: about tick/0.25 packets, half caught by the scan duty
+                        for _ in range(max(1, round(self.tick_s / 0.25 * 0.5))):
+                            rssi = self._rssi(rx, tx)
+                            if rssi is not None and rssi >= floor:
+                                self._report(rx, ad, rssi)
+
+    async def run(self) -> None:
+        self.bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+        self.bus.add_message_handler(self.handle)
+        await self.bus.request_name(BLUEZ)
+        print("fakebluez ready", flush=True)
+        await self.relay()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="fake bluetoothd for tests")
+    ap.add_argument("--adapters", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    try:
+        asyncio.run(FakeBluez(a.adapters, a.seed).run())
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
