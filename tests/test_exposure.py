@@ -225,7 +225,18 @@ def test_parallel_equals_serial():
         encs += broadcast(t, rs + i * 5, 5)
     keys = [DiagnosisKey(t, rs) for t in teks] + [DiagnosisKey(random.Random(i).randbytes(16), rs) for i in range(20_000)]
     index = EncounterIndex(encs + noise(3000))
-    serial = match_keys(keys, index, workers=1)
-    parallel = match_keys(keys, index, workers=2)
-    assert [(m.key.key_data, len(m.hits)) for m in serial] == [(m.key.key_data, len(m.hits)) for m in parallel]
+    serial = match_keys(keys, index, workers=1, native=False)
+    parallel = match_keys(keys, index, workers=2, native=False)
+    native = match_keys(keys, index, workers=2)  # the C kernel when it was built
+    want = [(m.key.key_data, len(m.hits)) for m in serial]
+    assert [(m.key.key_data, len(m.hits)) for m in parallel] == want
+    assert [(m.key.key_data, len(m.hits)) for m in native] == want
     assert len(serial) == 10
+
+
+def test_native_kernel_is_built_here():
+    import shutil
+    import agent.exposure.matching as mm
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler: the pure-Python matcher is used")
+    assert mm._fastmatch is not None, "setup.py should have built agent/exposure/_fastmatch"

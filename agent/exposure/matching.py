@@ -21,6 +21,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from ..protocol import gaen
 from . import _fastcrypto
+
+try:  # the optional C kernel (setup.py); the pure-Python path below does the same work
+    from . import _fastmatch
+except ImportError:  # pragma: no cover - depends on the build
+    _fastmatch = None
 from ..protocol.export import DiagnosisKey
 from .encounter import Encounter
 
@@ -72,6 +77,8 @@ class EncounterIndex:
         if self.by_rpi:
             prefixes = np.frombuffer(b"".join(self.by_rpi), dtype="<u4")[::4] & _PREFIX_MASK
             self.prefix_table[prefixes] = True
+        self.sorted_rpis = b"".join(sorted(self.by_rpi))
+        self.table_bytes = self.prefix_table.view(np.uint8).tobytes()
 
     def __len__(self) -> int:
         return len(self.by_rpi)
@@ -115,6 +122,28 @@ def _scan(index: EncounterIndex, keys: Sequence[tuple[bytes, int, int]]) -> list
     return hits
 
 
+def _scan_native(index: EncounterIndex, keys: Sequence[tuple[bytes, int, int]]) -> list[tuple[int, int]]:
+    n = len(keys)
+    if n == 0:
+        return []
+    teks = b"".join(k[0] for k in keys)
+    starts = np.fromiter((k[1] for k in keys), dtype="<u4", count=n).tobytes()
+    periods = np.fromiter((k[2] for k in keys), dtype="<u2", count=n).tobytes()
+    return _fastmatch.scan(teks, starts, periods, index.table_bytes, _PREFIX_BITS, index.sorted_rpis)
+
+
+def _scan_native_threads(index: EncounterIndex, keys, workers: int) -> list[tuple[int, int]]:
+    """The C kernel releases the GIL: threads use every core without forking."""
+    if workers <= 1 or len(keys) < 2 * _BATCH_KEYS:
+        return _scan_native(index, keys)
+    from concurrent.futures import ThreadPoolExecutor
+    chunk = -(-len(keys) // (workers * 4))
+    parts = [(i, keys[i : i + chunk]) for i in range(0, len(keys), chunk)]
+    with ThreadPoolExecutor(workers) as ex:
+        results = ex.map(lambda p: [(p[0] + k, j) for k, j in _scan_native(index, p[1])], parts)
+        return [h for r in results for h in r]
+
+
 _worker_index: EncounterIndex | None = None
 
 
@@ -130,9 +159,11 @@ def match_keys(
     tolerance_intervals: int = DEFAULT_TOLERANCE_INTERVALS,
     workers: int | None = None,
     stats: MatchStats | None = None,
+    native: bool = True,
 ) -> list[KeyMatch]:
-    """Matches for the keys with at least one hit. ``workers``: processes (default:
-    all CPUs for large inputs, in-process for small ones)."""
+    """Matches for the keys with at least one hit. ``workers``: threads (C kernel) or
+    processes (pure Python), default all CPUs for large inputs, in-process for small
+    ones. ``native=False`` forces the pure-Python path."""
     global _worker_index
     st = stats if stats is not None else MatchStats()
     st.keys += len(keys)
@@ -149,7 +180,9 @@ def match_keys(
     st.rpis_computed += sum(t[2] for t in todo)
     if workers is None:
         workers = (os.cpu_count() or 1) if len(todo) >= 20_000 else 1
-    if workers <= 1 or len(todo) < 2 * _BATCH_KEYS:
+    if _fastmatch is not None and native:
+        raw_hits = _scan_native_threads(index, todo, workers)
+    elif workers <= 1 or len(todo) < 2 * _BATCH_KEYS:
         raw_hits = _scan(index, todo)
     else:
         _worker_index = index  # inherited by the forked workers, not pickled
