@@ -38,6 +38,11 @@ class RadioSection:
     #: peers around this device when kind = "sim"
     sim_peers: int = 5
     sim_seed: int = 0
+    #: serve the exposure status as a GATT characteristic (bless) for a companion device
+    gatt_status: bool = False
+    #: "ADVERTISE_S,SCAN_S" to alternate phases on controllers that stop advertising
+    #: while scanning (some Raspberry Pi kernels); empty: both at once
+    duty_cycle: str = ""
 
 
 @dataclass
@@ -84,6 +89,12 @@ _SECTIONS = {"agent": AgentSection, "radio": RadioSection, "sync": SyncSection, 
 def _coerce(src: str, section: str, key: str, value, typ):
     where = f"{src}: [{section}] {key}"
     try:
+        if typ in ("bool", bool):
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return value.lower() in ("1", "true", "yes", "on")
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
         if typ in ("float", float):
             if isinstance(value, bool):
                 raise TypeError
@@ -111,6 +122,13 @@ def _validate(cfg: Config) -> None:
     src = cfg.source
     if cfg.radio.kind not in ("bluez", "sim"):
         raise ConfigError(f"{src}: [radio] kind: must be 'bluez' or 'sim', not {cfg.radio.kind!r}")
+    if cfg.radio.duty_cycle:
+        try:
+            a, b = (float(x) for x in cfg.radio.duty_cycle.split(","))
+            if a <= 0 or b <= 0:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"{src}: [radio] duty_cycle: must be 'ADVERTISE_S,SCAN_S', e.g. \"20,10\"") from None
     if cfg.agent.key not in ("keyfile", "passphrase"):
         raise ConfigError(f"{src}: [agent] key: must be 'keyfile' or 'passphrase'")
     if cfg.agent.retention_days < 1:
@@ -190,6 +208,11 @@ kind = "{radio}"
 adapter = "hci0"
 sim_peers = 5
 sim_seed = 0
+# Serve the exposure status (no identifiers) as a GATT characteristic for a companion device.
+gatt_status = false
+# "20,10": advertise 20 s then scan 10 s, for controllers that stop advertising while
+# scanning (see `ctagent doctor` and hardware/raspberry-pi.md). Empty: both at once.
+duty_cycle = ""
 
 [sync]
 # The backend (empty: no sync). Its export signing public key must be trusted below

@@ -55,6 +55,7 @@ class Daemon:
     def __init__(self, agent: Agent, *, clock, advertiser: Advertiser | None, scanner: Scanner | None,
                  sync_client=None, status_path: Path | None = None, flush_interval_s: float = 60.0,
                  sync_interval_s: float = 4 * 3600, sync_jitter_s: float = 1800, on_exposure: str = "",
+                 gatt=None, duty_cycle: tuple[float, float] | None = None,
                  rng: random.Random | None = None) -> None:
         self.agent = agent
         self.clock = clock
@@ -73,6 +74,8 @@ class Daemon:
         self.started_at = clock.now()
         self.notified_days: set[int] = set(agent.exposed_days())
         self.hook_runs = 0
+        self.gatt = gatt
+        self.duty_cycle = duty_cycle
 
     def stop(self) -> None:
         self._stop.set()
@@ -189,7 +192,29 @@ class Daemon:
             "scanner": asdict(self.scanner.health()) if self.scanner else None,
         }
 
+    def _update_gatt(self) -> None:
+        if self.gatt is None:
+            return
+        from .ble.gatt import status_bytes
+        from .sync.client import STATE_LAST_SUCCESS
+        st = self.status()
+        self.gatt.update(status_bytes(exposed_days=sorted(self.notified_days),
+                                      advertising=bool((st["advertiser"] or {}).get("advertising")),
+                                      scanning=bool((st["scanner"] or {}).get("scanning")),
+                                      last_sync=self.agent.store.get_state(STATE_LAST_SUCCESS), now=self.clock.now()))
+
+    async def _gatt(self) -> None:
+        await self.gatt.start()
+        self._update_gatt()
+        await self._stop.wait()
+
+    async def _duty_cycle(self) -> None:
+        from .ble.bluez import duty_cycle
+        await duty_cycle(self.advertiser, self.scanner, advertise_s=self.duty_cycle[0], scan_s=self.duty_cycle[1],
+                         stop=self._stop)
+
     def _write_status(self) -> None:
+        self._update_gatt()
         if self.status_path:
             try:
                 write_private_file(self.status_path, json.dumps(self.status(), indent=1).encode())
@@ -214,6 +239,10 @@ class Daemon:
             tasks.append(asyncio.create_task(self._supervise("scan", self._scan)))
         if self.sync_client is not None:
             tasks.append(asyncio.create_task(self._supervise("sync", self._sync)))
+        if self.gatt is not None:
+            tasks.append(asyncio.create_task(self._supervise("gatt", self._gatt)))
+        if self.duty_cycle and self.advertiser is not None and self.scanner is not None:
+            tasks.append(asyncio.create_task(self._supervise("duty_cycle", self._duty_cycle)))
         sd_notify("READY=1\nSTATUS=advertising and scanning")
         log.info("daemon started mode=%s", self.status()["mode"])
         self._write_status()
@@ -226,6 +255,11 @@ class Daemon:
             await self.scanner.stop()
         if self.advertiser is not None:
             await self.advertiser.stop()
+        if self.gatt is not None:
+            try:
+                await self.gatt.stop()
+            except Exception:  # noqa: BLE001 - shutting down anyway
+                pass
         self.agent.flush(self.clock.now(), final=True)
         self._write_status()
         self.agent.store.close()

@@ -103,10 +103,17 @@ def run_daemon(cfg: Config, *, radio: str) -> int:
     else:
         from .ble.bluez import BluezAdvertiser, BluezScanner
         adv, scan = BluezAdvertiser(cfg.radio.adapter), BluezScanner(cfg.radio.adapter)
+    gatt = None
+    if cfg.radio.gatt_status:
+        from .ble.gatt import GattStatusService
+        gatt = GattStatusService(cfg.radio.adapter)
+    duty = None
+    if cfg.radio.duty_cycle and radio == "bluez":
+        duty = tuple(float(x) for x in cfg.radio.duty_cycle.split(","))
     d = Daemon(agent, clock=clock, advertiser=adv, scanner=scan, sync_client=sync_client(cfg),
                status_path=cfg.data_dir / "status.json", flush_interval_s=cfg.agent.flush_interval_s,
                sync_interval_s=cfg.sync.interval_s, sync_jitter_s=cfg.sync.jitter_s,
-               on_exposure=cfg.notify.on_exposure, rng=random.SystemRandom())
+               on_exposure=cfg.notify.on_exposure, gatt=gatt, duty_cycle=duty, rng=random.SystemRandom())
     return asyncio.run(d.run())
 
 

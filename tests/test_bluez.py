@@ -158,3 +158,53 @@ async def test_duplicate_data_changes_the_sample_rate(fake_bluez):
     await adv.stop()
     # without DuplicateData BlueZ only reports 8 dB RSSI moves or new data
     assert len(with_dup) > 2 * len(without) > 0
+
+
+async def test_gatt_status_service_read_through_bluez(fake_bluez):
+    from agent.ble.gatt import STATUS_CHAR_UUID, GattStatusService, parse_status, status_bytes
+
+    await control("SetMaxAdvertisements", "uu", [0, 2])
+    svc = GattStatusService("hci0")
+    await svc.start()
+    stats = (await control("Stats"))[0]
+    assert stats.get("gatt_apps") == 1
+    (raw,) = await control("ReadCharacteristic", "s", [STATUS_CHAR_UUID])
+    assert parse_status(raw)["exposed"] is False
+    svc.update(status_bytes(exposed_days=[20000], advertising=True, scanning=True, last_sync=0, now=7200))
+    (raw,) = await control("ReadCharacteristic", "s", [STATUS_CHAR_UUID])
+    st = parse_status(raw)
+    assert st == {"version": 1, "exposed": True, "advertising": True, "scanning": True,
+                  "last_exposure_day": 20000, "hours_since_sync": 2}
+    assert len(raw) == 8  # nothing identifying fits in there
+    await svc.stop()
+
+
+async def test_duty_cycle_alternates_advertising_and_scanning(fake_bluez):
+    from agent.ble.bluez import duty_cycle
+
+    peer = BluezAdvertiser("hci1")  # someone else near us, advertising all the time
+    await peer.start(payload(3), "")
+    adv, scanner = BluezAdvertiser("hci0"), BluezScanner("hci0", stall_s=30)
+    await adv.start(payload(4), "")
+    got = []
+
+    async def scan():
+        async for s in scanner.sightings():
+            got.append(s.t)
+
+    stop = asyncio.Event()
+    scan_task = asyncio.create_task(scan())
+    await asyncio.sleep(0.3)
+    dc = asyncio.create_task(duty_cycle(adv, scanner, advertise_s=0.8, scan_s=0.8, stop=stop))
+    await asyncio.sleep(3.5)
+    stop.set()
+    await dc
+    scan_task.cancel()
+    # advertising was registered again for each advertise phase
+    assert adv.registrations >= 3
+    # samples arrive in bursts (scan phases), with gaps of at least the advertise phase
+    gaps = [b - a for a, b in zip(got, got[1:])]
+    assert got and max(gaps) >= 0.6
+    await scanner.stop()
+    await adv.stop()
+    await peer.stop()

@@ -112,8 +112,13 @@ def test_bad_configuration_names_file_key_and_reason(env):
     assert "[agent] retention_dayz: unknown setting" in invoke(e, "status").output
     cfg.write_text("[proximity]\ndistance_threshold_m = -1\n")
     assert "[proximity]" in invoke(e, "status").output
+    cfg.write_text("")  # defaults; now the environment overrides
     r = invoke({**e, "CTAGENT_AGENT_RETENTION_DAYS": "many"}, "status")
     assert "$CTAGENT_AGENT_RETENTION_DAYS" in r.output
+    r = invoke({**e, "CTAGENT_RADIO_DUTY_CYCLE": "often"}, "status")
+    assert "[radio] duty_cycle" in r.output
+    r = invoke({**e, "CTAGENT_RADIO_GATT_STATUS": "maybe"}, "status")
+    assert "gatt_status" in r.output
     r = invoke(e, "init", "--data-dir", str(tmp / "d2"))
     assert r.exit_code == 1 and "already exists" in r.output
 
@@ -133,7 +138,8 @@ def test_run_with_the_bluez_radio_on_a_fake_bluetoothd(env):
         if not fake.start():
             pytest.skip(fake.skip_reason)
         proc = subprocess.Popen([sys.executable, "-m", "cli", "run", "--radio", "bluez"],
-                                env={**os.environ, **e, "DBUS_SYSTEM_BUS_ADDRESS": fake.address},
+                                env={**os.environ, **e, "DBUS_SYSTEM_BUS_ADDRESS": fake.address,
+                                     "CTAGENT_RADIO_DUTY_CYCLE": "1,1"},
                                 stderr=subprocess.PIPE, text=True)
         status_file = tmp / "data" / "status.json"
         deadline = time.time() + 15

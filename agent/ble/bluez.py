@@ -165,6 +165,22 @@ class BluezAdvertiser(Advertiser):
                 self._unexport()
             await self._register(service_data)
 
+    async def pause(self) -> None:
+        """Stop advertising but keep the payload (duty-cycle fallback)."""
+        async with self._lock:
+            if self._path is not None:
+                try:
+                    await self._call("UnregisterAdvertisement", "o", [self._path])
+                except BluezError:
+                    pass
+                self._unexport()
+            self._health.advertising = False
+
+    async def resume(self) -> None:
+        async with self._lock:
+            if self._path is None and self._data is not None:
+                await self._register(self._data)
+
     async def stop(self) -> None:
         async with self._lock:
             if self.bus is not None and self._path is not None:
@@ -191,6 +207,7 @@ class BluezScanner(Scanner):
         self._scanner = None
         self._last_sample = 0.0
         self._recent: list[float] = []
+        self._paused = False
         self.restarts = 0
 
     def health(self) -> RadioHealth:
@@ -213,6 +230,7 @@ class BluezScanner(Scanner):
 
     async def _start(self) -> None:
         from bleak import BleakScanner
+        self._last_sample = time.time()
         filters = {"DuplicateData": self.duplicate_data, "RSSI": -127, "Transport": "le",
                    "UUIDs": [EN_SERVICE_UUID]}
         self._scanner = BleakScanner(self._on_advertisement, scanning_mode="active",
@@ -221,12 +239,27 @@ class BluezScanner(Scanner):
         self._health.scanning = True
         self._last_sample = time.time()
 
+    async def pause(self) -> None:
+        """Stop scanning without ending :meth:`sightings` (duty-cycle fallback)."""
+        self._paused = True
+        if self._scanner is not None:
+            try:
+                await self._scanner.stop()
+            except Exception:  # noqa: BLE001
+                pass
+        self._health.scanning = False
+
+    async def resume(self) -> None:
+        if self._paused:
+            await self._start()
+            self._paused = False
+
     async def _watch(self) -> None:
         """Scans can stop silently: restart with back-off when nothing arrives for stall_s."""
         delay = self.backoff_s
         while not self._stopped:
             await asyncio.sleep(min(self.stall_s / 4, 5))
-            if time.time() - self._last_sample < self.stall_s:
+            if self._paused or time.time() - self._last_sample < self.stall_s:
                 delay = self.backoff_s
                 continue
             log.warning("scanner stalled: restarting in %.0fs", delay)
@@ -261,3 +294,28 @@ class BluezScanner(Scanner):
             except Exception:  # noqa: BLE001
                 pass
         self._health.scanning = False
+
+
+async def duty_cycle(advertiser: BluezAdvertiser, scanner: BluezScanner, *, advertise_s: float, scan_s: float,
+                     stop: asyncio.Event) -> None:
+    """Fallback for controllers that stop advertising while scanning (some Raspberry Pi
+    kernels) or have a single advertising set: alternate phases, advertising for
+    ``advertise_s`` then scanning for ``scan_s``. With the default 20 s / 10 s, a peer
+    is heard for a third of the time and we are heard two thirds of the time; the
+    rule's minute windows and gap filling absorb the holes (at most 20 s)."""
+    await scanner.pause()
+    while not stop.is_set():
+        await advertiser.resume()
+        try:
+            await asyncio.wait_for(stop.wait(), advertise_s)
+            break
+        except asyncio.TimeoutError:
+            pass
+        await advertiser.pause()
+        await scanner.resume()
+        try:
+            await asyncio.wait_for(stop.wait(), scan_s)
+            break
+        except asyncio.TimeoutError:
+            pass
+        await scanner.pause()

@@ -36,6 +36,29 @@ ADAPTER = "org.bluez.Adapter1"
 ADVMGR = "org.bluez.LEAdvertisingManager1"
 DEVICE = "org.bluez.Device1"
 ADV = "org.bluez.LEAdvertisement1"
+GATTMGR = "org.bluez.GattManager1"
+INTROSPECT = "org.freedesktop.DBus.Introspectable"
+ROOT_XML = """<node><interface name="org.freedesktop.DBus.ObjectManager">
+<method name="GetManagedObjects"><arg type="a{oa{sa{sv}}}" direction="out"/></method>
+<signal name="InterfacesAdded"><arg type="o"/><arg type="a{sa{sv}}"/></signal>
+<signal name="InterfacesRemoved"><arg type="o"/><arg type="as"/></signal></interface><node name="org"/></node>"""
+ADAPTER_XML = """<node><interface name="org.freedesktop.DBus.Properties">
+<method name="Get"><arg type="s" direction="in"/><arg type="s" direction="in"/><arg type="v" direction="out"/></method>
+<method name="GetAll"><arg type="s" direction="in"/><arg type="a{sv}" direction="out"/></method>
+<method name="Set"><arg type="s" direction="in"/><arg type="s" direction="in"/><arg type="v" direction="in"/></method>
+<signal name="PropertiesChanged"><arg type="s"/><arg type="a{sv}"/><arg type="as"/></signal></interface>
+<interface name="org.bluez.Adapter1"><method name="StartDiscovery"/><method name="StopDiscovery"/>
+<method name="SetDiscoveryFilter"><arg type="a{sv}" direction="in"/></method>
+<property name="Address" type="s" access="read"/><property name="Powered" type="b" access="readwrite"/>
+<property name="Alias" type="s" access="readwrite"/><property name="Discovering" type="b" access="read"/></interface>
+<interface name="org.bluez.GattManager1">
+<method name="RegisterApplication"><arg type="o" direction="in"/><arg type="a{sv}" direction="in"/></method>
+<method name="UnregisterApplication"><arg type="o" direction="in"/></method></interface>
+<interface name="org.bluez.LEAdvertisingManager1">
+<method name="RegisterAdvertisement"><arg type="o" direction="in"/><arg type="a{sv}" direction="in"/></method>
+<method name="UnregisterAdvertisement"><arg type="o" direction="in"/></method>
+<property name="ActiveInstances" type="y" access="read"/><property name="SupportedInstances" type="y" access="read"/>
+</interface></node>"""
 CONTROL = "ctagent.FakeBluez1"
 CONTROL_PATH = "/ctagent_fake"
 LEGACY_MAX = 31
@@ -76,6 +99,7 @@ class Adapter:
         self.ads: dict[tuple[str, str], dict] = {}  # (sender, path) -> {"props", "address"}
         self.devices: dict[str, dict] = {}  # address -> {"path", "rssi_reported", "data"}
         self.max_ads = 1  # a Raspberry Pi controller: a single advertising set
+        self.apps: dict[tuple[str, str], dict] = {}  # GATT applications: (sender, path) -> managed objects
 
     def props(self) -> dict[str, Variant]:
         return {
@@ -109,7 +133,7 @@ class FakeBluez:
     def _managed(self) -> dict:
         out = {}
         for a in self.adapters.values():
-            out[a.path] = {ADAPTER: a.props(), ADVMGR: a.advmgr_props()}
+            out[a.path] = {ADAPTER: a.props(), ADVMGR: a.advmgr_props(), GATTMGR: {}}
             for d in a.devices.values():
                 out[d["path"]] = {DEVICE: d["props"]}
         return out
@@ -126,6 +150,17 @@ class FakeBluez:
         if path == "/" and iface == OM and member == "GetManagedObjects":
             return Message.new_method_return(msg, "a{oa{sa{sv}}}", [self._managed()])
         a = self.adapters.get(path)
+        if iface == INTROSPECT and member == "Introspect":
+            if path == "/":
+                return Message.new_method_return(msg, "s", [ROOT_XML])
+            if path in ("/org", "/org/bluez"):
+                kids = "".join(f'<node name="{p.rsplit("/", 1)[1]}"/>' for p in self.adapters) if path == "/org/bluez" \
+                    else '<node name="bluez"/>'
+                return Message.new_method_return(msg, "s", [f"<node>{kids}</node>"])
+            if a is not None:
+                return Message.new_method_return(msg, "s", [ADAPTER_XML])
+        if iface == PROPS and member == "Set" and a is not None:
+            return Message.new_method_return(msg)
         if iface == PROPS and member in ("Get", "GetAll"):
             props = None
             if a is not None:
@@ -163,6 +198,14 @@ class FakeBluez:
                 return Message.new_method_return(msg, "as", [["UUIDs", "RSSI", "Pathloss", "Transport",
                                                               "DuplicateData", "Discoverable", "Pattern"]])
             if member == "RemoveDevice":
+                return Message.new_method_return(msg)
+        if iface == GATTMGR:
+            if member == "RegisterApplication":
+                asyncio.ensure_future(self._register_app(a, msg))
+                return True
+            if member == "UnregisterApplication":
+                if a.apps.pop((msg.sender, msg.body[0]), None) is None:
+                    return Message.new_error(msg, "org.bluez.Error.DoesNotExist", "Does Not Exist")
                 return Message.new_method_return(msg)
         if iface == ADVMGR:
             if member == "RegisterAdvertisement":
@@ -208,7 +251,41 @@ class FakeBluez:
         self.bus.send(Message.new_method_return(msg))
         self._changed(a.path, ADVMGR, a.advmgr_props())
 
+    async def _register_app(self, a: Adapter, msg: Message) -> None:
+        """BlueZ reads the application's objects (services, characteristics) at registration."""
+        r = await self.bus.call(Message(destination=msg.sender, path=msg.body[0], interface=OM,
+                                        member="GetManagedObjects"))
+        if r.message_type == MessageType.ERROR or not any(
+                "org.bluez.GattService1" in ifs for ifs in r.body[0].values()):
+            self.stats["rejected"] += 1
+            self.bus.send(Message.new_error(msg, "org.bluez.Error.Failed", "No object received"))
+            return
+        a.apps[(msg.sender, msg.body[0])] = r.body[0]
+        self.stats["gatt_apps"] = self.stats.get("gatt_apps", 0) + 1
+        self.bus.send(Message.new_method_return(msg))
+
+    async def _read_characteristic(self, msg: Message) -> None:
+        """What a phone's read does: ReadValue on the characteristic with that UUID."""
+        uuid = msg.body[0].lower()
+        for a in self.adapters.values():
+            for (sender, _), objs in a.apps.items():
+                for path, ifs in objs.items():
+                    ch = ifs.get("org.bluez.GattCharacteristic1")
+                    if ch and ch["UUID"].value.lower() == uuid:
+                        r = await self.bus.call(Message(destination=sender, path=path,
+                                                        interface="org.bluez.GattCharacteristic1",
+                                                        member="ReadValue", signature="a{sv}", body=[{}]))
+                        if r.message_type == MessageType.ERROR:
+                            self.bus.send(Message.new_error(msg, r.error_name, str(r.body)))
+                        else:
+                            self.bus.send(Message.new_method_return(msg, "ay", [bytes(r.body[0])]))
+                        return
+        self.bus.send(Message.new_error(msg, "org.bluez.Error.DoesNotExist", "no such characteristic"))
+
     def _control(self, msg: Message):
+        if msg.member == "ReadCharacteristic":
+            asyncio.ensure_future(self._read_characteristic(msg))
+            return True
         if msg.member == "SetPosition":
             idx, x, y = msg.body
             self.adapters[f"/org/bluez/hci{idx}"].position = (x, y)
@@ -229,6 +306,7 @@ class FakeBluez:
         self.online = False
         for a in self.adapters.values():
             a.ads.clear()
+            a.apps.clear()
             for d in list(a.devices.values()):
                 self._signal("/", OM, "InterfacesRemoved", "oas", [d["path"], [DEVICE]])
             a.devices.clear()
@@ -238,7 +316,8 @@ class FakeBluez:
         await self.bus.request_name(BLUEZ)
         self.online = True
         for a in self.adapters.values():
-            self._signal("/", OM, "InterfacesAdded", "oa{sa{sv}}", [a.path, {ADAPTER: a.props(), ADVMGR: a.advmgr_props()}])
+            self._signal("/", OM, "InterfacesAdded", "oa{sa{sv}}",
+                         [a.path, {ADAPTER: a.props(), ADVMGR: a.advmgr_props(), GATTMGR: {}}])
 
     # -- the radio ------------------------------------------------------------------------
     def _rssi(self, rx: Adapter, tx: Adapter) -> int | None:
