@@ -196,6 +196,52 @@ def doctor(adapter: str = "hci0") -> tuple[bool, list[tuple[str, bool, str]]]:
     checks.append(("BlueZ >= 5.50", ok_ver, f"bluetoothd {version}" if version else
                    "bluetoothd not found: `sudo apt install bluez`"))
     bus = Path("/run/dbus/system_bus_socket")
-    checks.append(("D-Bus system bus", bus.exists() or "DBUS_SYSTEM_BUS_ADDRESS" in os.environ,
-                   "reachable" if bus.exists() else "no system bus socket: is dbus running?"))
+    has_bus = bus.exists() or "DBUS_SYSTEM_BUS_ADDRESS" in os.environ
+    checks.append(("D-Bus system bus", has_bus, "reachable" if has_bus else "no system bus socket: is dbus running?"))
+    if has_bus:
+        checks.append(asyncio.run(_check_advertise_while_scanning(adapter)))
     return all(ok for _, ok, _ in checks), checks
+
+
+async def _check_advertise_while_scanning(adapter: str) -> tuple[str, bool, str]:
+    """Register our advertisement, start a scan, and check BlueZ still counts it active."""
+    from dbus_fast import BusType, Message, MessageType
+    from dbus_fast.aio import MessageBus
+
+    from .ble.bluez import BluezAdvertiser, BluezError
+    name = "advertising while scanning"
+    path = f"/org/bluez/{adapter}"
+    adv = BluezAdvertiser(adapter, retries=0)
+    try:
+        bus = await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), 5)
+    except (OSError, asyncio.TimeoutError) as e:
+        return name, False, f"cannot reach the system bus ({type(e).__name__})"
+    try:
+        async def call(iface, member, sig="", body=()):
+            r = await bus.call(Message(destination="org.bluez", path=path, interface=iface, member=member,
+                                       signature=sig, body=list(body)))
+            if r.message_type == MessageType.ERROR:
+                raise BluezError(r.error_name, str(r.body[0] if r.body else ""))
+            return r.body
+        await adv.start(bytes(20), "")
+        await call("org.bluez.Adapter1", "SetDiscoveryFilter", "a{sv}", [{}])
+        await call("org.bluez.Adapter1", "StartDiscovery")
+        await asyncio.sleep(2)
+        (active,) = await call("org.freedesktop.DBus.Properties", "Get", "ss",
+                               ["org.bluez.LEAdvertisingManager1", "ActiveInstances"])
+        await call("org.bluez.Adapter1", "StopDiscovery")
+        if active.value < 1:
+            return name, False, "BlueZ dropped the advertisement when scanning started: set [radio] duty_cycle = \"20,10\""
+        return name, True, ("BlueZ keeps advertising while scanning; some Pi kernels still go silent on air: "
+                            "confirm with `btmon` or a second device, else set [radio] duty_cycle")
+    except BluezError as e:
+        hint = " (another program holds the only advertising set?)" if "Maximum" in e.text else ""
+        return name, False, f"{e.name}: {e.text}{hint}"
+    except OSError as e:
+        return name, False, f"BlueZ is not reachable on the system bus ({type(e).__name__})"
+    finally:
+        try:
+            await adv.stop()
+        except Exception:  # noqa: BLE001
+            pass
+        bus.disconnect()

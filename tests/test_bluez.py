@@ -208,3 +208,11 @@ async def test_duty_cycle_alternates_advertising_and_scanning(fake_bluez):
     await scanner.stop()
     await adv.stop()
     await peer.stop()
+
+
+def test_doctor_checks_advertising_while_scanning_through_bluez(fake_bluez):
+    from agent import ops
+    ok, checks = ops.doctor("hci0")
+    by = {name: (good, detail) for name, good, detail in checks}
+    assert by["D-Bus system bus"][0]
+    assert by["advertising while scanning"][0], by["advertising while scanning"][1]
