@@ -106,3 +106,24 @@ def test_hello_parser_raises_only_its_error(data):
         robert.parse_hello(data)
     except robert.RobertError:
         pass
+
+
+def test_robert_risk_scoring():
+    from agent.exposure.robert_rule import RobertRiskConfig, at_risk, epoch_weighted_minutes, total_risk
+
+    cfg = RobertRiskConfig()
+    close = [(t, -40.0) for t in range(0, 900, 10)]  # a full epoch, 12 packets per window
+    m = epoch_weighted_minutes(close, 0, cfg)
+    assert m == pytest.approx(15.0)
+    assert total_risk(m) == pytest.approx(1 - 2.718281828 ** (-0.0071 * 15), rel=1e-6)
+    assert at_risk(m, 1) and not at_risk(m, 8)  # last contact too old
+    fourteen = [(t, -40.0) for t in range(0, 840, 10)]
+    assert not at_risk(epoch_weighted_minutes(fourteen, 0, cfg), 0)
+    far = [(t, -80.0) for t in range(0, 900, 10)]
+    assert epoch_weighted_minutes(far, 0, cfg) == 0
+    # readings above -5 dBm are dropped; a single packet has a wide delta (39 dB)
+    assert epoch_weighted_minutes([(5, 0.0)], 0, cfg) == 0
+    one = epoch_weighted_minutes([(5, -47.0)], 0, cfg)
+    assert one == pytest.approx(2 * (-47 + 66) / 39)
+    # samples outside the epoch do not count
+    assert epoch_weighted_minutes([(900, -40.0), (-1, -40.0)], 0, cfg) == 0
