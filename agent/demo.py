@@ -25,6 +25,7 @@ from .agent import Agent
 from .ble.sim import Medium, MediumConfig, SimDevice
 from .exposure.calibration import CalibrationTable, bundled_calibration_path
 from .exposure.encounter import SECONDS_PER_DAY
+from .exposure.evaluate import Confusion
 from .exposure.rule import ProximityConfig
 from .store import Passphrase, Store
 
@@ -46,28 +47,16 @@ class Event:
 
 
 @dataclass
-class DemoResult:
-    devices: int
-    days: int
-    seed: int
-    scenario: str
+class DemoResult(Confusion):
+    devices: int = 0
+    days: int = 0
+    seed: int = 0
+    scenario: str = ""
     rows: list[dict] = field(default_factory=list)
-    tp: int = 0
-    fp: int = 0
-    fn: int = 0
-    tn: int = 0
     sightings: int = 0
     rotations: int = 0
     wall_s: float = 0.0
     png: str | None = None
-
-    @property
-    def precision(self) -> float:
-        return self.tp / (self.tp + self.fp) if self.tp + self.fp else float("nan")
-
-    @property
-    def recall(self) -> float:
-        return self.tp / (self.tp + self.fn) if self.tp + self.fn else float("nan")
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items()}
@@ -132,7 +121,7 @@ def run_demo(*, devices: int = 24, days: int = 2, seed: int = 1, scenario: str =
 
     wall0 = time.perf_counter()
     rng = random.Random(seed)
-    res = DemoResult(devices, days, seed, scenario)
+    res = DemoResult(devices=devices, days=days, seed=seed, scenario=scenario)
     tmp = tempfile.TemporaryDirectory(prefix="ctagent-demo-")
     work = Path(tmp.name)
     out = Path(out_dir) if out_dir else Path("demo-out")
@@ -249,7 +238,7 @@ def run_demo(*, devices: int = 24, days: int = 2, seed: int = 1, scenario: str =
         if not notified:
             counted = 0.0
         outcome = ("TP" if truth and notified else "FN" if truth else "FP" if notified else "TN")
-        setattr(res, outcome.lower(), getattr(res, outcome.lower()) + 1)
+        res.add(truth, notified)
         res.rows.append({"device": i, "true_close_minutes": round(truth_min, 1), "truly_exposed": truth,
                          "notified": notified, "minutes_counted": counted, "outcome": outcome,
                          "carriage": f"{carriages[day_of][0]}/{carriages[day_of][i]}"})

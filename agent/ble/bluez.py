@@ -239,15 +239,18 @@ class BluezScanner(Scanner):
         self._health.scanning = True
         self._last_sample = time.time()
 
-    async def pause(self) -> None:
-        """Stop scanning without ending :meth:`sightings` (duty-cycle fallback)."""
-        self._paused = True
+    async def _stop_bleak(self) -> None:
         if self._scanner is not None:
             try:
                 await self._scanner.stop()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - the session may be gone with bluetoothd
                 pass
         self._health.scanning = False
+
+    async def pause(self) -> None:
+        """Stop scanning without ending :meth:`sightings` (duty-cycle fallback)."""
+        self._paused = True
+        await self._stop_bleak()
 
     async def resume(self) -> None:
         if self._paused:
@@ -265,11 +268,7 @@ class BluezScanner(Scanner):
             log.warning("scanner stalled: restarting in %.0fs", delay)
             self._health.scanning = False
             await asyncio.sleep(delay)
-            try:
-                if self._scanner is not None:
-                    await self._scanner.stop()
-            except Exception:  # noqa: BLE001 - the old session may be gone with bluetoothd
-                pass
+            await self._stop_bleak()
             try:
                 await self._start()
                 self.restarts += 1
@@ -288,12 +287,7 @@ class BluezScanner(Scanner):
 
     async def stop(self) -> None:
         self._stopped = True
-        if self._scanner is not None:
-            try:
-                await self._scanner.stop()
-            except Exception:  # noqa: BLE001
-                pass
-        self._health.scanning = False
+        await self._stop_bleak()
 
 
 async def duty_cycle(advertiser: BluezAdvertiser, scanner: BluezScanner, *, advertise_s: float, scan_s: float,
