@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import html
 import io
+import json
 
 import qrcode
 import qrcode.image.svg
@@ -95,7 +96,7 @@ def page(title: str, body: str, status: int = 200) -> HTMLResponse:
     return HTMLResponse(_PAGE.format(title=html.escape(title), body=body), status_code=status)
 
 
-def create_app(backend: Backend) -> FastAPI:
+def create_app(backend: Backend, robert_server=None) -> FastAPI:
     app = FastAPI(title="ctagent reference backend", docs_url=None, redoc_url=None)
     app.add_middleware(_BodyLimit)
     app.state.backend = backend
@@ -147,6 +148,43 @@ def create_app(backend: Backend) -> FastAPI:
         return backend.publish(body.model_dump())
 
     app.mount("/exports", StaticFiles(directory=backend.config.exports_dir), name="exports")
+
+    if robert_server is not None:  # the ROBERT role (deployed API shape, /api/v6)
+        rs = robert_server
+
+        async def _json(request: Request) -> dict:
+            try:
+                doc = json.loads(await request.body())
+            except ValueError:
+                raise ApiError(400, "unparsable_request", "the body is not valid JSON") from None
+            if not isinstance(doc, dict):
+                raise ApiError(400, "invalid_request", "the body must be a JSON object")
+            return doc
+
+        @app.post("/api/v6/register")
+        async def robert_register(request: Request, x_api_key: str | None = Header(default=None)):
+            doc = await _json(request)
+            return rs.register(str(doc.get("clientPublicECDHKey", "")), _client(request), x_api_key)
+
+        @app.post("/api/v6/status")
+        async def robert_status(request: Request):
+            return rs.status(await _json(request))
+
+        @app.post("/api/v6/report")
+        async def robert_report(request: Request):
+            return rs.report(await _json(request), _client(request))
+
+        @app.post("/api/v6/unregister")
+        async def robert_unregister(request: Request):
+            return rs.unregister(await _json(request))
+
+        @app.post("/api/v6/deleteExposureHistory")
+        async def robert_delete(request: Request):
+            return rs.delete_history(await _json(request))
+
+        @app.get("/api/v6/clock")
+        def robert_clock():
+            return {"serverTime": rs.now_ntp(), "epochId": rs.current_epoch(), "timeStart": rs.start_ntp}
 
     # -- the physicians' page -------------------------------------------------------
     @app.get("/login", response_class=HTMLResponse)

@@ -14,14 +14,14 @@ from .core import Backend
 
 
 class BackgroundServer:
-    def __init__(self, backend: Backend, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, backend: Backend, host: str = "127.0.0.1", port: int = 0, robert_server=None) -> None:
         if port == 0:
             with socket.socket() as s:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
         self.port = port
         self.url = f"http://{host}:{port}"
-        config = uvicorn.Config(create_app(backend), host=host, port=port, log_level="warning", lifespan="off",
+        config = uvicorn.Config(create_app(backend, robert_server), host=host, port=port, log_level="warning", lifespan="off",
                                 access_log=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="ctagent-backend", daemon=True)

@@ -57,7 +57,8 @@ def files_of(path):
 def test_schema_wal_and_modes(store):
     assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store.conn.execute("PRAGMA secure_delete").fetchone()[0] == 1
-    assert store.conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 1
+    from agent.store import SCHEMA_VERSION
+    assert store.conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
     tables = set(store.db.table_names())
     assert {"teks", "encounters", "exposures", "sync_state", "schema_version"} <= tables
     store.write_encounters(make_encounters(2))
@@ -274,3 +275,41 @@ def test_sigkill_mid_burst_loses_at_most_the_batch_in_flight(tmp_path):
         assert committed * 200 <= n <= (committed + 1) * 200
         assert n % 200 == 0  # whole batches only
         assert len(list(s.encounters())) == n and s.stats.corrupt_rows == 0
+
+
+def test_migration_from_schema_1_keeps_data(tmp_path, clock):
+    """A version-1 database (as written before ROBERT mode) opens and gains the new tables."""
+    import sqlite_utils
+    from agent.store import store as store_mod
+    path = tmp_path / "agent.db"
+    real = dict(store_mod.MIGRATIONS)
+    real_tables = store_mod._ENCRYPTED_TABLES
+    try:
+        store_mod.MIGRATIONS.pop(2)
+        store_mod.SCHEMA_VERSION = 1
+        store_mod._ENCRYPTED_TABLES = ("teks", "encounters", "exposures")
+        with Store.create(path, fast_passphrase(), clock=clock) as s:
+            s.write_encounters(make_encounters(3))
+            assert "hellos" not in s.db.table_names()
+    finally:
+        store_mod.MIGRATIONS.update(real)
+        store_mod.SCHEMA_VERSION = 2
+        store_mod._ENCRYPTED_TABLES = real_tables
+    with Store.open(path, fast_passphrase(), clock=clock) as s:
+        assert {"hellos", "secrets"} <= set(s.db.table_names())
+        assert s.conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 2
+        assert len(list(s.encounters())) == 3
+        s.add_hellos([(T0, b"h" * 16, -50)])
+        s.put_secret("robert", b"k" * 32)
+        s.put_secret("robert", b"q" * 32)
+        assert s.hellos() == [(T0, b"h" * 16, -50)] and s.get_secret("robert") == b"q" * 32
+    assert sqlite_utils  # imported for the schema helpers above
+
+
+def test_secrets_survive_retention_hellos_do_not(tmp_path, clock):
+    with Store.create(tmp_path / "a.db", fast_passphrase(), clock=clock) as s:
+        s.add_hellos([(T0, b"h" * 16, -50)])
+        s.put_secret("robert", b"k" * 32)
+        clock.advance(30 * DAY)
+        s.apply_retention()
+        assert s.hellos() == [] and s.get_secret("robert") == b"k" * 32

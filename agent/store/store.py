@@ -30,9 +30,12 @@ from .keys import NONCE_LEN, Keyring, MasterKeySource, StoreKeyError
 
 log = logging.getLogger("ctagent.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_RETENTION_DAYS = 14
-_ENCRYPTED_TABLES = ("teks", "encounters", "exposures")
+_ENCRYPTED_TABLES = ("teks", "encounters", "exposures", "hellos", "secrets")
+#: Key slot of long-lived secrets (a ROBERT registration): never reached by retention,
+#: erased with the keyring by `ctagent purge`.
+PERSISTENT_DAY = 2**31 - 1
 
 
 class StoreError(Exception):
@@ -54,14 +57,21 @@ def keyring_path(db_path: Path) -> Path:
 
 
 def _migrate_to_1(db: sqlite_utils.Database) -> None:
-    for table in _ENCRYPTED_TABLES:
+    for table in ("teks", "encounters", "exposures"):
         db[table].create({"id": int, "day": int, "blob": bytes}, pk="id", not_null={"day", "blob"})
         db[table].create_index(["day"])
     db["sync_state"].create({"name": str, "value": str}, pk="name")
 
 
+def _migrate_to_2(db: sqlite_utils.Database) -> None:
+    """ROBERT mode: HELLOs heard (reported as they are) and the registration secrets."""
+    for table in ("hellos", "secrets"):
+        db[table].create({"id": int, "day": int, "blob": bytes}, pk="id", not_null={"day", "blob"})
+        db[table].create_index(["day"])
+
+
 #: version -> migration bringing the schema from version-1 to version
-MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_to_1}
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_to_1, 2: _migrate_to_2}
 
 
 class Store:
@@ -270,6 +280,51 @@ class Store:
 
     def exposures(self) -> list[dict]:
         return [{**json.loads(p), "day": day} for _, day, p in self._rows("exposures")]
+
+    # -- ROBERT: heard HELLOs and registration secrets -----------------------------------
+    def add_hellos(self, hellos: Iterable[tuple[float, bytes, int]]) -> int:
+        """(reception unix time, 16-byte HELLO, RSSI) in one transaction."""
+        rows = []
+        for t, hello, rssi in hellos:
+            day, row_id = int(t // SECONDS_PER_DAY), self._new_id("hellos")
+            plain = json.dumps({"t": t, "h": bytes(hello).hex(), "r": rssi}).encode()
+            rows.append((row_id, day, self._seal("hellos", row_id, day, plain)))
+        if rows:
+            with self.conn:
+                self.conn.execute("BEGIN IMMEDIATE")
+                self.conn.executemany("INSERT INTO hellos (id, day, blob) VALUES (?, ?, ?)", rows)
+        return len(rows)
+
+    def hellos(self, since_day: int | None = None) -> list[tuple[float, bytes, int]]:
+        where, params = ("WHERE day >= ?", (since_day,)) if since_day is not None else ("", ())
+        out = []
+        for _, _, plain in self._rows("hellos", where, params):
+            d = json.loads(plain)
+            out.append((d["t"], bytes.fromhex(d["h"]), d["r"]))
+        return out
+
+    def clear_hellos(self) -> None:
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute("DELETE FROM hellos")
+
+    def put_secret(self, name: str, value: bytes) -> None:
+        """A long-lived secret (encrypted in the persistent key slot), replacing any older one."""
+        row_id = self._new_id("secrets")
+        plain = json.dumps({"n": name, "v": bytes(value).hex()}).encode()
+        old = [i for i, _, p in self._rows("secrets") if json.loads(p)["n"] == name]
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany("DELETE FROM secrets WHERE id = ?", [(i,) for i in old])
+            self.conn.execute("INSERT INTO secrets (id, day, blob) VALUES (?, ?, ?)",
+                              (row_id, PERSISTENT_DAY, self._seal("secrets", row_id, PERSISTENT_DAY, plain)))
+
+    def get_secret(self, name: str) -> bytes | None:
+        for _, _, p in self._rows("secrets"):
+            d = json.loads(p)
+            if d["n"] == name:
+                return bytes.fromhex(d["v"])
+        return None
 
     # -- sync state (not sensitive: export file names and times of our own syncs) ------
     def get_state(self, name: str, default=None):
