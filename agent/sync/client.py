@@ -49,6 +49,24 @@ class SyncResult:
     index_etag: str | None = None
 
 
+def request_with_retries(http: httpx.Client, method: str, url: str, *, retries: int, backoff_s: float,
+                         sleep: Callable[[float], None], rng: random.Random, **kw) -> httpx.Response:
+    """Retries connection errors and 5xx/429 with exponential back-off and full jitter."""
+    last: Exception | None = None
+    for attempt in range(retries + 1):
+        try:
+            r = http.request(method, url, **kw)
+            if r.status_code < 500 and r.status_code != 429:
+                return r
+            last = SyncError(f"{method} {url}: HTTP {r.status_code}")
+        except httpx.TransportError as e:
+            last = e
+        if attempt < retries:
+            sleep(rng.uniform(0, backoff_s * 2**attempt))
+    assert last is not None
+    raise last
+
+
 class SyncClient:
     def __init__(self, base_url: str, *, trusted_keys: list[str], http: httpx.Client | None = None,
                  retries: int = 3, backoff_s: float = 0.5, sleep: Callable[[float], None] = time.sleep,
@@ -64,20 +82,8 @@ class SyncClient:
 
     # -- transport ------------------------------------------------------------------
     def _request(self, method: str, path: str, **kw) -> httpx.Response:
-        """Retries connection errors and 5xx/429 with exponential back-off and full jitter."""
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            try:
-                r = self.http.request(method, self.base_url + path, **kw)
-                if r.status_code < 500 and r.status_code != 429:
-                    return r
-                last = SyncError(f"{method} {path}: HTTP {r.status_code}")
-            except httpx.TransportError as e:
-                last = e
-            if attempt < self.retries:
-                self.sleep(self.rng.uniform(0, self.backoff_s * 2**attempt))
-        assert last is not None
-        raise last
+        return request_with_retries(self.http, method, self.base_url + path, retries=self.retries,
+                                    backoff_s=self.backoff_s, sleep=self.sleep, rng=self.rng, **kw)
 
     # -- download -------------------------------------------------------------------
     def download_exports(self, store) -> SyncResult:
