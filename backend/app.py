@@ -20,6 +20,8 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from .core import MAX_KEYS_PER_PUBLISH, ApiError, Backend
 
 MAX_BODY = 64 * 1024
+#: a ROBERT proximity list holds every HELLO heard in 14 days
+MAX_REPORT_BODY = 32 * 1024 * 1024
 SESSION_COOKIE = "ctagent_session"
 
 
@@ -63,12 +65,13 @@ class PublishRequest(_Strict):
 class _BodyLimit(BaseHTTPMiddleware):
     async def dispatch(self, request: Request, call_next):
         if request.method in ("POST", "PUT"):
+            limit = MAX_REPORT_BODY if request.url.path == "/api/v6/report" else MAX_BODY
             length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-                return _error(413, "body_too_large", f"request body over {MAX_BODY} bytes")
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                return _error(413, "body_too_large", f"request body over {limit} bytes")
             body = await request.body()  # cached by Starlette for the handler
-            if len(body) > MAX_BODY:
-                return _error(413, "body_too_large", f"request body over {MAX_BODY} bytes")
+            if len(body) > limit:
+                return _error(413, "body_too_large", f"request body over {limit} bytes")
         return await call_next(request)
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -282,25 +283,36 @@ class Store:
         return [{**json.loads(p), "day": day} for _, day, p in self._rows("exposures")]
 
     # -- ROBERT: heard HELLOs and registration secrets -----------------------------------
+    _HELLO_REC = struct.Struct("<d16sb")  # reception time, HELLO, RSSI
+
     def add_hellos(self, hellos: Iterable[tuple[float, bytes, int]]) -> int:
-        """(reception unix time, 16-byte HELLO, RSSI) in one transaction."""
-        rows = []
+        """(reception unix time, 16-byte HELLO, RSSI), packed into one encrypted row per
+        day and call (a flush), in one transaction."""
+        by_day: dict[int, list[bytes]] = {}
+        n = 0
         for t, hello, rssi in hellos:
-            day, row_id = int(t // SECONDS_PER_DAY), self._new_id("hellos")
-            plain = json.dumps({"t": t, "h": bytes(hello).hex(), "r": rssi}).encode()
-            rows.append((row_id, day, self._seal("hellos", row_id, day, plain)))
+            by_day.setdefault(int(t // SECONDS_PER_DAY), []).append(
+                self._HELLO_REC.pack(t, bytes(hello), max(-128, min(127, int(rssi)))))
+            n += 1
+        rows = []
+        for day, recs in by_day.items():
+            row_id = self._new_id("hellos")
+            rows.append((row_id, day, self._seal("hellos", row_id, day, b"".join(recs))))
         if rows:
             with self.conn:
                 self.conn.execute("BEGIN IMMEDIATE")
                 self.conn.executemany("INSERT INTO hellos (id, day, blob) VALUES (?, ?, ?)", rows)
-        return len(rows)
+        return n
 
     def hellos(self, since_day: int | None = None) -> list[tuple[float, bytes, int]]:
         where, params = ("WHERE day >= ?", (since_day,)) if since_day is not None else ("", ())
         out = []
-        for _, _, plain in self._rows("hellos", where, params):
-            d = json.loads(plain)
-            out.append((d["t"], bytes.fromhex(d["h"]), d["r"]))
+        for row_id, _, plain in self._rows("hellos", where, params):
+            if len(plain) % self._HELLO_REC.size:
+                self.stats.corrupt_rows += 1
+                log.warning("row skipped: undecodable HELLO batch (id=%d)", row_id)
+                continue
+            out.extend(self._HELLO_REC.iter_unpack(plain))
         return out
 
     def clear_hellos(self) -> None:
