@@ -282,11 +282,13 @@ def doctor(adapter):
 @click.option("--devices", default=24, show_default=True, help="Number of virtual devices (>= 4).")
 @click.option("--days", default=2, show_default=True, help="Simulated days (1-14).")
 @click.option("--seed", default=1, show_default=True, help="Same seed, same result.")
+@click.option("--protocol", type=click.Choice(["gaen", "robert"]), default="gaen", show_default=True,
+              help="Exposure Notification (decentralized) or ROBERT (centralized).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
               show_default=True, help="Where the PNG figure goes.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
 @friendly_errors
-def demo(scenario, devices, days, seed, out_dir, as_json):
+def demo(scenario, devices, days, seed, protocol, out_dir, as_json):
     """A simulated field experiment end to end, no Bluetooth needed."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -303,7 +305,7 @@ def demo(scenario, devices, days, seed, out_dir, as_json):
                 tasks[stage] = prog.add_task(stage, total=1.0)
             prog.update(tasks[stage], completed=frac)
 
-        res = run_demo(devices=devices, days=days, seed=seed, scenario=scenario, out_dir=out_dir,
+        res = run_demo(devices=devices, days=days, seed=seed, scenario=scenario, protocol=protocol, out_dir=out_dir,
                        log=(lambda m: None) if as_json else console.print, progress=progress)
     if as_json:
         click.echo(result_json(res))
@@ -319,7 +321,8 @@ def demo(scenario, devices, days, seed, out_dir, as_json):
         if r["outcome"] == "TN" and r["true_close_minutes"] == 0:
             continue
         t.add_row(str(r["device"]), f"{r['true_close_minutes']:.1f}", "yes" if r["truly_exposed"] else "no",
-                  "yes" if r["notified"] else "no", f"{r['minutes_counted']:.0f}", r["carriage"],
+                  "yes" if r["notified"] else "no",
+                  f"{r['minutes_counted']:.0f}" if protocol == "gaen" else "(server)", r["carriage"],
                   f"[{colours[r['outcome']]}]{r['outcome']}[/]")
     console.print(t)
     hidden = sum(1 for r in res.rows if r["outcome"] == "TN" and r["true_close_minutes"] == 0)
@@ -394,17 +397,29 @@ def _backend(ctx):
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True)
 @click.option("--add-user", nargs=2, metavar="USER PASSWORD", default=None, help="Create a physician account first.")
+@click.option("--protocol", type=click.Choice(["gaen", "robert", "both"]), default="gaen", show_default=True,
+              help="Serve the key server (gaen), the ROBERT server, or both.")
+@click.option("--register-api-key", default=None, envvar="CTAGENT_ROBERT_REGISTER_KEY",
+              help="ROBERT: require this X-API-Key to register (replaces the deployed captcha).")
 @click.pass_context
 @friendly_errors
-def backend_serve(ctx, host, port, add_user):
+def backend_serve(ctx, host, port, add_user, protocol, register_api_key):
     """Serve the API, the physicians' page and the export files."""
-    from backend.app import serve
+    import uvicorn
+
+    from backend.app import create_app
 
     b = _backend(ctx)
     if add_user:
         b.add_user(*add_user)
+    rs = None
+    if protocol in ("robert", "both"):
+        from backend.robert import RobertConfig, RobertServer
+
+        rs = RobertServer(b, RobertConfig(register_api_key=register_api_key))
+        click.echo(f"ROBERT server public key: {rs.server_public_key}")
     click.echo(f"export signing public key (give it to the agents): {b.public_key_b64}")
-    serve(b, host, port)
+    uvicorn.run(create_app(b, rs), host=host, port=port, log_level="info")
 
 
 @backend.command("code")

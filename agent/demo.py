@@ -57,6 +57,7 @@ class DemoResult(Confusion):
     rotations: int = 0
     wall_s: float = 0.0
     png: str | None = None
+    protocol: str = "gaen"
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items()}
@@ -106,8 +107,11 @@ def desk(i: int) -> tuple[tuple[float, float], int]:
 
 
 def run_demo(*, devices: int = 24, days: int = 2, seed: int = 1, scenario: str = "office",
-             out_dir: Path | None = None, tick_s: float = 8.0, log: Callable[[str], None] = print,
-             progress: Callable[[str, float], None] | None = None, png: bool = True) -> DemoResult:
+             protocol: str = "gaen", out_dir: Path | None = None, tick_s: float = 8.0,
+             log: Callable[[str], None] = print, progress: Callable[[str, float], None] | None = None,
+             png: bool = True) -> DemoResult:
+    if protocol not in ("gaen", "robert"):
+        raise ValueError(f"unknown protocol {protocol!r}; choose gaen or robert")
     if devices < 4:
         raise ValueError("the demo needs at least 4 devices")
     if not 1 <= days <= 14:
@@ -117,11 +121,16 @@ def run_demo(*, devices: int = 24, days: int = 2, seed: int = 1, scenario: str =
     from agent.sync import SyncClient
     from agent.sync.client import teks_to_upload
     from backend.core import Backend, BackendConfig
+    from backend.robert import RobertConfig, RobertServer
     from backend.server import BackgroundServer
+
+    from .protocol import robert as rb
+    from .robert_agent import RobertDevice
 
     wall0 = time.perf_counter()
     rng = random.Random(seed)
     res = DemoResult(devices=devices, days=days, seed=seed, scenario=scenario)
+    res.protocol = protocol
     tmp = tempfile.TemporaryDirectory(prefix="ctagent-demo-")
     work = Path(tmp.name)
     out = Path(out_dir) if out_dir else Path("demo-out")
@@ -143,8 +152,22 @@ def run_demo(*, devices: int = 24, days: int = 2, seed: int = 1, scenario: str =
         sim_devices.append(SimDevice(f"device-{i:02d}", cal.tx_power, cal.rssi_correction))
     medium = Medium(sim_devices, MediumConfig(), seed=seed)
     events = build_events(scenario, devices, days, rng)
-    log(f"{devices} virtual devices, {days} day(s) of scenario '{scenario}' (seed {seed}); "
+    log(f"{devices} virtual devices, {days} day(s) of scenario '{scenario}' (seed {seed}), protocol {protocol}; "
         f"{len(events)} situations with ground truth")
+
+    # The embedded backend (real HTTP on 127.0.0.1), on the virtual clock.
+    backend = Backend(BackendConfig(work / "backend", region="XX", export_min_keys=100), clock=clock)
+    rserver = RobertServer(backend, RobertConfig(tuples_epochs=(days + 1) * 96)) if protocol == "robert" else None
+    server = BackgroundServer(backend, robert_server=rserver).__enter__()
+    log(f"embedded backend on {server.url}")
+    rdevs: list[RobertDevice] = []
+    if protocol == "robert":
+        for i, a in enumerate(agents):
+            d = RobertDevice(a.store, server.url, rng=random.Random(rng.getrandbits(64)), sleep=lambda s: None,
+                             tx_power=int(sim_devices[i].tx_cal_dbm))
+            d.register()
+            rdevs.append(d)
+        log(f"{devices} devices registered with the ROBERT server (ECDH, encrypted identifier tuples)")
 
     # --- the simulated days -----------------------------------------------------------
     rpis = [b""] * devices
@@ -154,8 +177,18 @@ def run_demo(*, devices: int = 24, days: int = 2, seed: int = 1, scenario: str =
     trace_t, trace_d, trace_a = [], [], []
     counter = [0]
 
+    sds = [b""] * devices  # ROBERT service data being broadcast
+    heard_this_tick: set[tuple[int, int]] = set()
+    last_epoch = [None]
+
     def deliver(rx: int, tx: int, ts: float, rssi: int) -> None:
-        agents[rx].aggregator.add_raw(ts, rpis[tx], aems[tx], rssi)
+        if protocol == "gaen":
+            agents[rx].aggregator.add_raw(ts, rpis[tx], aems[tx], rssi)
+        else:
+            if (rx, tx) in heard_this_tick:  # the ROBERT app keeps one HELLO per peer per scan
+                return
+            heard_this_tick.add((rx, tx))
+            rdevs[rx].on_hello(ts, sds[tx], rssi)
         counter[0] += 1
 
     carriages: list[list[str]] = []
@@ -171,10 +204,18 @@ def run_demo(*, devices: int = 24, days: int = 2, seed: int = 1, scenario: str =
         active = np.ones(devices, dtype=bool)
         while t < end:
             clock_t[0] = t
-            for i, a in enumerate(agents):
-                if t >= next_rot[i]:
-                    rot = a.rotate(t)
-                    rpis[i], aems[i], next_rot[i] = rot.payload.rpi, rot.payload.aem, rot.next_at
+            if protocol == "gaen":
+                for i, a in enumerate(agents):
+                    if t >= next_rot[i]:
+                        rot = a.rotate(t)
+                        rpis[i], aems[i], next_rot[i] = rot.payload.rpi, rot.payload.aem, rot.next_at
+            else:  # a fresh HELLO (new time16 and MAC); a new EBID and address every epoch
+                heard_this_tick.clear()
+                epoch = rb.epoch_id(rb.ntp_seconds(t), rserver.start_ntp)
+                if epoch != last_epoch[0]:
+                    last_epoch[0] = epoch
+                    res.rotations += devices
+                sds = [d.service_data(t) for d in rdevs]
             pos = np.empty((devices, 2))
             room = np.empty(devices, dtype=int)
             for i in range(devices):
@@ -192,40 +233,56 @@ def run_demo(*, devices: int = 24, days: int = 2, seed: int = 1, scenario: str =
             trace_a.append(medium.last_attenuation[:, 0].copy())  # device i hearing person 0
             t += tick_s
             if t >= next_flush:
-                for a in agents:
-                    a.flush(t)
+                for a in (agents if protocol == "gaen" else rdevs):
+                    a.flush(t) if protocol == "gaen" else a.flush()
                 next_flush = t + 60
             done_ticks += 1
             if progress and done_ticks % 200 == 0:
                 progress("simulating", done_ticks / total_ticks)
         for a in agents:
             a.flush(end, final=True)
+        for d in rdevs:
+            d.flush()
     if progress:
         progress("simulating", 1.0)
     res.sightings = counter[0]
-    res.rotations = sum(a.stats.rotations for a in agents)
-    log(f"simulated {res.sightings:,} received advertisements; {res.rotations:,} RPI+address rotations")
+    if protocol == "gaen":
+        res.rotations = sum(a.stats.rotations for a in agents)
+    what = "RPI+address" if protocol == "gaen" else "EBID (HELLO)+address"
+    log(f"simulated {res.sightings:,} received advertisements; {res.rotations:,} {what} rotations")
 
     # --- test, declare, export, sync over real HTTP --------------------------------------
-    backend = Backend(BackendConfig(work / "backend", region="XX", export_min_keys=100), clock=clock)
-    with BackgroundServer(backend) as srv:
-        log(f"embedded backend on {srv.url}")
+    try:
+        srv = server
         lab_key = backend.add_api_key("demo-lab")
         client = SyncClient(srv.url, trusted_keys=[backend.public_key_b64], sleep=lambda s: None)
         clock_t[0] = DAY0 + (days - 1) * SECONDS_PER_DAY + 19 * 3600  # the test result comes in the evening
         code = client.http.post(srv.url + "/api/issue", json={"testType": "confirmed"},
                                 headers={"X-API-Key": lab_key}).json()["code"]
         p0 = agents[0]
-        resp = client.declare(code, teks_to_upload(p0.store, clock_t[0]), p0.store, now=clock_t[0])
-        log(f"person 0 tested positive, declared with code {code[:2]}****** : {resp['insertedExposures']} key(s) published")
-        clock_t[0] = DAY0 + days * SECONDS_PER_DAY + 3600  # the last key's embargo is over
-        files = backend.run_export()
-        log(f"export job: {len(files)} signed file(s), padded to >= 100 keys")
-        for i, a in enumerate(agents[1:], 1):
-            a.sync(client, clock_t[0])
-            if progress:
-                progress("syncing", i / (devices - 1))
+        if protocol == "gaen":
+            resp = client.declare(code, teks_to_upload(p0.store, clock_t[0]), p0.store, now=clock_t[0])
+            log(f"person 0 tested positive, declared with code {code[:2]}****** : "
+                f"{resp['insertedExposures']} key(s) published")
+            clock_t[0] = DAY0 + days * SECONDS_PER_DAY + 3600  # the last key's embargo is over
+            files = backend.run_export()
+            log(f"export job: {len(files)} signed file(s), padded to >= 100 keys")
+            for i, a in enumerate(agents[1:], 1):
+                a.sync(client, clock_t[0])
+                if progress:
+                    progress("syncing", i / (devices - 1))
+        else:
+            resp = rdevs[0].report(code, clock_t[0])
+            log(f"person 0 tested positive, reported the HELLOs heard with code {code[:2]}******: "
+                f"{resp['accepted']:,} verified by the server, {resp['dropped']} dropped")
+            clock_t[0] = DAY0 + days * SECONDS_PER_DAY + 3600
+            for i, d in enumerate(rdevs[1:], 1):
+                d.status(clock_t[0])
+                if progress:
+                    progress("status", i / (devices - 1))
         client.close()
+    finally:
+        server.__exit__(None, None, None)
 
     # --- compare with the truth -----------------------------------------------------------
     for i in range(1, devices):
@@ -234,9 +291,7 @@ def run_demo(*, devices: int = 24, days: int = 2, seed: int = 1, scenario: str =
         truth = truth_min >= cfg.duration_threshold_min
         exps = agents[i].store.exposures()
         notified = bool(exps)
-        counted = max((e["minutes"] for e in exps), default=0.0)
-        if not notified:
-            counted = 0.0
+        counted = max((e["minutes"] or 0.0 for e in exps), default=0.0)  # ROBERT: the server decides
         outcome = ("TP" if truth and notified else "FN" if truth else "FP" if notified else "TN")
         res.add(truth, notified)
         res.rows.append({"device": i, "true_close_minutes": round(truth_min, 1), "truly_exposed": truth,
@@ -247,7 +302,8 @@ def run_demo(*, devices: int = 24, days: int = 2, seed: int = 1, scenario: str =
     res.wall_s = time.perf_counter() - wall0
     if png:
         out.mkdir(parents=True, exist_ok=True)
-        res.png = str(out / f"demo-{scenario}-seed{seed}.png")
+        suffix = "" if protocol == "gaen" else "-robert"
+        res.png = str(out / f"demo-{scenario}{suffix}-seed{seed}.png")
         _plot(res, np.array(trace_t), np.array(trace_d), np.array(trace_a), cfg, Path(res.png))
     tmp.cleanup()
     return res
@@ -273,7 +329,7 @@ def _plot(res: DemoResult, t: np.ndarray, d: np.ndarray, att: np.ndarray, cfg: P
     ax.set_ylabel("true distance to person 0 (m)")
     ax2.set_ylabel("mean attenuation (dB)\n(body, walls, shadowing)")
     ax.set_ylim(0, 5)
-    ax.set_title(f"ctagent demo '{res.scenario}', seed {res.seed}: who was near the positive person "
+    ax.set_title(f"ctagent demo '{res.scenario}' ({res.protocol}), seed {res.seed}: who was near the positive person "
                  f"(TP {res.tp}, FP {res.fp}, FN {res.fn}, TN {res.tn})")
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()

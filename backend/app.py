@@ -248,7 +248,4 @@ def create_app(backend: Backend, robert_server=None) -> FastAPI:
     return app
 
 
-def serve(backend: Backend, host: str = "127.0.0.1", port: int = 8080) -> None:  # pragma: no cover - CLI
-    import uvicorn
-    uvicorn.run(create_app(backend), host=host, port=port, log_level="info")
 

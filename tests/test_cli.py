@@ -32,3 +32,29 @@ def test_backend_code_export_and_public_key(tmp_path):
     r = CliRunner().invoke(cli.main, base + ["export"])
     assert r.exit_code == 0 and "0 export file(s)" in r.output
     assert (tmp_path / "b" / "exports" / "index.txt").exists()
+
+
+def test_backend_serve_both_roles_subprocess(tmp_path):
+    import socket
+    import time
+
+    import httpx
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "backend", "--data-dir", str(tmp_path / "b"), "serve",
+                             "--port", str(port), "--protocol", "both"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        clock = httpx.get(f"http://127.0.0.1:{port}/api/v6/clock").json()
+        assert clock["epochId"] >= 0 and clock["serverTime"] > 3_900_000_000
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/public-key").json()["publicKey"]
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -30,3 +30,13 @@ def test_demo_cli_json_subprocess(tmp_path):
     doc = json.loads(out.stdout)
     assert doc["devices"] == 6 and len(doc["rows"]) == 5 and doc["scenario"] == "train"
     assert doc["tp"] + doc["fn"] == sum(r["truly_exposed"] for r in doc["rows"])
+
+
+def test_demo_robert_mode_against_ground_truth(tmp_path):
+    r = run_demo(devices=8, days=1, seed=5, protocol="robert", out_dir=tmp_path, log=lambda m: None, png=False)
+    assert r.protocol == "robert" and r.tp + r.fp + r.fn + r.tn == 7
+    assert r.rotations >= 8 * 40  # a new EBID every 15-minute epoch, for every device
+    for row in r.rows:
+        assert row["outcome"] == {(True, True): "TP", (True, False): "FN", (False, True): "FP",
+                                  (False, False): "TN"}[(row["truly_exposed"], row["notified"])]
+    assert r.tp >= 1  # those truly exposed are found by the server's risk scoring
