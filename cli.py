@@ -216,6 +216,16 @@ def declare(code, yes):
     from agent.sync.client import teks_to_upload
 
     cfg = _cfg()
+    if cfg.agent.protocol == "robert":
+        with ops.open_store(cfg) as store:
+            dev = ops.robert_device(cfg, store)
+            n = len(store.hellos())
+            if not yes:
+                click.confirm(f"Upload the {n} HELLO(s) your device heard in the last 14 days to the server? "
+                              "It will tell the people concerned they are at risk.", abort=True)
+            resp = dev.report(code, time.time())
+        click.echo(f"reported: {resp['accepted']} HELLO(s) accepted, {resp['dropped']} dropped by the server")
+        return
     client = ops.sync_client(cfg)
     if client is None:
         raise click.ClickException("no backend configured: set [sync] backend_url in " + cfg.source)
@@ -226,6 +236,41 @@ def declare(code, yes):
                           "without learning who you are.", abort=True)
         resp = client.declare(code, teks, store, now=time.time())
     click.echo(f"published: {resp['insertedExposures']} key(s)")
+
+
+@main.command()
+@click.option("--yes", is_flag=True)
+@friendly_errors
+def unregister(yes):
+    """ROBERT mode: leave the server (it forgets this device and its exposures)."""
+    import time
+
+    from agent import ops
+
+    cfg = _cfg()
+    if cfg.agent.protocol != "robert":
+        raise click.ClickException("unregister is for ROBERT mode ([agent] protocol = \"robert\")")
+    if not yes:
+        click.confirm("Unregister this device from the ROBERT server?", abort=True)
+    with ops.open_store(cfg) as store:
+        ops.robert_device(cfg, store).unregister(time.time())
+    click.echo("unregistered")
+
+
+@main.command("delete-history")
+@friendly_errors
+def delete_history():
+    """ROBERT mode: ask the server to delete this device's exposure history."""
+    import time
+
+    from agent import ops
+
+    cfg = _cfg()
+    if cfg.agent.protocol != "robert":
+        raise click.ClickException("delete-history is for ROBERT mode ([agent] protocol = \"robert\")")
+    with ops.open_store(cfg) as store:
+        ops.robert_device(cfg, store).delete_history(time.time())
+    click.echo("exposure history deleted on the server")
 
 
 @main.command("export")

@@ -19,6 +19,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class AgentSection:
+    #: "gaen" (Exposure Notification, decentralized) or "robert" (centralized, StopCovid)
+    protocol: str = "gaen"
     data_dir: str = "~/.local/share/ctagent"
     #: master key: "keyfile" (a 0600 file in data_dir) or "passphrase" (read from $CTAGENT_PASSPHRASE)
     key: str = "keyfile"
@@ -52,6 +54,8 @@ class SyncSection:
     trusted_keys: list[str] = field(default_factory=list)
     interval_s: float = 4 * 3600.0
     jitter_s: float = 1800.0
+    #: ROBERT: the X-API-Key the server requires for registration, if any
+    robert_api_key: str = ""
 
 
 @dataclass
@@ -120,6 +124,8 @@ def _coerce(src: str, section: str, key: str, value, typ):
 
 def _validate(cfg: Config) -> None:
     src = cfg.source
+    if cfg.agent.protocol not in ("gaen", "robert"):
+        raise ConfigError(f"{src}: [agent] protocol: must be 'gaen' or 'robert', not {cfg.agent.protocol!r}")
     if cfg.radio.kind not in ("bluez", "sim"):
         raise ConfigError(f"{src}: [radio] kind: must be 'bluez' or 'sim', not {cfg.radio.kind!r}")
     if cfg.radio.duty_cycle:
@@ -137,7 +143,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"{src}: intervals must be positive")
     if cfg.sync.backend_url and not cfg.sync.backend_url.startswith(("http://", "https://")):
         raise ConfigError(f"{src}: [sync] backend_url: must start with http:// or https://")
-    if cfg.sync.backend_url and not cfg.sync.trusted_keys:
+    if cfg.sync.backend_url and not cfg.sync.trusted_keys and cfg.agent.protocol == "gaen":
         raise ConfigError(f"{src}: [sync] trusted_keys: needed to verify the backend's export files")
     from .protocol.export import ExportError, load_public_key
     for k in cfg.sync.trusted_keys:
@@ -188,6 +194,9 @@ TEMPLATE = '''# ctagent configuration. Every setting can be overridden by an env
 # CTAGENT_<SECTION>_<KEY> (e.g. CTAGENT_SYNC_BACKEND_URL) and some by command-line flags.
 
 [agent]
+# "gaen" (Exposure Notification: decentralized, matching on the device) or "robert"
+# (StopCovid/TousAntiCovid: the server issues identifiers and computes the risk).
+protocol = "gaen"
 # Where the encrypted store, its keyring and the master key file live.
 data_dir = "{data_dir}"
 # Master key: "keyfile" (a random key in data_dir/master.key, mode 0600) or
@@ -222,6 +231,8 @@ trusted_keys = []
 # Seconds between syncs, plus a random jitter up to jitter_s.
 interval_s = 14400
 jitter_s = 1800
+# ROBERT only: the key the server requires to register (its replacement for a captcha).
+robert_api_key = ""
 
 [notify]
 # Command run on exposure (e.g. light an LED). It receives CTAGENT_EXPOSURE_DATE and

@@ -55,8 +55,8 @@ class Daemon:
     def __init__(self, agent: Agent, *, clock, advertiser: Advertiser | None, scanner: Scanner | None,
                  sync_client=None, status_path: Path | None = None, flush_interval_s: float = 60.0,
                  sync_interval_s: float = 4 * 3600, sync_jitter_s: float = 1800, on_exposure: str = "",
-                 gatt=None, duty_cycle: tuple[float, float] | None = None,
-                 rng: random.Random | None = None) -> None:
+                 gatt=None, duty_cycle: tuple[float, float] | None = None, robert=None,
+                 hello_refresh_s: float = 60.0, rng: random.Random | None = None) -> None:
         self.agent = agent
         self.clock = clock
         self.advertiser, self.scanner = advertiser, scanner
@@ -76,6 +76,9 @@ class Daemon:
         self.hook_runs = 0
         self.gatt = gatt
         self.duty_cycle = duty_cycle
+        self.robert = robert  # a RobertDevice: the agent runs the ROBERT protocol
+        self.hello_refresh_s = hello_refresh_s
+        self.last_status: dict | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -97,7 +100,59 @@ class Daemon:
                 await self.clock.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX_S)
 
+    async def _advertise_robert(self) -> None:
+        """A new EBID (and address) every epoch; within it, a fresh HELLO (time, MAC)
+        every ``hello_refresh_s`` on the same address."""
+        from .protocol import robert as rb
+        while self.robert._reg is None and not self._stop.is_set():
+            await self.clock.sleep(5)
+        now = self.clock.now()
+        await self.advertiser.start(self.robert.service_data(now), "")
+        self.agent.stats.rotations += 1
+        start = self.robert._reg["time_start"]
+        epoch = rb.epoch_id(rb.ntp_seconds(now), start)
+        while not self._stop.is_set():
+            now = self.clock.now()
+            next_epoch_unix = rb.epoch_start_ntp(epoch + 1, start) - rb.NTP_UNIX_OFFSET
+            await self.clock.sleep(max(0.0, min(self.hello_refresh_s, next_epoch_unix - now)))
+            now = self.clock.now()
+            new_epoch = rb.epoch_id(rb.ntp_seconds(now), start)
+            if new_epoch != epoch:
+                epoch = new_epoch
+                await self.advertiser.rotate(self.robert.service_data(now), "")
+                self.agent.stats.rotations += 1
+            else:
+                await self.advertiser.update(self.robert.service_data(now))
+
+    async def _robert_register(self) -> None:
+        if not self.robert.registered:
+            if isinstance(self.clock, VirtualClock):
+                self.robert.register()
+            else:
+                await asyncio.to_thread(self.robert.register)
+            log.info("robert registered")
+
+    async def _robert_status(self) -> None:
+        """/status at most once per two epochs, jittered."""
+        await self.clock.sleep(self.rng.uniform(60, 600))
+        while not self._stop.is_set():
+            if self.robert.registered:
+                now = self.clock.now()
+                try:
+                    if isinstance(self.clock, VirtualClock):
+                        doc = self.robert.status(now)
+                    else:
+                        doc = await asyncio.to_thread(self.robert.status, now)
+                    self.last_status = {"at": now, "atRisk": doc["atRisk"], "riskLevel": doc["riskLevel"]}
+                    log.info("robert status at_risk=%s", doc["atRisk"])
+                    await self._notify_new_exposures()
+                except Exception as e:  # noqa: BLE001 - offline is normal
+                    log.info("robert status failed error=%s", type(e).__name__)
+            await self.clock.sleep(2 * 900 + self.rng.uniform(0, 600))
+
     async def _advertise(self) -> None:
+        if self.robert is not None:
+            return await self._advertise_robert()
         rot = self.agent.rotate(self.clock.now())
         await self.advertiser.start(rot.payload.service_data, rot.address)
         self.degraded.discard("advertise")
@@ -109,6 +164,11 @@ class Daemon:
     async def _scan(self) -> None:
         async for raw in self.scanner.sightings():
             self.degraded.discard("scan")
+            if self.robert is not None:
+                sd = next((v for k, v in raw.service_data.items() if str(k).lower().startswith("0000fd64")), None)
+                if sd is None or not self.robert.on_hello(raw.t, sd, raw.rssi):
+                    self.bad_payloads += 1
+                continue
             try:
                 p = parse_service_data(raw.service_data)
             except PayloadError:
@@ -122,6 +182,8 @@ class Daemon:
         while not self._stop.is_set():
             await self.clock.sleep(self.flush_interval_s)
             self.agent.flush(self.clock.now())
+            if self.robert is not None:
+                self.robert.flush()
             self._write_status()
 
     async def _retention(self) -> None:
@@ -157,9 +219,10 @@ class Daemon:
                 continue
             self.notified_days.add(e["day"])
             date = datetime.fromtimestamp(e["day"] * SECONDS_PER_DAY, timezone.utc).date().isoformat()
-            log.warning("EXPOSURE date=%s minutes=%.0f", date, e["minutes"])
+            minutes = "" if e.get("minutes") is None else f"{e['minutes']:.0f}"  # ROBERT: the server decides
+            log.warning("EXPOSURE date=%s minutes=%s", date, minutes or "n/a")
             if self.on_exposure:
-                env = {**os.environ, "CTAGENT_EXPOSURE_DATE": date, "CTAGENT_EXPOSURE_MINUTES": f"{e['minutes']:.0f}"}
+                env = {**os.environ, "CTAGENT_EXPOSURE_DATE": date, "CTAGENT_EXPOSURE_MINUTES": minutes}
                 try:
                     proc = await asyncio.create_subprocess_exec(*shlex.split(self.on_exposure), env=env)
                     await asyncio.wait_for(proc.wait(), 30)
@@ -188,6 +251,7 @@ class Daemon:
             "open_encounters": len(self.agent.aggregator), "rows_written": self.agent.stats.rows_written,
             "bad_payloads": self.bad_payloads, "failures": self.failures, "last_sync": self.last_sync,
             "exposure_days": sorted(self.notified_days),
+            "protocol": "robert" if self.robert is not None else "gaen", "robert_status": self.last_status,
             "advertiser": asdict(self.advertiser.health()) if self.advertiser else None,
             "scanner": asdict(self.scanner.health()) if self.scanner else None,
         }
@@ -237,8 +301,11 @@ class Daemon:
             tasks.append(asyncio.create_task(self._supervise("advertise", self._advertise)))
         if self.scanner is not None:
             tasks.append(asyncio.create_task(self._supervise("scan", self._scan)))
-        if self.sync_client is not None:
+        if self.sync_client is not None and self.robert is None:
             tasks.append(asyncio.create_task(self._supervise("sync", self._sync)))
+        if self.robert is not None:
+            tasks.append(asyncio.create_task(self._supervise("register", self._robert_register)))
+            tasks.append(asyncio.create_task(self._supervise("status", self._robert_status)))
         if self.gatt is not None:
             tasks.append(asyncio.create_task(self._supervise("gatt", self._gatt)))
         if self.duty_cycle and self.advertiser is not None and self.scanner is not None:
@@ -261,6 +328,8 @@ class Daemon:
             except Exception:  # noqa: BLE001 - shutting down anyway
                 pass
         self.agent.flush(self.clock.now(), final=True)
+        if self.robert is not None:
+            self.robert.flush()
         self._write_status()
         self.agent.store.close()
         log.info("daemon stopped cleanly")

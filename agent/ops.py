@@ -89,20 +89,34 @@ def sync_client(cfg: Config):
     return SyncClient(cfg.sync.backend_url, trusted_keys=cfg.sync.trusted_keys)
 
 
+def robert_device(cfg: Config, store: Store):
+    from .robert_agent import RobertDevice
+    if not cfg.sync.backend_url:
+        raise ConfigError(f"{cfg.source}: [sync] backend_url: ROBERT mode needs its server")
+    return RobertDevice(store, cfg.sync.backend_url, tx_power=int(round(calibration(cfg).tx_power)),
+                        api_key=cfg.sync.robert_api_key or None)
+
+
 def run_daemon(cfg: Config, *, radio: str) -> int:
     from .clock import RealClock
     from .daemon import Daemon
     clock = RealClock()
     store = open_store(cfg)
     agent = make_agent(cfg, store)
+    robert_mode = cfg.agent.protocol == "robert"
+    rdev = robert_device(cfg, store) if robert_mode else None
     if radio == "sim":
         from .ble.simradio import SimAdvertiser, SimScanner
         cal = agent.calibration
         adv, scan = SimAdvertiser(clock), SimScanner(clock, peers=cfg.radio.sim_peers, seed=cfg.radio.sim_seed,
-                                                     tx_cal=cal.tx_power, rx_corr=cal.rssi_correction)
+                                                     tx_cal=cal.tx_power, rx_corr=cal.rssi_correction,
+                                                     protocol=cfg.agent.protocol)
     else:
         from .ble.bluez import BluezAdvertiser, BluezScanner
-        adv, scan = BluezAdvertiser(cfg.radio.adapter), BluezScanner(cfg.radio.adapter)
+        from .ble.simradio import ROBERT_SERVICE_UUID
+        from .protocol.payload import EN_SERVICE_UUID
+        adv = BluezAdvertiser(cfg.radio.adapter, service_uuid16="FD64" if robert_mode else "FD6F")
+        scan = BluezScanner(cfg.radio.adapter, service_uuid=ROBERT_SERVICE_UUID if robert_mode else EN_SERVICE_UUID)
     gatt = None
     if cfg.radio.gatt_status:
         from .ble.gatt import GattStatusService
@@ -110,7 +124,8 @@ def run_daemon(cfg: Config, *, radio: str) -> int:
     duty = None
     if cfg.radio.duty_cycle and radio == "bluez":
         duty = tuple(float(x) for x in cfg.radio.duty_cycle.split(","))
-    d = Daemon(agent, clock=clock, advertiser=adv, scanner=scan, sync_client=sync_client(cfg),
+    d = Daemon(agent, clock=clock, advertiser=adv, scanner=scan,
+               sync_client=None if robert_mode else sync_client(cfg), robert=rdev,
                status_path=cfg.data_dir / "status.json", flush_interval_s=cfg.agent.flush_interval_s,
                sync_interval_s=cfg.sync.interval_s, sync_jitter_s=cfg.sync.jitter_s,
                on_exposure=cfg.notify.on_exposure, gatt=gatt, duty_cycle=duty, rng=random.SystemRandom())

@@ -216,3 +216,26 @@ def test_doctor_checks_advertising_while_scanning_through_bluez(fake_bluez):
     by = {name: (good, detail) for name, good, detail in checks}
     assert by["D-Bus system bus"][0]
     assert by["advertising while scanning"][0], by["advertising while scanning"][1]
+
+
+async def test_payload_update_keeps_the_address(fake_bluez):
+    """ROBERT refreshes its HELLO (time, MAC) within an epoch without changing address."""
+    adv = BluezAdvertiser("hci0", service_uuid16="FD64")
+    scanner = BluezScanner("hci1")
+    got = []
+
+    async def scan():
+        async for s in scanner.sightings():
+            got.append((s.address, bytes(next(iter(s.service_data.values())))))
+
+    task = asyncio.create_task(scan())
+    await adv.start(b"\x01" * 18, "")
+    await asyncio.sleep(0.6)
+    await adv.update(b"\x02" * 18)
+    await asyncio.sleep(0.6)
+    task.cancel()
+    await scanner.stop()
+    await adv.stop()
+    payloads = {p[:1] for _, p in got}
+    assert payloads == {b"\x01", b"\x02"} and len({a for a, _ in got}) == 1
+    assert adv.registrations == 1

@@ -153,3 +153,35 @@ def test_run_with_the_bluez_radio_on_a_fake_bluetoothd(env):
         assert st["rotations"] >= 1 and st["scanner"] is not None
     finally:
         fake.stop()
+
+
+def test_robert_mode_commands(env):
+    from backend.robert import RobertServer
+    e, tmp = env
+    backend = Backend(BackendConfig(tmp / "backend"))
+    rs = RobertServer(backend)
+    with LiveServer(backend, robert_server=rs) as srv:
+        e = {**e, "CTAGENT_AGENT_PROTOCOL": "robert", "CTAGENT_SYNC_BACKEND_URL": srv.url}
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "run", "--radio", "sim"], env={**os.environ, **e},
+                                stderr=subprocess.PIPE, text=True)
+        status_file = tmp / "data" / "status.json"
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            if status_file.exists() and json.loads(status_file.read_text()).get("rotations", 0) >= 1:
+                break
+            time.sleep(0.3)
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0, proc.stderr.read()
+        assert json.loads(status_file.read_text())["protocol"] == "robert"
+        code = backend.issue_code("lab")["code"]
+        r = invoke(e, "declare", "--code", code, "--yes")
+        assert r.exit_code == 0 and "HELLO(s) accepted" in r.output, r.output
+        assert "dropped" in r.output  # the sim peers' HELLOs were never issued by this server
+        r = invoke(e, "delete-history")
+        assert r.exit_code == 0, r.output
+        r = invoke(e, "unregister", "--yes")
+        assert r.exit_code == 0 and "unregistered" in r.output
+    r = invoke({k: v for k, v in e.items() if k not in ("CTAGENT_AGENT_PROTOCOL", "CTAGENT_SYNC_BACKEND_URL")},
+               "unregister", "--yes")
+    assert r.exit_code == 1 and "ROBERT mode" in r.output

@@ -99,3 +99,38 @@ def test_sd_notify_datagram(tmp_path, monkeypatch):
     srv.close()
     monkeypatch.delenv("NOTIFY_SOCKET")
     assert not sd_notify("READY=1")
+
+
+async def test_robert_mode_on_a_virtual_clock(tmp_path):
+    from agent.robert_agent import RobertDevice
+    from backend.core import Backend, BackendConfig
+    from backend.robert import RobertServer
+    from backend.server import BackgroundServer
+
+    clock = VirtualClock(T0 + 8 * 3600)
+    backend = Backend(BackendConfig(tmp_path / "backend"), clock=clock)
+    rs = RobertServer(backend)
+    with BackgroundServer(backend, robert_server=rs) as srv:
+        store = Store.create(tmp_path / "agent.db", fast_passphrase(), clock=clock)
+        agent = Agent(store, calibration=PI, match_workers=1)
+        dev = RobertDevice(store, srv.url, sleep=lambda s: None)
+        adv = SimAdvertiser(clock)
+        scan = SimScanner(clock, peers=2, seed=4, tick_s=20, protocol="robert")
+        d = Daemon(agent, clock=clock, advertiser=adv, scanner=scan, robert=dev, flush_interval_s=120,
+                   rng=random.Random(5))
+        statuses = []
+        real_status = dev.status
+        dev.status = lambda now: statuses.append(now) or real_status(now)
+        run = asyncio.create_task(d.run(install_signals=False))
+        await clock.run_until(T0 + 11 * 3600)
+        assert dev.registered
+        assert 11 <= adv.rotations <= 14  # a new EBID + address each 15-minute epoch
+        assert adv.updates >= 100  # fresh HELLOs within each epoch, same address
+        assert len(adv.payload) == 18 and adv.payload[:1] != b""
+        assert 3 <= len(statuses) <= 6 and all(b - a >= 1800 for a, b in zip(statuses, statuses[1:]))
+        assert d.status()["robert_status"]["atRisk"] is False
+        d.stop()
+        assert await asyncio.wait_for(run, 5) == 0
+        s = Store.open(tmp_path / "agent.db", fast_passphrase(), clock=clock)
+        assert len(s.hellos()) > 100  # the HELLOs heard, encrypted at rest
+        s.close()

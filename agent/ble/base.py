@@ -39,6 +39,10 @@ class Advertiser(abc.ABC):
     async def rotate(self, service_data: bytes, address: str) -> None:
         """Change payload and address together."""
 
+    async def update(self, service_data: bytes) -> None:
+        """Change the payload, keeping the address (ROBERT refreshes its HELLO within an epoch)."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     async def stop(self) -> None: ...
 

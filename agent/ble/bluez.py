@@ -42,9 +42,10 @@ class BluezError(Exception):
 
 
 class _ENAdvertisement(ServiceInterface):
-    def __init__(self, service_data: bytes) -> None:
+    def __init__(self, service_data: bytes, uuid16: str = "FD6F") -> None:
         super().__init__("org.bluez.LEAdvertisement1")
         self._data = bytes(service_data)
+        self.uuid16 = uuid16
         self.released = False
 
     @method()
@@ -57,11 +58,16 @@ class _ENAdvertisement(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def ServiceUUIDs(self) -> "as":  # noqa: N802,F821,F722
-        return ["FD6F"]
+        return [self.uuid16]
 
     @dbus_property(access=PropertyAccess.READ)
     def ServiceData(self) -> "a{sv}":  # noqa: N802,F821,F722
-        return {"FD6F": Variant("ay", self._data)}
+        return {self.uuid16: Variant("ay", self._data)}
+
+    def set_data(self, data: bytes) -> None:
+        """New payload, same registration (and address): BlueZ >= 5.51 re-reads it."""
+        self._data = bytes(data)
+        self.emit_properties_changed({"ServiceData": {self.uuid16: Variant("ay", self._data)}})
 
     @dbus_property(access=PropertyAccess.READ)
     def Includes(self) -> "as":  # noqa: N802,F821,F722
@@ -69,8 +75,11 @@ class _ENAdvertisement(ServiceInterface):
 
 
 class BluezAdvertiser(Advertiser):
-    def __init__(self, adapter: str = "hci0", *, retries: int = 5, backoff_s: float = 0.5) -> None:
+    def __init__(self, adapter: str = "hci0", *, retries: int = 5, backoff_s: float = 0.5,
+                 service_uuid16: str = "FD6F") -> None:
+        """``service_uuid16``: "FD6F" (Exposure Notification) or "FD64" (ROBERT HELLOs)."""
         self.adapter_path = f"/org/bluez/{adapter}"
+        self.service_uuid16 = service_uuid16
         self.retries, self.backoff_s = retries, backoff_s
         self.bus: MessageBus | None = None
         self._lock = asyncio.Lock()
@@ -127,7 +136,7 @@ class BluezAdvertiser(Advertiser):
         for attempt in range(self.retries + 1):
             self._seq += 1
             path = f"/ctagent/advertisement{self._seq}"
-            obj = _ENAdvertisement(service_data)
+            obj = _ENAdvertisement(service_data, self.service_uuid16)
             self.bus.export(path, obj)
             try:
                 await self._call("RegisterAdvertisement", "oa{sv}", [path, {}])
@@ -165,6 +174,13 @@ class BluezAdvertiser(Advertiser):
                 self._unexport()
             await self._register(service_data)
 
+    async def update(self, service_data: bytes) -> None:
+        """Change the payload but keep the address (ROBERT: a fresh HELLO within an epoch)."""
+        async with self._lock:
+            self._data = bytes(service_data)
+            if self._obj is not None:
+                self._obj.set_data(service_data)
+
     async def pause(self) -> None:
         """Stop advertising but keep the payload (duty-cycle fallback)."""
         async with self._lock:
@@ -197,8 +213,9 @@ class BluezAdvertiser(Advertiser):
 
 class BluezScanner(Scanner):
     def __init__(self, adapter: str = "hci0", *, duplicate_data: bool = True, stall_s: float = 60.0,
-                 backoff_s: float = 1.0) -> None:
+                 backoff_s: float = 1.0, service_uuid: str = EN_SERVICE_UUID) -> None:
         self.adapter = adapter
+        self.service_uuid = service_uuid
         self.duplicate_data = duplicate_data
         self.stall_s, self.backoff_s = stall_s, backoff_s
         self._queue: "asyncio.Queue[RawSighting]" = asyncio.Queue(maxsize=100_000)
@@ -232,7 +249,7 @@ class BluezScanner(Scanner):
         from bleak import BleakScanner
         self._last_sample = time.time()
         filters = {"DuplicateData": self.duplicate_data, "RSSI": -127, "Transport": "le",
-                   "UUIDs": [EN_SERVICE_UUID]}
+                   "UUIDs": [self.service_uuid]}
         self._scanner = BleakScanner(self._on_advertisement, scanning_mode="active",
                                      bluez={"adapter": self.adapter, "filters": filters})
         await self._scanner.start()

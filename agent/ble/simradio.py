@@ -12,7 +12,10 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
+from ..protocol import robert
 from ..protocol.payload import EN_SERVICE_UUID
+
+ROBERT_SERVICE_UUID = "0000fd64-0000-1000-8000-00805f9b34fb"
 from ..protocol.schedule import IdSchedule
 from .base import Advertiser, RadioHealth, RawSighting, Scanner
 from .sim import Medium, MediumConfig, SimDevice
@@ -31,11 +34,15 @@ class SimAdvertiser(Advertiser):
         await self.rotate(service_data, address)
 
     async def rotate(self, service_data: bytes, address: str) -> None:
-        if len(service_data) != 20:
-            raise ValueError("EN service data must be 20 bytes")
+        if len(service_data) < 18:
+            raise ValueError("service data must be 20 bytes (EN) or 18+ (ROBERT)")
         self.payload, self.address = service_data, address
         self.rotations += 1
         self._health.last_rotation = self.clock.now()
+
+    async def update(self, service_data: bytes) -> None:
+        self.payload = service_data
+        self.updates = getattr(self, "updates", 0) + 1
 
     async def stop(self) -> None:
         self._health.advertising = False
@@ -46,8 +53,11 @@ class SimAdvertiser(Advertiser):
 
 class SimScanner(Scanner):
     def __init__(self, clock, *, peers: int = 5, seed: int = 0, tick_s: float = 4.0,
-                 tx_cal: float = 4.0, rx_corr: float = 0.0) -> None:
+                 tx_cal: float = 4.0, rx_corr: float = 0.0, protocol: str = "gaen") -> None:
+        """``protocol="robert"``: the peers broadcast well-formed ROBERT HELLOs (0xFD64)
+        from identifiers no server issued (a dry run: a real server drops them)."""
         self.clock = clock
+        self.protocol = protocol
         self.tick_s = tick_s
         self.rng = random.Random(seed)
         devices = [SimDevice("self", tx_cal, rx_corr)] + [SimDevice(f"peer{i}", tx_cal, rx_corr) for i in range(peers)]
@@ -88,8 +98,12 @@ class SimScanner(Scanner):
                 def deliver(rx, tx, ts, rssi):
                     if rx == 0 and tx > 0:
                         rot = self._rot[tx - 1]
-                        out.append(RawSighting(ts, rot.address, rssi, None,
-                                               {EN_SERVICE_UUID: rot.payload.service_data}))
+                        if self.protocol == "robert":
+                            hello = rot.payload.rpi[:9] + robert.time16(robert.ntp_seconds(ts)) + rot.payload.aem[:5].ljust(5, b"\0")
+                            sd = {ROBERT_SERVICE_UUID: robert.service_data(hello, 4)}
+                        else:
+                            sd = {EN_SERVICE_UUID: rot.payload.service_data}
+                        out.append(RawSighting(ts, rot.address, rssi, None, sd))
 
                 self.medium.tick(now, self.tick_s, self._pos, room, active, deliver)
                 out.sort(key=lambda s: s.t)

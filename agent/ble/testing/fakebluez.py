@@ -142,6 +142,15 @@ class FakeBluez:
         self._signal(path, PROPS, "PropertiesChanged", "sa{sv}as", [iface, changed, []])
 
     def handle(self, msg: Message):
+        if msg.message_type == MessageType.SIGNAL and msg.member == "PropertiesChanged" and msg.body \
+                and msg.body[0] == ADV:
+            for a in self.adapters.values():
+                ad = a.ads.get((msg.sender, msg.path))
+                if ad is not None and "ServiceData" in msg.body[1]:
+                    ad["props"]["ServiceData"] = {u: bytes(v.value if isinstance(v, Variant) else v)
+                                                  for u, v in msg.body[1]["ServiceData"].value.items()}
+                    self.stats["updates"] = self.stats.get("updates", 0) + 1
+            return None
         if msg.message_type != MessageType.METHOD_CALL or not self.online:
             return None
         path, iface, member = msg.path, msg.interface, msg.member
@@ -247,6 +256,10 @@ class FakeBluez:
         v = self.rng.getrandbits(46) or 1
         address = ":".join(f"{b:02X}" for b in v.to_bytes(6, "big"))
         a.ads[key] = {"props": props, "address": address}
+        await self.bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                    interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+                                    body=[f"type='signal',sender='{msg.sender}',path='{msg.body[0]}',"
+                                          f"interface='{PROPS}',member='PropertiesChanged'"]))
         self.stats["registered"] += 1
         self.bus.send(Message.new_method_return(msg))
         self._changed(a.path, ADVMGR, a.advmgr_props())
