@@ -162,8 +162,9 @@ def run_demo(*, devices: int = 24, days: int = 2, seed: int = 1, scenario: str =
     log(f"embedded backend on {server.url}")
     rdevs: list[RobertDevice] = []
     if protocol == "robert":
+        rrng = random.Random(seed ^ 0x0B0B)  # its own stream: the scenario stays the same as in GAEN mode
         for i, a in enumerate(agents):
-            d = RobertDevice(a.store, server.url, rng=random.Random(rng.getrandbits(64)), sleep=lambda s: None,
+            d = RobertDevice(a.store, server.url, rng=random.Random(rrng.getrandbits(64)), sleep=lambda s: None,
                              tx_power=int(sim_devices[i].tx_cal_dbm))
             d.register()
             rdevs.append(d)
