@@ -19,6 +19,7 @@ from agent.sync.client import teks_to_upload
 from backend.core import Backend, BackendConfig
 
 from .backend_helpers import LiveServer
+from .conftest import database_url
 from .helpers import FakeClock, fast_passphrase
 
 DAY = 86_400
@@ -31,29 +32,10 @@ def clock():
     return FakeClock(T0)
 
 
-@pytest.fixture(scope="module")
-def postgres():
-    from .postgres_fixture import PostgresServer
-    srv = PostgresServer()
-    srv.start()
-    yield srv
-    srv.stop()
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def backend(request, tmp_path, clock):
-    url = None
-    if request.param == "postgresql":
-        pg = request.getfixturevalue("postgres")
-        if pg.url is None:
-            pytest.skip(pg.skip_reason)
-        url = pg.url
-    b = Backend(BackendConfig(tmp_path / "backend", database_url=url, export_min_keys=50), clock=clock)
-    if url:  # a fresh schema for each test on the shared server
-        from backend import db
-        db.metadata.drop_all(b.engine)
-        db.metadata.create_all(b.engine)
-        b._write_index(clock())
+    b = Backend(BackendConfig(tmp_path / "backend", database_url=database_url(request), export_min_keys=50),
+                clock=clock)
     b.add_user("dr.who", "tardis-1963")
     yield b
     b.engine.dispose()

@@ -14,35 +14,17 @@ from backend.core import Backend, BackendConfig
 from backend.robert import RobertConfig, RobertServer, contacts
 from backend.server import BackgroundServer
 
+from .conftest import database_url
 from .helpers import FakeClock, fast_passphrase
 
 DAY = 86_400
 T0 = 20_000 * DAY + 9 * 3600
 
 
-@pytest.fixture(scope="module")
-def postgres():
-    from .postgres_fixture import PostgresServer
-    srv = PostgresServer()
-    srv.start()
-    yield srv
-    srv.stop()
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def world(request, tmp_path):
     clock = FakeClock(T0)
-    url = None
-    if request.param == "postgresql":
-        pg = request.getfixturevalue("postgres")
-        if pg.url is None:
-            pytest.skip(pg.skip_reason)
-        url = pg.url
-    backend = Backend(BackendConfig(tmp_path / "backend", database_url=url), clock=clock)
-    if url:  # a fresh schema for each test on the shared server
-        from backend import db
-        db.metadata.drop_all(backend.engine)
-        db.metadata.create_all(backend.engine)
+    backend = Backend(BackendConfig(tmp_path / "backend", database_url=database_url(request)), clock=clock)
     rs = RobertServer(backend, RobertConfig(min_status_interval_s=1500))
     with BackgroundServer(backend, robert_server=rs) as srv:
         def device(name, seed):
