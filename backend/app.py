@@ -84,7 +84,7 @@ def _client(request: Request) -> str:
 
 
 def _qr_svg(text: str) -> str:
-    img = qrcode.make(text, image_factory=qrcode.image.svg.SvgPathImage, box_size=8)
+    img = qrcode.make(text, image_factory=qrcode.image.svg.SvgPathImage, box_size=24)  # ~200 px: scannable
     buf = io.BytesIO()
     img.save(buf)
     return buf.getvalue().decode()
