@@ -190,9 +190,13 @@ def sync(as_json):
     client = ops.sync_client(cfg)
     if client is None:
         raise click.ClickException("no backend configured: set [sync] backend_url in " + cfg.source)
-    with ops.open_store(cfg) as store:
+    from rich.progress import Progress
+
+    with ops.open_store(cfg) as store, Progress(transient=True, disable=as_json) as bar:
+        task = bar.add_task("downloading and verifying export files", total=None)
         agent = ops.make_agent(cfg, store)
-        res, decisions = agent.sync(client, time.time())
+        res, decisions = agent.sync(client, time.time(),
+                                    progress=lambda done, total: bar.update(task, completed=done, total=total))
     out = {"offline": res.offline, "files": res.files_new, "failed_files": res.files_failed, "keys": len(res.keys),
            "exposed": any(d.exposed for d in decisions)}
     if as_json:
@@ -483,7 +487,11 @@ def backend_code(ctx, test_type, as_json):
 @friendly_errors
 def backend_export(ctx):
     """Write the signed export files of keys whose embargo ended."""
-    names = _backend(ctx).run_export()
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("signing export files", total=None)
+        names = _backend(ctx).run_export(progress=lambda done, total: bar.update(task, completed=done, total=total))
     click.echo(f"{len(names)} export file(s) written" + ("".join(f"\n  {n}" for n in names)))
 
 

@@ -89,8 +89,8 @@ class Agent:
                 log.info("exposure found: day=%d minutes=%.1f", d.day.day, d.day.minutes)
         return decisions
 
-    def sync(self, client, now: float) -> tuple[object, list[ExposureDecision]]:
-        res = client.download_exports(self.store)
+    def sync(self, client, now: float, progress=None) -> tuple[object, list[ExposureDecision]]:
+        res = client.download_exports(self.store, progress=progress)
         decisions = self.check_exposures(res.keys, now) if res.keys else []
         client.mark_processed(self.store, res)
         self.stats.syncs += 1

@@ -95,8 +95,10 @@ def test_end_to_end_declare_export_sync_match(tmp_path, clock, backend, live):
     # the public key the agent trusts is published by the backend
     pub = httpx.get(live.url + "/v1/public-key").json()["publicKey"]
     assert pub == backend.public_key_b64
-    res, decisions = bob.sync(client, clock.t)
+    ticks = []
+    res, decisions = bob.sync(client, clock.t, progress=lambda done, total: ticks.append((done, total)))
     assert res.files_new == 1 and len(res.keys) >= 50  # padded
+    assert ticks == [(0, 1), (1, 1)]
     assert [d.exposed for d in decisions] == [True]
     assert bob.exposed_days() == [20000]
     exp = bob.store.exposures()[0]

@@ -86,9 +86,10 @@ class SyncClient:
                                     backoff_s=self.backoff_s, sleep=self.sleep, rng=self.rng, **kw)
 
     # -- download -------------------------------------------------------------------
-    def download_exports(self, store) -> SyncResult:
+    def download_exports(self, store, progress: Callable[[int, int], None] | None = None) -> SyncResult:
         """New export files -> verified keys. Records progress in ``store``; call
-        :meth:`mark_processed` once the keys were matched."""
+        :meth:`mark_processed` once the keys were matched. ``progress(done, total)``
+        is called after each file."""
         res = SyncResult()
         done = set(store.get_state(STATE_DONE, []))
         headers = {}
@@ -110,9 +111,10 @@ class SyncClient:
         if r.status_code != 200:
             raise SyncError(f"index.txt: HTTP {r.status_code}")
         names = [ln.strip() for ln in r.text.splitlines() if ln.strip()]
-        for name in names:
-            if name in done:
-                continue
+        todo = [n for n in names if n not in done]
+        for i, name in enumerate(todo, 1):
+            if progress:
+                progress(i - 1, len(todo))
             if "/" in name or not name.endswith(".zip"):
                 log.warning("sync: ignoring odd index entry")
                 continue
@@ -128,6 +130,8 @@ class SyncClient:
             res.keys.extend(exp.keys)
             res.processed.append(name)
             res.files_new += 1
+        if progress and todo:
+            progress(len(todo), len(todo))
         res.index_etag = r.headers.get("etag")
         return res
 
