@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from .exposure.encounter import SECONDS_PER_DAY
 from .protocol import robert
 from .store import Store
-from .sync.client import SyncError, request_with_retries
+from .sync.client import SyncError, post_json
 
 SECRET = "robert.registration"
 
@@ -46,18 +46,8 @@ class RobertDevice:
 
     # -- transport ------------------------------------------------------------------------
     def _post(self, path: str, body: dict, headers: dict | None = None) -> dict:
-        try:
-            r = request_with_retries(self.http, "POST", self.base_url + path, retries=self.retries, backoff_s=0.5,
-                                     sleep=self.sleep, rng=self.rng, json=body, headers=headers or {})
-        except httpx.TransportError as e:
-            raise RobertClientError(f"the ROBERT server is unreachable ({type(e).__name__})") from None
-        try:
-            doc = r.json()
-        except ValueError:
-            raise RobertClientError(f"{path}: HTTP {r.status_code} without JSON") from None
-        if r.status_code != 200:
-            raise RobertClientError(doc.get("error") or f"{path}: HTTP {r.status_code}")
-        return doc
+        return post_json(self.http, self.base_url, path, body, error_cls=RobertClientError, what="the ROBERT server",
+                         retries=self.retries, backoff_s=0.5, sleep=self.sleep, rng=self.rng, headers=headers)
 
     # -- registration ---------------------------------------------------------------------
     @property

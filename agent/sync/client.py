@@ -67,6 +67,27 @@ def request_with_retries(http: httpx.Client, method: str, url: str, *, retries: 
     raise last
 
 
+def post_json(http: httpx.Client, base_url: str, path: str, body: dict, *, error_cls: type[Exception], what: str,
+              retries: int, backoff_s: float, sleep: Callable[[float], None], rng: random.Random,
+              headers: dict | None = None) -> dict:
+    """POST a JSON body (with retries); the JSON answer, or ``error_cls`` with one sentence."""
+    try:
+        r = request_with_retries(http, "POST", base_url + path, retries=retries, backoff_s=backoff_s, sleep=sleep,
+                                 rng=rng, json=body, headers=headers or {})
+    except httpx.TransportError as e:
+        raise error_cls(f"{what} at {base_url} is unreachable ({type(e).__name__}); "
+                        "run the same command again later") from None
+    except SyncError as e:
+        raise error_cls(str(e)) from None
+    try:
+        doc = r.json()
+    except ValueError:
+        raise error_cls(f"{path}: {what} answered HTTP {r.status_code} without JSON") from None
+    if r.status_code != 200:
+        raise error_cls(doc.get("error") or f"{path}: HTTP {r.status_code}")
+    return doc
+
+
 class SyncClient:
     def __init__(self, base_url: str, *, trusted_keys: list[str], http: httpx.Client | None = None,
                  retries: int = 3, backoff_s: float = 0.5, sleep: Callable[[float], None] = time.sleep,
@@ -145,20 +166,8 @@ class SyncClient:
 
     # -- declare positive -------------------------------------------------------------
     def _post_json(self, path: str, body: dict) -> dict:
-        try:
-            r = self._request("POST", path, json=body)
-        except httpx.TransportError as e:
-            raise DeclareError(f"the backend at {self.base_url} is unreachable ({type(e).__name__}); "
-                               "run the same command again later") from None
-        except SyncError as e:
-            raise DeclareError(str(e)) from None
-        try:
-            doc = r.json()
-        except ValueError:
-            raise DeclareError(f"{path}: the backend answered HTTP {r.status_code} without JSON") from None
-        if r.status_code != 200:
-            raise DeclareError(doc.get("error") or f"{path}: HTTP {r.status_code}")
-        return doc
+        return post_json(self.http, self.base_url, path, body, error_cls=DeclareError, what="the backend",
+                         retries=self.retries, backoff_s=self.backoff_s, sleep=self.sleep, rng=self.rng)
 
     def declare(self, code: str, teks: list[TekRecord], store, *, now: float) -> dict:
         """verify code -> certificate over the keys' HMAC -> publish. Idempotent: the
