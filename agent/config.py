@@ -8,13 +8,12 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
-from .exposure.rule import ConfigError as RuleConfigError
+from .ble import RADIO_KINDS
+from .ble.duty_cycle import parse_duty_cycle
+from .errors import ConfigError
 from .exposure.rule import ProximityConfig
-
-
-class ConfigError(ValueError):
-    pass
 
 
 @dataclass
@@ -90,7 +89,7 @@ class Config:
 _SECTIONS = {"agent": AgentSection, "radio": RadioSection, "sync": SyncSection, "notify": NotifySection}
 
 
-def _coerce(src: str, section: str, key: str, value, typ):
+def _coerce(src: str, section: str, key: str, value: Any, typ: Any) -> Any:
     where = f"{src}: [{section}] {key}"
     try:
         if typ in ("bool", bool):
@@ -123,18 +122,20 @@ def _coerce(src: str, section: str, key: str, value, typ):
 
 
 def _validate(cfg: Config) -> None:
+    from .modes import MODES  # the registry of protocol families
+    from .protocol.export import ExportError, load_public_key
+
     src = cfg.source
-    if cfg.agent.protocol not in ("gaen", "robert"):
-        raise ConfigError(f"{src}: [agent] protocol: must be 'gaen' or 'robert', not {cfg.agent.protocol!r}")
-    if cfg.radio.kind not in ("bluez", "sim"):
-        raise ConfigError(f"{src}: [radio] kind: must be 'bluez' or 'sim', not {cfg.radio.kind!r}")
-    if cfg.radio.duty_cycle:
-        try:
-            a, b = (float(x) for x in cfg.radio.duty_cycle.split(","))
-            if a <= 0 or b <= 0:
-                raise ValueError
-        except ValueError:
-            raise ConfigError(f"{src}: [radio] duty_cycle: must be 'ADVERTISE_S,SCAN_S', e.g. \"20,10\"") from None
+    if cfg.agent.protocol not in MODES:
+        raise ConfigError(f"{src}: [agent] protocol: must be one of {', '.join(map(repr, MODES))}, "
+                          f"not {cfg.agent.protocol!r}")
+    if cfg.radio.kind not in RADIO_KINDS:
+        raise ConfigError(f"{src}: [radio] kind: must be one of {', '.join(map(repr, RADIO_KINDS))}, "
+                          f"not {cfg.radio.kind!r}")
+    try:
+        parse_duty_cycle(cfg.radio.duty_cycle)
+    except ValueError:
+        raise ConfigError(f"{src}: [radio] duty_cycle: must be 'ADVERTISE_S,SCAN_S', e.g. \"20,10\"") from None
     if cfg.agent.key not in ("keyfile", "passphrase"):
         raise ConfigError(f"{src}: [agent] key: must be 'keyfile' or 'passphrase'")
     if cfg.agent.retention_days < 1:
@@ -143,9 +144,6 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"{src}: intervals must be positive")
     if cfg.sync.backend_url and not cfg.sync.backend_url.startswith(("http://", "https://")):
         raise ConfigError(f"{src}: [sync] backend_url: must start with http:// or https://")
-    if cfg.sync.backend_url and not cfg.sync.trusted_keys and cfg.agent.protocol == "gaen":
-        raise ConfigError(f"{src}: [sync] trusted_keys: needed to verify the backend's export files")
-    from .protocol.export import ExportError, load_public_key
     for k in cfg.sync.trusted_keys:
         try:
             load_public_key(k)
@@ -155,7 +153,7 @@ def _validate(cfg: Config) -> None:
 
 def load_config(path: Path | None, env: dict[str, str] | None = None) -> Config:
     env = dict(os.environ) if env is None else env
-    doc: dict = {}
+    doc: dict[str, Any] = {}
     src = "<defaults>"
     if path is not None:
         src = str(path)
@@ -165,6 +163,8 @@ def load_config(path: Path | None, env: dict[str, str] | None = None) -> Config:
             raise ConfigError(f"{src}: no such configuration file; create one with `ctagent init`") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{src}: not valid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"{src}: cannot read the configuration file: {e.strerror}") from None
     cfg = Config(source=src)
     for name in doc:
         if name not in _SECTIONS and name != "proximity":
@@ -184,7 +184,7 @@ def load_config(path: Path | None, env: dict[str, str] | None = None) -> Config:
                 setattr(section, key, _coerce(src, name, key, values[key], typ))
     try:
         cfg.proximity = ProximityConfig.from_mapping(doc.get("proximity", {}))
-    except (RuleConfigError, TypeError, ValueError) as e:
+    except (ConfigError, TypeError, ValueError) as e:
         raise ConfigError(f"{src}: [proximity] {e}") from None
     _validate(cfg)
     return cfg

@@ -1,11 +1,13 @@
-"""`ctagent run`: the asyncio supervisor.
+"""`ctagent run`: the asyncio supervisor of one device.
 
-Tasks: advertiser rotation, scanner -> aggregator, periodic flushes to the store,
-jittered sync with the backend followed by the exposure check, daily retention,
-systemd watchdog, and a status file for `ctagent status`. Each task restarts with
-bounded exponential back-off when it fails; a radio task that keeps failing leaves the
-daemon in "scan only" / "advertise only" mode, reported in the status, not dead.
-SIGTERM/SIGINT: flush, close the store, exit 0.
+Tasks: advertise what the protocol mode says (a new identity, or a refresh of the
+current one), scan and hand what is heard to the mode, flush to the store, set up with
+the server once (``prepare``) and call it on the mode's schedule (``check``), notify new
+exposures, daily retention, the systemd watchdog, the optional status service and duty
+cycle, and a status file for `ctagent status`. Each task restarts with bounded
+exponential back-off when it fails; a radio task that keeps failing leaves the daemon in
+"scan only" / "advertise only" mode, reported in the status, not dead. SIGTERM/SIGINT:
+flush, close the store, exit 0.
 """
 
 from __future__ import annotations
@@ -20,19 +22,26 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-from .agent import Agent
-from .ble.base import Advertiser, Scanner
-from .clock import VirtualClock
-from .exposure.encounter import SECONDS_PER_DAY, Sighting
-from .protocol.payload import PayloadError, parse_service_data
-from .store.keys import write_private_file
+from .ble.base import Radio
+from .ble.duty_cycle import duty_cycle
+from .ble.status import status_bytes
+from .clock import Clock, iso_date
+from .errors import BackendUnreachable, UserError
+from .files import write_private_file
+from .modes.base import CheckResult, ProtocolMode
 
 log = logging.getLogger("ctagent.daemon")
 
 BACKOFF_MAX_S = 300.0
+#: a task that failed this many times puts the daemon in a degraded mode
+DEGRADED_AFTER_FAILURES = 3
+#: while the mode has nothing to broadcast yet (ROBERT before registration), ask again this often
+NOT_READY_RETRY_S = 5.0
+RETENTION_CHECK_S = 3600.0
+HOOK_TIMEOUT_S = 30.0
 
 
 def sd_notify(message: str) -> bool:
@@ -52,33 +61,31 @@ def sd_notify(message: str) -> bool:
 
 
 class Daemon:
-    def __init__(self, agent: Agent, *, clock, advertiser: Advertiser | None, scanner: Scanner | None,
-                 sync_client=None, status_path: Path | None = None, flush_interval_s: float = 60.0,
-                 sync_interval_s: float = 4 * 3600, sync_jitter_s: float = 1800, on_exposure: str = "",
-                 gatt=None, duty_cycle: tuple[float, float] | None = None, robert=None,
-                 hello_refresh_s: float = 60.0, rng: random.Random | None = None) -> None:
-        self.agent = agent
+    def __init__(self, mode: ProtocolMode[Any], radio: Radio, *, clock: Clock, status_path: Path | None = None,
+                 flush_interval_s: float = 60.0, on_exposure: str = "",
+                 duty_cycle: tuple[float, float] | None = None, rng: random.Random | None = None) -> None:
+        self.mode = mode
+        self.store = mode.store
         self.clock = clock
-        self.advertiser, self.scanner = advertiser, scanner
-        self.sync_client = sync_client
+        self.advertiser = radio.advertiser
+        self.scanner = radio.scanner
+        self.status_service = radio.status_service
         self.status_path = status_path
         self.flush_interval_s = flush_interval_s
-        self.sync_interval_s, self.sync_jitter_s = sync_interval_s, sync_jitter_s
         self.on_exposure = on_exposure
+        self.duty_cycle = duty_cycle
         self.rng = rng or random.Random()
         self._stop = asyncio.Event()
         self.failures: dict[str, int] = {}
         self.degraded: set[str] = set()
-        self.last_sync: dict | None = None
-        self.bad_payloads = 0
         self.started_at = clock.now()
-        self.notified_days: set[int] = set(agent.exposed_days())
+        self.rotations = 0
+        self.sightings = 0
+        self.rows_written = 0
+        self.bad_payloads = 0
+        self.last_check: CheckResult | None = None
+        self.notified_days: set[int] = set(self.store.exposures.days())
         self.hook_runs = 0
-        self.gatt = gatt
-        self.duty_cycle = duty_cycle
-        self.robert = robert  # a RobertDevice: the agent runs the ROBERT protocol
-        self.hello_refresh_s = hello_refresh_s
-        self.last_status: dict | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -94,138 +101,102 @@ class Daemon:
                 raise
             except Exception as e:  # noqa: BLE001 - a task's failure must not kill the daemon
                 self.failures[name] = self.failures.get(name, 0) + 1
-                if self.failures[name] >= 3:
+                if self.failures[name] >= DEGRADED_AFTER_FAILURES:
                     self.degraded.add(name)
                 log.error("task=%s failed error=%s restart_in=%.0fs", name, type(e).__name__, delay)
                 await self.clock.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX_S)
 
-    async def _advertise_robert(self) -> None:
-        """A new EBID (and address) every epoch; within it, a fresh HELLO (time, MAC)
-        every ``hello_refresh_s`` on the same address."""
-        from .protocol import robert as rb
-        while self.robert._reg is None and not self._stop.is_set():
-            await self.clock.sleep(5)
-        now = self.clock.now()
-        await self.advertiser.start(self.robert.service_data(now), "")
-        self.agent.stats.rotations += 1
-        start = self.robert._reg["time_start"]
-        epoch = rb.epoch_id(rb.ntp_seconds(now), start)
-        while not self._stop.is_set():
-            now = self.clock.now()
-            next_epoch_unix = rb.epoch_start_ntp(epoch + 1, start) - rb.NTP_UNIX_OFFSET
-            await self.clock.sleep(max(0.0, min(self.hello_refresh_s, next_epoch_unix - now)))
-            now = self.clock.now()
-            new_epoch = rb.epoch_id(rb.ntp_seconds(now), start)
-            if new_epoch != epoch:
-                epoch = new_epoch
-                await self.advertiser.rotate(self.robert.service_data(now), "")
-                self.agent.stats.rotations += 1
-            else:
-                await self.advertiser.update(self.robert.service_data(now))
-
-    async def _robert_register(self) -> None:
-        if not self.robert.registered:
-            if isinstance(self.clock, VirtualClock):
-                self.robert.register()
-            else:
-                await asyncio.to_thread(self.robert.register)
-            log.info("robert registered")
-
-    async def _robert_status(self) -> None:
-        """/status at most once per two epochs, jittered."""
-        await self.clock.sleep(self.rng.uniform(60, 600))
-        while not self._stop.is_set():
-            if self.robert.registered:
-                now = self.clock.now()
-                try:
-                    if isinstance(self.clock, VirtualClock):
-                        doc = self.robert.status(now)
-                    else:
-                        doc = await asyncio.to_thread(self.robert.status, now)
-                    self.last_status = {"at": now, "atRisk": doc["atRisk"], "riskLevel": doc["riskLevel"]}
-                    log.info("robert status at_risk=%s", doc["atRisk"])
-                    await self._notify_new_exposures()
-                except Exception as e:  # noqa: BLE001 - offline is normal
-                    log.info("robert status failed error=%s", type(e).__name__)
-            await self.clock.sleep(2 * 900 + self.rng.uniform(0, 600))
-
     async def _advertise(self) -> None:
-        if self.robert is not None:
-            return await self._advertise_robert()
-        rot = self.agent.rotate(self.clock.now())
-        await self.advertiser.start(rot.payload.service_data, rot.address)
-        self.degraded.discard("advertise")
+        on_air = False
         while not self._stop.is_set():
-            await self.clock.sleep(max(0.0, rot.next_at - self.clock.now()))
-            rot = self.agent.rotate(self.clock.now())
-            await self.advertiser.rotate(rot.payload.service_data, rot.address)
+            b = self.mode.broadcast(self.clock.now())
+            if b is None:  # nothing to advertise (yet, or any more)
+                if on_air:
+                    await self.advertiser.pause()
+                    on_air = False
+                await self.clock.sleep(NOT_READY_RETRY_S)
+                continue
+            if not on_air:
+                await self.advertiser.start(b.service_data, b.address)
+                self.rotations += 1
+                on_air = True
+                self.degraded.discard("advertise")
+            elif b.new_identity:
+                await self.advertiser.rotate(b.service_data, b.address)
+                self.rotations += 1
+            else:
+                await self.advertiser.update(b.service_data)
+            await self.clock.sleep(max(0.0, b.next_at - self.clock.now()))
 
     async def _scan(self) -> None:
+        decode, record = self.mode.decode, self.mode.record
         async for raw in self.scanner.sightings():
             self.degraded.discard("scan")
-            if self.robert is not None:
-                sd = next((v for k, v in raw.service_data.items() if str(k).lower().startswith("0000fd64")), None)
-                if sd is None or not self.robert.on_hello(raw.t, sd, raw.rssi):
-                    self.bad_payloads += 1
-                continue
-            try:
-                p = parse_service_data(raw.service_data)
-            except PayloadError:
+            payload = decode(raw.service_data)
+            if payload is None:
                 self.bad_payloads += 1
                 continue
-            self.agent.on_sighting(Sighting(raw.t, p.rpi, p.aem, raw.rssi, raw.tx_power))
+            record(raw.t, payload, raw.rssi, raw.tx_power)
+            self.sightings += 1
             if self._stop.is_set():
                 return
 
-    async def _flush(self) -> None:
+    def _flush(self, *, final: bool = False) -> None:
+        self.rows_written += self.mode.flush(self.clock.now(), final=final)
+
+    async def _flush_loop(self) -> None:
         while not self._stop.is_set():
             await self.clock.sleep(self.flush_interval_s)
-            self.agent.flush(self.clock.now())
-            if self.robert is not None:
-                self.robert.flush()
+            self._flush()
             self._write_status()
 
     async def _retention(self) -> None:
         while not self._stop.is_set():
-            erased = self.agent.store.maybe_apply_retention()
+            erased = self.store.maybe_apply_retention()
             if erased:
                 log.info("retention erased_days=%d", len(erased))
-            await self.clock.sleep(3600)
+            await self.clock.sleep(RETENTION_CHECK_S)
 
-    async def _sync(self) -> None:
-        await self.clock.sleep(self.rng.uniform(0, min(self.sync_jitter_s, 60)))
+    async def _prepare(self) -> None:
+        await self.clock.run_blocking(self.mode.prepare, self.clock.now())
+
+    async def _server(self) -> None:
+        schedule = self.mode.server_schedule
+        assert schedule is not None
+        await self.clock.sleep(self.rng.uniform(*schedule.first_delay_s))
         while not self._stop.is_set():
-            await self.sync_once()
-            await self.clock.sleep(self.sync_interval_s + self.rng.uniform(0, self.sync_jitter_s))
+            await self.check_once()
+            await self.clock.sleep(schedule.interval_s + self.rng.uniform(0, schedule.jitter_s))
 
-    async def sync_once(self) -> dict:
+    async def check_once(self) -> CheckResult:
+        """Flush, then the mode's server call (off the event loop), then notify."""
         now = self.clock.now()
-        self.agent.flush(now)
-        if isinstance(self.clock, VirtualClock):  # virtual time: inline, deterministic
-            res, _ = self.agent.sync(self.sync_client, now)
-        else:  # real time: HTTP and matching off the event loop
-            res, _ = await asyncio.to_thread(self.agent.sync, self.sync_client, now)
-        self.last_sync = {"at": now, "offline": res.offline, "files": res.files_new, "keys": len(res.keys),
-                          "failed_files": len(res.files_failed)}
-        log.info("sync offline=%s files=%d keys=%d", res.offline, res.files_new, len(res.keys))
+        self._flush()
+        try:
+            res = await self.clock.run_blocking(self.mode.check, now)
+        except UserError as e:  # offline or refused: normal for a device; the schedule retries
+            res = CheckResult(now, isinstance(e, BackendUnreachable), f"server call failed error={type(e).__name__}",
+                              str(e))
+        self.last_check = res
+        log.info("%s", res.summary)
         await self._notify_new_exposures()
         self._write_status()
-        return self.last_sync
+        return res
 
     async def _notify_new_exposures(self) -> None:
-        for e in self.agent.store.exposures():
-            if e["day"] in self.notified_days:
+        for e in self.store.exposures.all():
+            if e.day in self.notified_days:
                 continue
-            self.notified_days.add(e["day"])
-            date = datetime.fromtimestamp(e["day"] * SECONDS_PER_DAY, timezone.utc).date().isoformat()
-            minutes = "" if e.get("minutes") is None else f"{e['minutes']:.0f}"  # ROBERT: the server decides
+            self.notified_days.add(e.day)
+            date = iso_date(e.day)
+            minutes = "" if e.minutes is None else f"{e.minutes:.0f}"  # a server-side decision has no minutes
             log.warning("EXPOSURE date=%s minutes=%s", date, minutes or "n/a")
             if self.on_exposure:
                 env = {**os.environ, "CTAGENT_EXPOSURE_DATE": date, "CTAGENT_EXPOSURE_MINUTES": minutes}
                 try:
                     proc = await asyncio.create_subprocess_exec(*shlex.split(self.on_exposure), env=env)
-                    await asyncio.wait_for(proc.wait(), 30)
+                    await asyncio.wait_for(proc.wait(), HOOK_TIMEOUT_S)
                     self.hook_runs += 1
                 except (OSError, asyncio.TimeoutError) as err:
                     log.error("on_exposure command failed error=%s", type(err).__name__)
@@ -236,49 +207,44 @@ class Daemon:
             return
         while not self._stop.is_set():
             sd_notify("WATCHDOG=1")
-            await asyncio.sleep(usec / 2e6)
+            await asyncio.sleep(usec / 2e6)  # systemd's clock is the real one, whatever ours is
 
-    # -- status -------------------------------------------------------------------------
-    def status(self) -> dict:
-        mode = "normal"
-        if self.advertiser is None or "advertise" in self.degraded:
-            mode = "scan only"
-        if self.scanner is None or "scan" in self.degraded:
-            mode = "advertise only" if mode == "normal" else "degraded"
-        return {
-            "mode": mode, "now": self.clock.now(), "started_at": self.started_at,
-            "rotations": self.agent.stats.rotations, "sightings": self.agent.stats.sightings,
-            "open_encounters": len(self.agent.aggregator), "rows_written": self.agent.stats.rows_written,
-            "bad_payloads": self.bad_payloads, "failures": self.failures, "last_sync": self.last_sync,
-            "exposure_days": sorted(self.notified_days),
-            "protocol": "robert" if self.robert is not None else "gaen", "robert_status": self.last_status,
-            "advertiser": asdict(self.advertiser.health()) if self.advertiser else None,
-            "scanner": asdict(self.scanner.health()) if self.scanner else None,
-        }
-
-    def _update_gatt(self) -> None:
-        if self.gatt is None:
-            return
-        from .ble.gatt import status_bytes
-        from .sync.client import STATE_LAST_SUCCESS
-        st = self.status()
-        self.gatt.update(status_bytes(exposed_days=sorted(self.notified_days),
-                                      advertising=bool((st["advertiser"] or {}).get("advertising")),
-                                      scanning=bool((st["scanner"] or {}).get("scanning")),
-                                      last_sync=self.agent.store.get_state(STATE_LAST_SUCCESS), now=self.clock.now()))
-
-    async def _gatt(self) -> None:
-        await self.gatt.start()
-        self._update_gatt()
+    async def _status_service(self) -> None:
+        assert self.status_service is not None
+        await self.status_service.start()
+        self._update_status_service()
         await self._stop.wait()
 
     async def _duty_cycle(self) -> None:
-        from .ble.bluez import duty_cycle
+        assert self.duty_cycle is not None
         await duty_cycle(self.advertiser, self.scanner, advertise_s=self.duty_cycle[0], scan_s=self.duty_cycle[1],
-                         stop=self._stop)
+                         clock=self.clock, stop=self._stop)
+
+    # -- status -------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        mode = "normal"
+        if "advertise" in self.degraded:
+            mode = "scan only"
+        if "scan" in self.degraded:
+            mode = "advertise only" if mode == "normal" else "degraded"
+        return {
+            "mode": mode, "now": self.clock.now(), "started_at": self.started_at, "protocol": self.mode.name,
+            "rotations": self.rotations, "sightings": self.sightings, "rows_written": self.rows_written,
+            "bad_payloads": self.bad_payloads, "failures": self.failures,
+            "last_check": self.last_check.to_json() if self.last_check else None,
+            "exposure_days": sorted(self.notified_days), "protocol_status": self.mode.status_fields(),
+            "advertiser": asdict(self.advertiser.health()), "scanner": asdict(self.scanner.health()),
+        }
+
+    def _update_status_service(self) -> None:
+        if self.status_service is None:
+            return
+        self.status_service.update(status_bytes(
+            exposed_days=sorted(self.notified_days), advertising=self.advertiser.health().advertising,
+            scanning=self.scanner.health().scanning, last_sync=self.mode.last_server_success(), now=self.clock.now()))
 
     def _write_status(self) -> None:
-        self._update_gatt()
+        self._update_status_service()
         if self.status_path:
             try:
                 write_private_file(self.status_path, json.dumps(self.status(), indent=1).encode())
@@ -294,44 +260,34 @@ class Daemon:
                     loop.add_signal_handler(sig, self.stop)
                 except (NotImplementedError, RuntimeError):
                     pass
-        tasks = [asyncio.create_task(self._supervise("flush", self._flush)),
-                 asyncio.create_task(self._supervise("retention", self._retention)),
-                 asyncio.create_task(self._watchdog())]
-        if self.advertiser is not None:
-            tasks.append(asyncio.create_task(self._supervise("advertise", self._advertise)))
-        if self.scanner is not None:
-            tasks.append(asyncio.create_task(self._supervise("scan", self._scan)))
-        if self.sync_client is not None and self.robert is None:
-            tasks.append(asyncio.create_task(self._supervise("sync", self._sync)))
-        if self.robert is not None:
-            tasks.append(asyncio.create_task(self._supervise("register", self._robert_register)))
-            tasks.append(asyncio.create_task(self._supervise("status", self._robert_status)))
-        if self.gatt is not None:
-            tasks.append(asyncio.create_task(self._supervise("gatt", self._gatt)))
-        if self.duty_cycle and self.advertiser is not None and self.scanner is not None:
-            tasks.append(asyncio.create_task(self._supervise("duty_cycle", self._duty_cycle)))
+        jobs: dict[str, Callable[[], Awaitable[None]]] = {
+            "flush": self._flush_loop, "retention": self._retention, "advertise": self._advertise,
+            "scan": self._scan, "prepare": self._prepare}
+        if self.mode.server_schedule is not None:
+            jobs["server"] = self._server
+        if self.status_service is not None:
+            jobs["status_service"] = self._status_service
+        if self.duty_cycle:
+            jobs["duty_cycle"] = self._duty_cycle
+        tasks = [asyncio.create_task(self._supervise(name, job)) for name, job in jobs.items()]
+        tasks.append(asyncio.create_task(self._watchdog()))
         sd_notify("READY=1\nSTATUS=advertising and scanning")
-        log.info("daemon started mode=%s", self.status()["mode"])
+        log.info("daemon started protocol=%s", self.mode.name)
         self._write_status()
         await self._stop.wait()
         sd_notify("STOPPING=1")
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self.scanner is not None:
-            await self.scanner.stop()
-        if self.advertiser is not None:
-            await self.advertiser.stop()
-        if self.gatt is not None:
+        await self.scanner.stop()
+        await self.advertiser.stop()
+        if self.status_service is not None:
             try:
-                await self.gatt.stop()
+                await self.status_service.stop()
             except Exception:  # noqa: BLE001 - shutting down anyway
                 pass
-        self.agent.flush(self.clock.now(), final=True)
-        if self.robert is not None:
-            self.robert.flush()
+        self._flush(final=True)
         self._write_status()
-        self.agent.store.close()
+        self.store.close()
         log.info("daemon stopped cleanly")
         return 0
-

@@ -1,11 +1,17 @@
-"""The two radio interfaces. Implementations: ``sim`` (simulated medium); the BlueZ
-advertiser and bleak scanner for real hardware are tracked in issue 5."""
+"""The radio's face: an :class:`Advertiser` and a :class:`Scanner` (each can pause and
+resume, for the duty cycle), an optional :class:`StatusService` (the GATT status for a
+companion device), and what a backend is given to build them (:class:`RadioRequest`).
+Backends: ``sim`` (the simulated medium), ``bluez`` (BlueZ over D-Bus + bleak)."""
 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+import random
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..clock import Clock
 
 
 @dataclass
@@ -15,6 +21,10 @@ class RadioHealth:
     last_rotation: float | None = None
     samples_last_minute: int = 0
     errors: list[str] = field(default_factory=list)
+
+    def error(self, name: str) -> None:
+        """Remember an error name (the last ten)."""
+        self.errors = (self.errors + [name])[-10:]
 
 
 @dataclass(frozen=True)
@@ -39,9 +49,16 @@ class Advertiser(abc.ABC):
     async def rotate(self, service_data: bytes, address: str) -> None:
         """Change payload and address together."""
 
+    @abc.abstractmethod
     async def update(self, service_data: bytes) -> None:
         """Change the payload, keeping the address (ROBERT refreshes its HELLO within an epoch)."""
-        raise NotImplementedError
+
+    @abc.abstractmethod
+    async def pause(self) -> None:
+        """Stop transmitting but keep the payload (duty cycle)."""
+
+    @abc.abstractmethod
+    async def resume(self) -> None: ...
 
     @abc.abstractmethod
     async def stop(self) -> None: ...
@@ -55,7 +72,52 @@ class Scanner(abc.ABC):
     def sightings(self) -> AsyncIterator[RawSighting]: ...
 
     @abc.abstractmethod
+    async def pause(self) -> None:
+        """Stop scanning without ending :meth:`sightings` (duty cycle)."""
+
+    @abc.abstractmethod
+    async def resume(self) -> None: ...
+
+    @abc.abstractmethod
     async def stop(self) -> None: ...
 
     @abc.abstractmethod
     def health(self) -> RadioHealth: ...
+
+
+class StatusService(Protocol):
+    """Serves the agent's status bytes (``agent.ble.status``) to a companion device."""
+
+    async def start(self) -> None: ...
+
+    def update(self, value: bytes) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class SimulatedPeer(Protocol):
+    def advertisement(self, now: float) -> tuple[str, dict[str, bytes]]: ...
+
+
+@dataclass(frozen=True)
+class RadioRequest:
+    """What a radio backend is asked to build."""
+
+    clock: Clock
+    #: the 16-bit service UUID advertised and scanned for (the protocol family's)
+    service_uuid16: int
+    adapter: str = "hci0"
+    gatt_status: bool = False
+    #: the simulated radio: this device's calibration, and its peers
+    tx_power_dbm: float = 4.0
+    rx_correction_db: float = 0.0
+    sim_peers: int = 5
+    sim_seed: int = 0
+    simulated_peer: Callable[[random.Random, int], SimulatedPeer] | None = None
+
+
+@dataclass
+class Radio:
+    advertiser: Advertiser
+    scanner: Scanner
+    status_service: StatusService | None = None

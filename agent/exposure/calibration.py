@@ -17,12 +17,10 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import CalibrationError
+
 #: Google's confidence scale: 0 none/estimated, 1 low, 2 medium, 3 high.
 CONFIDENCE_UNKNOWN = 0
-
-
-class CalibrationError(ValueError):
-    """A calibration file cannot be read."""
 
 
 @dataclass(frozen=True)
@@ -108,5 +106,5 @@ class CalibrationTable:
 
 
 def bundled_calibration_path() -> Path:
-    """hardware/calibration.csv as shipped in the package."""
+    """The project's calibration list (``agent/exposure/calibration.csv``, shipped in the package)."""
     return Path(__file__).with_name("calibration.csv")

@@ -15,8 +15,9 @@ import math
 import struct
 from dataclasses import dataclass, field
 
+from ..clock import utc_day
+
 RSSI_UNAVAILABLE = (127, -127)  # BlueZ / HCI "RSSI not available"
-SECONDS_PER_DAY = 86_400
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +84,7 @@ class Encounter:
     @property
     def day(self) -> int:
         """UTC day number of the first sighting: the only value the store keeps in clear."""
-        return int(self.first_seen // SECONDS_PER_DAY)
+        return utc_day(self.first_seen)
 
     @property
     def sample_count(self) -> int:

@@ -4,26 +4,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..protocol.export import DiagnosisKey
+from ..records import Exposure
 from .calibration import DeviceCalibration
 from .matching import KeyMatch
 from .rule import DayDecision, ProximityConfig, decide, observations_from_encounter
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExposureDecision:
-    key_rolling_start: int
-    report_type: int
-    days_since_onset: int | None
+    key: DiagnosisKey
     day: DayDecision
 
     @property
     def exposed(self) -> bool:
         return self.day.exposed
 
-    def explain(self) -> dict:
-        """Windows, estimated distances and minutes that led to the decision (no identifiers)."""
-        return {"key_rolling_start": self.key_rolling_start, "report_type": self.report_type,
-                "days_since_onset": self.days_since_onset, **self.day.explain()}
+    def to_exposure(self, found_at: float) -> Exposure:
+        """The record the store keeps: windows, distances and minutes, no identifiers."""
+        return Exposure(
+            day=self.day.day, protocol="gaen", decided_by=self.day.rule, found_at=found_at,
+            minutes=round(self.day.minutes, 1), threshold_min=self.day.threshold_min,
+            key_rolling_start=self.key.rolling_start_interval_number, report_type=int(self.key.report_type),
+            days_since_onset=self.key.days_since_onset_of_symptoms, windows=self.day.windows)
 
 
 def decide_matches(matches: list[KeyMatch], config: ProximityConfig,
@@ -36,6 +39,5 @@ def decide_matches(matches: list[KeyMatch], config: ProximityConfig,
             obs.extend(observations_from_encounter(h.encounter, tx_power_dbm=h.tx_power_dbm,
                                                    rx_correction_db=receiver.rssi_correction))
         for d in decide(obs, config):
-            out.append(ExposureDecision(m.key.rolling_start_interval_number, int(m.key.report_type),
-                                        m.key.days_since_onset_of_symptoms, d))
+            out.append(ExposureDecision(m.key, d))
     return out

@@ -18,6 +18,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from ..errors import InputFileError
 from .calibration import CalibrationTable
 from .encounter import Encounter, valid_rssi
 from .rule import DayDecision, ProximityConfig, decide, observations_from_encounter
@@ -26,7 +27,7 @@ REQUIRED = ("pair", "timestamp", "rssi", "tx_power")
 OPTIONAL = ("receiver_model", "transmitter_model")
 
 
-class EvalInputError(ValueError):
+class EvalInputError(InputFileError):
     """The sightings file is not in the documented format."""
 
 

@@ -17,10 +17,12 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ..protocol.robert import EPOCH_SECONDS
+
 
 @dataclass(frozen=True)
 class RobertRiskConfig:
-    epoch_s: int = 900
+    epoch_s: int = EPOCH_SECONDS
     window_s: int = 120
     clip_dbm: float = -35.0
     drop_above_dbm: float = -5.0

@@ -16,14 +16,13 @@ on real measurements) are in docs/proximity.md.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, fields
+from typing import Any
 
-from .encounter import SECONDS_PER_DAY, Encounter
-
-
-class ConfigError(ValueError):
-    pass
+from ..clock import utc_day
+from ..errors import ConfigError
+from .encounter import Encounter
+from .pathloss import LogDistancePathLoss
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ class ProximityConfig:
             raise ConfigError("bucket_weights needs one weight more than bucket_thresholds_db")
 
     @classmethod
-    def from_mapping(cls, data: dict) -> "ProximityConfig":
+    def from_mapping(cls, data: dict[str, Any]) -> "ProximityConfig":
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -78,11 +77,15 @@ class ProximityConfig:
                 d[k] = tuple(float(x) for x in d[k])
         return cls(**d)
 
+    @property
+    def path_loss(self) -> LogDistancePathLoss:
+        return LogDistancePathLoss(self.attenuation_at_1m_db, self.path_loss_exponent)
+
     def distance_m(self, attenuation_db: float) -> float:
-        return 10.0 ** ((attenuation_db - self.attenuation_at_1m_db) / (10.0 * self.path_loss_exponent))
+        return self.path_loss.distance_m(attenuation_db)
 
     def attenuation_at(self, distance_m: float) -> float:
-        return self.attenuation_at_1m_db + 10.0 * self.path_loss_exponent * math.log10(distance_m)
+        return self.path_loss.attenuation_db(distance_m)
 
     def bucket_of(self, attenuation_db: float) -> int:
         for i, bound in enumerate(self.bucket_thresholds_db):
@@ -104,7 +107,7 @@ class WindowObservation:
 
     @property
     def day(self) -> int:
-        return int(self.start // SECONDS_PER_DAY)
+        return utc_day(self.start)
 
 
 def observations_from_encounter(enc: Encounter, *, tx_power_dbm: float, rx_correction_db: float) -> list[WindowObservation]:
@@ -117,17 +120,44 @@ def observations_from_encounter(enc: Encounter, *, tx_power_dbm: float, rx_corre
     return out
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
+class WindowDecision:
+    """How the rule saw one window of one peer: what ``exposures --explain`` shows."""
+
+    start: float
+    samples: int
+    filled: bool
+    attenuation_db: float
+    distance_m: float
+    minutes: float
+    #: the "buckets" rule only
+    bucket: int | None = None
+    weight: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"start": self.start, "samples": self.samples, "filled": self.filled,
+                             "attenuation_db": self.attenuation_db, "distance_m": self.distance_m,
+                             "minutes": self.minutes}
+        if self.bucket is not None:
+            d["bucket"], d["weight"] = self.bucket, self.weight
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "WindowDecision":
+        return cls(float(d["start"]), int(d["samples"]), bool(d["filled"]), float(d["attenuation_db"]),
+                   float(d["distance_m"]), float(d["minutes"]), d.get("bucket"), d.get("weight"))
+
+
+@dataclass(frozen=True)
 class DayDecision:
+    """The rule's decision for one peer on one UTC day."""
+
     day: int
     exposed: bool
     minutes: float
     threshold_min: float
     rule: str
-    windows: list[dict] = field(default_factory=list)
-
-    def explain(self) -> dict:
-        return asdict(self)
+    windows: tuple[WindowDecision, ...] = ()
 
 
 def _fill_gaps(obs: list[WindowObservation], max_gap: int) -> list[WindowObservation]:
@@ -156,26 +186,25 @@ def _fill_gaps(obs: list[WindowObservation], max_gap: int) -> list[WindowObserva
 def decide(observations: list[WindowObservation], config: ProximityConfig) -> list[DayDecision]:
     """Decisions per UTC day for one peer (all windows of one diagnosis key, say)."""
     obs = _fill_gaps(observations, config.gap_fill_windows)
-    days: dict[int, DayDecision] = {}
+    minutes_by_day: dict[int, float] = {}
+    windows_by_day: dict[int, list[WindowDecision]] = {}
     for o in obs:
-        d = days.get(o.day)
-        if d is None:
-            d = days[o.day] = DayDecision(o.day, False, 0.0, config.duration_threshold_min, config.rule)
         att = o.mean_attenuation_db if config.window_attenuation == "mean" else o.min_attenuation_db
         dist = config.distance_m(att)
         minutes = o.duration_s / 60.0
+        bucket = weight = None
         if config.rule == "distance":
             counted = minutes if dist <= config.distance_threshold_m else 0.0
-            extra = {}
         else:
-            b = config.bucket_of(att)
-            counted = minutes * config.bucket_weights[b]
-            extra = {"bucket": b, "weight": config.bucket_weights[b]}
-        d.minutes += counted
-        d.windows.append({"start": o.start, "samples": o.samples, "filled": o.filled,
-                          "attenuation_db": round(att, 1), "distance_m": round(dist, 2),
-                          "minutes": round(counted, 3), **extra})
-    for d in days.values():
-        d.minutes = round(d.minutes, 6)
-        d.exposed = d.minutes >= config.duration_threshold_min
-    return [days[k] for k in sorted(days)]
+            bucket = config.bucket_of(att)
+            weight = config.bucket_weights[bucket]
+            counted = minutes * weight
+        minutes_by_day[o.day] = minutes_by_day.get(o.day, 0.0) + counted
+        windows_by_day.setdefault(o.day, []).append(WindowDecision(
+            o.start, o.samples, o.filled, round(att, 1), round(dist, 2), round(counted, 3), bucket, weight))
+    out = []
+    for day in sorted(minutes_by_day):
+        total = round(minutes_by_day[day], 6)
+        out.append(DayDecision(day, total >= config.duration_threshold_min, total, config.duration_threshold_min,
+                               config.rule, tuple(windows_by_day[day])))
+    return out

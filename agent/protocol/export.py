@@ -23,8 +23,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.message import DecodeError
 
+from ..errors import ProtocolError
 from . import export_pb2 as pb
-from .gaen import KEY_LEN, TEK_ROLLING_PERIOD
+from .gaen import KEY_LEN, TEK_ROLLING_PERIOD, TemporaryExposureKey
 
 HEADER = b"EK Export v1    "
 HEADER_LEN = 16
@@ -37,7 +38,7 @@ DEFAULT_MAX_UNCOMPRESSED = 32 * 1024 * 1024
 MAX_SIG_BYTES = 64 * 1024
 
 
-class ExportError(ValueError):
+class ExportError(ProtocolError):
     """Base class: an export file could not be read or trusted."""
 
 
@@ -62,26 +63,22 @@ class ReportType(enum.IntEnum):
     REVOKED = 5
 
 
-@dataclass(frozen=True, slots=True)
-class DiagnosisKey:
-    key_data: bytes
-    rolling_start_interval_number: int
-    rolling_period: int = TEK_ROLLING_PERIOD
-    transmission_risk_level: int = 0
+@dataclass(frozen=True, slots=True, repr=False)
+class DiagnosisKey(TemporaryExposureKey):
+    """A TEK as published by a key server: with its report type and days since onset."""
+
     report_type: ReportType = ReportType.UNKNOWN
     days_since_onset_of_symptoms: int | None = None
 
     def __repr__(self) -> str:  # never print key material
-        return (
-            f"DiagnosisKey(rolling_start_interval_number={self.rolling_start_interval_number}, "
-            f"rolling_period={self.rolling_period}, report_type={self.report_type.name})"
-        )
+        return (f"DiagnosisKey(rolling_start_interval_number={self.rolling_start_interval_number}, "
+                f"rolling_period={self.rolling_period}, report_type={self.report_type.name})")
 
     def validate(self) -> None:
         if len(self.key_data) != KEY_LEN:
             raise ExportFormatError(f"key_data must be {KEY_LEN} bytes, got {len(self.key_data)}")
         if not 1 <= self.rolling_period <= TEK_ROLLING_PERIOD:
-            raise ExportFormatError(f"rolling_period must be 1..144, got {self.rolling_period}")
+            raise ExportFormatError(f"rolling_period must be 1..{TEK_ROLLING_PERIOD}, got {self.rolling_period}")
         if self.rolling_start_interval_number < 0:
             raise ExportFormatError("negative rolling_start_interval_number")
 

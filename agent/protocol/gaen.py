@@ -15,9 +15,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ..errors import ProtocolError
+
+# The GAEN constants; every other module imports them from here.
 #: Length in seconds of one ENIntervalNumber (spec "ENIntervalNumber": 10 minutes).
 INTERVAL_SECONDS = 600
-#: TEKRollingPeriod: number of intervals a TEK is valid (spec: 144, one day).
+#: TEKRollingPeriod: number of intervals a TEK is valid (spec: 144, one UTC day).
 TEK_ROLLING_PERIOD = 144
 KEY_LEN = 16
 RPI_LEN = 16
@@ -31,7 +34,7 @@ _AEM_INFO = b"EN-AEMK"
 _RPI_PREFIX = b"EN-RPI" + b"\x00" * 6  # PaddedData_j bytes 0..11 (spec "Rolling Proximity Identifier")
 
 
-class CryptoInputError(ValueError):
+class CryptoInputError(ProtocolError):
     """An argument to an Exposure Notification function has the wrong shape."""
 
 
@@ -55,6 +58,27 @@ def rolling_start_for_day(unix_seconds: float) -> int:
     """The ENIN of the UTC day start containing ``unix_seconds`` (spec "Temporary Exposure Key":
     i = floor(ENIntervalNumber / TEKRollingPeriod) x TEKRollingPeriod)."""
     return (en_interval_number(unix_seconds) // TEK_ROLLING_PERIOD) * TEK_ROLLING_PERIOD
+
+
+@dataclass(frozen=True, slots=True)
+class TemporaryExposureKey:
+    """A TEK and its validity (spec "Temporary Exposure Key"), with the field names of
+    ``export.proto``. Own keys, uploaded keys and (as :class:`~agent.protocol.export.DiagnosisKey`)
+    downloaded keys are this one record."""
+
+    key_data: bytes
+    rolling_start_interval_number: int
+    rolling_period: int = TEK_ROLLING_PERIOD
+    transmission_risk_level: int = 0
+
+    def __repr__(self) -> str:  # never print key material
+        return (f"{type(self).__name__}(rolling_start_interval_number={self.rolling_start_interval_number}, "
+                f"rolling_period={self.rolling_period})")
+
+    @property
+    def day(self) -> int:
+        """The UTC day the key starts on."""
+        return self.rolling_start_interval_number // TEK_ROLLING_PERIOD
 
 
 def new_tek() -> bytes:
@@ -126,7 +150,7 @@ def decrypt_aem(aemk: bytes, rpi_: bytes, aem: bytes) -> bytes:
     return _aes_ctr(aemk, rpi_, aem)
 
 
-class MetadataError(ValueError):
+class MetadataError(ProtocolError):
     """Decrypted AEM metadata is not a version this agent understands."""
 
 

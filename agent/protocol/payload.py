@@ -15,11 +15,12 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..errors import ProtocolError
 from .gaen import AEM_LEN, RPI_LEN
 
 EN_SERVICE_UUID16 = 0xFD6F
 #: The 128-bit form bleak and BlueZ use as service-data keys.
-EN_SERVICE_UUID = "0000fd6f-0000-1000-8000-00805f9b34fb"
+EN_SERVICE_UUID = "0000fd6f-0000-1000-8000-00805f9b34fb"  # == uuid128(EN_SERVICE_UUID16)
 SERVICE_DATA_LEN = RPI_LEN + AEM_LEN  # 20
 LEGACY_ADV_MAX = 31
 
@@ -31,7 +32,7 @@ AD_SERVICE_DATA16 = 0x16
 EN_FLAGS = 0x1A
 
 
-class PayloadError(ValueError):
+class PayloadError(ProtocolError):
     """An advertisement is not a valid Exposure Notification frame."""
 
 
@@ -108,9 +109,14 @@ def parse_advertisement(raw: bytes) -> ENPayload:
     return found
 
 
+def uuid128(uuid16: int) -> str:
+    """The 128-bit string form of a 16-bit SIG UUID (how bleak and BlueZ key service data)."""
+    return f"0000{uuid16:04x}-0000-1000-8000-00805f9b34fb"
+
+
 def _normalise_uuid(key: object) -> str | None:
     if isinstance(key, int):
-        return f"0000{key:04x}-0000-1000-8000-00805f9b34fb"
+        return uuid128(key) if 0 <= key <= 0xFFFF else None
     if not isinstance(key, str):
         return None
     k = key.strip().lower()
@@ -119,13 +125,22 @@ def _normalise_uuid(key: object) -> str | None:
     return k
 
 
-def parse_service_data(service_data: Mapping[object, bytes]) -> ENPayload:
-    """Parse the already-split service-data dict bleak delivers
-    (``AdvertisementData.service_data``: 128-bit UUID string -> bytes). Short forms
-    ("fd6f", 0xFD6F) are accepted too."""
+def find_service_data(service_data: Mapping[object, object], uuid16: int) -> bytes | None:
+    """The value bleak delivers for one service UUID (``AdvertisementData.service_data``:
+    128-bit UUID string -> bytes; short forms "fd6f" and 0xFD6F accepted too), or None.
+    Raises :class:`PayloadError` when the value is not bytes."""
+    want = uuid128(uuid16)
     for key, value in service_data.items():
-        if _normalise_uuid(key) == EN_SERVICE_UUID:
+        if _normalise_uuid(key) == want:
             if not isinstance(value, (bytes, bytearray, memoryview)):
-                raise PayloadError("0xFD6F service data is not bytes")
-            return _check_service_data(bytes(value))
-    raise NotExposureNotification("no 0xFD6F service data")
+                raise PayloadError(f"0x{uuid16:04X} service data is not bytes")
+            return bytes(value)
+    return None
+
+
+def parse_service_data(service_data: Mapping[object, object]) -> ENPayload:
+    """Parse the already-split service-data dict bleak delivers."""
+    value = find_service_data(service_data, EN_SERVICE_UUID16)
+    if value is None:
+        raise NotExposureNotification("no 0xFD6F service data")
+    return _check_service_data(value)

@@ -32,17 +32,23 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ..errors import ProtocolError
+
+# The ROBERT constants; every other module imports them from here.
 NTP_UNIX_OFFSET = 2_208_988_800
+#: Epochs of 15 minutes: one EBID (and one BLE address) per epoch (spec 2).
 EPOCH_SECONDS = 900
 HELLO_LEN = 16
-EN_ROBERT_SERVICE_UUID16 = 0xFD64
+#: Service UUID of the HELLO broadcast, and its 128-bit form (bleak/BlueZ keys).
+ROBERT_SERVICE_UUID16 = 0xFD64
+ROBERT_SERVICE_UUID = "0000fd64-0000-1000-8000-00805f9b34fb"
 PREFIX_HELLO = 0x01
 PREFIX_STATUS = 0x02
 PREFIX_UNREGISTER = 0x03
 PREFIX_DELETE_HISTORY = 0x04
 
 
-class RobertError(ValueError):
+class RobertError(ProtocolError):
     """Malformed ROBERT data (HELLO, tuple bundle, request)."""
 
 

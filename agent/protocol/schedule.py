@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import gaen
+from .gaen import TemporaryExposureKey
 from .payload import ENPayload
 
 DEFAULT_MAX_OFFSET_S = 300.0
@@ -36,16 +37,6 @@ def random_nrpa(rng: random.Random) -> str:
 
 
 @dataclass(frozen=True)
-class TekRecord:
-    tek: bytes
-    rolling_start: int
-    rolling_period: int = gaen.TEK_ROLLING_PERIOD
-
-    def __repr__(self) -> str:  # never print key material
-        return f"TekRecord(rolling_start={self.rolling_start}, rolling_period={self.rolling_period})"
-
-
-@dataclass(frozen=True)
 class Rotation:
     """What to broadcast from ``at`` until ``next_at``."""
 
@@ -54,7 +45,7 @@ class Rotation:
     enin: int
     payload: ENPayload
     address: str
-    tek: TekRecord
+    tek: TemporaryExposureKey
     #: True when this rotation started a TEK that the caller must persist.
     new_tek: bool
 
@@ -79,19 +70,19 @@ class IdSchedule:
         tek_factory: Callable[[], bytes] = gaen.new_tek,
     ) -> None:
         if not 0 <= max_offset_s < gaen.INTERVAL_SECONDS:
-            raise ValueError("max_offset_s must be in [0, 600)")
+            raise ValueError(f"max_offset_s must be in [0, {gaen.INTERVAL_SECONDS})")
         self._metadata = gaen.metadata(tx_power_dbm)
         self._rng = rng if rng is not None else random.SystemRandom()
         self._max_offset = max_offset_s
         self._tek_factory = tek_factory
-        self._teks: dict[int, TekRecord] = {}
+        self._teks: dict[int, TemporaryExposureKey] = {}
         self._keys: dict[int, tuple[bytes, bytes]] = {}  # rolling_start -> (rpik, aemk)
 
-    def load_tek(self, record: TekRecord) -> None:
-        self._teks[record.rolling_start] = record
-        self._keys.pop(record.rolling_start, None)
+    def load_tek(self, key: TemporaryExposureKey) -> None:
+        self._teks[key.rolling_start_interval_number] = key
+        self._keys.pop(key.rolling_start_interval_number, None)
 
-    def tek_for(self, now: float) -> tuple[TekRecord, bool]:
+    def tek_for(self, now: float) -> tuple[TemporaryExposureKey, bool]:
         start = gaen.rolling_start_for_day(now)
         rec = self._teks.get(start)
         if rec is not None:
@@ -99,16 +90,16 @@ class IdSchedule:
         tek = self._tek_factory()
         if len(tek) != gaen.KEY_LEN:
             raise ValueError("tek_factory must return 16 bytes")
-        rec = TekRecord(tek, start)
+        rec = TemporaryExposureKey(tek, start)
         self._teks = {s: r for s, r in self._teks.items() if s >= start - 15 * gaen.TEK_ROLLING_PERIOD}
         self._teks[start] = rec
         return rec, True
 
-    def payload_for(self, tek: TekRecord, enin: int) -> ENPayload:
-        keys = self._keys.get(tek.rolling_start)
+    def payload_for(self, tek: TemporaryExposureKey, enin: int) -> ENPayload:
+        keys = self._keys.get(tek.rolling_start_interval_number)
         if keys is None:
-            keys = (gaen.derive_rpik(tek.tek), gaen.derive_aemk(tek.tek))
-            self._keys = {tek.rolling_start: keys}  # only today's keys stay derived
+            keys = (gaen.derive_rpik(tek.key_data), gaen.derive_aemk(tek.key_data))
+            self._keys = {tek.rolling_start_interval_number: keys}  # only today's keys stay derived
         rpik, aemk = keys
         r = gaen.rpi(rpik, enin)
         return ENPayload(r, gaen.encrypt_aem(aemk, r, self._metadata))

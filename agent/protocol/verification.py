@@ -10,27 +10,19 @@ import base64
 import hashlib
 import hmac
 from collections.abc import Iterable
-from dataclasses import dataclass
+
+from .gaen import TemporaryExposureKey
 
 
-@dataclass(frozen=True)
-class PublishKey:
-    key: bytes
-    rolling_start: int
-    rolling_period: int
-    transmission_risk: int = 0
-
-    def __repr__(self) -> str:
-        return f"PublishKey(rolling_start={self.rolling_start}, rolling_period={self.rolling_period})"
-
-
-def tek_cleartext(keys: Iterable[PublishKey]) -> bytes:
+def tek_cleartext(keys: Iterable[TemporaryExposureKey]) -> bytes:
     parts = sorted(
-        (base64.b64encode(k.key).decode(), k.rolling_start, k.rolling_period, k.transmission_risk) for k in keys
+        (base64.b64encode(k.key_data).decode(), k.rolling_start_interval_number, k.rolling_period,
+         k.transmission_risk_level)
+        for k in keys
     )
     return ",".join(f"{b}.{rs}.{rp}.{tr}" for b, rs, rp, tr in parts).encode()
 
 
-def tek_hmac(hmac_key: bytes, keys: Iterable[PublishKey]) -> str:
+def tek_hmac(hmac_key: bytes, keys: Iterable[TemporaryExposureKey]) -> str:
     """base64 HMAC-SHA256 (the ``ekeyhmac`` / ``tekmac`` value)."""
     return base64.b64encode(hmac.new(hmac_key, tek_cleartext(keys), hashlib.sha256).digest()).decode()

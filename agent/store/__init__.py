@@ -1,9 +1,16 @@
-"""Encrypted SQLite store: own TEKs, encounters, exposures and sync state."""
+"""Encrypted SQLite store: own TEKs, encounters, exposures, HELLOs and state.
 
-from .keys import KeyFile, Passphrase, StoreKeyError, create_key_file
-from .store import DEFAULT_RETENTION_DAYS, SCHEMA_VERSION, Store, StoreError, StoreVersionError, keyring_path
+``core`` (envelope rows, migrations, retention, purge), ``tables`` (typed tables),
+``keys`` (master key sources and the keyring of day keys), ``envelope`` (the one AEAD helper).
+"""
+
+from ..errors import StoreError, StoreKeyError, StoreVersionError
+from .core import DEFAULT_RETENTION_DAYS, SCHEMA_VERSION, Store, keyring_path, purge, store_files
+from .keys import KeyFile, MasterKeySource, Passphrase, create_key_file
+from .tables import HeardHello, StateRecord
 
 __all__ = [
-    "DEFAULT_RETENTION_DAYS", "KeyFile", "Passphrase", "SCHEMA_VERSION", "Store", "StoreError", "StoreKeyError",
-    "StoreVersionError", "create_key_file", "keyring_path",
+    "DEFAULT_RETENTION_DAYS", "HeardHello", "KeyFile", "MasterKeySource", "Passphrase", "SCHEMA_VERSION",
+    "StateRecord", "Store", "StoreError", "StoreKeyError", "StoreVersionError", "create_key_file",
+    "keyring_path", "purge", "store_files",
 ]

@@ -20,12 +20,12 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-KEY_LEN = 32
-NONCE_LEN = 12
+from ..errors import StoreKeyError
+from ..files import create_private_file, write_private_file
+from .envelope import KEY_LEN, Envelope, EnvelopeError
+
 KEYRING_FORMAT = 1
 _VERIFIER_PLAINTEXT = b"ctagent keyring verifier v1"
 
@@ -34,39 +34,9 @@ _VERIFIER_PLAINTEXT = b"ctagent keyring verifier v1"
 DEFAULT_SCRYPT = {"n": 2**15, "r": 8, "p": 1}
 
 
-class StoreKeyError(Exception):
-    """Wrong passphrase or key file, or unusable key material."""
-
-
-def write_private_file(path: Path, data: bytes) -> None:
-    """Atomically replace ``path`` with ``data``, mode 0600, fsynced (file and folder)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def create_key_file(path: str | os.PathLike) -> Path:
+def create_key_file(path: str | os.PathLike[str]) -> Path:
     """A new random 256-bit master key file, created exclusively with mode 0600."""
-    p = Path(path)
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, base64.b64encode(secrets.token_bytes(KEY_LEN)) + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return p
+    return create_private_file(path, base64.b64encode(secrets.token_bytes(KEY_LEN)) + b"\n")
 
 
 @dataclass(frozen=True)
@@ -127,21 +97,12 @@ def _b64(b: bytes) -> str:
     return base64.b64encode(b).decode()
 
 
-def _seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
-    nonce = secrets.token_bytes(NONCE_LEN)
-    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
-
-
-def _open(key: bytes, blob: bytes, aad: bytes) -> bytes:
-    return AESGCM(key).decrypt(blob[:NONCE_LEN], blob[NONCE_LEN:], aad)
-
-
 class Keyring:
     """Per-day data keys, wrapped by the master key, in a 0600 file."""
 
     def __init__(self, path: Path, master: bytes, kdf: dict | None, days: dict[int, bytes]) -> None:
         self.path = Path(path)
-        self._master = master
+        self._master = Envelope(master)
         self._kdf = kdf
         self._wrapped = days  # day -> wrapped blob
         self._cache: dict[int, bytes] = {}
@@ -178,17 +139,18 @@ class Keyring:
             raise StoreKeyError("this store is protected by a passphrase, not a key file")
         master, _ = source.derive(kdf)
         try:
-            if _open(master, verifier, b"verifier") != _VERIFIER_PLAINTEXT:
-                raise InvalidTag()
-        except InvalidTag:
-            raise StoreKeyError("wrong passphrase or key file") from None
+            ok = Envelope(master).open(verifier, b"verifier") == _VERIFIER_PLAINTEXT
+        except EnvelopeError:
+            ok = False
+        if not ok:
+            raise StoreKeyError("wrong passphrase or key file")
         return cls(path, master, kdf, days)
 
     def save(self) -> None:
         doc = {
             "format": KEYRING_FORMAT,
             "kdf": self._kdf,
-            "verifier": _b64(_seal(self._master, _VERIFIER_PLAINTEXT, b"verifier")),
+            "verifier": _b64(self._master.seal(_VERIFIER_PLAINTEXT, b"verifier")),
             "days": {str(d): _b64(w) for d, w in sorted(self._wrapped.items())},
         }
         write_private_file(self.path, json.dumps(doc, indent=1).encode())
@@ -210,12 +172,12 @@ class Keyring:
             if not create:
                 return None
             key = secrets.token_bytes(KEY_LEN)
-            self._wrapped[day] = _seal(self._master, key, self._aad(day))
+            self._wrapped[day] = self._master.seal(key, self._aad(day))
             self.save()  # on disk before any row uses it
         else:
             try:
-                key = _open(self._master, wrapped, self._aad(day))
-            except InvalidTag:
+                key = self._master.open(wrapped, self._aad(day))
+            except EnvelopeError:
                 raise StoreKeyError(f"the key of day {day} fails authentication (tampered keyring)") from None
         self._cache[day] = key
         return key
@@ -233,6 +195,7 @@ class Keyring:
         """Key rotation: re-wrap every day key under a new master key, atomically."""
         plain = {d: self.key_for_day(d) for d in self.days()}
         master, kdf = new_source.derive(None)
-        self._wrapped = {d: _seal(master, k, self._aad(d)) for d, k in plain.items()}
-        self._master, self._kdf = master, kdf
+        envelope = Envelope(master)
+        self._wrapped = {d: envelope.seal(k, self._aad(d)) for d, k in plain.items() if k is not None}
+        self._master, self._kdf = envelope, kdf
         self.save()

@@ -1,5 +1,9 @@
-"""The agent's client for the backend (httpx)."""
+"""The agent's clients for its backends (httpx): ``keyserver`` (Exposure Notification:
+download and verify exports, declare positive), ``robert`` (the ROBERT server), over
+``http`` (retries, typed errors)."""
 
-from .client import DeclareError, SyncClient, SyncError, SyncResult
+from .http import JsonHttp
+from .keyserver import KeyServerClient, SyncResult
+from .robert import RobertClient, RobertRegistration, RobertStatus
 
-__all__ = ["DeclareError", "SyncClient", "SyncError", "SyncResult"]
+__all__ = ["JsonHttp", "KeyServerClient", "RobertClient", "RobertRegistration", "RobertStatus", "SyncResult"]

@@ -1,7 +1,8 @@
 """A simulated BLE medium: many devices in one process on a virtual clock.
 
 Per receiver/transmitter pair and scan tick, the medium draws how many advertisements
-the receiver hears and with what RSSI:
+the receiver hears and with what RSSI (the path loss is the project's one model,
+``agent.exposure.pathloss``, with the simulated world's own parameters):
 
     attenuation = A_1m + 10 n log10(d) + body(tx) + body(rx) + walls + shadowing + fading
     RSSI        = tx_cal - attenuation - rx_correction
@@ -20,10 +21,13 @@ in seconds.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from ...exposure.pathloss import LogDistancePathLoss, rayleigh_fading_db
 
 #: carriage -> extra attenuation (dB) of the human body; chosen from the 5-20 dB
 #: differences between carriages in the pc-ng and MIT LL measurements (docs/proximity.md).
@@ -32,8 +36,8 @@ CARRIAGE_DB = {"hand": 0.0, "table": 0.0, "pocket": 6.0, "bag": 10.0}
 
 @dataclass
 class MediumConfig:
-    attenuation_at_1m_db: float = 50.0
-    path_loss_exponent: float = 2.2
+    #: the simulated world's path loss (the rule assumes its own, see ProximityConfig)
+    path_loss: LogDistancePathLoss = field(default_factory=lambda: LogDistancePathLoss(50.0, 2.2))
     shadow_db: float = 3.0
     shadow_tau_s: float = 60.0
     wall_db: float = 12.0
@@ -80,7 +84,7 @@ class Medium:
         innov = self.rng.normal(0, c.shadow_db * math.sqrt(1 - rho * rho), self._shadow.shape)
         innov = (innov + innov.T) / math.sqrt(2)
         self._shadow = rho * self._shadow + innov
-        att = (c.attenuation_at_1m_db + 10 * c.path_loss_exponent * np.log10(d) + self._body[:, None]
+        att = (c.path_loss.attenuation_db_array(d) + self._body[:, None]
                + self._body[None, :] + c.wall_db * (room[:, None] != room[None, :]) + self._shadow)
         return att, d
 
@@ -104,11 +108,21 @@ class Medium:
             return d
         rr = np.repeat(rx_idx, counts)
         tt = np.repeat(tx_idx, counts)
-        # Rayleigh fading: received power exponential around its mean
-        fading = 10 * np.log10(self.rng.exponential(1.0, total))
+        fading = rayleigh_fading_db(self.rng, total)
         rssi = np.round(mean_rssi[rr, tt] + fading)
         times = t + self.rng.uniform(0, dt, total)
         keep = rssi >= c.sensitivity_dbm
         for r, x, ts, s in zip(rr[keep].tolist(), tt[keep].tolist(), times[keep].tolist(), rssi[keep].tolist()):
             deliver(r, x, ts, int(s))
         return d
+
+
+def packet_rssi(rng: random.Random, distance_m: float, *, tx_power_dbm: float, rx_correction_db: float = 0.0,
+                config: MediumConfig | None = None) -> int | None:
+    """One packet between two devices ``distance_m`` apart, in the medium's model (path
+    loss and Rayleigh fading; no body, walls or shadowing): its RSSI, or None when it is
+    below the receiver's sensitivity. For single-pair simulators (the fake bluetoothd)."""
+    c = config or MediumConfig()
+    mean = tx_power_dbm - c.path_loss.attenuation_db(max(0.1, distance_m)) - rx_correction_db
+    rssi = round(mean + 10 * math.log10(max(rng.expovariate(1.0), 1e-6)))
+    return rssi if rssi >= c.sensitivity_dbm else None

@@ -1,0 +1,115 @@
+"""The scanner on BlueZ: bleak with discovery filters ``DuplicateData=True`` (otherwise
+BlueZ reports a peer again only when its RSSI moves by 8 dB or its data changes),
+``RSSI=-127``, ``Transport=le`` and the family's service UUID; restarted with back-off
+when it stops delivering."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ...clock import Clock
+from ...protocol.payload import uuid128
+from ..base import RadioHealth, RawSighting, Scanner
+
+log = logging.getLogger("ctagent.ble")
+
+#: RSSI values that mean "not available" (HCI and BlueZ)
+RSSI_NOT_AVAILABLE = (127, -127)
+
+
+class BluezScanner(Scanner):
+    def __init__(self, adapter: str = "hci0", *, clock: Clock, service_uuid16: int, duplicate_data: bool = True,
+                 stall_s: float = 60.0, backoff_s: float = 1.0) -> None:
+        self.adapter = adapter
+        self.clock = clock
+        self.service_uuid = uuid128(service_uuid16)
+        self.duplicate_data = duplicate_data
+        self.stall_s, self.backoff_s = stall_s, backoff_s
+        self._queue: asyncio.Queue[RawSighting] = asyncio.Queue(maxsize=100_000)
+        self._health = RadioHealth()
+        self._stopped = False
+        self._scanner: Any = None
+        self._last_sample = 0.0
+        self._recent: list[float] = []
+        self._paused = False
+        self.restarts = 0
+
+    def health(self) -> RadioHealth:
+        now = self.clock.now()
+        self._recent = [t for t in self._recent if t > now - 60]
+        self._health.samples_last_minute = len(self._recent)
+        return self._health
+
+    def _on_advertisement(self, device: Any, adv: Any) -> None:
+        now = self.clock.now()
+        if adv.rssi in RSSI_NOT_AVAILABLE:
+            return
+        self._last_sample = now
+        self._recent.append(now)
+        try:
+            self._queue.put_nowait(RawSighting(now, device.address, adv.rssi, adv.tx_power, dict(adv.service_data)))
+        except asyncio.QueueFull:
+            self._health.error("queue full")
+
+    async def _start(self) -> None:
+        from bleak import BleakScanner
+
+        self._last_sample = self.clock.now()
+        filters = {"DuplicateData": self.duplicate_data, "RSSI": -127, "Transport": "le", "UUIDs": [self.service_uuid]}
+        self._scanner = BleakScanner(self._on_advertisement, scanning_mode="active",
+                                     bluez={"adapter": self.adapter, "filters": filters})
+        await self._scanner.start()
+        self._health.scanning = True
+        self._last_sample = self.clock.now()
+
+    async def _stop_bleak(self) -> None:
+        if self._scanner is not None:
+            try:
+                await self._scanner.stop()
+            except Exception:  # noqa: BLE001 - the session may be gone with bluetoothd
+                pass
+        self._health.scanning = False
+
+    async def pause(self) -> None:
+        self._paused = True
+        await self._stop_bleak()
+
+    async def resume(self) -> None:
+        if self._paused:
+            await self._start()
+            self._paused = False
+
+    async def _watch(self) -> None:
+        """Scans can stop silently: restart with back-off when nothing arrives for stall_s."""
+        delay = self.backoff_s
+        while not self._stopped:
+            await self.clock.sleep(min(self.stall_s / 4, 5))
+            if self._paused or self.clock.now() - self._last_sample < self.stall_s:
+                delay = self.backoff_s
+                continue
+            log.warning("scanner stalled: restarting in %.0fs", delay)
+            self._health.scanning = False
+            await self.clock.sleep(delay)
+            await self._stop_bleak()
+            try:
+                await self._start()
+                self.restarts += 1
+            except Exception as e:  # noqa: BLE001 - bluetoothd may still be away: try again later
+                self._health.error(type(e).__name__)
+                delay = min(delay * 2, 300)
+
+    async def sightings(self) -> AsyncIterator[RawSighting]:
+        await self._start()
+        watcher = asyncio.create_task(self._watch())
+        try:
+            while not self._stopped:
+                yield await self._queue.get()
+        finally:
+            watcher.cancel()
+
+    async def stop(self) -> None:
+        self._stopped = True
+        await self._stop_bleak()

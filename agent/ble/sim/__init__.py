@@ -1,0 +1,21 @@
+"""The simulated radio: ``medium`` (path loss, body and wall loss, shadowing, fading,
+many devices in one process) and ``radio`` (advertiser and scanner of one device among
+virtual peers)."""
+
+from __future__ import annotations
+
+from ...errors import ConfigError
+from ..base import Radio, RadioRequest
+from ..status import MemoryStatusService
+from .radio import SimAdvertiser, SimScanner
+
+
+def open_radio(request: RadioRequest) -> Radio:
+    if request.simulated_peer is None:
+        raise ConfigError("the simulated radio needs the protocol family's simulated peers")
+    scanner = SimScanner(request.clock, peer_factory=request.simulated_peer, peers=request.sim_peers,
+                         seed=request.sim_seed, tx_cal=request.tx_power_dbm, rx_corr=request.rx_correction_db)
+    return Radio(SimAdvertiser(request.clock), scanner, MemoryStatusService() if request.gatt_status else None)
+
+
+__all__ = ["SimAdvertiser", "SimScanner", "open_radio"]

@@ -1,1 +1,0 @@
-"""Test support for the real BlueZ code paths: a fake bluetoothd on a private D-Bus."""

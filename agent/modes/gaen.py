@@ -1,0 +1,159 @@
+"""Exposure Notification (GAEN), decentralized: rotate RPI + AEM with the address, keep
+what is heard as encounters, download the key server's signed exports, match and decide
+on the device, upload own keys when positive."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ..clock import utc_day
+from ..errors import ConfigError
+from ..exposure.aggregate import Aggregator
+from ..exposure.engine import ExposureDecision, decide_matches
+from ..exposure.matching import EncounterIndex, MatchStats, match_keys
+from ..protocol import gaen
+from ..protocol.export import DiagnosisKey
+from ..protocol.payload import EN_SERVICE_UUID, EN_SERVICE_UUID16, ENPayload, PayloadError, parse_service_data
+from ..protocol.schedule import IdSchedule, Rotation
+from ..records import DeclareResult
+from ..sync.keyserver import KeyServerClient, LastSync, SyncResult
+from .base import Broadcast, CheckResult, DeviceContext, ProtocolMode, ServerSchedule, SimPeer
+
+log = logging.getLogger("ctagent.gaen")
+
+#: Own keys of this many days are uploaded when declaring (today's included: the server embargoes it).
+UPLOAD_DAYS = 14
+#: The first sync after start waits up to this long (jittered), the later ones [sync] interval_s.
+FIRST_SYNC_MAX_DELAY_S = 60.0
+
+
+class GaenMode(ProtocolMode[ENPayload]):
+    name = "gaen"
+    service_uuid16 = EN_SERVICE_UUID16
+
+    def __init__(self, ctx: DeviceContext) -> None:
+        super().__init__(ctx)
+        if ctx.backend_url and not ctx.trusted_keys:
+            raise ConfigError("[sync] trusted_keys: needed to verify the backend's export files")
+        self.calibration = ctx.calibration
+        self.config = ctx.proximity
+        # The AEM carries our calibrated TX power (as EN phones carry theirs).
+        self.schedule = IdSchedule(tx_power_dbm=int(round(ctx.calibration.tx_power)), rng=ctx.rng,
+                                   tek_factory=lambda: ctx.random_bytes(gaen.KEY_LEN))
+        for t in self.store.teks.all():
+            self.schedule.load_tek(t)
+        self.aggregator = Aggregator()
+        self.client = (KeyServerClient(ctx.backend_url, trusted_keys=ctx.trusted_keys, clock=ctx.clock, rng=ctx.rng,
+                                       retries=ctx.http_retries) if ctx.backend_url else None)
+        self._schedule = ServerSchedule((0.0, min(ctx.sync_jitter_s, FIRST_SYNC_MAX_DELAY_S)), ctx.sync_interval_s,
+                                        ctx.sync_jitter_s)
+        self.last_match = MatchStats()
+        self.current: Rotation | None = None
+
+    # -- advertising ------------------------------------------------------------------
+    def broadcast(self, now: float) -> Broadcast:
+        """Every broadcast is a rotation: new RPI, AEM and address together."""
+        rot = self.schedule.rotate(now)
+        if rot.new_tek:
+            self.store.teks.add(rot.tek)
+        self.current = rot
+        return Broadcast(rot.payload.service_data, rot.address, True, rot.next_at)
+
+    # -- hearing ----------------------------------------------------------------------
+    def decode(self, service_data: Mapping[Any, Any]) -> ENPayload | None:
+        try:
+            return parse_service_data(service_data)
+        except PayloadError:
+            return None
+
+    def record(self, t: float, payload: ENPayload, rssi: int, tx_power: int | None = None) -> None:
+        self.aggregator.add_raw(t, payload.rpi, payload.aem, rssi, tx_power)
+
+    def flush(self, now: float, *, final: bool = False) -> int:
+        return self.store.encounters.write(self.aggregator.flush(now, final=final))
+
+    # -- exposure ---------------------------------------------------------------------
+    def check_exposures(self, keys: Sequence[DiagnosisKey], now: float) -> list[ExposureDecision]:
+        """Match keys against the stored encounters; record new exposures in the store."""
+        since = utc_day(now) - self.store.retention_days + 1
+        index = EncounterIndex(list(self.store.encounters.read(since_day=since)))
+        st = MatchStats()
+        matches = match_keys(keys, index, workers=self.ctx.match_workers, stats=st)
+        self.last_match = st
+        decisions = decide_matches(matches, self.config, self.calibration)
+        for d in decisions:
+            if d.exposed and self.store.exposures.add(d.to_exposure(now)):
+                log.info("exposure found: day=%d minutes=%.1f", d.day.day, d.day.minutes)
+        return decisions
+
+    # -- the server -------------------------------------------------------------------
+    def _client(self) -> KeyServerClient:
+        if self.client is None:
+            raise ConfigError("[sync] backend_url: no backend configured")
+        return self.client
+
+    @property
+    def server_schedule(self) -> ServerSchedule | None:
+        return self._schedule if self.client is not None else None
+
+    def sync(self, now: float, progress: Callable[[int, int], None] | None = None
+             ) -> tuple[SyncResult, list[ExposureDecision]]:
+        client = self._client()
+        res = client.download(self.store, progress=progress)
+        decisions = self.check_exposures(res.keys, now) if res.keys else []
+        client.commit(self.store, res)
+        return res, decisions
+
+    def check(self, now: float, progress: Callable[[int, int], None] | None = None) -> CheckResult:
+        res, decisions = self.sync(now, progress)
+        exposed = any(d.exposed for d in decisions)
+        message = ("backend unreachable: nothing downloaded (the daemon retries by itself)" if res.offline else
+                   f"{res.files_new} new export file(s), {len(res.keys)} key(s) checked; "
+                   + ("EXPOSURE FOUND: see `ctagent exposures`" if exposed else "no exposure found"))
+        return CheckResult(now, res.offline, f"sync offline={res.offline} files={res.files_new} keys={len(res.keys)}",
+                           message, {"files": res.files_new, "failed_files": list(res.files_failed),
+                                     "keys": len(res.keys), "exposed": exposed})
+
+    def teks_to_upload(self, now: float) -> list[gaen.TemporaryExposureKey]:
+        """Own TEKs of the last ``UPLOAD_DAYS`` days, including today's (embargoed by the server)."""
+        since = utc_day(now) - UPLOAD_DAYS + 1
+        return sorted(self.store.teks.all(since_day=since), key=lambda t: t.rolling_start_interval_number)
+
+    def declare_prompt(self, now: float) -> str:
+        return (f"Upload your {len(self.teks_to_upload(now))} key(s) of the last {UPLOAD_DAYS} days? People you met "
+                "will be notified without learning who you are.")
+
+    def declare(self, code: str, now: float) -> DeclareResult:
+        return self._client().declare(code, self.teks_to_upload(now), self.store, now=now)
+
+    # -- status -----------------------------------------------------------------------
+    def status_fields(self) -> dict[str, Any]:
+        return {"own_keys": len(self.store.teks.all()), "open_encounters": len(self.aggregator)}
+
+    def last_server_success(self) -> float | None:
+        last = self.store.state.get(LastSync)
+        return last.at if last else None
+
+    # -- simulation -------------------------------------------------------------------
+    @classmethod
+    def simulated_peer(cls, rng: random.Random, tx_power_dbm: int) -> SimPeer:
+        return _GaenPeer(rng, tx_power_dbm)
+
+
+class _GaenPeer:
+    """A simulated EN device: its own identifier schedule, real payloads."""
+
+    def __init__(self, rng: random.Random, tx_power_dbm: int) -> None:
+        schedule_rng = random.Random(rng.getrandbits(64))
+        key_rng = random.Random(rng.getrandbits(64))
+        self.schedule = IdSchedule(tx_power_dbm=tx_power_dbm, rng=schedule_rng,
+                                   tek_factory=lambda: key_rng.randbytes(gaen.KEY_LEN))
+        self._rot: Rotation | None = None
+
+    def advertisement(self, now: float) -> tuple[str, dict[str, bytes]]:
+        if self._rot is None or now >= self._rot.next_at:
+            self._rot = self.schedule.rotate(now)
+        return self._rot.address, {EN_SERVICE_UUID: self._rot.payload.service_data}

@@ -1,0 +1,73 @@
+"""What the CLI shows, assembled from the store and the daemon's status file: status,
+per-day encounters, exposures, the pseudonymised research export. Nothing identifying."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import hmac
+import io
+import json
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .clock import iso_date
+from .modes import ProtocolMode
+from .store import Store
+
+
+def status_report(store: Store, mode: ProtocolMode[Any], status_file: Path) -> dict[str, Any]:
+    daemon = json.loads(status_file.read_text()) if status_file.exists() else None
+    by_day = store.encounters.count_by_day()
+    return {"store": str(store.path), "protocol": mode.name, "days_stored": len(by_day),
+            "encounters": sum(by_day.values()), "exposed_days": [iso_date(d) for d in store.exposures.days()],
+            "last_sync": mode.last_server_success(), **mode.status_fields(), "daemon": daemon}
+
+
+@dataclass(frozen=True)
+class DaySummary:
+    day: int
+    #: distinct identifiers heard
+    encounters: int
+    samples: int
+    #: minutes with at least one sample, summed over identifiers
+    windows: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"day": self.day, "date": iso_date(self.day), "encounters": self.encounters, "samples": self.samples,
+                "windows": self.windows}
+
+
+def encounter_summary(store: Store) -> list[DaySummary]:
+    """Per day: encounters (distinct RPIs heard), samples, minutes observed."""
+    days: dict[int, list[int]] = {}
+    for e in store.encounters.read():
+        d = days.setdefault(e.day, [0, 0, 0])
+        d[0] += 1
+        d[1] += e.sample_count
+        d[2] += len(e.windows)
+    return [DaySummary(k, *days[k]) for k in sorted(days)]
+
+
+def research_export(store: Store, fmt: str) -> str:
+    """Pseudonymised encounter summaries: a fresh random salt per export, so pseudonyms
+    cannot be linked across exports or back to RPIs; times rounded to the minute."""
+    salt = secrets.token_bytes(32)
+    rows = []
+    for e in store.encounters.read():
+        rows.append({
+            "pseudonym": hmac.new(salt, e.rpi, hashlib.sha256).hexdigest()[:12],
+            "day": e.day, "first_minute": int(e.first_seen // 60) * 60, "last_minute": int(e.last_seen // 60) * 60,
+            "windows": len(e.windows), "samples": e.sample_count,
+            "rssi_mean_dbm": round(sum(w.rssi_mean for w in e.windows) / max(1, len(e.windows)), 1),
+            "rssi_max_dbm": max((w.rssi_max for w in e.windows), default=None),
+        })
+    if fmt == "json":
+        return json.dumps(rows, indent=1)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["pseudonym"])
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()

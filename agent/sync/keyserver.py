@@ -1,0 +1,253 @@
+"""The Exposure Notification key-server client: download signed exports, declare positive.
+
+Offline is normal: :meth:`KeyServerClient.download` reports an unreachable backend in
+its result instead of raising. Progress is kept in the store as typed state: the ETag of
+index.txt and the export files already processed (clear: they are public file names),
+the pending declaration (encrypted: it holds the certificate and the HMAC key). A file
+that failed is fetched again next time, and the ETag is kept only once every listed file
+was processed.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import random
+import secrets
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import httpx
+
+from ..clock import Clock
+from ..errors import BackendRejected, BackendUnreachable, UserError
+from ..protocol import export
+from ..protocol.gaen import TemporaryExposureKey
+from ..protocol.verification import tek_hmac
+from ..records import DeclareResult
+from ..store import Store
+from .http import JsonHttp
+
+log = logging.getLogger("ctagent.sync")
+
+#: How many processed export file names are remembered (the index lists 14 days).
+MAX_REMEMBERED_FILES = 2000
+
+
+# -- state kept in the store ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ProcessedExports:
+    STATE_NAME: ClassVar[str] = "exports.done"
+    SENSITIVE: ClassVar[bool] = False
+    names: tuple[str, ...]
+
+    def to_json(self) -> list[str]:
+        return list(self.names)
+
+    @classmethod
+    def from_json(cls, doc: Any) -> "ProcessedExports":
+        return cls(tuple(str(n) for n in doc))
+
+
+@dataclass(frozen=True)
+class IndexEtag:
+    STATE_NAME: ClassVar[str] = "exports.index_etag"
+    SENSITIVE: ClassVar[bool] = False
+    etag: str
+
+    def to_json(self) -> str:
+        return self.etag
+
+    @classmethod
+    def from_json(cls, doc: Any) -> "IndexEtag":
+        return cls(str(doc))
+
+
+@dataclass(frozen=True)
+class LastSync:
+    """When the last sync that saw every listed file succeeded."""
+
+    STATE_NAME: ClassVar[str] = "sync.last_success"
+    SENSITIVE: ClassVar[bool] = False
+    at: float
+
+    def to_json(self) -> float:
+        return self.at
+
+    @classmethod
+    def from_json(cls, doc: Any) -> "LastSync":
+        return cls(float(doc))
+
+
+@dataclass(frozen=True)
+class PendingDeclaration:
+    """A certificate obtained but not yet used to publish: a retry re-sends the same request."""
+
+    STATE_NAME: ClassVar[str] = "declare.pending"
+    SENSITIVE: ClassVar[bool] = True
+    certificate: str
+    hmac_key_b64: str
+    rolling_starts: tuple[int, ...]
+
+    def __repr__(self) -> str:
+        return f"PendingDeclaration(keys={len(self.rolling_starts)})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"certificate": self.certificate, "hmacKey": self.hmac_key_b64, "rolling_starts": list(self.rolling_starts)}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> "PendingDeclaration":
+        return cls(str(doc["certificate"]), str(doc["hmacKey"]), tuple(int(s) for s in doc["rolling_starts"]))
+
+
+@dataclass(frozen=True)
+class Declared:
+    STATE_NAME: ClassVar[str] = "declare.done"
+    SENSITIVE: ClassVar[bool] = False
+    at: float
+    keys: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": self.at, "keys": self.keys}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> "Declared":
+        return cls(float(doc["at"]), int(doc["keys"]))
+
+
+# -- results -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SyncResult:
+    offline: bool = False
+    not_modified: bool = False
+    files_new: int = 0
+    files_failed: tuple[str, ...] = ()
+    keys: tuple[export.DiagnosisKey, ...] = ()
+    processed: tuple[str, ...] = ()
+    index_etag: str | None = None
+
+
+def new_export_names(index_text: str, done: Collection[str]) -> list[str]:
+    """The entries of index.txt not processed yet, in order."""
+    names = [ln.strip() for ln in index_text.splitlines() if ln.strip()]
+    return [n for n in names if n not in done]
+
+
+# -- the client -------------------------------------------------------------------------------
+
+class KeyServerClient:
+    def __init__(self, base_url: str, *, trusted_keys: Sequence[str], clock: Clock,
+                 http: httpx.Client | None = None, retries: int = 3, backoff_s: float = 0.5,
+                 rng: random.Random | None = None, timeout_s: float = 20.0) -> None:
+        self.trusted_keys = list(trusted_keys)
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.transport = JsonHttp(base_url, what="the backend", clock=clock, http=http, retries=retries,
+                                  backoff_s=backoff_s, rng=self.rng, timeout_s=timeout_s)
+
+    @property
+    def base_url(self) -> str:
+        return self.transport.base_url
+
+    def close(self) -> None:
+        self.transport.close()
+
+    # -- download -------------------------------------------------------------------
+    def download(self, store: Store, progress: Callable[[int, int], None] | None = None) -> SyncResult:
+        """New export files -> verified keys. Call :meth:`commit` once the keys were
+        matched. ``progress(done, total)`` is called after each file."""
+        done_state = store.state.get(ProcessedExports)
+        done = set(done_state.names) if done_state else set()
+        etag = store.state.get(IndexEtag)
+        headers = {"If-None-Match": etag.etag} if etag else {}
+        try:
+            r = self.transport.request("GET", "/exports/index.txt", headers=headers)
+        except BackendUnreachable:
+            log.info("sync: backend unreachable; will retry later")
+            return SyncResult(offline=True)
+        if r.status_code == 304:
+            store.state.put(LastSync(self.clock.now()))
+            return SyncResult(not_modified=True)
+        if r.status_code == 404:  # nothing published yet
+            return SyncResult()
+        if r.status_code != 200:
+            raise BackendRejected(f"index.txt: HTTP {r.status_code}", status=r.status_code)
+        todo = new_export_names(r.text, done)
+        keys: list[export.DiagnosisKey] = []
+        failed: list[str] = []
+        processed: list[str] = []
+        for i, name in enumerate(todo, 1):
+            if progress:
+                progress(i - 1, len(todo))
+            if "/" in name or not name.endswith(".zip"):
+                log.warning("sync: ignoring odd index entry")
+                continue
+            try:
+                fr = self.transport.request("GET", f"/exports/{name}")
+                if fr.status_code != 200:
+                    raise BackendRejected(f"HTTP {fr.status_code}", status=fr.status_code)
+                exp = export.parse_export(fr.content, trusted_keys=self.trusted_keys)
+            except (BackendUnreachable, BackendRejected, export.ExportError) as e:
+                log.warning("sync: export file failed (%s: %s); retried next sync", type(e).__name__, e)
+                failed.append(name)
+                continue
+            keys.extend(exp.keys)
+            processed.append(name)
+        if progress and todo:
+            progress(len(todo), len(todo))
+        return SyncResult(files_new=len(processed), files_failed=tuple(failed), keys=tuple(keys),
+                          processed=tuple(processed), index_etag=r.headers.get("etag"))
+
+    def commit(self, store: Store, result: SyncResult) -> None:
+        """Remember what ``result`` processed (after its keys were matched)."""
+        old = store.state.get(ProcessedExports)
+        names = list(dict.fromkeys((old.names if old else ()) + result.processed))[-MAX_REMEMBERED_FILES:]
+        store.state.put(ProcessedExports(tuple(names)))
+        if not result.files_failed and not result.offline:
+            if result.index_etag:  # only once every listed file was processed
+                store.state.put(IndexEtag(result.index_etag))
+            store.state.put(LastSync(self.clock.now()))
+
+    # -- declare positive -------------------------------------------------------------
+    def declare(self, code: str, teks: Sequence[TemporaryExposureKey], store: Store, *, now: float) -> DeclareResult:
+        """verify code -> certificate over the keys' HMAC -> publish. Idempotent: the
+        certificate is kept (encrypted) until publish succeeded, so a retry after a
+        network failure re-sends the same request."""
+        pending = store.state.get(PendingDeclaration)
+        if pending is None:
+            if not teks:
+                raise UserError("there are no keys of the last 14 days to upload")
+            token = self.transport.post_json("/api/verify", {"code": code})["token"]
+            hmac_key = secrets.token_bytes(32)
+            keys = [TemporaryExposureKey(t.key_data, t.rolling_start_interval_number, t.rolling_period, 0)
+                    for t in teks]
+            cert = self.transport.post_json("/api/certificate", {"token": token, "ekeyhmac": tek_hmac(hmac_key, keys)})
+            pending = PendingDeclaration(cert["certificate"], base64.b64encode(hmac_key).decode(),
+                                         tuple(t.rolling_start_interval_number for t in teks))
+            store.state.put(pending)
+        by_start = {t.rolling_start_interval_number: t for t in teks}
+        try:
+            chosen = [by_start[s] for s in pending.rolling_starts]
+        except KeyError:
+            store.state.clear(PendingDeclaration)
+            raise UserError("the keys of the pending declaration are gone; ask for a new code") from None
+        body = {
+            "temporaryExposureKeys": [{"key": base64.b64encode(t.key_data).decode(),
+                                       "rollingStartNumber": t.rolling_start_interval_number,
+                                       "rollingPeriod": t.rolling_period, "transmissionRisk": 0} for t in chosen],
+            "healthAuthorityID": "ctagent", "verificationPayload": pending.certificate,
+            "hmacKey": pending.hmac_key_b64,
+            "padding": base64.b64encode(secrets.token_bytes(self.rng.randint(16, 512))).decode(),
+        }
+        try:
+            resp = self.transport.post_json("/v1/publish", body)
+        except BackendRejected:
+            store.state.clear(PendingDeclaration)  # refused: a retry with this certificate cannot succeed
+            raise
+        store.state.clear(PendingDeclaration)
+        store.state.put(Declared(now, len(chosen)))
+        inserted = int(resp["insertedExposures"])
+        return DeclareResult(sent=len(chosen), accepted=inserted, summary=f"published: {inserted} key(s)")
