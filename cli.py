@@ -1,37 +1,50 @@
-"""ctagent command line: thin click front over the ``agent`` package."""
+"""ctagent command line: a thin click front over the ``agent`` package (parse -> call ->
+render). A :class:`~agent.errors.UserError` is printed as one sentence (exit 1); any
+other exception is a bug: a short message and how to see the traceback (exit 2)."""
 
 from __future__ import annotations
 
 import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
 from agent import __version__
+from agent.ble import RADIO_KINDS
+from agent.config import DEFAULT_PROTOCOL
+from agent.errors import UserError
+from agent.modes import MODES
 
-from agent.store import StoreError, StoreKeyError  # noqa: E402
-from agent.sync.client import SyncError  # noqa: E402
-
-#: Exceptions that are the user's to fix: printed as one sentence, exit 1.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, StoreError, StoreKeyError, SyncError)
 DEFAULT_CONFIG = Path("~/.config/ctagent/ctagent.toml").expanduser()
+#: exit status of a bug (a user error exits 1, as click's own errors do)
+EXIT_BUG = 2
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def friendly_errors(fn):
+def friendly_errors(fn: F) -> F:
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        ctx = click.get_current_context()
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool(click.get_current_context().find_root().params.get("debug"))
         try:
             return fn(*args, **kwargs)
-        except click.ClickException:
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
-        except _USER_ERRORS as e:
-            if ctx.find_root().params.get("debug"):
+        except UserError as e:
+            if debug:
                 raise
             raise click.ClickException(str(e)) from None
-    return wrapper
+        except Exception as e:
+            if debug:
+                raise
+            click.echo(f"Error: internal error ({type(e).__name__}: {e}); this is a bug in ctagent. "
+                       "Run with --debug for the traceback.", err=True)
+            sys.exit(EXIT_BUG)
+    return wrapper  # type: ignore[return-value]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,22 +53,33 @@ def friendly_errors(fn):
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_CONFIG,
               envvar="CTAGENT_CONFIG", show_default=True, help="The TOML configuration file.")
 @click.pass_context
-def main(ctx, debug: bool, config_path: Path) -> None:
+def main(ctx: click.Context, debug: bool, config_path: Path) -> None:
     """ctagent: a Bluetooth LE contact-tracing device agent."""
     ctx.obj = {"config_path": config_path}
 
 
-def _cfg():
+def _config_path() -> Path:
+    path: Path = click.get_current_context().find_root().obj["config_path"]
+    return path
+
+
+def _cfg() -> Any:
     from agent.config import load_config
 
-    return load_config(click.get_current_context().find_root().obj["config_path"])
+    return load_config(_config_path())
 
 
-def _echo_json(obj) -> None:
+def _now() -> float:
+    from agent.clock import RealClock
+
+    return RealClock().now()
+
+
+def _echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=1, default=str))
 
 
-def _table(title: str, columns: list[str], rows: list[list]) -> None:
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -67,12 +91,6 @@ def _table(title: str, columns: list[str], rows: list[list]) -> None:
     Console(width=max(100, Console().width)).print(t)
 
 
-def _date(day: int) -> str:
-    import datetime as dt
-
-    return dt.datetime.fromtimestamp(day * 86400, dt.timezone.utc).date().isoformat()
-
-
 # -- the device ------------------------------------------------------------------------
 
 @main.command()
@@ -80,58 +98,56 @@ def _date(day: int) -> str:
               default=Path("~/.local/share/ctagent").expanduser(), show_default=True)
 @click.option("--key", type=click.Choice(["keyfile", "passphrase"]), default="keyfile", show_default=True,
               help="Master key from a 0600 key file, or from $CTAGENT_PASSPHRASE (scrypt).")
-@click.option("--radio", type=click.Choice(["bluez", "sim"]), default="bluez", show_default=True)
+@click.option("--radio", type=click.Choice(list(RADIO_KINDS)), default="bluez", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing configuration file.")
 @friendly_errors
-def init(data_dir, key, radio, force):
+def init(data_dir: Path, key: str, radio: str, force: bool) -> None:
     """Write a commented configuration and create the encrypted store."""
-    from agent import ops
+    from agent.app import init_device
 
-    path = click.get_current_context().find_root().obj["config_path"]
-    cfg = ops.init(path, data_dir=data_dir, key=key, radio=radio, force=force)
+    path = _config_path()
+    cfg = init_device(path, data_dir=data_dir, key=key, radio=radio, force=force)
     click.echo(f"configuration: {path}\nstore: {cfg.db_path} (master key: "
                f"{cfg.key_file if key == 'keyfile' else '$CTAGENT_PASSPHRASE'})")
 
 
 @main.command()
-@click.option("--radio", type=click.Choice(["bluez", "sim"]), default=None, help="Override [radio] kind.")
+@click.option("--radio", type=click.Choice(list(RADIO_KINDS)), default=None, help="Override [radio] kind.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING"]), default="INFO", show_default=True)
 @friendly_errors
-def run(radio, log_level):
+def run(radio: str | None, log_level: str) -> None:
     """Run the agent: advertise, scan, store, sync, notify (until SIGTERM)."""
-    from agent import ops
+    from agent.app import run_daemon
+    from agent.logs import setup_logging
 
     cfg = _cfg()
-    ops.setup_logging(log_level)
-    sys.exit(ops.run_daemon(cfg, radio=radio or cfg.radio.kind))
+    setup_logging(log_level)
+    sys.exit(run_daemon(cfg, radio_kind=radio or cfg.radio.kind))
 
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def status(as_json):
+def status(as_json: bool) -> None:
     """Health, counts, last sync and exposure state."""
-    from agent import ops
-    from agent.sync.client import STATE_LAST_SUCCESS
+    from agent.app import open_mode, open_store
+    from agent.reports import status_report
 
     cfg = _cfg()
-    daemon = None
-    sp = cfg.data_dir / "status.json"
-    if sp.exists():
-        daemon = json.loads(sp.read_text())
-    with ops.open_store(cfg) as store:
-        out = {"store": str(cfg.db_path), "days_stored": len(store.encounter_days()),
-               "encounters": sum(store.encounter_days().values()), "own_keys": len(store.teks()),
-               "exposed_days": [_date(e["day"]) for e in store.exposures()],
-               "last_sync": store.get_state(STATE_LAST_SUCCESS), "daemon": daemon}
+    with open_store(cfg) as store:
+        out = status_report(store, open_mode(cfg, store), cfg.data_dir / "status.json")
     if as_json:
         _echo_json(out)
         return
     exposure = "EXPOSED on " + ", ".join(out["exposed_days"]) if out["exposed_days"] else "no exposure found"
-    click.echo(f"store        {out['store']}\nencounters   {out['encounters']} over {out['days_stored']} day(s)\n"
-               f"own keys     {out['own_keys']}\nlast sync    {out['last_sync'] or 'never'}\nexposure     {exposure}")
+    click.echo(f"store        {out['store']}\nprotocol     {out['protocol']}\n"
+               f"encounters   {out['encounters']} over {out['days_stored']} day(s)\n"
+               + (f"own keys     {out['own_keys']}\n" if "own_keys" in out else "")
+               + f"last sync    {out['last_sync'] or 'never'}\nexposure     {exposure}")
+    daemon = out["daemon"]
     if daemon:
-        click.echo(f"daemon       mode={daemon['mode']} rotations={daemon['rotations']} sightings={daemon['sightings']}")
+        click.echo(f"daemon       mode={daemon['mode']} rotations={daemon['rotations']} "
+                   f"sightings={daemon['sightings']}")
     else:
         click.echo("daemon       no status file (not running?)")
 
@@ -139,141 +155,127 @@ def status(as_json):
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def encounters(as_json):
+def encounters(as_json: bool) -> None:
     """Per-day summary of what was heard (nothing identifying)."""
-    from agent import ops
+    from agent.app import open_store
+    from agent.reports import encounter_summary
 
-    with ops.open_store(_cfg()) as store:
-        rows = ops.encounter_summary(store)
+    with open_store(_cfg()) as store:
+        rows = encounter_summary(store)
     if as_json:
-        _echo_json([{**r, "date": _date(r["day"])} for r in rows])
+        _echo_json([r.to_json() for r in rows])
         return
     _table("Encounters per day", ["date", "identifiers heard", "samples", "minutes observed"],
-           [[_date(r["day"]), r["encounters"], r["samples"], r["windows"]] for r in rows])
+           [[r.to_json()["date"], r.encounters, r.samples, r.windows] for r in rows])
 
 
 @main.command()
 @click.option("--explain", is_flag=True, help="Windows, distances and minutes behind each decision.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def exposures(explain, as_json):
+def exposures(explain: bool, as_json: bool) -> None:
     """Exposures found."""
-    from agent import ops
+    from agent.app import open_store
+    from agent.clock import iso_date
 
-    with ops.open_store(_cfg()) as store:
-        exps = store.exposures()
+    with open_store(_cfg()) as store:
+        found = store.exposures.all()
     if as_json:
-        _echo_json([e if explain else {k: v for k, v in e.items() if k != "explain"} for e in exps])
+        _echo_json([{**e.to_json(windows=explain), "date": iso_date(e.day)} for e in found])
         return
-    if not exps:
+    if not found:
         click.echo("no exposure found")
         return
-    _table("Exposures", ["date", "minutes", "rule"], [[_date(e["day"]), e["minutes"], e["rule"]] for e in exps])
+    _table("Exposures", ["date", "decided by", "minutes", "risk"],
+           [[iso_date(e.day), e.decided_by, "" if e.minutes is None else e.minutes,
+             "" if e.risk is None else e.risk] for e in found])
     if explain:
-        for e in exps:
-            click.echo(f"\n{_date(e['day'])}:")
-            for w in e["explain"]["windows"]:
-                click.echo(f"  window {w['start']:.0f}: attenuation {w['attenuation_db']} dB, "
-                           f"~{w['distance_m']} m, counted {w['minutes']} min{' (gap filled)' if w['filled'] else ''}")
+        for e in found:
+            click.echo(f"\n{iso_date(e.day)}:")
+            if not e.windows:
+                risk = "" if e.risk is None else f" (risk score {e.risk})"
+                click.echo(f"  decided by the {e.protocol} server{risk}; the device keeps no per-window detail")
+            for w in e.windows:
+                click.echo(f"  window {w.start:.0f}: attenuation {w.attenuation_db} dB, ~{w.distance_m} m, "
+                           f"counted {w.minutes} min{' (gap filled)' if w.filled else ''}")
 
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def sync(as_json):
-    """Download new export files, verify them and check for exposure now."""
-    import time
-
-    from agent import ops
-
-    cfg = _cfg()
-    client = ops.sync_client(cfg)
-    if client is None:
-        raise click.ClickException("no backend configured: set [sync] backend_url in " + cfg.source)
+def sync(as_json: bool) -> None:
+    """Call the server now: download and verify new export files and check for exposure
+    (GAEN), or ask for the risk status (ROBERT)."""
     from rich.progress import Progress
 
-    with ops.open_store(cfg) as store, Progress(transient=True, disable=as_json) as bar:
-        task = bar.add_task("downloading and verifying export files", total=None)
-        agent = ops.make_agent(cfg, store)
-        res, decisions = agent.sync(client, time.time(),
-                                    progress=lambda done, total: bar.update(task, completed=done, total=total))
-    out = {"offline": res.offline, "files": res.files_new, "failed_files": res.files_failed, "keys": len(res.keys),
-           "exposed": any(d.exposed for d in decisions)}
+    from agent.app import open_mode, open_store
+
+    cfg = _cfg()
+    with open_store(cfg) as store, Progress(transient=True, disable=as_json) as bar:
+        mode = open_mode(cfg, store)
+        if mode.server_schedule is None:
+            raise UserError(f"no backend configured: set [sync] backend_url in {cfg.source}")
+        task = bar.add_task("calling the server", total=None)
+        res = mode.check(_now(), progress=lambda done, total: bar.update(task, completed=done, total=total))
     if as_json:
-        _echo_json(out)
-    elif res.offline:
-        click.echo("backend unreachable: nothing downloaded (the daemon retries by itself)")
+        _echo_json({"offline": res.offline, "exposed": res.exposed, **res.details})
     else:
-        click.echo(f"{res.files_new} new export file(s), {len(res.keys)} key(s) checked; "
-                   + ("EXPOSURE FOUND: see `ctagent exposures`" if out["exposed"] else "no exposure found"))
+        click.echo(res.message)
 
 
 @main.command()
 @click.option("--code", required=True, help="The verification code from the health authority.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @friendly_errors
-def declare(code, yes):
-    """Upload your keys of the last 14 days (you tested positive)."""
-    import time
-
-    from agent import ops
-    from agent.sync.client import teks_to_upload
+def declare(code: str, yes: bool) -> None:
+    """You tested positive: upload what your protocol uploads (GAEN: your keys of the
+    last 14 days; ROBERT: the HELLOs your device heard)."""
+    from agent.app import open_mode, open_store
 
     cfg = _cfg()
-    if cfg.agent.protocol == "robert":
-        with ops.open_store(cfg) as store:
-            dev = ops.robert_device(cfg, store)
-            n = len(store.hellos())
-            if not yes:
-                click.confirm(f"Upload the {n} HELLO(s) your device heard in the last 14 days to the server? "
-                              "It will tell the people concerned they are at risk.", abort=True)
-            resp = dev.report(code, time.time())
-        click.echo(f"reported: {resp['accepted']} HELLO(s) accepted, {resp['dropped']} dropped by the server")
-        return
-    client = ops.sync_client(cfg)
-    if client is None:
-        raise click.ClickException("no backend configured: set [sync] backend_url in " + cfg.source)
-    with ops.open_store(cfg) as store:
-        teks = teks_to_upload(store, time.time())
+    with open_store(cfg) as store:
+        mode = open_mode(cfg, store)
         if not yes:
-            click.confirm(f"Upload your {len(teks)} key(s) of the last 14 days? People you met will be notified "
-                          "without learning who you are.", abort=True)
-        resp = client.declare(code, teks, store, now=time.time())
-    click.echo(f"published: {resp['insertedExposures']} key(s)")
+            click.confirm(mode.declare_prompt(_now()), abort=True)
+        result = mode.declare(code, _now())
+    click.echo(result.summary)
+
+
+def _account(store: Any, cfg: Any, command: str) -> Any:
+    from agent.app import open_mode
+
+    account = open_mode(cfg, store).account
+    if account is None:
+        raise UserError(f"{command} is for protocols that register with a server "
+                        f"(ROBERT mode: [agent] protocol = \"robert\")")
+    return account
 
 
 @main.command()
 @click.option("--yes", is_flag=True)
 @friendly_errors
-def unregister(yes):
+def unregister(yes: bool) -> None:
     """ROBERT mode: leave the server (it forgets this device and its exposures)."""
-    import time
-
-    from agent import ops
+    from agent.app import open_store
 
     cfg = _cfg()
-    if cfg.agent.protocol != "robert":
-        raise click.ClickException("unregister is for ROBERT mode ([agent] protocol = \"robert\")")
-    if not yes:
-        click.confirm("Unregister this device from the ROBERT server?", abort=True)
-    with ops.open_store(cfg) as store:
-        ops.robert_device(cfg, store).unregister(time.time())
+    with open_store(cfg) as store:
+        account = _account(store, cfg, "unregister")
+        if not yes:
+            click.confirm("Unregister this device from the server?", abort=True)
+        account.unregister(_now())
     click.echo("unregistered")
 
 
 @main.command("delete-history")
 @friendly_errors
-def delete_history():
+def delete_history() -> None:
     """ROBERT mode: ask the server to delete this device's exposure history."""
-    import time
-
-    from agent import ops
+    from agent.app import open_store
 
     cfg = _cfg()
-    if cfg.agent.protocol != "robert":
-        raise click.ClickException("delete-history is for ROBERT mode ([agent] protocol = \"robert\")")
-    with ops.open_store(cfg) as store:
-        ops.robert_device(cfg, store).delete_history(time.time())
+    with open_store(cfg) as store:
+        _account(store, cfg, "delete-history").delete_history(_now())
     click.echo("exposure history deleted on the server")
 
 
@@ -282,46 +284,53 @@ def delete_history():
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @friendly_errors
-def export_cmd(consent, fmt, output):
+def export_cmd(consent: bool, fmt: str, output: Path | None) -> None:
     """Research export of encounter summaries, pseudonymised."""
-    from agent import ops
+    from agent.app import open_store
+    from agent.files import write_private_file
+    from agent.reports import research_export
 
     if not consent:
-        raise click.ClickException("a research export needs the carrier's explicit consent: add --consent")
-    with ops.open_store(_cfg()) as store:
-        text = ops.research_export(store, fmt)
-    if output:
-        from agent.store.keys import write_private_file
-
-        write_private_file(output, text.encode())
-        click.echo(f"written to {output} (mode 0600)")
-    else:
+        raise UserError("a research export needs the carrier's explicit consent: add --consent")
+    with open_store(_cfg()) as store:
+        text = research_export(store, fmt)
+    if output is None:
         click.echo(text, nl=False)
+        return
+    try:
+        write_private_file(output, text.encode())
+    except OSError as e:
+        raise UserError(f"cannot write {output}: {e.strerror}") from None
+    click.echo(f"written to {output} (mode 0600)")
 
 
 @main.command()
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @friendly_errors
-def purge(yes):
+def purge(yes: bool) -> None:
     """Erase the store: keys, encounters, exposures (cannot be undone)."""
-    from agent import ops
+    from agent.files import erase_file
+    from agent.store import purge as purge_store
 
     cfg = _cfg()
     if not yes:
         click.confirm(f"Erase everything in {cfg.data_dir}?", abort=True)
-    removed = ops.purge(cfg)
+    removed = purge_store(cfg.db_path)
+    if erase_file(cfg.data_dir / "status.json"):
+        removed.append(cfg.data_dir / "status.json")
     click.echo(f"erased {len(removed)} file(s)")
 
 
 @main.command()
 @click.option("--adapter", default="hci0", show_default=True)
-def doctor(adapter):
+@friendly_errors
+def doctor(adapter: str) -> None:
     """Check Bluetooth hardware, BlueZ and permissions; say what to fix."""
-    from agent import ops
+    from agent.ble.bluez.doctor import doctor as check
 
-    ok, checks = ops.doctor(adapter)
-    for name, good, detail in checks:
-        click.echo(f"[{'ok' if good else 'FAIL'}] {name}: {detail}")
+    ok, checks = check(adapter)
+    for c in checks:
+        click.echo(f"[{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}")
     if not ok:
         sys.exit(1)
 
@@ -331,13 +340,13 @@ def doctor(adapter):
 @click.option("--devices", default=24, show_default=True, help="Number of virtual devices (>= 4).")
 @click.option("--days", default=2, show_default=True, help="Simulated days (1-14).")
 @click.option("--seed", default=1, show_default=True, help="Same seed, same result.")
-@click.option("--protocol", type=click.Choice(["gaen", "robert"]), default="gaen", show_default=True,
-              help="Exposure Notification (decentralized) or ROBERT (centralized).")
+@click.option("--protocol", type=click.Choice(list(MODES)), default=DEFAULT_PROTOCOL, show_default=True,
+              help="The protocol family: gaen (Exposure Notification, decentralized), robert (centralized).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
               show_default=True, help="Where the PNG figure goes.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
 @friendly_errors
-def demo(scenario, devices, days, seed, protocol, out_dir, as_json):
+def demo(scenario: str, devices: int, days: int, seed: int, protocol: str, out_dir: Path, as_json: bool) -> None:
     """A simulated field experiment end to end, no Bluetooth needed."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -347,7 +356,7 @@ def demo(scenario, devices, days, seed, protocol, out_dir, as_json):
     console = Console(stderr=as_json, width=max(Console().width, 120))
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
                   transient=True, disable=as_json) as prog:
-        tasks = {}
+        tasks: dict[str, Any] = {}
 
         def progress(stage: str, frac: float) -> None:
             if stage not in tasks:
@@ -359,6 +368,10 @@ def demo(scenario, devices, days, seed, protocol, out_dir, as_json):
     if as_json:
         click.echo(result_json(res))
         return
+    _render_demo(res, console)
+
+
+def _render_demo(res: Any, console: Any) -> None:
     from rich.table import Table
 
     t = Table(title="Who was notified, against who truly spent >= 15 min within 1 m of person 0 (on one day)")
@@ -366,16 +379,15 @@ def demo(scenario, devices, days, seed, protocol, out_dir, as_json):
               "phone carried (p0/device)", "outcome"):
         t.add_column(c, justify="right")
     colours = {"TP": "green", "TN": "dim", "FP": "yellow", "FN": "red"}
-    for r in res.rows:
-        if r["outcome"] == "TN" and r["true_close_minutes"] == 0:
-            continue
-        t.add_row(str(r["device"]), f"{r['true_close_minutes']:.1f}", "yes" if r["truly_exposed"] else "no",
-                  "yes" if r["notified"] else "no",
-                  f"{r['minutes_counted']:.0f}" if protocol == "gaen" else "(server)", r["carriage"],
-                  f"[{colours[r['outcome']]}]{r['outcome']}[/]")
+    shown = [r for r in res.rows if not (r.outcome == "TN" and r.true_close_minutes == 0)]
+    for r in shown:
+        t.add_row(str(r.device), f"{r.true_close_minutes:.1f}", "yes" if r.truly_exposed else "no",
+                  "yes" if r.notified else "no",
+                  "(server)" if r.minutes_counted is None else f"{r.minutes_counted:.0f}", r.carriage,
+                  f"[{colours[r.outcome]}]{r.outcome}[/]")
     console.print(t)
-    hidden = sum(1 for r in res.rows if r["outcome"] == "TN" and r["true_close_minutes"] == 0)
-    console.print(f"({hidden} devices never within 1 m of person 0 and not notified: true negatives, not listed)")
+    console.print(f"({len(res.rows) - len(shown)} devices never within 1 m of person 0 and not notified: "
+                  "true negatives, not listed)")
     console.print(f"TP {res.tp}  FP {res.fp}  FN {res.fn}  TN {res.tn}   precision {res.precision:.2f}  "
                   f"recall {res.recall:.2f}   figure: {res.png}   ({res.wall_s:.1f} s)")
     console.print("A phone in a pocket or bag adds 6-10 dB of body loss on each side: contacts then look farther "
@@ -389,10 +401,11 @@ def demo(scenario, devices, days, seed, protocol, out_dir, as_json):
 @click.option("--distance-threshold", type=float, default=1.0, show_default=True, help="metres")
 @click.option("--duration-threshold", type=float, default=15.0, show_default=True, help="minutes")
 @click.option("--calibration", "calibration_files", multiple=True, type=click.Path(exists=True, path_type=Path),
-              help="Extra calibration list(s) (Google EN format); hardware/calibration.csv is always loaded.")
+              help="Extra calibration list(s) (Google EN format); the bundled list is always loaded.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @friendly_errors
-def eval_cmd(input_path, rule, distance_threshold, duration_threshold, calibration_files, as_json):
+def eval_cmd(input_path: Path, rule: str, distance_threshold: float, duration_threshold: float,
+             calibration_files: tuple[Path, ...], as_json: bool) -> None:
     """Run the proximity rule on your own recorded sightings."""
     from agent.exposure.calibration import CalibrationTable, bundled_calibration_path
     from agent.exposure.evaluate import evaluate, read_sightings_csv
@@ -400,8 +413,11 @@ def eval_cmd(input_path, rule, distance_threshold, duration_threshold, calibrati
 
     cfg = ProximityConfig(rule=rule, distance_threshold_m=distance_threshold, duration_threshold_min=duration_threshold)
     cal = CalibrationTable.load(*calibration_files, bundled_calibration_path())
-    pairs = read_sightings_csv(input_path.read_text(encoding="utf-8", errors="replace"), source=str(input_path))
-    results = evaluate(pairs, cfg, cal)
+    try:
+        text = input_path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise UserError(f"cannot read {input_path}: {e.strerror}") from None
+    results = evaluate(read_sightings_csv(text, source=str(input_path)), cfg, cal)
     if as_json:
         click.echo(json.dumps({"rule": rule, "distance_threshold_m": distance_threshold,
                                "duration_threshold_min": duration_threshold,

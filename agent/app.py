@@ -21,7 +21,8 @@ from .daemon import Daemon
 from .errors import ConfigError, StoreError, UserError
 from .exposure.calibration import CalibrationTable, DeviceCalibration, bundled_calibration_path
 from .files import write_private_file
-from .modes import DeviceContext, ProtocolMode, mode_class
+from .modes import mode_class
+from .modes.base import DeviceContext, ProtocolMode
 from .store import KeyFile, MasterKeySource, Passphrase, Store, create_key_file
 
 

@@ -35,7 +35,7 @@ def utc_day(unix_seconds: float) -> int:
 
 def iso_date(day: int) -> str:
     """``2026-11-25`` for a day number."""
-    return dt.datetime.fromtimestamp(day * DAY_SECONDS, dt.timezone.utc).date().isoformat()
+    return dt.datetime.fromtimestamp(day * DAY_SECONDS, dt.UTC).date().isoformat()
 
 
 class Clock(Protocol):

@@ -16,15 +16,20 @@ from .errors import ConfigError
 from .exposure.rule import ProximityConfig
 
 
+#: the protocol family when none is configured
+DEFAULT_PROTOCOL = "gaen"
+
+
 @dataclass
 class AgentSection:
-    #: "gaen" (Exposure Notification, decentralized) or "robert" (centralized, StopCovid)
-    protocol: str = "gaen"
+    #: a protocol family of agent.modes: "gaen" (Exposure Notification, decentralized)
+    #: or "robert" (centralized, StopCovid)
+    protocol: str = DEFAULT_PROTOCOL
     data_dir: str = "~/.local/share/ctagent"
     #: master key: "keyfile" (a 0600 file in data_dir) or "passphrase" (read from $CTAGENT_PASSPHRASE)
     key: str = "keyfile"
     retention_days: int = 14
-    #: this device's model, looked up in hardware/calibration.csv
+    #: this device's model, looked up in the calibration list (agent/exposure/calibration.csv)
     device_model: str = "Raspberry Pi 3 Model B"
     #: extra calibration lists (Google EN format)
     calibration_files: list[str] = field(default_factory=list)
@@ -122,7 +127,7 @@ def _coerce(src: str, section: str, key: str, value: Any, typ: Any) -> Any:
 
 
 def _validate(cfg: Config) -> None:
-    from .modes import MODES  # the registry of protocol families
+    from .modes import MODES
     from .protocol.export import ExportError, load_public_key
 
     src = cfg.source
@@ -204,7 +209,7 @@ data_dir = "{data_dir}"
 key = "{key}"
 # Days of encounters and own keys kept; older days are erased (crypto-erasure).
 retention_days = 14
-# This device's model, for its RSSI correction and TX power (hardware/calibration.csv).
+# This device's model, for its RSSI correction and TX power (agent/exposure/calibration.csv).
 device_model = "Raspberry Pi 3 Model B"
 # Extra calibration lists in Google's EN format.
 calibration_files = []

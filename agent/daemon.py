@@ -99,7 +99,7 @@ class Daemon:
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # noqa: BLE001 - a task's failure must not kill the daemon
+            except Exception as e:
                 self.failures[name] = self.failures.get(name, 0) + 1
                 if self.failures[name] >= DEGRADED_AFTER_FAILURES:
                     self.degraded.add(name)
@@ -198,7 +198,7 @@ class Daemon:
                     proc = await asyncio.create_subprocess_exec(*shlex.split(self.on_exposure), env=env)
                     await asyncio.wait_for(proc.wait(), HOOK_TIMEOUT_S)
                     self.hook_runs += 1
-                except (OSError, asyncio.TimeoutError) as err:
+                except (TimeoutError, OSError) as err:
                     log.error("on_exposure command failed error=%s", type(err).__name__)
 
     async def _watchdog(self) -> None:
@@ -284,7 +284,7 @@ class Daemon:
         if self.status_service is not None:
             try:
                 await self.status_service.stop()
-            except Exception:  # noqa: BLE001 - shutting down anyway
+            except Exception:
                 pass
         self._flush(final=True)
         self._write_status()

@@ -9,7 +9,7 @@ import logging
 
 class LogFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        ts = dt.datetime.fromtimestamp(record.created, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        ts = dt.datetime.fromtimestamp(record.created, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         return f"ts={ts} level={record.levelname} logger={record.name} msg=\"{record.getMessage()}\""
 
 

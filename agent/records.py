@@ -60,7 +60,7 @@ class Exposure:
         return json.dumps(doc).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes, day: int) -> "Exposure":
+    def from_bytes(cls, data: bytes, day: int) -> Exposure:
         """Read a stored exposure; also the two shapes written before this record existed
         (GAEN: ``rule`` and ``explain``; ROBERT: ``rule = "robert"``)."""
         doc = json.loads(data)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .clock import iso_date
-from .modes import ProtocolMode
+from .modes.base import ProtocolMode
 from .store import Store
 
 

@@ -17,35 +17,38 @@ import time
 from rich.console import Console
 from rich.table import Table
 
+from agent.clock import DAY_SECONDS as DAY
 from agent.exposure.encounter import Encounter
 from agent.exposure.matching import EncounterIndex, MatchStats, match_keys
 from agent.protocol import gaen
 from agent.protocol.export import DiagnosisKey
 
-DAY = 86_400
 TODAY = 20_400
+#: RPIs of each planted key stored (intervals 30, 31, 32 of its day)
+PLANTED_RPIS = (30, 31, 32)
 
 
 def busy_store(rng: random.Random, rpis_per_day: int, planted: list[bytes]) -> list[Encounter]:
     encs = []
     for d in range(14):
         day = TODAY - 13 + d
-        for i in range(rpis_per_day):
-            t = day * DAY + rng.uniform(0, DAY - 600)
+        for _ in range(rpis_per_day):
+            t = day * DAY + rng.uniform(0, DAY - gaen.INTERVAL_SECONDS)
             encs.append(Encounter(rng.randbytes(16), rng.randbytes(4), t, t + 300))
     for i, tek in enumerate(planted):  # 20 infected peers met on various days
-        rs = (TODAY - 13 + i % 14) * 144
-        for j in (30, 31, 32):
+        rs = (TODAY - 13 + i % 14) * gaen.TEK_ROLLING_PERIOD
+        for j in PLANTED_RPIS:
             r = gaen.rpi(gaen.derive_rpik(tek), rs + j)
             aem = gaen.encrypt_aem(gaen.derive_aemk(tek), r, gaen.metadata(-8))
-            t = (rs + j) * 600 + 60
+            t = (rs + j) * gaen.INTERVAL_SECONDS + 60
             encs.append(Encounter(r, aem, t, t + 300))
     return encs
 
 
 def diagnosis_keys(rng: random.Random, n: int, planted: list[bytes]) -> list[DiagnosisKey]:
-    keys = [DiagnosisKey(rng.randbytes(16), (TODAY - 13 + rng.randrange(14)) * 144) for _ in range(n - len(planted))]
-    keys += [DiagnosisKey(t, (TODAY - 13 + i % 14) * 144) for i, t in enumerate(planted)]
+    keys = [DiagnosisKey(rng.randbytes(16), (TODAY - 13 + rng.randrange(14)) * gaen.TEK_ROLLING_PERIOD)
+            for _ in range(n - len(planted))]
+    keys += [DiagnosisKey(t, (TODAY - 13 + i % 14) * gaen.TEK_ROLLING_PERIOD) for i, t in enumerate(planted)]
     rng.shuffle(keys)
     return keys
 
@@ -107,9 +110,11 @@ def main(argv=None) -> list[dict]:
         tbl.add_column(c, justify="right")
     for r in rows:
         tbl.add_row(f"{r['keys']:,}", f"{r['wall_s']:.2f}", f"{r['keys_per_s']:,.0f}", f"{r['naive_keys_per_s']:,.0f}",
-                    f"{r['naive_est_s']:.1f}", f"{r['keys_per_s'] / r['naive_keys_per_s']:.1f}x", str(r["matched_keys"]))
+                    f"{r['naive_est_s']:.1f}", f"{r['keys_per_s'] / r['naive_keys_per_s']:.1f}x",
+                    str(r["matched_keys"]))
     Console().print(tbl)
-    assert naive_hits >= 0
+    if naive_hits != 2 * len(PLANTED_RPIS):  # the naive run holds two planted keys
+        raise SystemExit(f"the naive reference found {naive_hits} RPI hits, expected {2 * len(PLANTED_RPIS)}")
     return rows
 
 

@@ -22,11 +22,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from rich.console import Console
 from rich.table import Table
 
+from agent.clock import DAY_SECONDS, ManualClock
 from agent.exposure.aggregate import Aggregator
+from agent.protocol.gaen import INTERVAL_SECONDS
 from agent.store import Passphrase, Store
 
-DAY = 86_400
-T0 = 20_000 * DAY
+T0 = 20_000 * DAY_SECONDS
 
 
 def minute_of_sightings(rng: random.Random, peers, minute: int, hz: float):
@@ -37,7 +38,7 @@ def minute_of_sightings(rng: random.Random, peers, minute: int, hz: float):
     for p in peers:
         if t_min >= p["next_rot"]:
             p["rpi"], p["aem"] = rng.randbytes(16), rng.randbytes(4)
-            p["next_rot"] = t_min + rng.uniform(600, 900)
+            p["next_rot"] = t_min + rng.uniform(INTERVAL_SECONDS, 1.5 * INTERVAL_SECONDS)
         for k in range(n):
             out.append((t_min + k * 60 / n + p["phase"], p["rpi"], p["aem"], p["rssi"] + rng.randint(-6, 6)))
     out.sort()
@@ -51,8 +52,7 @@ def db_bytes(path: Path) -> int:
 def run_ctagent(path: Path, peers_n: int, hz: float, hours: float, seed: int):
     rng = random.Random(seed)
     peers = [{"next_rot": 0, "phase": rng.random(), "rssi": rng.randint(-95, -45)} for _ in range(peers_n)]
-    clock = lambda: T0  # noqa: E731
-    store = Store.create(path, Passphrase("bench", scrypt={"n": 2**14, "r": 8, "p": 1}), clock=clock)
+    store = Store.create(path, Passphrase("bench", scrypt={"n": 2**14, "r": 8, "p": 1}), clock=ManualClock(T0))
     agg = Aggregator()
     ingest_s, n = 0.0, 0
     for minute in range(int(hours * 60)):
@@ -61,11 +61,11 @@ def run_ctagent(path: Path, peers_n: int, hz: float, hours: float, seed: int):
         add = agg.add_raw
         for s in batch:
             add(*s)
-        store.write_encounters(agg.flush(T0 + (minute + 1) * 60))
+        store.encounters.write(agg.flush(T0 + (minute + 1) * 60))
         ingest_s += time.perf_counter() - t
         n += len(batch)
     t = time.perf_counter()
-    store.write_encounters(agg.flush(T0 + hours * 3600 + 1, final=True))
+    store.encounters.write(agg.flush(T0 + hours * 3600 + 1, final=True))
     store.close()  # checkpoint: the WAL is folded into the file
     ingest_s += time.perf_counter() - t
     rows = sqlite3.connect(path).execute("SELECT COUNT(*) FROM encounters").fetchone()[0]

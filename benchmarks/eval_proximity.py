@@ -3,7 +3,7 @@
 Data sets (../shared/data, see its README for sources and licences):
 - NIST Raspberry Pi 3 pair (rpi_nist_exposure_notification): 0.5-4 m, ~8 h per distance.
   Episode-level: each file is cut into 30-minute episodes; truth "exposed" = distance
-  <= 1 m; decision = the rule on that episode. Calibration: hardware/calibration.csv.
+  <= 1 m; decision = the rule on that episode. Calibration: agent/exposure/calibration.csv.
 - pc-ng phones carried hand/pocket/backpack (pcng_rss_smartphone): 0.2-5 m.
 - MIT LL phone pairs (mitll_ble_rssi: MIT-Matrix, Range-Angle): 3-15 ft.
   Phones have no entry in our calibration: each set is calibrated once at ~1 m (the
@@ -59,7 +59,8 @@ def load_pcng(root: Path):
     for f in sorted((root / "pcng_rss_smartphone").glob("*/RSS_human??.csv")):
         with f.open() as fh:
             for r in csv.DictReader(fh):
-                out[(f.parent.name, int(r["dist"]) / 100, r["device"])].append((float(r["elapsed"]), int(float(r["rss"])), None))
+                sample = (float(r["elapsed"]), int(float(r["rss"])), None)
+                out[(f.parent.name, int(r["dist"]) / 100, r["device"])].append(sample)
     return out
 
 
@@ -68,7 +69,8 @@ def load_mitll(root: Path, name: str):
     out = defaultdict(list)
     with gzip.open(root / "mitll_ble_rssi" / f"{name}_rssi.csv.gz", "rt") as fh:
         for r in csv.DictReader(fh):
-            out[(r["file_id"], round(float(r["range_ft"]) * FT, 2))].append((float(r["t_s"]), int(float(r["rssi_dbm"])), None))
+            sample = (float(r["t_s"]), int(float(r["rssi_dbm"])), None)
+            out[(r["file_id"], round(float(r["range_ft"]) * FT, 2))].append(sample)
     return out
 
 
@@ -120,7 +122,8 @@ def run(data: Path, cfg: ProximityConfig, console: Console | None = None, png: P
     result["nist_episodes"] = {"tp": conf.tp, "fp": conf.fp, "tn": conf.tn, "fn": conf.fn,
                                "precision": conf.precision, "recall": conf.recall,
                                "exposed_share_by_distance": {str(d): v[0] for d, v in ep.items()}}
-    curves["NIST Pi 3 pair (line of sight)"] = detection_by_distance(nist, lambda k: k[0], cal.tx_power, cal.rssi_correction, cfg)
+    curves["NIST Pi 3 pair (line of sight)"] = detection_by_distance(nist, lambda k: k[0], cal.tx_power,
+                                                                     cal.rssi_correction, cfg)
 
     pcng = load_pcng(data)
     tx = calibrate_offset(pcng, [k for k in pcng if k[0] == "HandHand" and k[1] == 1.0], cfg)
@@ -171,7 +174,8 @@ def plot(curves, episodes, cfg, png: Path) -> None:
     a1.set_title("Window-level detection")
     a1.legend(fontsize=7)
     ds = sorted(episodes)
-    a2.bar([str(d) for d in ds], [episodes[d][0] for d in ds], color=["tab:red" if d <= cfg.distance_threshold_m else "tab:blue" for d in ds])
+    a2.bar([str(d) for d in ds], [episodes[d][0] for d in ds],
+           color=["tab:red" if d <= cfg.distance_threshold_m else "tab:blue" for d in ds])
     a2.set_xlabel("true distance (m)")
     a2.set_ylabel("share of 30-min episodes decided exposed")
     a2.set_title("NIST Pi 3 pair: episode decisions (red: truly within threshold)")

@@ -1,19 +1,63 @@
+"""Shared fixtures: the clock, stores, the test data folder, a PostgreSQL server.
+
+Markers: ``integration`` for tests that start processes, servers or a browser (the rest
+run in seconds: ``pytest -m "not integration"``)."""
+
+from __future__ import annotations
+
 import json
 import pathlib
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
+
+from agent.clock import ManualClock
+from agent.store import Store
+
+from .helpers import T0, fast_passphrase
 
 TESTS = pathlib.Path(__file__).parent
 DATA = TESTS / "data"
 
 
 @pytest.fixture(scope="session")
-def gaen_vectors():
+def gaen_vectors() -> Any:
     return json.loads((DATA / "gaen.json").read_text())
 
 
+@pytest.fixture
+def clock() -> ManualClock:
+    """Test time, moved by hand (``clock.advance``); starts at ``helpers.T0``."""
+    return ManualClock(T0)
+
+
+@pytest.fixture
+def new_store(tmp_path: pathlib.Path, clock: ManualClock) -> Iterator[Callable[..., Store]]:
+    """``new_store(name="agent", **kw)``: a fresh encrypted store on the test clock,
+    closed at the end of the test."""
+    opened: list[Store] = []
+
+    def make(name: str = "agent", **kw: Any) -> Store:
+        s = Store.create(tmp_path / f"{name}.db", fast_passphrase(), clock=clock, **kw)
+        opened.append(s)
+        return s
+
+    yield make
+    for s in opened:
+        try:
+            s.close()
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def store(new_store: Callable[..., Store]) -> Store:
+    return new_store()
+
+
 @pytest.fixture(scope="session")
-def postgres():
+def postgres() -> Iterator[Any]:
     """A throw-away PostgreSQL server for the whole run (skips when it cannot start)."""
     from .postgres_fixture import PostgresServer
     srv = PostgresServer()
@@ -22,7 +66,7 @@ def postgres():
     srv.stop()
 
 
-def database_url(request, clock=None) -> str | None:
+def database_url(request: pytest.FixtureRequest) -> str | None:
     """None for the 'sqlite' param; a fresh PostgreSQL schema for 'postgresql' (or skip)."""
     if request.param != "postgresql":
         return None
@@ -34,4 +78,5 @@ def database_url(request, clock=None) -> str | None:
     engine = sa.create_engine(pg.url)
     db.metadata.drop_all(engine)
     engine.dispose()
-    return pg.url
+    url: str = pg.url
+    return url

@@ -10,6 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+
 CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig>
@@ -48,15 +50,15 @@ class FakeBluezEnv:
         conf.write_text(CONF.format(sock=self.dir / "bus"))
         self.procs.append(subprocess.Popen(["dbus-daemon", "--nofork", f"--config-file={conf}"],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-        deadline = time.time() + 10
-        while not (self.dir / "bus").exists():
-            if time.time() > deadline or self.procs[0].poll() is not None:
+        deadline = time.monotonic() + 10
+        while not (self.dir / "bus").exists():  # a wait on a condition, bounded
+            if time.monotonic() > deadline or self.procs[0].poll() is not None:
                 self.skip_reason = "the private dbus-daemon did not start"
                 return False
             time.sleep(0.05)
         os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = self.address
-        fake = subprocess.Popen([sys.executable, "-m", "agent.ble.testing.fakebluez", "--adapters", str(self.adapters)],
-                                stdout=subprocess.PIPE, text=True, env={**os.environ})
+        fake = subprocess.Popen([sys.executable, "-m", "tests.fakes.fakebluez", "--adapters", str(self.adapters)],
+                                stdout=subprocess.PIPE, text=True, env={**os.environ}, cwd=ROOT)
         self.procs.append(fake)
         line = fake.stdout.readline()
         if "ready" not in line:

@@ -8,10 +8,24 @@ import pytest
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from agent.ble.bluez import BluezAdvertiser, BluezError, BluezScanner
-from agent.protocol.payload import parse_service_data
+from agent.ble.bluez import BluezAdvertiser, BluezScanner
+from agent.clock import RealClock
+from agent.errors import RadioError
+from agent.protocol.payload import EN_SERVICE_UUID16, parse_service_data
+from agent.protocol.robert import ROBERT_SERVICE_UUID16
 
 from .fake_bluez_fixture import FakeBluezEnv
+
+pytestmark = pytest.mark.integration
+CLOCK = RealClock()
+
+
+def make_advertiser(adapter, uuid16=EN_SERVICE_UUID16, **kw):
+    return BluezAdvertiser(adapter, clock=CLOCK, service_uuid16=uuid16, **kw)
+
+
+def make_scanner(adapter, uuid16=EN_SERVICE_UUID16, **kw):
+    return BluezScanner(adapter, clock=CLOCK, service_uuid16=uuid16, **kw)
 
 
 @pytest.fixture
@@ -57,8 +71,8 @@ def payload(i: int) -> bytes:
 
 
 async def test_every_rotation_seen_with_new_address_and_payload(fake_bluez):
-    adv = BluezAdvertiser("hci0")
-    scanner = BluezScanner("hci1")
+    adv = make_advertiser("hci0")
+    scanner = make_scanner("hci1")
     got = []
 
     async def scan():
@@ -86,12 +100,12 @@ async def test_every_rotation_seen_with_new_address_and_payload(fake_bluez):
 
 
 async def test_rssi_follows_distance(fake_bluez):
-    adv, scanner = BluezAdvertiser("hci0"), BluezScanner("hci1")
+    adv, scanner = make_advertiser("hci0"), make_scanner("hci1")
     await adv.start(payload(7), "")
     await control("SetPosition", "udd", [1, 0.5, 0.0])
     near = await collect(scanner, 1.5)
     await scanner.stop()
-    scanner = BluezScanner("hci1")
+    scanner = make_scanner("hci1")
     await control("SetPosition", "udd", [1, 6.0, 0.0])
     far = await collect(scanner, 1.5)
     await scanner.stop()
@@ -101,18 +115,18 @@ async def test_rssi_follows_distance(fake_bluez):
 
 
 async def test_over_long_advertisement_refused_with_bluez_error(fake_bluez):
-    adv = BluezAdvertiser("hci0", retries=0)
-    with pytest.raises(BluezError) as e:
+    adv = make_advertiser("hci0", retries=0)
+    with pytest.raises(RadioError) as e:
         await adv.start(b"\x00" * 24, "")  # 3 + 4 + 28 = 35 bytes > 31
     assert e.value.name == "org.bluez.Error.InvalidLength"
     await adv.stop()
 
 
 async def test_maximum_advertisements_and_serialised_rotation(fake_bluez):
-    other = BluezAdvertiser("hci0", retries=0)
+    other = make_advertiser("hci0", retries=0)
     await other.start(payload(1), "")
-    mine = BluezAdvertiser("hci0", retries=1, backoff_s=0.05)
-    with pytest.raises(BluezError) as e:
+    mine = make_advertiser("hci0", retries=1, backoff_s=0.05)
+    with pytest.raises(RadioError) as e:
         await mine.start(payload(2), "")
     assert e.value.name == "org.bluez.Error.NotPermitted"
     await other.stop()
@@ -124,7 +138,7 @@ async def test_maximum_advertisements_and_serialised_rotation(fake_bluez):
 
 
 async def test_bluetoothd_restart_is_recovered(fake_bluez):
-    adv, scanner = BluezAdvertiser("hci0"), BluezScanner("hci1", stall_s=1.0, backoff_s=0.2)
+    adv, scanner = make_advertiser("hci0"), make_scanner("hci1", stall_s=1.0, backoff_s=0.2)
     await adv.start(payload(9), "")
     got = []
 
@@ -149,19 +163,20 @@ async def test_bluetoothd_restart_is_recovered(fake_bluez):
 
 
 async def test_duplicate_data_changes_the_sample_rate(fake_bluez):
-    adv = BluezAdvertiser("hci0")
+    adv = make_advertiser("hci0")
     await adv.start(payload(5), "")
     await control("SetPosition", "udd", [1, 2.0, 0.0])
-    with_dup = await collect(BluezScanner("hci1", duplicate_data=True), 2.0)
+    with_dup = await collect(make_scanner("hci1", duplicate_data=True), 2.0)
     await asyncio.sleep(0.3)
-    without = await collect(BluezScanner("hci1", duplicate_data=False), 2.0)
+    without = await collect(make_scanner("hci1", duplicate_data=False), 2.0)
     await adv.stop()
     # without DuplicateData BlueZ only reports 8 dB RSSI moves or new data
     assert len(with_dup) > 2 * len(without) > 0
 
 
 async def test_gatt_status_service_read_through_bluez(fake_bluez):
-    from agent.ble.gatt import STATUS_CHAR_UUID, GattStatusService, parse_status, status_bytes
+    from agent.ble.bluez.gatt import GattStatusService
+    from agent.ble.status import STATUS_CHAR_UUID, parse_status, status_bytes
 
     await control("SetMaxAdvertisements", "uu", [0, 2])
     svc = GattStatusService("hci0")
@@ -180,11 +195,11 @@ async def test_gatt_status_service_read_through_bluez(fake_bluez):
 
 
 async def test_duty_cycle_alternates_advertising_and_scanning(fake_bluez):
-    from agent.ble.bluez import duty_cycle
+    from agent.ble.duty_cycle import duty_cycle
 
-    peer = BluezAdvertiser("hci1")  # someone else near us, advertising all the time
+    peer = make_advertiser("hci1")  # someone else near us, advertising all the time
     await peer.start(payload(3), "")
-    adv, scanner = BluezAdvertiser("hci0"), BluezScanner("hci0", stall_s=30)
+    adv, scanner = make_advertiser("hci0"), make_scanner("hci0", stall_s=30)
     await adv.start(payload(4), "")
     got = []
 
@@ -195,7 +210,7 @@ async def test_duty_cycle_alternates_advertising_and_scanning(fake_bluez):
     stop = asyncio.Event()
     scan_task = asyncio.create_task(scan())
     await asyncio.sleep(0.3)
-    dc = asyncio.create_task(duty_cycle(adv, scanner, advertise_s=0.8, scan_s=0.8, stop=stop))
+    dc = asyncio.create_task(duty_cycle(adv, scanner, advertise_s=0.8, scan_s=0.8, clock=CLOCK, stop=stop))
     await asyncio.sleep(3.5)
     stop.set()
     await dc
@@ -211,17 +226,17 @@ async def test_duty_cycle_alternates_advertising_and_scanning(fake_bluez):
 
 
 def test_doctor_checks_advertising_while_scanning_through_bluez(fake_bluez):
-    from agent import ops
-    ok, checks = ops.doctor("hci0")
-    by = {name: (good, detail) for name, good, detail in checks}
+    from agent.ble.bluez.doctor import doctor
+    ok, checks = doctor("hci0")
+    by = {c.name: (c.ok, c.detail) for c in checks}
     assert by["D-Bus system bus"][0]
     assert by["advertising while scanning"][0], by["advertising while scanning"][1]
 
 
 async def test_payload_update_keeps_the_address(fake_bluez):
     """ROBERT refreshes its HELLO (time, MAC) within an epoch without changing address."""
-    adv = BluezAdvertiser("hci0", service_uuid16="FD64")
-    scanner = BluezScanner("hci1")
+    adv = make_advertiser("hci0", ROBERT_SERVICE_UUID16)
+    scanner = make_scanner("hci1", ROBERT_SERVICE_UUID16)
     got = []
 
     async def scan():

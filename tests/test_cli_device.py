@@ -11,9 +11,16 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from backend.core import Backend, BackendConfig
+from agent.clock import ManualClock
+from agent.exposure.rule import WindowDecision
+from agent.records import Exposure
+from agent.store import KeyFile, Store
+from backend import Backend, BackendConfig
 
 from .backend_helpers import LiveServer
+from .helpers import DAY, MIDNIGHT, wait_until
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
@@ -30,19 +37,28 @@ def invoke(env, *args):
     return CliRunner().invoke(cli.main, list(args), env=env)
 
 
-def test_run_sigterm_status_encounters_export_purge(env):
-    e, tmp = env
+def daemon_status(tmp):
+    path = tmp / "data" / "status.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def run_until(e, tmp, condition, what):
+    """``ctagent run --radio sim`` as a process, until ``condition(status)``; then SIGTERM."""
     proc = subprocess.Popen([sys.executable, "-m", "cli", "run", "--radio", "sim"], env={**os.environ, **e},
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 20
-    status_file = tmp / "data" / "status.json"
-    while time.time() < deadline and not (status_file.exists() and json.loads(status_file.read_text())["sightings"] > 0):
-        time.sleep(0.3)
-    time.sleep(1.5)
-    proc.send_signal(signal.SIGTERM)
-    t = time.time()
-    assert proc.wait(timeout=10) == 0 and time.time() - t < 5
-    logs = proc.stderr.read()
+    try:
+        wait_until(lambda: condition(daemon_status(tmp)), what=what)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+    t = time.monotonic()
+    assert proc.wait(timeout=10) == 0, proc.stderr.read()
+    assert time.monotonic() - t < 5
+    return proc.stderr.read()
+
+
+def test_run_sigterm_status_encounters_export_purge(env):
+    e, tmp = env
+    logs = run_until(e, tmp, lambda st: st.get("sightings", 0) > 0, "the daemon to hear its simulated peers")
     assert "daemon stopped cleanly" in logs
     assert "level=INFO" in logs  # structured, one line per event
 
@@ -50,7 +66,7 @@ def test_run_sigterm_status_encounters_export_purge(env):
     assert r.exit_code == 0, r.output
     st = json.loads(r.output)
     assert st["encounters"] >= 1 and st["own_keys"] == 1 and st["daemon"]["rotations"] >= 1
-    assert st["daemon"]["mode"] == "normal"
+    assert st["daemon"]["mode"] == "normal" and st["protocol"] == "gaen"
     r = invoke(e, "status")
     assert "no exposure found" in r.output
     r = invoke(e, "encounters", "--json")
@@ -69,37 +85,55 @@ def test_run_sigterm_status_encounters_export_purge(env):
     assert invoke(e, "exposures").output.strip() == "no exposure found"
     r = invoke(e, "purge", "--yes")
     assert r.exit_code == 0 and not (tmp / "data" / "agent.db").exists()
+    assert not any(p.name.startswith("agent.db") for p in (tmp / "data").iterdir())
     r = invoke(e, "status")
     assert r.exit_code == 1 and "ctagent init" in r.output and "Traceback" not in r.output
 
 
 def test_declare_and_sync_against_a_live_backend(env):
     e, tmp = env
-    backend = Backend(BackendConfig(tmp / "backend", export_min_keys=10))
+    clock = ManualClock(time.time())
+    backend = Backend(BackendConfig(tmp / "backend", export_min_keys=10), clock=clock)
     with LiveServer(backend) as srv:
         e = {**e, "CTAGENT_SYNC_BACKEND_URL": srv.url, "CTAGENT_SYNC_TRUSTED_KEYS": backend.public_key_b64}
         r = invoke(e, "sync")
         assert r.exit_code == 0 and "0 new export file(s)" in r.output
-        # a key exists once the daemon rotated; make one with a short run
-        proc = subprocess.Popen([sys.executable, "-m", "cli", "run", "--radio", "sim"], env={**os.environ, **e},
-                                stderr=subprocess.DEVNULL)
-        time.sleep(3)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-        code = backend.issue_code("lab")["code"]
+        run_until(e, tmp, lambda st: st.get("rotations", 0) >= 1, "a first rotation (today's key)")
+        code = backend.verification.issue_code("lab")["code"]
         r = invoke(e, "declare", "--code", code)  # asks first
-        assert r.exit_code == 1 and "Aborted" in r.output
+        assert r.exit_code == 1 and "Aborted" in r.output and "Upload your 1 key(s)" in r.output
         r = invoke(e, "declare", "--code", code, "--yes")
         assert r.exit_code == 0 and "published: 1 key(s)" in r.output, r.output
         r = invoke(e, "declare", "--code", code, "--yes")
         assert r.exit_code == 1 and "already used" in r.output
-        backend.clock = lambda: time.time() + 2 * 86400  # after the embargo
-        assert len(backend.run_export()) == 1
+        clock.advance(2 * DAY)  # after the embargo
+        assert len(backend.exports.run()) == 1
         r = invoke(e, "sync", "--json")
         out = json.loads(r.output)
         assert out["files"] == 1 and out["keys"] >= 10 and out["exposed"] is False
         r = invoke(e, "exposures", "--json")
         assert json.loads(r.output) == []
+
+
+def test_exposures_explain_for_both_families(env):
+    """One shape for every family: a GAEN decision explains its windows, a ROBERT one
+    says the server decided (this used to crash with KeyError: 'explain')."""
+    e, tmp = env
+    window = WindowDecision(MIDNIGHT + 600, 4, False, 48.2, 0.87, 1.0)
+    with Store.open(tmp / "data" / "agent.db", KeyFile(tmp / "data" / "master.key"),
+                    clock=ManualClock(MIDNIGHT)) as store:
+        store.exposures.add(Exposure(day=MIDNIGHT // DAY, protocol="gaen", decided_by="distance", found_at=MIDNIGHT,
+                                     minutes=16.0, threshold_min=15.0, key_rolling_start=1, windows=(window,)))
+        store.exposures.add(Exposure(day=MIDNIGHT // DAY + 1, protocol="robert", decided_by="server",
+                                     found_at=MIDNIGHT + DAY, risk=0.12))
+    r = invoke(e, "exposures", "--explain")
+    assert r.exit_code == 0, r.output
+    assert "attenuation 48.2 dB, ~0.87 m, counted 1.0 min" in r.output
+    assert "decided by the robert server (risk score 0.12)" in r.output
+    doc = json.loads(invoke(e, "exposures", "--explain", "--json").output)
+    assert [x["date"] for x in doc] == ["2024-10-04", "2024-10-05"]
+    assert doc[0]["windows"][0]["distance_m"] == 0.87 and doc[1]["windows"] == []
+    assert "windows" not in json.loads(invoke(e, "exposures", "--json").output)[0]
 
 
 def test_bad_configuration_names_file_key_and_reason(env):
@@ -119,8 +153,27 @@ def test_bad_configuration_names_file_key_and_reason(env):
     assert "[radio] duty_cycle" in r.output
     r = invoke({**e, "CTAGENT_RADIO_GATT_STATUS": "maybe"}, "status")
     assert "gatt_status" in r.output
+    r = invoke({**e, "CTAGENT_AGENT_PROTOCOL": "dp3t"}, "status")
+    assert r.exit_code == 1 and "[agent] protocol" in r.output and "'robert'" in r.output
+    r = invoke({**e, "CTAGENT_SYNC_BACKEND_URL": "http://127.0.0.1:9"}, "status")
+    assert r.exit_code == 1 and str(cfg) in r.output and "[sync] trusted_keys" in r.output
     r = invoke(e, "init", "--data-dir", str(tmp / "d2"))
     assert r.exit_code == 1 and "already exists" in r.output
+
+
+def test_a_bug_is_reported_as_a_bug(env, monkeypatch):
+    e, _ = env
+    import agent.reports
+
+    def broken(*a, **kw):
+        raise KeyError("explain")
+
+    monkeypatch.setattr(agent.reports, "status_report", broken)
+    r = invoke(e, "status")
+    assert r.exit_code == 2 and "bug in ctagent" in r.output and "--debug" in r.output
+    assert "Traceback" not in r.output
+    r = invoke(e, "--debug", "status")
+    assert r.exit_code == 1 and isinstance(r.exception, KeyError)  # --debug: the real exception
 
 
 def test_doctor_without_bluetooth_says_so():
@@ -137,19 +190,17 @@ def test_run_with_the_bluez_radio_on_a_fake_bluetoothd(env):
     try:
         if not fake.start():
             pytest.skip(fake.skip_reason)
-        proc = subprocess.Popen([sys.executable, "-m", "cli", "run", "--radio", "bluez"],
-                                env={**os.environ, **e, "DBUS_SYSTEM_BUS_ADDRESS": fake.address,
-                                     "CTAGENT_RADIO_DUTY_CYCLE": "1,1"},
+        e = {**e, "DBUS_SYSTEM_BUS_ADDRESS": fake.address, "CTAGENT_RADIO_KIND": "bluez",
+             "CTAGENT_RADIO_DUTY_CYCLE": "1,1"}
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "run"], env={**os.environ, **e},
                                 stderr=subprocess.PIPE, text=True)
-        status_file = tmp / "data" / "status.json"
-        deadline = time.time() + 15
-        while time.time() < deadline:
-            if status_file.exists() and (json.loads(status_file.read_text()).get("advertiser") or {}).get("advertising"):
-                break
-            time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
+        try:
+            wait_until(lambda: (daemon_status(tmp).get("advertiser") or {}).get("advertising"),
+                       what="BlueZ to accept the advertisement")
+        finally:
+            proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0, proc.stderr.read()
-        st = json.loads(status_file.read_text())
+        st = daemon_status(tmp)
         assert st["rotations"] >= 1 and st["scanner"] is not None
     finally:
         fake.stop()
@@ -158,23 +209,16 @@ def test_run_with_the_bluez_radio_on_a_fake_bluetoothd(env):
 def test_robert_mode_commands(env):
     from backend.robert import RobertServer
     e, tmp = env
-    backend = Backend(BackendConfig(tmp / "backend"))
+    backend = Backend(BackendConfig(tmp / "backend"), clock=ManualClock(time.time()))
     rs = RobertServer(backend)
     with LiveServer(backend, robert_server=rs) as srv:
         e = {**e, "CTAGENT_AGENT_PROTOCOL": "robert", "CTAGENT_SYNC_BACKEND_URL": srv.url}
-        proc = subprocess.Popen([sys.executable, "-m", "cli", "run", "--radio", "sim"], env={**os.environ, **e},
-                                stderr=subprocess.PIPE, text=True)
-        status_file = tmp / "data" / "status.json"
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            if status_file.exists() and json.loads(status_file.read_text()).get("rotations", 0) >= 1:
-                break
-            time.sleep(0.3)
-        time.sleep(2)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0, proc.stderr.read()
-        assert json.loads(status_file.read_text())["protocol"] == "robert"
-        code = backend.issue_code("lab")["code"]
+        run_until(e, tmp, lambda st: st.get("rotations", 0) >= 1 and st.get("sightings", 0) > 0,
+                  "registration, a broadcast and HELLOs heard")
+        assert daemon_status(tmp)["protocol"] == "robert"
+        code = backend.verification.issue_code("lab")["code"]
+        r = invoke(e, "declare", "--code", code)
+        assert r.exit_code == 1 and "HELLO(s) your device heard" in r.output  # asks first
         r = invoke(e, "declare", "--code", code, "--yes")
         assert r.exit_code == 0 and "HELLO(s) accepted" in r.output, r.output
         assert "dropped" in r.output  # the sim peers' HELLOs were never issued by this server

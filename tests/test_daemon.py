@@ -1,64 +1,67 @@
-"""The daemon on a virtual clock, several simulated days."""
+"""The daemon on a virtual clock, several simulated days, both protocol families."""
 
 import asyncio
 import json
-import os
 import random
 import socket
 import sys
 
 import pytest
 
-from agent.agent import Agent
-from agent.ble.simradio import SimAdvertiser, SimScanner
+from agent.ble.base import Radio
+from agent.ble.sim import SimAdvertiser, SimScanner
 from agent.clock import VirtualClock
 from agent.daemon import Daemon, sd_notify
 from agent.exposure.calibration import DeviceCalibration
-from agent.protocol import gaen
+from agent.modes.base import DeviceContext
+from agent.modes.gaen import GaenMode
+from agent.modes.robert import RobertMode
+from agent.records import Exposure
 from agent.store import Store
 
-from .helpers import fast_passphrase
+from .helpers import DAY, MIDNIGHT, fast_passphrase
 
-DAY = 86_400
-T0 = 20_000 * DAY
 PI = DeviceCalibration("Raspberry Pi 3 Model B", 0.0, 4.0, 2)
 
 
-def make(tmp_path, clock, retention=3, **kw):
+def make(tmp_path, clock, retention=3, mode_cls=GaenMode, tick_s=30, peers=3, backend_url="", **kw):
     store = Store.create(tmp_path / "agent.db", fast_passphrase(), clock=clock, retention_days=retention)
     rng = random.Random(1)
-    agent = Agent(store, calibration=PI, rng=rng, tek_factory=lambda: rng.randbytes(16), match_workers=1)
+    mode = mode_cls(DeviceContext(store=store, clock=clock, calibration=PI, rng=rng, random_bytes=rng.randbytes,
+                                  backend_url=backend_url, match_workers=1))
     adv = SimAdvertiser(clock)
-    scan = SimScanner(clock, peers=3, seed=2, tick_s=30)
-    return Daemon(agent, clock=clock, advertiser=adv, scanner=scan, status_path=tmp_path / "status.json",
-                  rng=random.Random(3), flush_interval_s=300, **kw), adv
+    scan = SimScanner(clock, peer_factory=mode_cls.simulated_peer, peers=peers, seed=2, tick_s=tick_s)
+    daemon = Daemon(mode, Radio(adv, scan), clock=clock, status_path=tmp_path / "status.json", rng=random.Random(3),
+                    **{"flush_interval_s": 300, **kw})
+    return daemon, adv
 
 
 async def test_days_of_virtual_time(tmp_path):
-    clock = VirtualClock(T0)
+    clock = VirtualClock(MIDNIGHT)
     d, adv = make(tmp_path, clock)
     run = asyncio.create_task(d.run(install_signals=False))
-    await clock.run_until(T0 + 5 * DAY - 3600)
+    await clock.run_until(MIDNIGHT + 5 * DAY - 3600)
     st = d.status()
     days = 5
     assert 144 * days - 8 <= adv.rotations <= 144 * days - 5  # one rotation per 10-minute interval
     assert st["mode"] == "normal" and st["sightings"] > 5_000 and not st["failures"]
+    assert st["rotations"] == adv.rotations and st["protocol"] == "gaen"
     # retention (3 days) erased the first days: only the last 3 days of encounters remain
-    assert sorted(d.agent.store.encounter_days()) == [T0 // DAY + 2, T0 // DAY + 3, T0 // DAY + 4]
-    assert len(d.agent.store.teks()) == 3
+    assert sorted(d.store.encounters.count_by_day()) == [MIDNIGHT // DAY + 2, MIDNIGHT // DAY + 3, MIDNIGHT // DAY + 4]
+    assert len(d.store.teks.all()) == 3 and st["protocol_status"]["own_keys"] == 3
     status_file = json.loads((tmp_path / "status.json").read_text())
-    assert status_file["rotations"] == st["rotations"]
+    assert status_file["sightings"] > 5_000
     assert oct((tmp_path / "status.json").stat().st_mode & 0o777) == "0o600"
     d.stop()
     assert await asyncio.wait_for(run, 5) == 0
     # clean shutdown: the store reopens and nothing is lost
     s = Store.open(tmp_path / "agent.db", fast_passphrase(), clock=clock, retention_days=3)
-    assert s.integrity_check() == "ok" and sum(s.encounter_days().values()) > 0
+    assert s.integrity_check() == "ok" and sum(s.encounters.count_by_day().values()) > 0
     s.close()
 
 
 async def test_failing_scanner_degrades_not_dies(tmp_path):
-    clock = VirtualClock(T0)
+    clock = VirtualClock(MIDNIGHT)
     d, adv = make(tmp_path, clock)
 
     async def broken():
@@ -67,7 +70,7 @@ async def test_failing_scanner_degrades_not_dies(tmp_path):
 
     d.scanner.sightings = broken
     run = asyncio.create_task(d.run(install_signals=False))
-    await clock.run_until(T0 + 3 * 3600)
+    await clock.run_until(MIDNIGHT + 3 * 3600)
     st = d.status()
     assert st["mode"] == "advertise only" and st["failures"]["scan"] >= 3
     assert adv.rotations >= 17  # advertising goes on
@@ -75,18 +78,34 @@ async def test_failing_scanner_degrades_not_dies(tmp_path):
     assert await asyncio.wait_for(run, 5) == 0
 
 
+async def test_duty_cycle_on_the_virtual_clock(tmp_path):
+    clock = VirtualClock(MIDNIGHT)
+    d, adv = make(tmp_path, clock, tick_s=4, duty_cycle=(20.0, 10.0))
+    run = asyncio.create_task(d.run(install_signals=False))
+    seen = []
+    for k in range(1, 31):  # every 2 s for a minute: which phase is on
+        await clock.run_until(MIDNIGHT + 2 * k)
+        seen.append((d.advertiser.health().advertising, d.scanner.health().scanning))
+    d.stop()
+    assert await asyncio.wait_for(run, 5) == 0
+    assert (True, False) in seen and (False, True) in seen and (True, True) not in seen
+    assert sum(a for a, _ in seen) / len(seen) > 0.5  # advertising 20 s of every 30
+
+
 async def test_exposure_hook_gets_date_and_minutes_only(tmp_path):
-    clock = VirtualClock(T0 + 9 * 3600)
+    clock = VirtualClock(MIDNIGHT + 9 * 3600)
     out = tmp_path / "hook.txt"
-    hook = f"{sys.executable} -c \"import os,sys; open({str(out)!r},'w').write(repr(sorted(k for k in os.environ if k.startswith('CTAGENT_EXPOSURE'))) + ' ' + os.environ['CTAGENT_EXPOSURE_DATE'])\""
+    hook = (f"{sys.executable} -c \"import os,sys; open({str(out)!r},'w').write(repr(sorted(k for k in os.environ "
+            "if k.startswith('CTAGENT_EXPOSURE'))) + ' ' + os.environ['CTAGENT_EXPOSURE_DATE'])\"")
     d, _ = make(tmp_path, clock, on_exposure=hook)
-    d.agent.store.add_exposure(T0 // DAY, {"minutes": 22, "key_rolling_start": 1})
+    d.store.exposures.add(Exposure(day=MIDNIGHT // DAY, protocol="gaen", decided_by="distance", found_at=clock.now(),
+                                   minutes=22.0, key_rolling_start=1))
     await d._notify_new_exposures()
     assert out.read_text() == "['CTAGENT_EXPOSURE_DATE', 'CTAGENT_EXPOSURE_MINUTES'] 2024-10-04"
     assert d.hook_runs == 1
     await d._notify_new_exposures()
     assert d.hook_runs == 1  # once per exposure day
-    d.agent.store.close()
+    d.store.close()
 
 
 def test_sd_notify_datagram(tmp_path, monkeypatch):
@@ -101,36 +120,32 @@ def test_sd_notify_datagram(tmp_path, monkeypatch):
     assert not sd_notify("READY=1")
 
 
+@pytest.mark.integration
 async def test_robert_mode_on_a_virtual_clock(tmp_path):
-    from agent.robert_agent import RobertDevice
-    from backend.core import Backend, BackendConfig
+    from backend import Backend, BackendConfig
     from backend.robert import RobertServer
     from backend.server import BackgroundServer
 
-    clock = VirtualClock(T0 + 8 * 3600)
+    clock = VirtualClock(MIDNIGHT + 8 * 3600)
     backend = Backend(BackendConfig(tmp_path / "backend"), clock=clock)
-    rs = RobertServer(backend)
-    with BackgroundServer(backend, robert_server=rs) as srv:
-        store = Store.create(tmp_path / "agent.db", fast_passphrase(), clock=clock)
-        agent = Agent(store, calibration=PI, match_workers=1)
-        dev = RobertDevice(store, srv.url, sleep=lambda s: None)
-        adv = SimAdvertiser(clock)
-        scan = SimScanner(clock, peers=2, seed=4, tick_s=20, protocol="robert")
-        d = Daemon(agent, clock=clock, advertiser=adv, scanner=scan, robert=dev, flush_interval_s=120,
-                   rng=random.Random(5))
+    with BackgroundServer(backend, robert_server=RobertServer(backend)) as srv:
+        d, adv = make(tmp_path, clock, mode_cls=RobertMode, tick_s=20, peers=2, backend_url=srv.url,
+                      flush_interval_s=120)
         statuses = []
-        real_status = dev.status
-        dev.status = lambda now: statuses.append(now) or real_status(now)
+        real_status = d.mode.status
+        d.mode.status = lambda now: statuses.append(now) or real_status(now)
         run = asyncio.create_task(d.run(install_signals=False))
-        await clock.run_until(T0 + 11 * 3600)
-        assert dev.registered
+        await clock.run_until(MIDNIGHT + 11 * 3600)
+        assert d.mode.registered
         assert 11 <= adv.rotations <= 14  # a new EBID + address each 15-minute epoch
         assert adv.updates >= 100  # fresh HELLOs within each epoch, same address
-        assert len(adv.payload) == 18 and adv.payload[:1] != b""
+        assert len(adv.payload) == 18
         assert 3 <= len(statuses) <= 6 and all(b - a >= 1800 for a, b in zip(statuses, statuses[1:]))
-        assert d.status()["robert_status"]["atRisk"] is False
+        st = d.status()
+        assert st["protocol"] == "robert" and st["protocol_status"]["at_risk"] is False
+        assert st["last_check"]["atRisk"] is False and st["sightings"] > 100
         d.stop()
         assert await asyncio.wait_for(run, 5) == 0
         s = Store.open(tmp_path / "agent.db", fast_passphrase(), clock=clock)
-        assert len(s.hellos()) > 100  # the HELLOs heard, encrypted at rest
+        assert len(s.hellos.all()) > 100  # the HELLOs heard, encrypted at rest
         s.close()

@@ -28,7 +28,8 @@ def test_real_files_parse_to_expected_keys(name):
     trusted = [PUBLIC[name]] if name in PUBLIC else None
     got = export.parse_export(data, trusted_keys=trusted)
     assert got.verified == (trusted is not None)
-    assert (got.start_timestamp, got.end_timestamp, got.region) == (exp["start_timestamp"], exp["end_timestamp"], exp["region"])
+    assert (got.start_timestamp, got.end_timestamp, got.region) == (exp["start_timestamp"], exp["end_timestamp"],
+                                                                     exp["region"])
     assert (got.batch_num, got.batch_size) == (exp["batch_num"], exp["batch_size"])
     assert len(got.keys) == exp["num_keys"] and len(got.revised_keys) == exp["num_revised_keys"]
     want = [
@@ -36,7 +37,8 @@ def test_real_files_parse_to_expected_keys(name):
          k["transmission_risk_level"])
         for k in exp["keys"]
     ]
-    have = [(k.key_data, k.rolling_start_interval_number, k.rolling_period, k.transmission_risk_level) for k in got.keys]
+    have = [(k.key_data, k.rolling_start_interval_number, k.rolling_period, k.transmission_risk_level)
+            for k in got.keys]
     assert have == want
 
 
@@ -82,7 +84,8 @@ def test_round_trip_with_all_fields(signing_key):
 def test_pem_and_object_keys_accepted(signing_key):
     from cryptography.hazmat.primitives import serialization
     blob = export.build_export(sample_keys(1), signing_key=signing_key, start_timestamp=0, end_timestamp=1, region="X")
-    pem = signing_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = signing_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                serialization.PublicFormat.SubjectPublicKeyInfo)
     assert export.parse_export(blob, trusted_keys=[pem]).verified
     assert export.parse_export(blob, trusted_keys=[signing_key.public_key()]).verified
     with pytest.raises(ExportError):

@@ -3,18 +3,19 @@ import random
 import pytest
 
 from agent.exposure.aggregate import Aggregator
-from agent.exposure.calibration import DEFAULT_CALIBRATION, CalibrationError, CalibrationTable, DeviceCalibration
+from agent.exposure.calibration import CalibrationError, CalibrationTable, DeviceCalibration
 from agent.exposure.encounter import Encounter, Sighting
 from agent.exposure.engine import decide_matches
 from agent.exposure.matching import EncounterIndex, MatchStats, match_keys
-from agent.exposure.rule import ConfigError, ProximityConfig, WindowObservation, decide
+from agent.errors import ConfigError
+from agent.exposure.rule import ProximityConfig, WindowObservation, decide
 from agent.protocol import gaen
 from agent.protocol.export import DiagnosisKey
 
 from .conftest import DATA
+from .helpers import DAY, MIDNIGHT
 
-DAY = 86_400
-T0 = 20_000 * DAY
+T0 = MIDNIGHT
 
 
 # --- aggregation ------------------------------------------------------------------
@@ -54,7 +55,8 @@ def test_google_lists_load():
     t = CalibrationTable.load(DATA / "en-calibration-2020-12-14.csv")
     assert len(t) > 500
     old = CalibrationTable.from_csv_text(
-        "oem,model,rssi correction (android rssi + rssi correction = iphone rssi),tx (as iphone would report for same power),has direct measurement\n"
+        "oem,model,rssi correction (android rssi + rssi correction = iphone rssi),"
+        "tx (as iphone would report for same power),has direct measurement\n"
         "Google,Pixel 4,3,-25,yes\n")
     assert old.lookup("pixel 4").confidence == 2
     t = CalibrationTable.load(DATA / "en-calibration-2020-12-14.csv")
@@ -129,7 +131,7 @@ def test_bucket_rule_weights():
     assert d.minutes == 15 and d.exposed
     (d,) = decide(obs(20, 60.0), c)  # medium: 0.25 x 20
     assert d.minutes == 5 and not d.exposed
-    assert d.windows[0]["bucket"] == 2
+    assert d.windows[0].bucket == 2
     (d,) = decide(obs(10, 55.0) + obs(10, 50.0, start=T0 + 600), c)  # near 0.5 x 10 + immediate 10
     assert d.minutes == 15 and d.exposed
 
@@ -141,7 +143,8 @@ def test_config_validation():
         ProximityConfig(bucket_weights=(1.0,))
     with pytest.raises(ConfigError, match="unknown"):
         ProximityConfig.from_mapping({"distance_treshold_m": 2})
-    assert ProximityConfig.from_mapping({"distance_threshold_m": 2, "bucket_weights": [1, 1, 1, 0]}).distance_threshold_m == 2
+    cfg = ProximityConfig.from_mapping({"distance_threshold_m": 2, "bucket_weights": [1, 1, 1, 0]})
+    assert cfg.distance_threshold_m == 2
 
 
 # --- matching ---------------------------------------------------------------------
@@ -178,9 +181,10 @@ def test_match_decrypts_tx_power_and_decides():
     cfg = ProximityConfig(distance_threshold_m=1.01)
     (dec,) = decide_matches([m], cfg, DeviceCalibration("rx", 0.0, -10, 2))
     assert dec.exposed and dec.day.minutes == 30
-    expl = dec.explain()
-    assert expl["windows"][0]["distance_m"] == pytest.approx(1.0, abs=0.02)
-    assert tek.hex() not in repr(expl)
+    exposure = dec.to_exposure(found_at=T0)
+    assert exposure.minutes == 30 and exposure.key_rolling_start == rs and exposure.protocol == "gaen"
+    assert exposure.windows[0].distance_m == pytest.approx(1.0, abs=0.02)
+    assert tek.hex() not in repr(exposure) and tek.hex() not in exposure.to_bytes().decode()
 
 
 def test_clock_skew_within_tolerance_only():
@@ -223,7 +227,8 @@ def test_parallel_equals_serial():
     encs = []
     for i, t in enumerate(teks[:10]):
         encs += broadcast(t, rs + i * 5, 5)
-    keys = [DiagnosisKey(t, rs) for t in teks] + [DiagnosisKey(random.Random(i).randbytes(16), rs) for i in range(20_000)]
+    keys = [DiagnosisKey(t, rs) for t in teks]
+    keys += [DiagnosisKey(random.Random(i).randbytes(16), rs) for i in range(20_000)]
     index = EncounterIndex(encs + noise(3000))
     serial = match_keys(keys, index, workers=1, native=False)
     parallel = match_keys(keys, index, workers=2, native=False)

@@ -1,9 +1,11 @@
 import random
 
+from agent.clock import DAY_SECONDS
 from agent.protocol import gaen
-from agent.protocol.schedule import IdSchedule, TekRecord, random_nrpa
+from agent.protocol.gaen import TemporaryExposureKey
+from agent.protocol.schedule import IdSchedule, random_nrpa
 
-DAY0 = 1_700_006_400  # a UTC midnight (divisible by 86400)
+DAY0 = 1_700_006_400  # a UTC midnight
 
 
 def make(seed=1, **kw):
@@ -11,7 +13,7 @@ def make(seed=1, **kw):
     return IdSchedule(tx_power_dbm=-10, rng=rng, tek_factory=lambda: rng.randbytes(16), **kw)
 
 
-def run_day(sched, start=DAY0, end=DAY0 + 86_400):
+def run_day(sched, start=DAY0, end=DAY0 + DAY_SECONDS):
     now, rots = float(start), []
     while now < end:
         rots.append(sched.rotate(now))
@@ -39,7 +41,7 @@ def test_address_and_payload_rotate_together():
 
 def test_payload_decrypts_to_tx_power():
     rots = run_day(make(), end=DAY0 + 3600)
-    tek = rots[0].tek.tek
+    tek = rots[0].tek.key_data
     aemk = gaen.derive_aemk(tek)
     for r in rots:
         assert r.payload.rpi == gaen.rpi(gaen.derive_rpik(tek), r.enin)
@@ -47,20 +49,21 @@ def test_payload_decrypts_to_tx_power():
 
 
 def test_new_tek_at_utc_day_start_only():
-    rots = run_day(make(), end=DAY0 + 3 * 86_400)
+    rots = run_day(make(), end=DAY0 + 3 * DAY_SECONDS)
     new = [r for r in rots if r.new_tek]
     assert len(new) == 3
-    assert [r.tek.rolling_start for r in new] == [gaen.rolling_start_for_day(DAY0 + d * 86_400) for d in range(3)]
-    assert len({r.tek.tek for r in new}) == 3
+    assert [r.tek.rolling_start_interval_number for r in new] == [gaen.rolling_start_for_day(DAY0 + d * DAY_SECONDS)
+                                                                  for d in range(3)]
+    assert len({r.tek.key_data for r in new}) == 3
 
 
 def test_restart_keeps_the_days_tek():
     s1 = make(seed=1)
     first = s1.rotate(DAY0 + 100)
     s2 = make(seed=2)
-    s2.load_tek(TekRecord(first.tek.tek, first.tek.rolling_start))
+    s2.load_tek(TemporaryExposureKey(first.tek.key_data, first.tek.rolling_start_interval_number))
     again = s2.rotate(DAY0 + 5000)
-    assert not again.new_tek and again.tek.tek == first.tek.tek
+    assert not again.new_tek and again.tek.key_data == first.tek.key_data
 
 
 def test_same_seed_same_schedule():
@@ -71,7 +74,7 @@ def test_same_seed_same_schedule():
 
 def test_repr_hides_keys():
     r = make().rotate(DAY0)
-    assert r.tek.tek.hex() not in repr(r) and r.tek.tek.hex() not in repr(r.tek)
+    assert r.tek.key_data.hex() not in repr(r) and r.tek.key_data.hex() not in repr(r.tek)
 
 
 def test_nrpa_format():

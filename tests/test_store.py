@@ -1,8 +1,8 @@
 import hashlib
+import json
 import os
 import shutil
 import signal
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -11,16 +11,16 @@ import time
 
 import pytest
 
+from agent.clock import ManualClock
 from agent.exposure.aggregate import Aggregator
-from agent.exposure.encounter import Encounter
-from agent.protocol.schedule import TekRecord
-from agent.store import (KeyFile, Passphrase, Store, StoreError, StoreKeyError, StoreVersionError,
+from agent.protocol.gaen import TemporaryExposureKey
+from agent.records import Exposure
+from agent.store import (HeardHello, KeyFile, Passphrase, Store, StoreError, StoreKeyError, StoreVersionError,
                          create_key_file, keyring_path)
+from agent.sync.keyserver import PendingDeclaration, ProcessedExports
+from agent.sync.robert import RobertRegistration, RobertStatus
 
-from .helpers import FAST_SCRYPT, FakeClock, fast_passphrase
-
-DAY = 86_400
-T0 = 20_000 * DAY + 8 * 3600  # 08:00 UTC on day 20000
+from .helpers import DAY, FAST_SCRYPT, T0, fast_passphrase
 
 
 def make_encounters(n, t0=T0, seed=0):
@@ -32,21 +32,6 @@ def make_encounters(n, t0=T0, seed=0):
         for r in rpis:
             agg.add_raw(t0 + k, r, rng.randbytes(4), rng.randint(-90, -40))
     return agg.flush(t0 + 600, final=True)
-
-
-@pytest.fixture
-def clock():
-    return FakeClock(T0)
-
-
-@pytest.fixture
-def store(tmp_path, clock):
-    s = Store.create(tmp_path / "agent.db", fast_passphrase(), clock=clock)
-    yield s
-    try:
-        s.close()
-    except sqlite3.ProgrammingError:
-        pass
 
 
 def files_of(path):
@@ -61,27 +46,26 @@ def test_schema_wal_and_modes(store):
     assert store.conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
     tables = set(store.db.table_names())
     assert {"teks", "encounters", "exposures", "sync_state", "schema_version"} <= tables
-    store.write_encounters(make_encounters(2))
+    store.encounters.write(make_encounters(2))
     for p in files_of(store.path):
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
 
 
 def test_round_trip_and_updates(store, clock):
     encs = make_encounters(5)
-    assert store.write_encounters(encs) == 5
+    assert store.encounters.write(encs) == 5
     encs[0].add(T0 + 650, -30)
-    store.write_encounters([encs[0]])  # update in place, same row
-    got = {e.rpi: e for e in store.encounters()}
+    store.encounters.write([encs[0]])  # update in place, same row
+    got = {e.rpi: e for e in store.encounters.read()}
     assert len(got) == 5
     e0 = got[encs[0].rpi]
     assert e0.row_id == encs[0].row_id and e0.last_seen == T0 + 650 and e0.sample_count == 601
-    assert store.encounter_days() == {20000: 5}
-    store.add_tek(TekRecord(b"k" * 16, 20000 * 144))
-    assert store.teks() == [TekRecord(b"k" * 16, 20000 * 144)]
-    store.add_exposure(20000, {"risk": "high", "minutes": 20})
-    assert store.exposures() == [{"risk": "high", "minutes": 20, "day": 20000}]
-    store.set_state("cursor", {"last": "a.zip"})
-    assert store.get_state("cursor") == {"last": "a.zip"} and store.get_state("nope", 3) == 3
+    assert store.encounters.count_by_day() == {20000: 5}
+    store.teks.add(TemporaryExposureKey(b"k" * 16, 20000 * 144))
+    assert store.teks.all() == [TemporaryExposureKey(b"k" * 16, 20000 * 144)]
+    store.state.put(ProcessedExports(("a.zip",)))
+    assert store.state.get(ProcessedExports) == ProcessedExports(("a.zip",))
+    assert store.state.get(PendingDeclaration) is None
 
 
 def test_nothing_identifying_in_the_raw_files(tmp_path, clock):
@@ -89,9 +73,9 @@ def test_nothing_identifying_in_the_raw_files(tmp_path, clock):
     s = Store.create(path, fast_passphrase(), clock=clock)
     teks = [os.urandom(16) for _ in range(3)]
     for i, t in enumerate(teks):
-        s.add_tek(TekRecord(t, (20000 - i) * 144))
+        s.teks.add(TemporaryExposureKey(t, (20000 - i) * 144))
     encs = make_encounters(50)
-    s.write_encounters(encs)
+    s.encounters.write(encs)
     secrets_ = teks + [e.rpi for e in encs] + [e.aem for e in encs]
 
     def check(blobs):
@@ -109,7 +93,7 @@ def test_nothing_identifying_in_the_raw_files(tmp_path, clock):
 def test_wrong_passphrase_changes_nothing(tmp_path, clock):
     path = tmp_path / "agent.db"
     with Store.create(path, fast_passphrase(), clock=clock) as s:
-        s.write_encounters(make_encounters(3))
+        s.encounters.write(make_encounters(3))
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files_of(path)}
     with pytest.raises(StoreKeyError, match="wrong passphrase or key file"):
         Store.open(path, Passphrase("wrong"), clock=clock)
@@ -125,9 +109,9 @@ def test_key_file(tmp_path, clock):
         create_key_file(kf)
     path = tmp_path / "agent.db"
     with Store.create(path, KeyFile(kf), clock=clock) as s:
-        s.write_encounters(make_encounters(2))
+        s.encounters.write(make_encounters(2))
     with Store.open(path, KeyFile(kf), clock=clock) as s:
-        assert len(list(s.encounters())) == 2
+        assert len(list(s.encounters.read())) == 2
     os.chmod(kf, 0o644)
     with pytest.raises(StoreKeyError, match="readable by others"):
         Store.open(path, KeyFile(kf), clock=clock)
@@ -141,41 +125,41 @@ def test_key_file(tmp_path, clock):
 def test_master_key_rotation(tmp_path, clock):
     path = tmp_path / "agent.db"
     with Store.create(path, fast_passphrase("old"), clock=clock) as s:
-        s.write_encounters(make_encounters(4))
+        s.encounters.write(make_encounters(4))
         s.rotate_master_key(Passphrase("new", scrypt=FAST_SCRYPT))
     with pytest.raises(StoreKeyError):
         Store.open(path, Passphrase("old"), clock=clock)
     with Store.open(path, Passphrase("new"), clock=clock) as s:
-        assert len(list(s.encounters())) == 4
+        assert len(list(s.encounters.read())) == 4
         kf = create_key_file(tmp_path / "k")
         s.rotate_master_key(KeyFile(kf))
     with Store.open(path, KeyFile(kf), clock=clock) as s:
-        assert len(list(s.encounters())) == 4
+        assert len(list(s.encounters.read())) == 4
 
 
 def test_retention_crypto_erases_even_old_copies(tmp_path, clock):
     path = tmp_path / "agent.db"
     key = fast_passphrase()
     with Store.create(path, key, clock=clock) as s:
-        s.write_encounters(make_encounters(3, t0=T0 - 20 * DAY, seed=1))  # day 19980
-        s.add_tek(TekRecord(b"o" * 16, 19980 * 144))
-        s.write_encounters(make_encounters(2, t0=T0, seed=2))
-        assert s.encounter_days() == {19980: 3, 20000: 2}  # day 19980 was written today with a past time
+        s.encounters.write(make_encounters(3, t0=T0 - 20 * DAY, seed=1))  # day 19980
+        s.teks.add(TemporaryExposureKey(b"o" * 16, 19980 * 144))
+        s.encounters.write(make_encounters(2, t0=T0, seed=2))
+        assert s.encounters.count_by_day() == {19980: 3, 20000: 2}  # day 19980 was written today with a past time
     backup = tmp_path / "backup"
     backup.mkdir()
     for p in files_of(path):
         shutil.copy2(p, backup / p.name)
     # The purge happens on the next open (retention runs on open).
     with Store.open(path, key, clock=clock) as s:
-        assert s.encounter_days() == {20000: 2}
+        assert s.encounters.count_by_day() == {20000: 2}
         assert 19980 not in s.keyring.days()
-        assert [t.rolling_start for t in s.teks()] == []
+        assert s.teks.all() == []
     # The old database copy, with the master key and the current keyring, reveals nothing of that day.
     shutil.copy2(keyring_path(path), backup / keyring_path(path).name)
     old = backup / "agent.db"
-    s = Store.open(old, key, clock=FakeClock(T0 - 20 * DAY))  # a clock that would keep the day
+    s = Store.open(old, key, clock=ManualClock(T0 - 20 * DAY))  # a clock that would keep the day
     try:
-        assert list(s.encounters(until_day=19980)) == [] and s.teks() == []
+        assert list(s.encounters.read(until_day=19980)) == [] and s.teks.all() == []
         assert s.stats.missing_key_rows >= 4
         assert s.conn.execute("SELECT COUNT(*) FROM encounters WHERE day = 19980").fetchone()[0] == 3
     finally:
@@ -183,19 +167,19 @@ def test_retention_crypto_erases_even_old_copies(tmp_path, clock):
 
 
 def test_retention_runs_daily(store, clock):
-    store.write_encounters(make_encounters(1))
+    store.encounters.write(make_encounters(1))
     assert store.maybe_apply_retention() == []
     clock.advance(13 * DAY)
     assert store.maybe_apply_retention() == []
-    assert store.encounter_days() == {20000: 1}
+    assert store.encounters.count_by_day() == {20000: 1}
     clock.advance(DAY)
     assert store.maybe_apply_retention() == [20000]
-    assert store.encounter_days() == {}
+    assert store.encounters.count_by_day() == {}
 
 
 def test_tampered_and_swapped_rows_are_skipped(store):
     encs = make_encounters(4)
-    store.write_encounters(encs)
+    store.encounters.write(encs)
     ids = [e.row_id for e in encs]
     blob = bytearray(store.conn.execute("SELECT blob FROM encounters WHERE id=?", (ids[0],)).fetchone()[0])
     blob[30] ^= 0xFF
@@ -204,7 +188,7 @@ def test_tampered_and_swapped_rows_are_skipped(store):
     b2 = store.conn.execute("SELECT blob FROM encounters WHERE id=?", (ids[2],)).fetchone()[0]
     store.conn.execute("UPDATE encounters SET blob=? WHERE id=?", (b2, ids[1]))
     store.conn.execute("UPDATE encounters SET blob=? WHERE id=?", (b1, ids[2]))
-    got = list(store.encounters())
+    got = list(store.encounters.read())
     assert [e.row_id for e in got] == [ids[3]]
     assert store.stats.corrupt_rows == 3
 
@@ -233,10 +217,11 @@ def test_not_a_database(tmp_path, clock):
 WRITER = textwrap.dedent("""
     import os, sys, random
     sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+    from agent.clock import ManualClock
     from agent.store import Store
     from agent.exposure.aggregate import Aggregator
-    from helpers import fast_passphrase, FakeClock
-    clock = FakeClock({t0})
+    from helpers import fast_passphrase
+    clock = ManualClock({t0})
     s = Store.create({path!r}, fast_passphrase(), clock=clock)
     rng = random.Random(5)
     batch = 0
@@ -244,12 +229,13 @@ WRITER = textwrap.dedent("""
         agg = Aggregator()
         for i in range({batch_size}):
             agg.add_raw({t0} + batch, rng.randbytes(16), rng.randbytes(4), -60)
-        s.write_encounters(agg.flush({t0} + batch, final=True))
+        s.encounters.write(agg.flush({t0} + batch, final=True))
         batch += 1
         print(batch, flush=True)
 """)
 
 
+@pytest.mark.integration
 def test_sigkill_mid_burst_loses_at_most_the_batch_in_flight(tmp_path):
     import pathlib
     root = str(pathlib.Path(__file__).resolve().parents[1])
@@ -263,53 +249,127 @@ def test_sigkill_mid_burst_loses_at_most_the_batch_in_flight(tmp_path):
         if not line:
             break
         committed = int(line)
-    time.sleep(0.05)  # let it get into the next burst
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)  # a batch is in flight: the writer commits one every few ms
     rest = proc.stdout.read().split()
     proc.wait()
     committed = int(rest[-1]) if rest else committed
     assert committed >= 15
-    with Store.open(path, fast_passphrase(), clock=FakeClock(T0)) as s:
+    with Store.open(path, fast_passphrase(), clock=ManualClock(T0)) as s:
         assert s.integrity_check() == "ok"
         n = s.conn.execute("SELECT COUNT(*) FROM encounters").fetchone()[0]
         assert committed * 200 <= n <= (committed + 1) * 200
         assert n % 200 == 0  # whole batches only
-        assert len(list(s.encounters())) == n and s.stats.corrupt_rows == 0
+        assert len(list(s.encounters.read())) == n and s.stats.corrupt_rows == 0
 
 
-def test_migration_from_schema_1_keeps_data(tmp_path, clock):
-    """A version-1 database (as written before ROBERT mode) opens and gains the new tables."""
-    import sqlite_utils
-    from agent.store import store as store_mod
+# -- migrations: databases written by older versions open, and keep their data ----------
+
+LEGACY_GAEN_EXPOSURE = {"key_rolling_start": 20000 * 144, "minutes": 22.0, "rule": "distance", "report_type": 1,
+                        "found_at": T0, "explain": {"key_rolling_start": 20000 * 144, "report_type": 1,
+                                                    "days_since_onset": None, "day": 20000, "exposed": True,
+                                                    "minutes": 22.0, "threshold_min": 15.0, "rule": "distance",
+                                                    "windows": [{"start": T0, "samples": 3, "filled": False,
+                                                                 "attenuation_db": 48.5, "distance_m": 0.87,
+                                                                 "minutes": 1.0}]}}
+LEGACY_ROBERT_EXPOSURE = {"rule": "robert", "minutes": None, "risk": 0.12, "found_at": T0}
+LEGACY_PENDING = {"certificate": "eyJ-legacy-certificate", "hmacKey": "aG1hYw==", "rolling_starts": [2880000]}
+
+
+def _legacy_database(path, clock, version):
+    """A database as schema ``version`` (1 or 2) wrote it, with the record shapes of then."""
+    s = Store.create(path, fast_passphrase(), clock=clock)
+    s.encounters.write(make_encounters(2))
+
+    def legacy_row(table, day, doc, plain=None):
+        row_id = s.rows.new_id(table)
+        blob = s.rows.seal(table, row_id, day, plain if plain is not None else json.dumps(doc).encode())
+        s.conn.execute(f"INSERT INTO {table} (id, day, blob) VALUES (?, ?, ?)", (row_id, day, blob))
+
+    for doc in (LEGACY_GAEN_EXPOSURE, LEGACY_GAEN_EXPOSURE, LEGACY_ROBERT_EXPOSURE):  # the first twice: a duplicate
+        legacy_row("exposures", 20000, doc)
+    s.conn.execute("INSERT INTO sync_state (name, value) VALUES ('declare.pending', ?)", (json.dumps(LEGACY_PENDING),))
+    s.conn.execute("INSERT INTO sync_state (name, value) VALUES ('exports.done', ?)", (json.dumps(["a.zip"]),))
+    if version >= 2:
+        s.conn.execute("INSERT INTO sync_state (name, value) VALUES ('robert.status', ?)",
+                       (json.dumps({"at": T0, "atRisk": True, "riskLevel": 4}),))
+        reg = {"k_mac": "00" * 32, "k_tuples": "11" * 32, "time_start": 3_900_000_000,
+               "tuples": {"7": ["22" * 8, "33"]}}
+        legacy_row("secrets", 2**31 - 1, None,
+                   json.dumps({"n": "robert.registration", "v": json.dumps(reg).encode().hex()}).encode())
+    s.conn.execute("DROP INDEX exposures_uid")
+    s.conn.execute("ALTER TABLE exposures DROP COLUMN uid")
+    if version < 2:
+        s.conn.execute("DROP TABLE hellos")
+        s.conn.execute("DROP TABLE secrets")
+    s.conn.execute("DELETE FROM schema_version WHERE version > ?", (version,))
+    s.close()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_migration_keeps_data_and_encrypts_sensitive_state(tmp_path, clock, version):
+    from agent.store import SCHEMA_VERSION
     path = tmp_path / "agent.db"
-    real = dict(store_mod.MIGRATIONS)
-    real_tables = store_mod._ENCRYPTED_TABLES
-    try:
-        store_mod.MIGRATIONS.pop(2)
-        store_mod.SCHEMA_VERSION = 1
-        store_mod._ENCRYPTED_TABLES = ("teks", "encounters", "exposures")
-        with Store.create(path, fast_passphrase(), clock=clock) as s:
-            s.write_encounters(make_encounters(3))
-            assert "hellos" not in s.db.table_names()
-    finally:
-        store_mod.MIGRATIONS.update(real)
-        store_mod.SCHEMA_VERSION = 2
-        store_mod._ENCRYPTED_TABLES = real_tables
+    _legacy_database(path, clock, version)
+    assert b"legacy-certificate" in path.read_bytes()  # the old version kept it in clear
     with Store.open(path, fast_passphrase(), clock=clock) as s:
+        assert s.conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
         assert {"hellos", "secrets"} <= set(s.db.table_names())
-        assert s.conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 2
-        assert len(list(s.encounters())) == 3
-        s.add_hellos([(T0, b"h" * 16, -50)])
-        s.put_secret("robert", b"k" * 32)
-        s.put_secret("robert", b"q" * 32)
-        assert s.hellos() == [(T0, b"h" * 16, -50)] and s.get_secret("robert") == b"q" * 32
-    assert sqlite_utils  # imported for the schema helpers above
+        assert len(list(s.encounters.read())) == 2
+        found = sorted(s.exposures.all(), key=lambda e: e.protocol)
+        assert [(e.protocol, e.decided_by, e.day) for e in found] == [("gaen", "distance", 20000),
+                                                                      ("robert", "server", 20000)]
+        gaen_exposure, robert_exposure = found
+        assert gaen_exposure.minutes == 22.0 and gaen_exposure.windows[0].distance_m == 0.87
+        assert robert_exposure.minutes is None and robert_exposure.risk == 0.12
+        # the same exposure cannot be added twice
+        assert not s.exposures.add(gaen_exposure) and len(s.exposures.all()) == 2
+        assert s.state.get(PendingDeclaration).certificate == LEGACY_PENDING["certificate"]
+        assert s.state.get(ProcessedExports) == ProcessedExports(("a.zip",))
+        clear_names = {n for (n,) in s.conn.execute("SELECT name FROM sync_state")}
+        assert clear_names == {"exports.done"}
+        if version >= 2:
+            assert s.state.get(RobertStatus).at_risk is True
+            reg = s.state.get(RobertRegistration)
+            assert reg.time_start == 3_900_000_000 and reg.tuples[7] == (b"\x22" * 8, b"\x33")
+        s.hellos.add([HeardHello(T0, b"h" * 16, -50)])
+        assert s.hellos.all() == [HeardHello(T0, b"h" * 16, -50)]
+    for p in files_of(path):  # nothing sensitive left in clear, in any file
+        assert b"legacy-certificate" not in p.read_bytes()
 
 
-def test_secrets_survive_retention_hellos_do_not(tmp_path, clock):
+def test_exposures_typed_and_unique(store):
+    e = Exposure(day=20000, protocol="gaen", decided_by="distance", found_at=T0, minutes=16.0, threshold_min=15.0,
+                 key_rolling_start=20000 * 144, report_type=1)
+    assert store.exposures.add(e) and not store.exposures.add(e)
+    other_key = Exposure(day=20000, protocol="gaen", decided_by="distance", found_at=T0, minutes=30.0,
+                         key_rolling_start=19999 * 144)
+    assert store.exposures.add(other_key)
+    assert store.exposures.all() == [e, other_key] and store.exposures.days() == [20000]
+    raw = store.conn.execute("SELECT uid FROM exposures").fetchall()
+    assert all(str(20000 * 144) not in u for (u,) in raw)  # the uniqueness key reveals nothing
+
+
+def test_sensitive_state_is_encrypted_and_survives_retention(tmp_path, clock):
     with Store.create(tmp_path / "a.db", fast_passphrase(), clock=clock) as s:
-        s.add_hellos([(T0, b"h" * 16, -50)])
-        s.put_secret("robert", b"k" * 32)
+        s.hellos.add([HeardHello(T0, b"h" * 16, -50)])
+        reg = RobertRegistration(b"m" * 32, b"t" * 32, 3_900_000_000, {1: (b"e" * 8, b"c")})
+        s.state.put(reg)
+        s.state.put(PendingDeclaration("the-certificate", "aG1hYw==", (1, 2)))
+        assert b"the-certificate" not in (tmp_path / "a.db").read_bytes()
+        assert b"the-certificate" not in (tmp_path / "a.db-wal").read_bytes()
         clock.advance(30 * DAY)
         s.apply_retention()
-        assert s.hellos() == [] and s.get_secret("robert") == b"k" * 32
+        assert s.hellos.all() == [] and s.state.get(RobertRegistration) == reg
+        s.state.clear(RobertRegistration)
+        assert s.state.get(RobertRegistration) is None
+
+
+def test_purge_erases_every_file_the_store_wrote(tmp_path, clock):
+    from agent.store import purge
+    path = tmp_path / "agent.db"
+    with Store.create(path, fast_passphrase(), clock=clock) as s:
+        s.encounters.write(make_encounters(2))
+        (tmp_path / "agent.db.keyring.tmp123").write_bytes(b"a stale keyring copy")
+    removed = purge(path)
+    assert {p.name for p in removed} >= {"agent.db", "agent.db.keyring", "agent.db.keyring.tmp123"}
+    assert list(tmp_path.iterdir()) == []

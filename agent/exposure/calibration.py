@@ -65,7 +65,7 @@ class CalibrationTable:
         return self.default
 
     @classmethod
-    def from_csv_text(cls, text: str, *, source: str = "<text>") -> "CalibrationTable":
+    def from_csv_text(cls, text: str, *, source: str = "<text>") -> CalibrationTable:
         rows = list(csv.reader(io.StringIO(text)))
         if not rows:
             raise CalibrationError(f"{source}: empty calibration file")
@@ -77,7 +77,8 @@ class CalibrationTable:
                     if not r or r[0].lstrip().startswith("#"):
                         continue
                     entries.append(DeviceCalibration(r[2], float(r[3]), float(r[4]), int(r[5]), r[0], r[1]))
-            elif len(header) >= 5 and header[0] == "oem" and header[1] == "model" and header[2].startswith("rssi correction"):
+            elif (len(header) >= 5 and header[0] == "oem" and header[1] == "model"
+                  and header[2].startswith("rssi correction")):
                 for r in rows[1:]:
                     if not r:
                         continue
@@ -92,7 +93,7 @@ class CalibrationTable:
         return cls(entries)
 
     @classmethod
-    def load(cls, *paths: str | Path) -> "CalibrationTable":
+    def load(cls, *paths: str | Path) -> CalibrationTable:
         """Load and merge files; earlier files win for a model listed twice."""
         entries: list[DeviceCalibration] = []
         for p in paths:

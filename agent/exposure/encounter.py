@@ -128,7 +128,7 @@ class Encounter:
         return b"".join(parts)
 
     @classmethod
-    def from_bytes(cls, data: bytes, row_id: int | None = None) -> "Encounter":
+    def from_bytes(cls, data: bytes, row_id: int | None = None) -> Encounter:
         first, last, tx, window_s, _ = _HEADER.unpack_from(data, 0)
         off = _HEADER.size
         rpi, aem = data[off : off + 16], data[off + 16 : off + 20]

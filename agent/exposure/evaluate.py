@@ -121,9 +121,8 @@ def evaluate_pair(ps: PairSeries, config: ProximityConfig, calibration: Calibrat
     if config.rule == "distance":
         close = sum(d.minutes for d in days)
     else:  # the buckets rule weighs minutes; report the distance estimate too
-        close = sum(w["minutes"] > 0 and w["distance_m"] <= config.distance_threshold_m
-                    for d in days for w in d.windows) * enc.window_s / 60
-        close = float(close)
+        close = float(sum(w.minutes > 0 and w.distance_m <= config.distance_threshold_m
+                          for d in days for w in d.windows) * enc.window_s / 60)
     return PairResult(ps.pair, any(d.exposed for d in days), sum(d.minutes for d in days), close,
                       len(enc.windows), enc.sample_count, rx.confidence, days)
 

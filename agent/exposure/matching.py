@@ -23,7 +23,7 @@ from ..protocol import gaen
 from . import _fastcrypto
 
 try:  # the optional C kernel (setup.py); the pure-Python path below does the same work
-    from . import _fastmatch
+    from . import _fastmatch  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - depends on the build
     _fastmatch = None
 from ..protocol.export import DiagnosisKey

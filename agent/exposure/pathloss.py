@@ -26,12 +26,14 @@ class LogDistancePathLoss:
 
     def attenuation_db_array(self, distance_m: np.ndarray) -> np.ndarray:
         """Vectorised :meth:`attenuation_db` (the simulator's every-pair matrix)."""
-        return self.attenuation_at_1m_db + 10 * self.exponent * np.log10(distance_m)
+        att: np.ndarray = self.attenuation_at_1m_db + 10 * self.exponent * np.log10(distance_m)
+        return att
 
     def distance_m(self, attenuation_db: float) -> float:
-        return 10.0 ** ((attenuation_db - self.attenuation_at_1m_db) / (10.0 * self.exponent))
+        return float(10.0 ** ((attenuation_db - self.attenuation_at_1m_db) / (10.0 * self.exponent)))
 
 
 def rayleigh_fading_db(rng: np.random.Generator, n: int) -> np.ndarray:
     """Fast fading of ``n`` packets: received power exponential around its mean (Rayleigh)."""
-    return 10 * np.log10(rng.exponential(1.0, n))
+    fading: np.ndarray = 10 * np.log10(rng.exponential(1.0, n))
+    return fading

@@ -60,4 +60,5 @@ def total_risk(weighted_minutes: float, cfg: RobertRiskConfig = RobertRiskConfig
 
 
 def at_risk(weighted_minutes: float, last_contact_age_days: float, cfg: RobertRiskConfig = RobertRiskConfig()) -> bool:
-    return total_risk(weighted_minutes, cfg) >= cfg.at_risk_threshold and last_contact_age_days <= cfg.max_contact_age_days
+    return (total_risk(weighted_minutes, cfg) >= cfg.at_risk_threshold
+            and last_contact_age_days <= cfg.max_contact_age_days)

@@ -66,7 +66,7 @@ class ProximityConfig:
             raise ConfigError("bucket_weights needs one weight more than bucket_thresholds_db")
 
     @classmethod
-    def from_mapping(cls, data: dict[str, Any]) -> "ProximityConfig":
+    def from_mapping(cls, data: dict[str, Any]) -> ProximityConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -110,7 +110,8 @@ class WindowObservation:
         return utc_day(self.start)
 
 
-def observations_from_encounter(enc: Encounter, *, tx_power_dbm: float, rx_correction_db: float) -> list[WindowObservation]:
+def observations_from_encounter(enc: Encounter, *, tx_power_dbm: float,
+                                rx_correction_db: float) -> list[WindowObservation]:
     """attenuation = TX power - (RSSI + receiver correction), per window."""
     out = []
     for w in enc.windows:
@@ -143,7 +144,7 @@ class WindowDecision:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "WindowDecision":
+    def from_json(cls, d: dict[str, Any]) -> WindowDecision:
         return cls(float(d["start"]), int(d["samples"]), bool(d["filled"]), float(d["attenuation_db"]),
                    float(d["distance_m"]), float(d["minutes"]), d.get("bucket"), d.get("weight"))
 

@@ -6,24 +6,28 @@ line in :data:`MODES`; nothing else names a family.
 
 from __future__ import annotations
 
-from ..errors import ConfigError
-from .base import Broadcast, CheckResult, DeviceContext, ProtocolMode, ServerAccount, ServerSchedule, SimPeer
-from .gaen import GaenMode
-from .robert import RobertMode
+import importlib
+from typing import TYPE_CHECKING, Any
 
-#: name in configuration -> implementation
-MODES: dict[str, type[ProtocolMode]] = {  # type: ignore[type-arg]
-    GaenMode.name: GaenMode,
-    RobertMode.name: RobertMode,
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .base import ProtocolMode
+
+#: name in configuration -> implementation (imported when used)
+MODES = {
+    "gaen": "agent.modes.gaen:GaenMode",
+    "robert": "agent.modes.robert:RobertMode",
 }
 
 
-def mode_class(name: str) -> type[ProtocolMode]:  # type: ignore[type-arg]
+def mode_class(name: str) -> type[ProtocolMode[Any]]:
     try:
-        return MODES[name]
+        module, cls = MODES[name].split(":")
     except KeyError:
         raise ConfigError(f"unknown protocol {name!r}; choose one of {', '.join(MODES)}") from None
+    found: type[ProtocolMode[Any]] = getattr(importlib.import_module(module), cls)
+    return found
 
 
-__all__ = ["MODES", "Broadcast", "CheckResult", "DeviceContext", "GaenMode", "ProtocolMode", "RobertMode",
-           "ServerAccount", "ServerSchedule", "SimPeer", "mode_class"]
+__all__ = ["MODES", "mode_class"]

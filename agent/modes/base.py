@@ -72,15 +72,13 @@ class CheckResult:
     summary: str
     #: one sentence for the user
     message: str
-    #: the family's figures, JSON-ready (``exposed`` among them)
+    #: True when the call found this device exposed
+    exposed: bool = False
+    #: the family's own figures, JSON-ready
     details: Mapping[str, Any] = field(default_factory=dict)
 
-    @property
-    def exposed(self) -> bool:
-        return bool(self.details.get("exposed"))
-
     def to_json(self) -> dict[str, Any]:
-        return {"at": self.at, "offline": self.offline, **self.details}
+        return {"at": self.at, "offline": self.offline, "exposed": self.exposed, **self.details}
 
 
 @dataclass(frozen=True)
@@ -132,6 +130,9 @@ class ProtocolMode(abc.ABC, Generic[P]):
     #: how the family's deployed app samples a peer: None = every advertisement heard,
     #: 1 = one sample per peer per scan (the simulator models it)
     samples_per_scan: ClassVar[int | None] = None
+    #: True when the device decides exposure itself (and can explain its minutes);
+    #: False when the server decides
+    decides_on_device: ClassVar[bool] = True
 
     def __init__(self, ctx: DeviceContext) -> None:
         self.ctx = ctx
@@ -165,8 +166,9 @@ class ProtocolMode(abc.ABC, Generic[P]):
     def prepare(self, now: float) -> None:
         """Blocking set-up with the server before the first broadcast (default: nothing)."""
 
-    def check(self, now: float) -> CheckResult:
-        """The periodic server call (blocking). Raises :class:`~agent.errors.BackendError`."""
+    def check(self, now: float, progress: Callable[[int, int], None] | None = None) -> CheckResult:
+        """The periodic server call (blocking); ``progress(done, total)`` where it has
+        steps to count. Raises :class:`~agent.errors.BackendError`."""
         raise NotImplementedError
 
     @abc.abstractmethod

@@ -114,8 +114,8 @@ class GaenMode(ProtocolMode[ENPayload]):
                    f"{res.files_new} new export file(s), {len(res.keys)} key(s) checked; "
                    + ("EXPOSURE FOUND: see `ctagent exposures`" if exposed else "no exposure found"))
         return CheckResult(now, res.offline, f"sync offline={res.offline} files={res.files_new} keys={len(res.keys)}",
-                           message, {"files": res.files_new, "failed_files": list(res.files_failed),
-                                     "keys": len(res.keys), "exposed": exposed})
+                           message, exposed, {"files": res.files_new, "failed_files": list(res.files_failed),
+                                              "keys": len(res.keys)})
 
     def teks_to_upload(self, now: float) -> list[gaen.TemporaryExposureKey]:
         """Own TEKs of the last ``UPLOAD_DAYS`` days, including today's (embargoed by the server)."""

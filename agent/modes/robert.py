@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -37,6 +37,7 @@ class RobertMode(ProtocolMode[bytes]):
     name = "robert"
     service_uuid16 = robert.ROBERT_SERVICE_UUID16
     samples_per_scan = 1  # the deployed app keeps one HELLO per peer per scan
+    decides_on_device = False  # the server scores the risk
 
     def __init__(self, ctx: DeviceContext) -> None:
         super().__init__(ctx)
@@ -131,14 +132,14 @@ class RobertMode(ProtocolMode[bytes]):
                                               found_at=now, risk=answer.risk))
         return answer
 
-    def check(self, now: float) -> CheckResult:
+    def check(self, now: float, progress: Callable[[int, int], None] | None = None) -> CheckResult:
         if not self.registered:
             return CheckResult(now, False, "robert status skipped: not registered yet",
                                "not registered yet: nothing to ask the server")
         a = self.status(now)
         message = ("AT RISK: see `ctagent exposures`" if a.at_risk else "not at risk")
-        return CheckResult(now, False, f"robert status at_risk={a.at_risk}", message,
-                           {"atRisk": a.at_risk, "riskLevel": a.risk_level, "exposed": a.at_risk})
+        return CheckResult(now, False, f"robert status at_risk={a.at_risk}", message, a.at_risk,
+                           {"atRisk": a.at_risk, "riskLevel": a.risk_level})
 
     def _hellos_to_report(self, now: float) -> list[HeardHello]:
         return self.store.hellos.all(since_day=utc_day(now) - REPORT_DAYS + 1)

@@ -17,15 +17,20 @@ import io
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from google.protobuf.message import DecodeError
 
 from ..errors import ProtocolError
-from . import export_pb2 as pb
+from . import export_pb2
 from .gaen import KEY_LEN, TEK_ROLLING_PERIOD, TemporaryExposureKey
+
+#: the generated protobuf module (protoc writes no type information)
+pb: Any = export_pb2
 
 HEADER = b"EK Export v1    "
 HEADER_LEN = 16
@@ -112,6 +117,7 @@ class Export:
 
 def load_public_key(key: bytes | str | ec.EllipticCurvePublicKey) -> ec.EllipticCurvePublicKey:
     """Accept a key object, PEM text/bytes, DER SubjectPublicKeyInfo, or its base64."""
+    pub: PublicKeyTypes
     if isinstance(key, ec.EllipticCurvePublicKey):
         pub = key
     else:
@@ -141,7 +147,7 @@ def public_key_b64(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) 
 
 # --- building ----------------------------------------------------------------------
 
-def _key_to_pb(k: DiagnosisKey, out: pb.TemporaryExposureKey) -> None:
+def _key_to_pb(k: DiagnosisKey, out: Any) -> None:
     k.validate()
     out.key_data = k.key_data
     out.rolling_start_interval_number = k.rolling_start_interval_number
@@ -153,7 +159,7 @@ def _key_to_pb(k: DiagnosisKey, out: pb.TemporaryExposureKey) -> None:
         out.days_since_onset_of_symptoms = k.days_since_onset_of_symptoms
 
 
-def _info_to_pb(info: SignatureInfo, out: pb.SignatureInfo) -> None:
+def _info_to_pb(info: SignatureInfo, out: Any) -> None:
     if info.verification_key_version:
         out.verification_key_version = info.verification_key_version
     if info.verification_key_id:
@@ -186,7 +192,7 @@ def build_export_bin(
         _key_to_pb(k, msg.keys.add())
     for k in revised_keys:
         _key_to_pb(k, msg.revised_keys.add())
-    return HEADER + msg.SerializeToString()
+    return HEADER + bytes(msg.SerializeToString())
 
 
 def sign_export_bin(
@@ -201,7 +207,7 @@ def sign_export_bin(
     s.batch_num = batch_num
     s.batch_size = batch_size
     s.signature = sig
-    return lst.SerializeToString()
+    return bytes(lst.SerializeToString())
 
 
 def build_export(
@@ -235,7 +241,7 @@ def build_export(
 
 # --- parsing -----------------------------------------------------------------------
 
-def _key_from_pb(k: pb.TemporaryExposureKey) -> DiagnosisKey:
+def _key_from_pb(k: Any) -> DiagnosisKey:
     try:
         rt = ReportType(k.report_type)
     except ValueError:
@@ -254,7 +260,7 @@ def _key_from_pb(k: pb.TemporaryExposureKey) -> DiagnosisKey:
     return key
 
 
-def _info_from_pb(i: pb.SignatureInfo) -> SignatureInfo:
+def _info_from_pb(i: Any) -> SignatureInfo:
     return SignatureInfo(
         verification_key_version=i.verification_key_version,
         verification_key_id=i.verification_key_id,
@@ -340,7 +346,7 @@ def verify_signature(
                 pub.verify(bytes(s.signature), bytes(export_bin), ec.ECDSA(hashes.SHA256()))
             except (InvalidSignature, ValueError):
                 continue
-            return s.signature_info.verification_key_id
+            return str(s.signature_info.verification_key_id)
     raise ExportSignatureError("no signature in export.sig verifies export.bin with a trusted key")
 
 

@@ -171,7 +171,7 @@ class Metadata:
         return struct.pack("<Bbxx", version, self.tx_power_dbm)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Metadata":
+    def from_bytes(cls, data: bytes) -> Metadata:
         """Parse decrypted metadata; reject any major version other than 1."""
         if len(data) != METADATA_LEN:
             raise MetadataError(f"metadata must be {METADATA_LEN} bytes, got {len(data)}")

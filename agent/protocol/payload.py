@@ -12,7 +12,7 @@ BlueZ's own advertisements omit them).
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from ..errors import ProtocolError
@@ -67,7 +67,7 @@ def build_advertisement(rpi: bytes, aem: bytes, *, include_flags: bool = True) -
     return out
 
 
-def iter_ad_structures(raw: bytes):
+def iter_ad_structures(raw: bytes) -> Iterator[tuple[int, bytes]]:
     """Yield (ad_type, value) for each AD structure; stop at a zero-length field (padding)."""
     raw = bytes(raw)
     i = 0

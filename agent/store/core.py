@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sqlite_utils
+from sqlite_utils.db import Table
 
 from ..clock import Clock, RealClock, utc_day
 from ..errors import StoreError, StoreVersionError
@@ -65,15 +66,21 @@ class StoreStats:
 
 # -- schema -------------------------------------------------------------------------------
 
+def _table(db: sqlite_utils.Database, name: str) -> Table:
+    t = db[name]
+    assert isinstance(t, Table)
+    return t
+
+
 def _encrypted_table(db: sqlite_utils.Database, name: str) -> None:
-    db[name].create({"id": int, "day": int, "blob": bytes}, pk="id", not_null={"day", "blob"})
-    db[name].create_index(["day"])
+    _table(db, name).create({"id": int, "day": int, "blob": bytes}, pk="id", not_null={"day", "blob"})
+    _table(db, name).create_index(["day"])
 
 
 def _migrate_to_1(db: sqlite_utils.Database) -> None:
     for table in ("teks", "encounters", "exposures"):
         _encrypted_table(db, table)
-    db["sync_state"].create({"name": str, "value": str}, pk="name")
+    _table(db, "sync_state").create({"name": str, "value": str}, pk="name")
 
 
 def _migrate_to_2(db: sqlite_utils.Database) -> None:
@@ -205,7 +212,7 @@ class Store:
     # -- opening ------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike[str], key: MasterKeySource, *, clock: Clock | None = None,
-               retention_days: int = DEFAULT_RETENTION_DAYS) -> "Store":
+               retention_days: int = DEFAULT_RETENTION_DAYS) -> Store:
         path = Path(path)
         if path.exists() or keyring_path(path).exists():
             raise StoreError(f"{path} already exists; open it instead of creating it")
@@ -217,7 +224,7 @@ class Store:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], key: MasterKeySource, *, clock: Clock | None = None,
-             retention_days: int = DEFAULT_RETENTION_DAYS) -> "Store":
+             retention_days: int = DEFAULT_RETENTION_DAYS) -> Store:
         path = Path(path)
         if not path.exists():
             raise StoreError(f"no store at {path}; create one with `ctagent init`")
@@ -225,7 +232,7 @@ class Store:
         return cls._open_db(path, ring, clock=clock or RealClock(), retention_days=retention_days)
 
     @classmethod
-    def _open_db(cls, path: Path, ring: Keyring, *, clock: Clock, retention_days: int) -> "Store":
+    def _open_db(cls, path: Path, ring: Keyring, *, clock: Clock, retention_days: int) -> Store:
         if retention_days < 1:
             raise StoreError("retention_days must be at least 1")
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -267,9 +274,9 @@ class Store:
             with db.conn:  # one transaction per step
                 db.conn.execute("BEGIN IMMEDIATE")
                 if target == 1:
-                    db["schema_version"].create({"version": int, "applied_at": float}, pk="version")
+                    _table(db, "schema_version").create({"version": int, "applied_at": float}, pk="version")
                 MIGRATIONS[target](db)
-                db["schema_version"].insert({"version": target, "applied_at": now})
+                _table(db, "schema_version").insert({"version": target, "applied_at": now})
 
     def close(self) -> None:
         try:
@@ -278,7 +285,7 @@ class Store:
             pass
         self.conn.close()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -298,7 +305,7 @@ class Store:
         """Delete rows of days older than the retention period and destroy their keys.
         Returns the days erased."""
         cutoff = self.oldest_kept_day()
-        days = set(d for d in self.keyring.days() if d < cutoff)
+        days = {d for d in self.keyring.days() if d < cutoff}
         for t in ENCRYPTED_TABLES:
             days.update(d for (d,) in self.conn.execute(f"SELECT DISTINCT day FROM {t} WHERE day < ?", (cutoff,)))
         if days:

@@ -112,7 +112,7 @@ class Keyring:
 
     # -- file ---------------------------------------------------------------------
     @classmethod
-    def create(cls, path: Path, source: MasterKeySource) -> "Keyring":
+    def create(cls, path: Path, source: MasterKeySource) -> Keyring:
         if Path(path).exists():
             raise StoreKeyError(f"keyring {path} already exists")
         master, kdf = source.derive(None)
@@ -121,7 +121,7 @@ class Keyring:
         return ring
 
     @classmethod
-    def load(cls, path: Path, source: MasterKeySource) -> "Keyring":
+    def load(cls, path: Path, source: MasterKeySource) -> Keyring:
         try:
             doc = json.loads(Path(path).read_text())
             if doc.get("format") != KEYRING_FORMAT:

@@ -224,7 +224,7 @@ class StateTable:
             doc = found[-1][1] if found else None
         else:
             doc = self._get_clear(kind.STATE_NAME)
-        return None if doc is None else kind.from_json(doc)  # type: ignore[no-any-return]
+        return None if doc is None else kind.from_json(doc)
 
     def put(self, record: StateRecord) -> None:
         self._write(type(record), record.to_json())

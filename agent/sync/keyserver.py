@@ -47,7 +47,7 @@ class ProcessedExports:
         return list(self.names)
 
     @classmethod
-    def from_json(cls, doc: Any) -> "ProcessedExports":
+    def from_json(cls, doc: Any) -> ProcessedExports:
         return cls(tuple(str(n) for n in doc))
 
 
@@ -61,7 +61,7 @@ class IndexEtag:
         return self.etag
 
     @classmethod
-    def from_json(cls, doc: Any) -> "IndexEtag":
+    def from_json(cls, doc: Any) -> IndexEtag:
         return cls(str(doc))
 
 
@@ -77,7 +77,7 @@ class LastSync:
         return self.at
 
     @classmethod
-    def from_json(cls, doc: Any) -> "LastSync":
+    def from_json(cls, doc: Any) -> LastSync:
         return cls(float(doc))
 
 
@@ -95,10 +95,11 @@ class PendingDeclaration:
         return f"PendingDeclaration(keys={len(self.rolling_starts)})"
 
     def to_json(self) -> dict[str, Any]:
-        return {"certificate": self.certificate, "hmacKey": self.hmac_key_b64, "rolling_starts": list(self.rolling_starts)}
+        return {"certificate": self.certificate, "hmacKey": self.hmac_key_b64,
+                "rolling_starts": list(self.rolling_starts)}
 
     @classmethod
-    def from_json(cls, doc: Any) -> "PendingDeclaration":
+    def from_json(cls, doc: Any) -> PendingDeclaration:
         return cls(str(doc["certificate"]), str(doc["hmacKey"]), tuple(int(s) for s in doc["rolling_starts"]))
 
 
@@ -113,7 +114,7 @@ class Declared:
         return {"at": self.at, "keys": self.keys}
 
     @classmethod
-    def from_json(cls, doc: Any) -> "Declared":
+    def from_json(cls, doc: Any) -> Declared:
         return cls(float(doc["at"]), int(doc["keys"]))
 
 

@@ -38,7 +38,7 @@ class RobertRegistration:
     def __repr__(self) -> str:
         return f"RobertRegistration(time_start={self.time_start}, epochs={len(self.tuples)})"
 
-    def with_tuples(self, blob_b64: str) -> "RobertRegistration":
+    def with_tuples(self, blob_b64: str) -> RobertRegistration:
         """A copy holding the identifiers of an encrypted tuple bundle (register or status)."""
         tuples = robert.decrypt_tuples(self.k_tuples, blob_b64)
         return RobertRegistration(self.k_mac, self.k_tuples, self.time_start,
@@ -58,7 +58,7 @@ class RobertRegistration:
                 "tuples": {str(e): [ebid.hex(), ecc.hex()] for e, (ebid, ecc) in self.tuples.items()}}
 
     @classmethod
-    def from_json(cls, doc: Any) -> "RobertRegistration":
+    def from_json(cls, doc: Any) -> RobertRegistration:
         return cls(bytes.fromhex(doc["k_mac"]), bytes.fromhex(doc["k_tuples"]), int(doc["time_start"]),
                    {int(e): (bytes.fromhex(v[0]), bytes.fromhex(v[1])) for e, v in doc.get("tuples", {}).items()})
 
@@ -78,7 +78,7 @@ class RobertStatus:
         return {"at": self.at, "atRisk": self.at_risk, "riskLevel": self.risk_level, "risk": self.risk}
 
     @classmethod
-    def from_json(cls, doc: Any) -> "RobertStatus":
+    def from_json(cls, doc: Any) -> RobertStatus:
         return cls(float(doc["at"]), bool(doc["atRisk"]), int(doc["riskLevel"]), doc.get("risk"))
 
 

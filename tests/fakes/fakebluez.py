@@ -15,7 +15,10 @@ A control object ``/ctagent_fake`` (interface ``ctagent.FakeBluez1``) lets tests
 adapters (SetPosition), restart the daemon (Restart: registrations dropped, the
 org.bluez name released and taken again) and read counters (Stats).
 
-Run: ``python -m agent.ble.testing.fakebluez --adapters 2``
+RSSI follows the project's one radio model (``agent.ble.sim.medium.packet_rssi``: the
+shared log-distance path loss and Rayleigh fading), with a Raspberry Pi 3's calibration.
+
+Run: ``python -m tests.fakes.fakebluez --adapters 2`` (from the repository's root)
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ import sys
 
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
+
+from agent.ble.sim.medium import packet_rssi
+
+#: the simulated adapters' calibrated TX power: -45.5 dBm at 1 m, the NIST Pi 3 pair's median
+TX_POWER_DBM = 4.5
 
 BLUEZ = "org.bluez"
 OM = "org.freedesktop.DBus.ObjectManager"
@@ -124,6 +132,14 @@ class FakeBluez:
         self.bus: MessageBus | None = None
         self.stats = {"registered": 0, "unregistered": 0, "rejected": 0, "reports": 0, "signals": 0}
         self.online = True
+        self._tasks: set[asyncio.Task] = set()
+
+    def _spawn(self, coro) -> bool:
+        """Handle a call asynchronously (the reply is sent later); keep the task alive."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
 
     # -- plumbing -----------------------------------------------------------------------
     def _signal(self, path: str, iface: str, member: str, sig: str, body: list) -> None:
@@ -210,16 +226,14 @@ class FakeBluez:
                 return Message.new_method_return(msg)
         if iface == GATTMGR:
             if member == "RegisterApplication":
-                asyncio.ensure_future(self._register_app(a, msg))
-                return True
+                return self._spawn(self._register_app(a, msg))
             if member == "UnregisterApplication":
                 if a.apps.pop((msg.sender, msg.body[0]), None) is None:
                     return Message.new_error(msg, "org.bluez.Error.DoesNotExist", "Does Not Exist")
                 return Message.new_method_return(msg)
         if iface == ADVMGR:
             if member == "RegisterAdvertisement":
-                asyncio.ensure_future(self._register(a, msg))
-                return True
+                return self._spawn(self._register(a, msg))
             if member == "UnregisterAdvertisement":
                 key = (msg.sender, msg.body[0])
                 if key not in a.ads:
@@ -297,8 +311,7 @@ class FakeBluez:
 
     def _control(self, msg: Message):
         if msg.member == "ReadCharacteristic":
-            asyncio.ensure_future(self._read_characteristic(msg))
-            return True
+            return self._spawn(self._read_characteristic(msg))
         if msg.member == "SetPosition":
             idx, x, y = msg.body
             self.adapters[f"/org/bluez/hci{idx}"].position = (x, y)
@@ -310,7 +323,7 @@ class FakeBluez:
         if msg.member == "Stats":
             return Message.new_method_return(msg, "a{su}", [{k: int(v) for k, v in self.stats.items()}])
         if msg.member == "Restart":
-            asyncio.ensure_future(self._restart())
+            self._spawn(self._restart())
             return Message.new_method_return(msg)
         return Message.new_error(msg, "org.freedesktop.DBus.Error.UnknownMethod", msg.member)
 
@@ -334,11 +347,7 @@ class FakeBluez:
 
     # -- the radio ------------------------------------------------------------------------
     def _rssi(self, rx: Adapter, tx: Adapter) -> int | None:
-        d = max(0.1, math.dist(rx.position, tx.position))
-        mean = -45.5 - 10 * 2.2 * math.log10(d)  # a Pi 3 pair: -45.5 dBm at 1 m
-        p = self.rng.expovariate(1.0)
-        rssi = round(mean + 10 * math.log10(max(p, 1e-6)))
-        return rssi if rssi >= -100 else None
+        return packet_rssi(self.rng, math.dist(rx.position, tx.position), tx_power_dbm=TX_POWER_DBM)
 
     def _report(self, rx: Adapter, ad: dict, rssi: int) -> None:
         self.stats["reports"] += 1

@@ -33,23 +33,23 @@ class _Advertisement(ServiceInterface):
         self.released = False
 
     @method()
-    def Release(self):  # type: ignore[no-untyped-def]  # noqa: N802 - D-Bus name
+    def Release(self):  # the D-Bus method's name
         self.released = True
 
     @dbus_property(access=PropertyAccess.READ)
-    def Type(self) -> "s":  # type: ignore[name-defined]  # noqa: N802,F821
+    def Type(self) -> s:  # type: ignore[name-defined]  # noqa: F821
         return "broadcast"
 
     @dbus_property(access=PropertyAccess.READ)
-    def ServiceUUIDs(self) -> "as":  # type: ignore[valid-type]  # noqa: N802,F821,F722
+    def ServiceUUIDs(self) -> "as":  # type: ignore[valid-type]  # noqa: F722
         return [self.uuid16]
 
     @dbus_property(access=PropertyAccess.READ)
-    def ServiceData(self) -> "a{sv}":  # type: ignore[valid-type]  # noqa: N802,F821,F722
+    def ServiceData(self) -> "a{sv}":  # type: ignore[valid-type]  # noqa: F722
         return {self.uuid16: Variant("ay", self._data)}
 
     @dbus_property(access=PropertyAccess.READ)
-    def Includes(self) -> "as":  # type: ignore[valid-type]  # noqa: N802,F821,F722
+    def Includes(self) -> "as":  # type: ignore[valid-type]  # noqa: F722
         return []
 
     def set_data(self, data: bytes) -> None:
@@ -74,6 +74,7 @@ class BluezAdvertiser(Advertiser):
         self._health = RadioHealth()
         self.registrations = 0
         self.recoveries = 0
+        self._tasks: set[asyncio.Task[None]] = set()  # re-registrations in flight
 
     def health(self) -> RadioHealth:
         return self._health
@@ -94,7 +95,9 @@ class BluezAdvertiser(Advertiser):
             if msg.body[2]:  # bluetoothd is back: our registration was lost with it
                 log.warning("bluetoothd restarted: registering the advertisement again")
                 self.recoveries += 1
-                asyncio.ensure_future(self._reregister())
+                task = asyncio.ensure_future(self._reregister())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def _reregister(self) -> None:
         async with self._lock:

@@ -39,7 +39,8 @@ def doctor(adapter: str = "hci0") -> tuple[bool, list[Check]]:
                         "(no /sys/class/bluetooth): use `ctagent run --radio sim` or a real device"))
     checks.append(Check(f"adapter {adapter}", adapter in adapters,
                         f"found {', '.join(adapters)}" if adapter in adapters else
-                        f"no adapter {adapter} (found: {', '.join(adapters) or 'none'}); check `rfkill list` and dmesg"))
+                        f"no adapter {adapter} (found: {', '.join(adapters) or 'none'}); "
+                        "check `rfkill list` and dmesg"))
     if adapter in adapters:
         try:
             rfkill = (sysfs / adapter / "rfkill0" / "state").exists()
@@ -47,12 +48,13 @@ def doctor(adapter: str = "hci0") -> tuple[bool, list[Check]]:
             rfkill = False
         checks.append(Check("adapter not blocked", True, "see `bluetoothctl show` for Powered: yes" if rfkill else
                             "rfkill state unknown"))
-    bluetoothd = shutil.which("bluetoothd") or next((p for p in ("/usr/libexec/bluetooth/bluetoothd",
-                                                                  "/usr/lib/bluetooth/bluetoothd") if Path(p).exists()), None)
+    places = ("/usr/libexec/bluetooth/bluetoothd", "/usr/lib/bluetooth/bluetoothd")
+    bluetoothd = shutil.which("bluetoothd") or next((p for p in places if Path(p).exists()), None)
     version = ""
     if bluetoothd:
         try:
-            version = subprocess.run([bluetoothd, "--version"], capture_output=True, text=True, timeout=5).stdout.strip()
+            run = subprocess.run([bluetoothd, "--version"], capture_output=True, text=True, timeout=5)
+            version = run.stdout.strip()
         except (OSError, subprocess.SubprocessError):
             version = ""
     ok_ver = bool(version) and tuple(int(x) for x in version.split(".")[:2] if x.isdigit()) >= MIN_BLUEZ
@@ -60,7 +62,8 @@ def doctor(adapter: str = "hci0") -> tuple[bool, list[Check]]:
                         "bluetoothd not found: `sudo apt install bluez`"))
     bus = Path("/run/dbus/system_bus_socket")
     has_bus = bus.exists() or "DBUS_SYSTEM_BUS_ADDRESS" in os.environ
-    checks.append(Check("D-Bus system bus", has_bus, "reachable" if has_bus else "no system bus socket: is dbus running?"))
+    checks.append(Check("D-Bus system bus", has_bus,
+                        "reachable" if has_bus else "no system bus socket: is dbus running?"))
     if has_bus:
         checks.append(asyncio.run(_check_advertise_while_scanning(adapter)))
     return all(c.ok for c in checks), checks
@@ -73,7 +76,7 @@ async def _check_advertise_while_scanning(adapter: str) -> Check:
     adv = BluezAdvertiser(adapter, clock=RealClock(), service_uuid16=EN_SERVICE_UUID16, retries=0)
     try:
         bus = await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), 5)
-    except (OSError, asyncio.TimeoutError) as e:
+    except (TimeoutError, OSError) as e:
         return Check(name, False, f"cannot reach the system bus ({type(e).__name__})")
     try:
         async def call(iface: str, member: str, sig: str = "", body: tuple[object, ...] = ()) -> list[object]:
@@ -101,6 +104,6 @@ async def _check_advertise_while_scanning(adapter: str) -> Check:
     finally:
         try:
             await adv.stop()
-        except Exception:  # noqa: BLE001 - best effort clean-up of a diagnostic
+        except Exception:
             pass
         bus.disconnect()

@@ -21,7 +21,8 @@ class GattStatusService:
         self.server: Any = None
 
     async def start(self) -> None:
-        from bless import BlessServer, GATTAttributePermissions, GATTCharacteristicProperties
+        from bless import (  # type: ignore[attr-defined]  # bless exports its backend's names at run time
+            BlessServer, GATTAttributePermissions, GATTCharacteristicProperties)
 
         self.server = BlessServer(name=self.name, adapter=self.adapter)
         self.server.read_request_func = lambda characteristic, **kw: bytearray(self.value)

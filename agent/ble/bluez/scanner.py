@@ -58,7 +58,8 @@ class BluezScanner(Scanner):
         from bleak import BleakScanner
 
         self._last_sample = self.clock.now()
-        filters = {"DuplicateData": self.duplicate_data, "RSSI": -127, "Transport": "le", "UUIDs": [self.service_uuid]}
+        filters: Any = {"DuplicateData": self.duplicate_data, "RSSI": -127, "Transport": "le",
+                        "UUIDs": [self.service_uuid]}
         self._scanner = BleakScanner(self._on_advertisement, scanning_mode="active",
                                      bluez={"adapter": self.adapter, "filters": filters})
         await self._scanner.start()
@@ -69,7 +70,7 @@ class BluezScanner(Scanner):
         if self._scanner is not None:
             try:
                 await self._scanner.stop()
-            except Exception:  # noqa: BLE001 - the session may be gone with bluetoothd
+            except Exception:
                 pass
         self._health.scanning = False
 
@@ -97,7 +98,7 @@ class BluezScanner(Scanner):
             try:
                 await self._start()
                 self.restarts += 1
-            except Exception as e:  # noqa: BLE001 - bluetoothd may still be away: try again later
+            except Exception as e:
                 self._health.error(type(e).__name__)
                 delay = min(delay * 2, 300)
 

@@ -91,7 +91,8 @@ class SimScanner(Scanner):
                 self._move()
                 out: list[RawSighting] = []
 
-                def deliver(rx: int, tx: int, ts: float, rssi: int) -> None:
+                def deliver(rx: int, tx: int, ts: float, rssi: int, on_air: list[tuple[str, dict[str, bytes]]] = on_air,
+                            out: list[RawSighting] = out) -> None:
                     if rx == 0 and tx > 0:
                         address, service_data = on_air[tx - 1]
                         out.append(RawSighting(ts, address, rssi, None, service_data))

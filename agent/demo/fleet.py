@@ -1,0 +1,90 @@
+"""The demo's fleet: N virtual devices, each the real agent (encrypted store, the
+protocol mode) plus its place on the simulated medium, and the embedded backend (both
+server roles, real HTTP on 127.0.0.1) on the same virtual clock."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from ..ble.sim.medium import Medium, MediumConfig, SimDevice
+from ..clock import DAY_SECONDS, ManualClock
+from ..exposure.calibration import CalibrationTable, DeviceCalibration, bundled_calibration_path
+from ..exposure.rule import ProximityConfig
+from ..modes import mode_class
+from ..modes.base import DeviceContext, ProtocolMode
+from ..protocol.robert import EPOCH_SECONDS
+from ..store import Passphrase, Store
+
+#: the device models handed out in turn
+MODELS = ("Raspberry Pi 3 Model B", "Raspberry Pi Zero W", "Raspberry Pi 4 Model B")
+#: cheap scrypt: the demo's stores live for a minute in a temporary folder
+DEMO_SCRYPT = {"n": 2**12, "r": 8, "p": 1}
+#: the export job pads files to at least this many keys
+EXPORT_MIN_KEYS = 100
+
+
+class Fleet:
+    """Use as a context manager: it owns a temporary folder, stores and a server."""
+
+    def __init__(self, protocol: str, devices: int, days: int, seed: int, rng: random.Random, clock: ManualClock,
+                 proximity: ProximityConfig) -> None:
+        self.mode_cls = mode_class(protocol)
+        self.clock = clock
+        self.proximity = proximity
+        self._tmp = tempfile.TemporaryDirectory(prefix="ctagent-demo-")
+        work = Path(self._tmp.name)
+        table = CalibrationTable.load(bundled_calibration_path())
+        self.calibrations: list[DeviceCalibration] = []
+        self.stores: list[Store] = []
+        self.rngs: list[random.Random] = []
+        self.sim_devices: list[SimDevice] = []
+        for i in range(devices):
+            cal = table.lookup(MODELS[i % len(MODELS)])
+            self.calibrations.append(cal)
+            self.stores.append(Store.create(work / f"device-{i:02d}.db", Passphrase(f"demo-{i}", scrypt=DEMO_SCRYPT),
+                                            clock=clock))
+            self.rngs.append(random.Random(rng.getrandbits(64)))
+            self.sim_devices.append(SimDevice(f"device-{i:02d}", cal.tx_power, cal.rssi_correction))
+        self.medium = Medium(self.sim_devices, MediumConfig(), seed=seed)
+        self.days = days
+        self._work = work
+        self.modes: list[ProtocolMode[Any]] = []
+
+    def start_backend(self) -> str:
+        """The embedded backend, both roles (key server and ROBERT), on the virtual clock."""
+        from backend import Backend, BackendConfig
+        from backend.robert import RobertConfig, RobertServer
+        from backend.server import BackgroundServer
+
+        self.backend = Backend(BackendConfig(self._work / "backend", region="XX", export_min_keys=EXPORT_MIN_KEYS),
+                               clock=self.clock)
+        robert_server = RobertServer(self.backend, RobertConfig(tuples_epochs=(self.days + 1) * DAY_SECONDS
+                                                                 // EPOCH_SECONDS))
+        self.server = BackgroundServer(self.backend, robert_server=robert_server).__enter__()
+        return self.server.url
+
+    def open_modes(self) -> None:
+        """Every device's protocol mode, set up with the server (ROBERT registers)."""
+        for store, cal, drng in zip(self.stores, self.calibrations, self.rngs):
+            ctx = DeviceContext(store=store, clock=self.clock, calibration=cal, proximity=self.proximity,
+                                backend_url=self.server.url, trusted_keys=(self.backend.public_key_b64,), rng=drng,
+                                random_bytes=drng.randbytes, match_workers=1)
+            mode = self.mode_cls(ctx)
+            mode.prepare(self.clock.now())
+            self.modes.append(mode)
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.__exit__(None, None, None)
+        for s in self.stores:
+            s.close()
+        self._tmp.cleanup()
