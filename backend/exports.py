@@ -128,8 +128,10 @@ class ExportJob:
             if progress:
                 progress(i, len(chunks))
         with self.engine.begin() as c:
-            bid = c.execute(sa.insert(db.batches).values(start=window.start, end=window.end, files=json.dumps(names),
-                                                         created_at=now)).inserted_primary_key[0]
+            res = c.execute(sa.insert(db.batches).values(start=window.start, end=window.end, files=json.dumps(names),
+                                                         created_at=now))
+            assert res.inserted_primary_key is not None
+            bid = res.inserted_primary_key[0]
             c.execute(sa.update(db.exposures).where(e_.id.in_([r.id for r in rows])).values(batch_id=bid))
         self.write_index(now)
         log.info("export: %d real key(s) in %d file(s)", len(rows), len(names))

@@ -16,13 +16,17 @@ from agent.files import write_private_file
 def load_or_create_ec_key(path: Path) -> ec.EllipticCurvePrivateKey:
     """A P-256 private key kept as unencrypted PKCS#8 PEM (the file's mode protects it)."""
     if path.exists():
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ValueError(f"{path}: not an EC private key")
-        return key
+        return ec_key_from_pem(path.read_bytes(), str(path))
     key = ec.generate_private_key(ec.SECP256R1())
     write_private_file(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption()))
+    return key
+
+
+def ec_key_from_pem(pem: bytes, what: str = "key") -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise TypeError(f"{what}: not an EC private key")
     return key
 
 

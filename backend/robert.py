@@ -34,7 +34,7 @@ from agent.store.envelope import Envelope
 
 from .db import metadata
 from .errors import ApiError, Code
-from .keyfiles import load_or_create_secret
+from .keyfiles import ec_key_from_pem, load_or_create_secret
 
 if TYPE_CHECKING:
     from .service import Backend
@@ -98,7 +98,7 @@ class RobertServer:
             write_private_file(keys_path, self._master.seal(json.dumps(doc).encode(), _AAD_SERVER_KEYS))
         self.k_s, self.k_g = bytes.fromhex(doc["k_s"]), bytes.fromhex(doc["k_g"])
         self.skinny = robert.Skinny64_192(self.k_s)
-        self.ecdh = serialization.load_pem_private_key(doc["ecdh"].encode(), password=None)
+        self.ecdh = ec_key_from_pem(doc["ecdh"].encode(), "the ROBERT ECDH key")
         self.start_ntp = int(doc["start_ntp"])
         self.stats = {"hellos_valid": 0, "hellos_dropped": 0}
 

@@ -172,6 +172,7 @@ class VerificationService:
                 if row.claimed_at is not None:
                     raise ApiError(Code.CODE_USED, "the code was already used")
                 raise ApiError(Code.CODE_EXPIRED, "the code has expired")
+            assert row is not None  # just claimed
             token = secrets.token_urlsafe(32)
             c.execute(sa.insert(db.tokens).values(token_hash=self._h(token), code_id=row.id, expires_at=now + TOKEN_TTL))
         return {"token": token, "testtype": row.test_type, "symptomOnsetInterval": row.symptom_onset_interval}
@@ -191,6 +192,7 @@ class VerificationService:
                 raise ApiError(Code.TOKEN_INVALID, "the verification token is invalid, expired or used")
             row = c.execute(sa.select(db.codes).select_from(db.tokens.join(db.codes))
                             .where(t_.token_hash == self._h(str(token)))).first()
+            assert row is not None  # a token belongs to a code (foreign key)
             jti = uuid.uuid4().hex
             c.execute(sa.insert(db.certificates).values(jti=jti))
         cert = certificate.sign(self._cert_key, key_version=self.config.key_version, jti=jti, tekmac=ekeyhmac,
