@@ -18,7 +18,13 @@ from agent.protocol.verification import tek_hmac
 from backend import certificate
 from backend.certificate import CertificateClaims
 from backend.errors import ApiError, Code
-from backend.exports import BatchWindow, file_name, padding_keys, plan_batches, split_batches
+from backend.exports import (
+    BatchWindow,
+    file_name,
+    padding_keys,
+    plan_batches,
+    split_batches,
+)
 from backend.publish import (
     MAX_KEY_AGE_DAYS,
     MAX_KEYS_PER_PUBLISH,
