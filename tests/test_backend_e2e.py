@@ -16,7 +16,7 @@ from agent.protocol.verification import PublishKey, tek_hmac
 from agent.store import Store
 from agent.sync import DeclareError, SyncClient
 from agent.sync.client import teks_to_upload
-from backend.core import Backend, BackendConfig
+from backend import Backend, BackendConfig
 
 from .backend_helpers import LiveServer
 from .conftest import database_url
@@ -36,7 +36,7 @@ def clock():
 def backend(request, tmp_path, clock):
     b = Backend(BackendConfig(tmp_path / "backend", database_url=database_url(request), export_min_keys=50),
                 clock=clock)
-    b.add_user("dr.who", "tardis-1963")
+    b.verification.add_user("dr.who", "tardis-1963")
     yield b
     b.engine.dispose()
 
@@ -87,9 +87,9 @@ def test_end_to_end_declare_export_sync_match(tmp_path, clock, backend, live):
     resp = alice.store and client.declare(code, teks_to_upload(alice.store, clock.t), alice.store, now=clock.t)
     assert resp["insertedExposures"] == 1
 
-    assert backend.run_export() == []  # today's key is embargoed until it expires
+    assert backend.exports.run() == []  # today's key is embargoed until it expires
     clock.advance(DAY)
-    files = backend.run_export()
+    files = backend.exports.run()
     assert len(files) == 1
 
     # the public key the agent trusts is published by the backend
@@ -114,11 +114,11 @@ def test_end_to_end_declare_export_sync_match(tmp_path, clock, backend, live):
 def test_wrong_signing_key_and_tampered_export(tmp_path, clock, backend, live):
     alice, bob = make_agent(tmp_path, "a", clock, 1), make_agent(tmp_path, "b", clock, 2)
     meet(alice, bob, clock, 20, rssi=-44)
-    code = backend.issue_code("lab")["code"]
+    code = backend.verification.issue_code("lab")["code"]
     good = SyncClient(live.url, trusted_keys=[backend.public_key_b64], sleep=lambda s: None)
     good.declare(code, teks_to_upload(alice.store, clock.t), alice.store, now=clock.t)
     clock.advance(DAY)
-    (name,) = backend.run_export()
+    (name,) = backend.exports.run()
     from cryptography.hazmat.primitives.asymmetric import ec
     stranger = export.public_key_b64(ec.generate_private_key(ec.SECP256R1()))
     bad = SyncClient(live.url, trusted_keys=[stranger], sleep=lambda s: None)
@@ -148,12 +148,12 @@ def api(url, path, body=None, raw=None, headers=None):
 
 
 def valid_publish(backend, now, n_keys=2, hmac_key=b"k" * 32, tamper_hmac=False):
-    code = backend.issue_code("lab")["code"]
-    token = backend.verify_code(code, "t")["token"]
+    code = backend.verification.issue_code("lab")["code"]
+    token = backend.verification.verify_code(code, "t")["token"]
     rs = gaen.rolling_start_for_day(now) - 144
     keys = [PublishKey(bytes([i]) * 16, rs - 144 * i, 144, 0) for i in range(n_keys)]
     mac = tek_hmac(hmac_key, keys if not tamper_hmac else keys[:1])
-    cert = backend.certificate(token, mac)["certificate"]
+    cert = backend.verification.certificate(token, mac)["certificate"]
     return {"temporaryExposureKeys": [{"key": base64.b64encode(k.key).decode(), "rollingStartNumber": k.rolling_start,
                                        "rollingPeriod": 144, "transmissionRisk": 0} for k in keys],
             "healthAuthorityID": "x", "verificationPayload": cert, "hmacKey": base64.b64encode(hmac_key).decode(),
@@ -169,11 +169,11 @@ def count_exposures(backend):
 
 def test_negative_cases_each_clear_and_nothing_stored(backend, live, clock):
     url = live.url
-    code = backend.issue_code("lab")["code"]
+    code = backend.verification.issue_code("lab")["code"]
     assert api(url, "/api/verify", {"code": code}).status_code == 200
     r = api(url, "/api/verify", {"code": code})
     assert r.status_code == 400 and r.json()["code"] == "code_used"
-    old = backend.issue_code("lab")["code"]
+    old = backend.verification.issue_code("lab")["code"]
     clock.advance(16 * 60)
     r = api(url, "/api/verify", {"code": old})
     assert r.json()["code"] == "code_expired"
@@ -215,9 +215,9 @@ def test_negative_cases_each_clear_and_nothing_stored(backend, live, clock):
 def test_keys_too_old_or_in_future(backend, live, clock):
     for rs, code in ((gaen.rolling_start_for_day(clock.t) - 17 * 144, "key_too_old"),
                      (gaen.en_interval_number(clock.t) + 10, "key_in_future")):
-        token = backend.verify_code(backend.issue_code("lab")["code"], "t")["token"]
+        token = backend.verification.verify_code(backend.verification.issue_code("lab")["code"], "t")["token"]
         keys = [PublishKey(b"q" * 16, rs, 144, 0)]
-        cert = backend.certificate(token, tek_hmac(b"h" * 32, keys))["certificate"]
+        cert = backend.verification.certificate(token, tek_hmac(b"h" * 32, keys))["certificate"]
         body = {"temporaryExposureKeys": [{"key": base64.b64encode(b"q" * 16).decode(), "rollingStartNumber": rs,
                                            "rollingPeriod": 144}], "verificationPayload": cert,
                 "hmacKey": base64.b64encode(b"h" * 32).decode()}
@@ -226,7 +226,7 @@ def test_keys_too_old_or_in_future(backend, live, clock):
 
 def test_lab_api_needs_key_and_rate_limits(backend, live):
     assert api(live.url, "/api/issue", {}).status_code == 401
-    key = backend.add_api_key("lab-1")
+    key = backend.verification.add_api_key("lab-1")
     r = api(live.url, "/api/issue", {"testType": "confirmed"}, headers={"X-API-Key": key})
     assert r.status_code == 200 and len(r.json()["code"]) == 8 and len(r.json()["longCode"]) == 16
     backend.config.rate_verify_per_min = 3
@@ -235,9 +235,9 @@ def test_lab_api_needs_key_and_rate_limits(backend, live):
 
 
 def test_long_code_and_offline_agent(tmp_path, backend, live, clock):
-    c = backend.issue_code("lab")
+    c = backend.verification.issue_code("lab")
     clock.advance(3600)  # the short code expired, the long one still works
-    assert backend.verify_code(c["longCode"], "x")["token"]
+    assert backend.verification.verify_code(c["longCode"], "x")["token"]
     agent = make_agent(tmp_path, "offline", clock, 9)
     dead = SyncClient("http://127.0.0.1:9", trusted_keys=[backend.public_key_b64], sleep=lambda s: None, retries=1)
     res, dec = agent.sync(dead, clock.t)

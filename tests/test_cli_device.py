@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from backend.core import Backend, BackendConfig
+from agent.clock import ManualClock
+from backend import Backend, BackendConfig
 
 from .backend_helpers import LiveServer
 
@@ -75,7 +76,8 @@ def test_run_sigterm_status_encounters_export_purge(env):
 
 def test_declare_and_sync_against_a_live_backend(env):
     e, tmp = env
-    backend = Backend(BackendConfig(tmp / "backend", export_min_keys=10))
+    clock = ManualClock(time.time())
+    backend = Backend(BackendConfig(tmp / "backend", export_min_keys=10), clock=clock)
     with LiveServer(backend) as srv:
         e = {**e, "CTAGENT_SYNC_BACKEND_URL": srv.url, "CTAGENT_SYNC_TRUSTED_KEYS": backend.public_key_b64}
         r = invoke(e, "sync")
@@ -86,15 +88,15 @@ def test_declare_and_sync_against_a_live_backend(env):
         time.sleep(3)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
-        code = backend.issue_code("lab")["code"]
+        code = backend.verification.issue_code("lab")["code"]
         r = invoke(e, "declare", "--code", code)  # asks first
         assert r.exit_code == 1 and "Aborted" in r.output
         r = invoke(e, "declare", "--code", code, "--yes")
         assert r.exit_code == 0 and "published: 1 key(s)" in r.output, r.output
         r = invoke(e, "declare", "--code", code, "--yes")
         assert r.exit_code == 1 and "already used" in r.output
-        backend.clock = lambda: time.time() + 2 * 86400  # after the embargo
-        assert len(backend.run_export()) == 1
+        clock.t = time.time() + 2 * 86400  # after the embargo
+        assert len(backend.exports.run()) == 1
         r = invoke(e, "sync", "--json")
         out = json.loads(r.output)
         assert out["files"] == 1 and out["keys"] >= 10 and out["exposed"] is False
@@ -174,7 +176,7 @@ def test_robert_mode_commands(env):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0, proc.stderr.read()
         assert json.loads(status_file.read_text())["protocol"] == "robert"
-        code = backend.issue_code("lab")["code"]
+        code = backend.verification.issue_code("lab")["code"]
         r = invoke(e, "declare", "--code", code, "--yes")
         assert r.exit_code == 0 and "HELLO(s) accepted" in r.output, r.output
         assert "dropped" in r.output  # the sim peers' HELLOs were never issued by this server

@@ -103,7 +103,7 @@ def test_sd_notify_datagram(tmp_path, monkeypatch):
 
 async def test_robert_mode_on_a_virtual_clock(tmp_path):
     from agent.robert_agent import RobertDevice
-    from backend.core import Backend, BackendConfig
+    from backend import Backend, BackendConfig
     from backend.robert import RobertServer
     from backend.server import BackgroundServer
 

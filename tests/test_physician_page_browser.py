@@ -9,7 +9,7 @@ from agent.store import Store
 from agent.agent import Agent
 from agent.sync import SyncClient
 from agent.sync.client import teks_to_upload
-from backend.core import Backend, BackendConfig
+from backend import Backend, BackendConfig
 from backend.server import BackgroundServer
 
 from .helpers import FakeClock, fast_passphrase
@@ -22,7 +22,7 @@ def test_physician_issues_a_code_in_chromium_and_a_patient_declares(tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
     clock = FakeClock(20_000 * 86_400 + 10 * 3600)
     backend = Backend(BackendConfig(tmp_path / "backend"), clock=clock)
-    backend.add_user("dr.who", "tardis-1963")
+    backend.verification.add_user("dr.who", "tardis-1963")
     with BackgroundServer(backend) as srv, sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

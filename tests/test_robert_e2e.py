@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from agent.protocol import robert
 from agent.robert_agent import RobertClientError, RobertDevice
 from agent.store import Store
-from backend.core import Backend, BackendConfig
+from backend import Backend, BackendConfig
 from backend.robert import RobertConfig, RobertServer, contacts
 from backend.server import BackgroundServer
 
@@ -54,7 +54,7 @@ def test_register_hello_report_status(world):
     alice, bob, carol = device("alice", 1), device("bob", 2), device("carol", 3)
     broadcast(clock, bob, [(alice, -45)], 20)    # bob next to alice for 20 minutes
     broadcast(clock, carol, [(alice, -82)], 20)  # carol far away
-    code = backend.issue_code("lab")["code"]
+    code = backend.verification.issue_code("lab")["code"]
     resp = alice.report(code, clock.t)
     assert resp["accepted"] == 2 * 20 * 15 and resp["dropped"] == 0
     clock.advance(1800)
@@ -95,12 +95,12 @@ def test_forged_and_replayed_status_and_bad_hellos(world):
     forged_hello = bytearray(sd)
     forged_hello[15] ^= 0xFF
     alice.on_hello(clock.t, bytes(forged_hello), -45)
-    resp = alice.report(backend.issue_code("lab")["code"], clock.t + 3 * 3600)
+    resp = alice.report(backend.verification.issue_code("lab")["code"], clock.t + 3 * 3600)
     assert resp["accepted"] == 1 and resp["dropped"] == 2
     assert rs.stats["hellos_dropped"] == 2
 
     # malformed report: nothing stored, code not consumed
-    code = backend.issue_code("lab")["code"]
+    code = backend.verification.issue_code("lab")["code"]
     before = stored_contacts(rs)
     r = httpx.post(srv.url + "/api/v6/report", json={"token": code, "contacts": [{"ebid": "!!"}]})
     assert r.status_code == 400 and stored_contacts(rs) == before
@@ -122,7 +122,7 @@ def test_registration_guard(tmp_path):
         assert d.registered and len(d.service_data(clock.t)) == 18
         r = httpx.post(srv.url + "/api/v6/register", json={"clientPublicECDHKey": "bm9wZQ=="},
                        headers={"X-API-Key": "s3cret"})
-        assert r.status_code == 400 and r.json()["code"] == "invalid_key"
+        assert r.status_code == 400 and r.json()["code"] == "key_invalid"
         r = httpx.post(srv.url + "/api/v6/register", json={"clientPublicECDHKey": "x"}, headers={"X-API-Key": "s3cret"})
         assert r.status_code == 429
     # the server keys are kept encrypted and survive a restart
