@@ -452,10 +452,24 @@ def backend(ctx, data_dir, database, region):
 
 
 def _backend(ctx):
-    from backend.core import Backend, BackendConfig
+    from agent.clock import RealClock
+    from backend import Backend, BackendConfig
 
     o = ctx.obj
-    return Backend(BackendConfig(o["data_dir"], database_url=o["database"], region=o["region"]))
+    return Backend(BackendConfig(o["data_dir"], database_url=o["database"], region=o["region"]), clock=RealClock())
+
+
+def _backend_refusals(fn):
+    """The backend's refusals (a weak password, an unknown test type) as one sentence."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from backend.errors import ApiError
+
+        try:
+            return fn(*args, **kwargs)
+        except ApiError as e:
+            raise click.ClickException(e.message) from None
+    return wrapper
 
 
 @backend.command("serve")
@@ -468,6 +482,7 @@ def _backend(ctx):
               help="ROBERT: require this X-API-Key to register (replaces the deployed captcha).")
 @click.pass_context
 @friendly_errors
+@_backend_refusals
 def backend_serve(ctx, host, port, add_user, protocol, register_api_key):
     """Serve the API, the physicians' page and the export files."""
     import uvicorn
@@ -476,7 +491,7 @@ def backend_serve(ctx, host, port, add_user, protocol, register_api_key):
 
     b = _backend(ctx)
     if add_user:
-        b.add_user(*add_user)
+        b.verification.add_user(*add_user)
     rs = None
     if protocol in ("robert", "both"):
         from backend.robert import RobertConfig, RobertServer
@@ -492,9 +507,10 @@ def backend_serve(ctx, host, port, add_user, protocol, register_api_key):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 @friendly_errors
+@_backend_refusals
 def backend_code(ctx, test_type, as_json):
     """Issue a verification code (as a lab system would)."""
-    c = _backend(ctx).issue_code("cli", test_type=test_type)
+    c = _backend(ctx).verification.issue_code("cli", test_type=test_type)
     click.echo(json.dumps(c) if as_json else f"code {c['code']} (15 min)   long code {c['longCode']} (24 h)")
 
 
@@ -507,7 +523,7 @@ def backend_export(ctx):
 
     with Progress(transient=True) as bar:
         task = bar.add_task("signing export files", total=None)
-        names = _backend(ctx).run_export(progress=lambda done, total: bar.update(task, completed=done, total=total))
+        names = _backend(ctx).exports.run(progress=lambda done, total: bar.update(task, completed=done, total=total))
     click.echo(f"{len(names)} export file(s) written" + ("".join(f"\n  {n}" for n in names)))
 
 

@@ -1,7 +1,8 @@
 """The backend's ROBERT role (centralized mode): registration, status, report,
 unregister, deleteExposureHistory. Server keys (K_S for SKINNY, K_G for ECC, the ECDH
-key) are created on first start and kept encrypted under a 0600 master key file; each
-registration's K_mac and K_tuples are stored encrypted too.
+key) are created on first start and kept sealed (:class:`~agent.store.envelope.Envelope`)
+under a 0600 master key file; each registration's K_mac and K_tuples are sealed too,
+bound to its identifier.
 
 The captcha of the deployed system is replaced by a registration guard: a per-client
 rate limit and, when configured, an API key (``X-API-Key``).
@@ -12,23 +13,37 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 import secrets
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from agent.exposure.robert_rule import RobertRiskConfig, at_risk, epoch_weighted_minutes, total_risk
+from agent.clock import DAY_SECONDS
+from agent.exposure.robert_rule import (
+    RobertRiskConfig,
+    at_risk,
+    epoch_weighted_minutes,
+    total_risk,
+)
+from agent.files import write_private_file
 from agent.protocol import robert
-from agent.store.keys import write_private_file
+from agent.store.envelope import Envelope
 
-from .core import ApiError, RateLimiter
 from .db import metadata
+from .errors import ApiError, Code
+from .keyfiles import ec_key_from_pem, load_or_create_secret
+
+if TYPE_CHECKING:
+    from .service import Backend
+
+#: associated data binding each sealed blob to its role (and a registration to its id)
+_AAD_SERVER_KEYS = b"robert-server-keys"
+_AAD_REGISTRATION = b"robert-reg|"
+#: the ``riskLevel`` answered to a person at risk (0: not at risk)
+RISK_LEVEL_AT_RISK = 4
 
 registrations = sa.Table(
     "robert_registrations", metadata,
@@ -61,34 +76,29 @@ class RobertConfig:
 
 
 class RobertServer:
-    def __init__(self, backend, config: RobertConfig | None = None, *, clock: Callable[[], float] | None = None) -> None:
-        self.backend = backend  # for the database and the health authority's codes
+    def __init__(self, backend: Backend, config: RobertConfig | None = None) -> None:
+        self.backend = backend  # the database, the clock, the limiter and the health authority's codes
         self.engine = backend.engine
         self.cfg = config or RobertConfig()
-        self.clock = clock or backend.clock
+        self.clock = backend.clock
+        self.limiter = backend.limiter
         self.risk_cfg = RobertRiskConfig()
         metadata.create_all(self.engine, tables=[registrations, contacts])
-        self.limiter = RateLimiter(self.clock)
         d = backend.config.data_dir
-        mk_path = d / "robert-master.key"
-        if not mk_path.exists():
-            write_private_file(mk_path, secrets.token_bytes(32))
-        self._master = AESGCM(mk_path.read_bytes())
+        self._master = Envelope(load_or_create_secret(d / "robert-master.key"))
         keys_path = d / "robert-keys.enc"
         if keys_path.exists():
-            blob = keys_path.read_bytes()
-            doc = json.loads(self._master.decrypt(blob[:12], blob[12:], b"robert-server-keys"))
+            doc = json.loads(self._master.open(keys_path.read_bytes(), _AAD_SERVER_KEYS))
         else:
             priv = ec.generate_private_key(ec.SECP256R1())
             doc = {"k_s": secrets.token_hex(24), "k_g": secrets.token_hex(32),
                    "ecdh": priv.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                               serialization.NoEncryption()).decode(),
-                   "start_ntp": robert.ntp_seconds(self.clock()) // 3600 * 3600}
-            iv = os.urandom(12)
-            write_private_file(keys_path, iv + self._master.encrypt(iv, json.dumps(doc).encode(), b"robert-server-keys"))
+                   "start_ntp": robert.ntp_seconds(self.clock.now()) // 3600 * 3600}
+            write_private_file(keys_path, self._master.seal(json.dumps(doc).encode(), _AAD_SERVER_KEYS))
         self.k_s, self.k_g = bytes.fromhex(doc["k_s"]), bytes.fromhex(doc["k_g"])
         self.skinny = robert.Skinny64_192(self.k_s)
-        self.ecdh = serialization.load_pem_private_key(doc["ecdh"].encode(), password=None)
+        self.ecdh = ec_key_from_pem(doc["ecdh"].encode(), "the ROBERT ECDH key")
         self.start_ntp = int(doc["start_ntp"])
         self.stats = {"hellos_valid": 0, "hellos_dropped": 0}
 
@@ -98,17 +108,16 @@ class RobertServer:
         return robert.public_key_b64(self.ecdh)
 
     def now_ntp(self) -> int:
-        return robert.ntp_seconds(self.clock())
+        return robert.ntp_seconds(self.clock.now())
 
     def current_epoch(self) -> int:
         return robert.epoch_id(self.now_ntp(), self.start_ntp)
 
     def _seal_keys(self, id_a: bytes, keys: robert.SessionKeys) -> bytes:
-        iv = os.urandom(12)
-        return iv + self._master.encrypt(iv, keys.k_mac + keys.k_tuples, b"robert-reg|" + id_a)
+        return self._master.seal(keys.k_mac + keys.k_tuples, _AAD_REGISTRATION + id_a)
 
     def _keys(self, row) -> robert.SessionKeys:
-        plain = self._master.decrypt(row.keys_enc[:12], row.keys_enc[12:], b"robert-reg|" + row.id_a)
+        plain = self._master.open(row.keys_enc, _AAD_REGISTRATION + row.id_a)
         return robert.SessionKeys(plain[:32], plain[32:])
 
     def _tuples(self, id_a: bytes, keys: robert.SessionKeys, first_epoch: int) -> str:
@@ -123,20 +132,20 @@ class RobertServer:
         try:
             raw = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError, TypeError):
-            raise ApiError(400, "invalid_request", f"{name} is not base64") from None
+            raise ApiError(Code.INVALID_REQUEST, f"{name} is not base64") from None
         if length is not None and len(raw) != length:
-            raise ApiError(400, "invalid_request", f"{name} must be {length} bytes")
+            raise ApiError(Code.INVALID_REQUEST, f"{name} must be {length} bytes")
         return raw
 
     # -- register -------------------------------------------------------------------------
     def register(self, client_public_key_b64: str, client: str, api_key: str | None = None) -> dict:
         if self.cfg.register_api_key and api_key != self.cfg.register_api_key:
-            raise ApiError(401, "unauthorized", "registration needs the configured X-API-Key")
+            raise ApiError(Code.UNAUTHORIZED, "registration needs the configured X-API-Key")
         self.limiter.check("register", client, self.cfg.register_per_min)
         try:
             keys = robert.ecdh_keys(self.ecdh, client_public_key_b64)
         except robert.RobertError as e:
-            raise ApiError(400, "invalid_key", str(e)) from None
+            raise ApiError(Code.KEY_INVALID, str(e)) from None
         for _ in range(10):
             id_a = secrets.token_bytes(5)
             try:
@@ -147,7 +156,7 @@ class RobertServer:
             except sa.exc.IntegrityError:
                 continue
         else:
-            raise ApiError(503, "id_space_exhausted", "could not allocate an identifier")
+            raise ApiError(Code.ID_SPACE_EXHAUSTED, "could not allocate an identifier")
         return {"tuples": self._tuples(id_a, keys, self.current_epoch()), "timeStart": self.start_ntp,
                 "serverPublicKey": self.server_public_key}
 
@@ -158,39 +167,39 @@ class RobertServer:
         t = self._b64(body.get("time"), "time", 4)
         epoch = body.get("epochId")
         if not isinstance(epoch, int) or isinstance(epoch, bool):
-            raise ApiError(400, "invalid_request", "epochId must be an integer")
+            raise ApiError(Code.INVALID_REQUEST, "epochId must be an integer")
         req_epoch, id_a = robert.open_ebid(self.k_s, ebid)
         ntp32 = int.from_bytes(t, "big")
         now = self.now_ntp()
         if req_epoch != epoch or abs(epoch - self.current_epoch()) > 1:
-            raise ApiError(400, "bad_epoch", "the EBID does not belong to the current epoch")
+            raise ApiError(Code.BAD_EPOCH, "the EBID does not belong to the current epoch")
         if abs((now & 0xFFFFFFFF) - ntp32) > self.cfg.time_tolerance_s:
-            raise ApiError(400, "bad_time", "the request time is too far from the server's clock")
+            raise ApiError(Code.BAD_TIME, "the request time is too far from the server's clock")
         with self.engine.connect() as c:
             row = c.execute(sa.select(registrations).where(registrations.c.id_a == id_a)).first()
         if row is None or not robert.verify_request_mac(self._keys(row).k_mac, prefix, ebid, epoch, ntp32, mac):
-            raise ApiError(401, "bad_mac", "the request is not authenticated")
+            raise ApiError(Code.BAD_MAC, "the request is not authenticated")
         return row, ntp32
 
     def status(self, body: dict) -> dict:
         row, ntp32 = self._authenticate(robert.PREFIX_STATUS, body)
         if row.last_status_ntp is not None:
             if ntp32 <= row.last_status_ntp:
-                raise ApiError(400, "replayed", "this status request was already seen")
+                raise ApiError(Code.REPLAYED, "this status request was already seen")
             if ntp32 - row.last_status_ntp < self.cfg.min_status_interval_s:
-                raise ApiError(429, "too_frequent", "status can be asked at most once per two epochs")
+                raise ApiError(Code.TOO_FREQUENT, "status can be asked at most once per two epochs")
         risk, last = self.risk(row.id_a)
-        exposed = last is not None and at_risk(risk, (self.now_ntp() - last) / 86400, self.risk_cfg)
+        exposed = last is not None and at_risk(risk, (self.now_ntp() - last) / DAY_SECONDS, self.risk_cfg)
         with self.engine.begin() as c:
             c.execute(sa.update(registrations).where(registrations.c.id_a == row.id_a)
                       .values(last_status_ntp=ntp32, notified=row.notified or exposed))
-        return {"riskLevel": 4 if exposed else 0, "atRisk": exposed, "risk": round(total_risk(risk), 4),
+        return {"riskLevel": RISK_LEVEL_AT_RISK if exposed else 0, "atRisk": exposed, "risk": round(total_risk(risk), 4),
                 "lastContactDate": last if exposed else None,
                 "tuples": self._tuples(row.id_a, self._keys(row), self.current_epoch())}
 
     def risk(self, id_a: bytes) -> tuple[float, int | None]:
         """Risk-weighted minutes over the last days, and the last contact time (NTP)."""
-        cutoff = self.now_ntp() - self.risk_cfg.max_contact_age_days * 86400
+        cutoff = self.now_ntp() - self.risk_cfg.max_contact_age_days * DAY_SECONDS
         with self.engine.connect() as c:
             rows = c.execute(sa.select(contacts.c.epoch, contacts.c.ntp, contacts.c.rssi)
                              .where(contacts.c.id_a == id_a, contacts.c.ntp >= cutoff)).fetchall()
@@ -220,7 +229,7 @@ class RobertServer:
         The token (a health authority code) is claimed only once the body parsed."""
         contacts_in = body.get("contacts")
         if not isinstance(contacts_in, list):
-            raise ApiError(400, "invalid_request", "contacts must be a list")
+            raise ApiError(Code.INVALID_REQUEST, "contacts must be a list")
         valid, dropped = [], 0
         for ct in contacts_in:
             try:
@@ -228,9 +237,9 @@ class RobertServer:
                 ecc = self._b64(ct["ecc"], "ecc", 1)
                 ids = ct["ids"]
                 if not isinstance(ids, list):
-                    raise ApiError(400, "invalid_request", "ids must be a list")
+                    raise ApiError(Code.INVALID_REQUEST, "ids must be a list")
             except (KeyError, TypeError):
-                raise ApiError(400, "invalid_request", "each contact needs ebid, ecc and ids") from None
+                raise ApiError(Code.INVALID_REQUEST, "each contact needs ebid, ecc and ids") from None
             if robert.open_ecc(self.k_g, ebid, ecc) != self.cfg.country_code:
                 dropped += len(ids)
                 continue
@@ -248,7 +257,7 @@ class RobertServer:
                     mac = self._b64(h["mac"], "mac", 5)
                     rssi = int(h["rssiCalibrated"])
                 except (KeyError, TypeError, ValueError):
-                    raise ApiError(400, "invalid_request", "each id needs timeCollectedOnDevice, "
+                    raise ApiError(Code.INVALID_REQUEST, "each id needs timeCollectedOnDevice, "
                                    "timeFromHelloMessage, mac and rssiCalibrated") from None
                 if not 0 <= t16 <= 0xFFFF:
                     dropped += 1
@@ -261,7 +270,7 @@ class RobertServer:
                     dropped += 1
                     continue
                 valid.append({"id_a": id_a, "epoch": epoch, "ntp": collected, "rssi": rssi})
-        self.backend.verify_code(str(body.get("token", "")), client)  # single use, atomic
+        self.backend.verification.verify_code(str(body.get("token", "")), client)  # single use, atomic
         with self.engine.begin() as c:
             if valid:
                 c.execute(sa.insert(contacts), valid)

@@ -6,29 +6,35 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from typing import Self
 
 import uvicorn
 
 from .app import create_app
-from .core import Backend
+from .robert import RobertServer
+from .service import Backend
+
+START_TIMEOUT_S = 15
 
 
 class BackgroundServer:
-    def __init__(self, backend: Backend, host: str = "127.0.0.1", port: int = 0, robert_server=None) -> None:
+    def __init__(self, backend: Backend, robert_server: RobertServer | None = None, *, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
         if port == 0:
             with socket.socket() as s:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
         self.port = port
         self.url = f"http://{host}:{port}"
-        config = uvicorn.Config(create_app(backend, robert_server), host=host, port=port, log_level="warning", lifespan="off",
-                                access_log=False)
+        config = uvicorn.Config(create_app(backend, robert_server), host=host, port=port, log_level="warning",
+                                lifespan="off", access_log=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="ctagent-backend", daemon=True)
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> Self:
         self.thread.start()
-        deadline = time.monotonic() + 15
+        # waits on the real thread, whatever clock the backend runs on
+        deadline = time.monotonic() + START_TIMEOUT_S
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"the embedded backend did not start on {self.url}")

@@ -19,21 +19,24 @@ import sqlalchemy as sa
 from rich.console import Console
 from rich.table import Table
 
+from agent.clock import RealClock
 from agent.protocol import gaen
-from agent.protocol.verification import PublishKey, tek_hmac
-from backend import db
-from backend.core import Backend, BackendConfig
+from agent.protocol.gaen import TemporaryExposureKey
+from agent.protocol.verification import tek_hmac
+from backend import Backend, BackendConfig, db
 from backend.server import BackgroundServer
 
 
 def prepared_publish(backend: Backend, now: float, n_keys: int = 14) -> dict:
     """A valid v1 publish body (code -> token -> certificate done in-process)."""
-    token = backend.verify_code(backend.issue_code("bench")["code"], "bench")["token"]
+    v = backend.verification
+    token = v.verify_code(v.issue_code("bench")["code"], "bench")["token"]
     today = gaen.rolling_start_for_day(now)
-    keys = [PublishKey(secrets.token_bytes(16), today - 144 * (i + 1), 144, 0) for i in range(n_keys)]
+    keys = [TemporaryExposureKey(secrets.token_bytes(16), today - 144 * (i + 1)) for i in range(n_keys)]
     hk = secrets.token_bytes(32)
-    cert = backend.certificate(token, tek_hmac(hk, keys))["certificate"]
-    return {"temporaryExposureKeys": [{"key": base64.b64encode(k.key).decode(), "rollingStartNumber": k.rolling_start,
+    cert = v.certificate(token, tek_hmac(hk, keys))["certificate"]
+    return {"temporaryExposureKeys": [{"key": base64.b64encode(k.key_data).decode(),
+                                       "rollingStartNumber": k.rolling_start_interval_number,
                                        "rollingPeriod": 144, "transmissionRisk": 0} for k in keys],
             "verificationPayload": cert, "hmacKey": base64.b64encode(hk).decode(), "healthAuthorityID": "bench"}
 
@@ -44,9 +47,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--export-keys", type=int, default=100_000)
     a = ap.parse_args(argv)
-    now = time.time()
+    clock = RealClock()  # a benchmark runs on wall time: it is an edge
+    now = clock.now()
     with tempfile.TemporaryDirectory() as d:
-        backend = Backend(BackendConfig(Path(d), rate_issue_per_min=10**9, rate_verify_per_min=10**9))
+        backend = Backend(BackendConfig(Path(d), rate_issue_per_min=10**9, rate_verify_per_min=10**9), clock=clock)
         bodies = [prepared_publish(backend, now) for _ in range(a.publishes)]
         with BackgroundServer(backend) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
             def post(body):
@@ -63,7 +67,7 @@ def main(argv=None) -> dict:
         with backend.engine.begin() as c:
             c.execute(sa.insert(db.exposures), rows)
         t = time.perf_counter()
-        files = backend.run_export()
+        files = backend.exports.run()
         export_s = time.perf_counter() - t
         size = sum((backend.config.exports_dir / f).stat().st_size for f in files)
     res = {"publish_per_s": a.publishes / publish_s, "publishes": a.publishes,

@@ -1,0 +1,88 @@
+"""JSON routes of the verification and key-server roles. Request bodies are checked by
+strict models (unknown fields refused); field names are those of the public
+verification server (``/api/issue``, ``/api/verify``, ``/api/certificate``:
+google/exposure-notifications-verification-server ``pkg/api/api.go``) and key server
+(``/v1/publish``: google/exposure-notifications-server ``pkg/api/v1/exposure_types.go``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Header, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from .httputil import client_host
+from .service import Backend
+
+#: the largest body of these routes (the publish request's padding included)
+MAX_BODY = 64 * 1024
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VerifyRequest(_Strict):
+    code: str = Field(max_length=64)
+    accept: list[str] | None = None
+
+
+class CertificateRequest(_Strict):
+    token: str = Field(max_length=256)
+    ekeyhmac: str = Field(max_length=128)
+
+
+class IssueRequest(_Strict):
+    testType: str = "confirmed"
+    symptomOnsetInterval: int | None = None
+
+
+class ExposureKey(_Strict):
+    key: str = Field(max_length=64)
+    rollingStartNumber: int = Field(ge=0)
+    rollingPeriod: int = 144
+    transmissionRisk: int = Field(0, ge=0, le=8)
+
+
+class PublishRequest(_Strict):
+    temporaryExposureKeys: list[ExposureKey] = Field(min_length=1)
+    healthAuthorityID: str = Field("", max_length=128)
+    verificationPayload: str = Field(max_length=8192)
+    hmacKey: str = Field(max_length=128)
+    symptomOnsetInterval: int | None = None
+    traveler: bool = False
+    revisionToken: str = Field("", max_length=4096)
+    padding: str = Field("", max_length=MAX_BODY)
+
+
+def api_router(backend: Backend) -> APIRouter:
+    router = APIRouter()
+    verification = backend.verification
+
+    @router.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    @router.get("/v1/public-key")
+    def public_key():
+        c = backend.config
+        return {"publicKey": backend.public_key_b64, "keyId": c.key_id, "keyVersion": c.key_version,
+                "region": c.region, "algorithm": "ECDSA P-256 SHA-256"}
+
+    @router.post("/api/issue")
+    def api_issue(body: IssueRequest, x_api_key: str | None = Header(default=None)):
+        who = verification.api_key_owner(x_api_key)
+        return verification.issue_code(f"api:{who}", test_type=body.testType,
+                                       symptom_onset_interval=body.symptomOnsetInterval)
+
+    @router.post("/api/verify")
+    def api_verify(body: VerifyRequest, request: Request):
+        return verification.verify_code(body.code, client_host(request))
+
+    @router.post("/api/certificate")
+    def api_certificate(body: CertificateRequest):
+        return verification.certificate(body.token, body.ekeyhmac)
+
+    @router.post("/v1/publish")
+    def publish(body: PublishRequest):
+        return backend.publisher.publish(body.model_dump())
+
+    return router

@@ -1,0 +1,31 @@
+"""The backend's settings (one dataclass; the CLI and the tests fill it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class BackendConfig:
+    #: keys, export files and (by default) the SQLite database
+    data_dir: Path
+    #: SQLAlchemy URL; None: SQLite in ``data_dir``
+    database_url: str | None = None
+    region: str = "XX"
+    export_period_s: int = 3600
+    export_max_keys: int = 500_000
+    export_min_keys: int = 100  # padded with random keys up to this
+    export_retention_days: int = 14
+    rate_issue_per_min: int = 60
+    rate_verify_per_min: int = 20
+    key_id: str = "ctagent"
+    key_version: str = "v1"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.data_dir / "exports"
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'backend.db'}"

@@ -1,0 +1,83 @@
+"""Every error the backend sends to a client: one exception, :class:`ApiError`, and
+every code it may carry, each bound to its HTTP status.
+
+The wire body of an error is ``{"code": <code>, "error": <one sentence>}``. Codes shared
+with the public Exposure Notifications verification server keep its spelling
+(google/exposure-notifications-verification-server, ``pkg/api/api.go``:
+``unparsable_request``, ``code_invalid``, ``code_expired``, ``token_invalid``,
+``hmac_invalid``). No other backend module spells a code as a string.
+"""
+
+from __future__ import annotations
+
+import enum
+from http import HTTPStatus
+
+from agent.errors import CtagentError
+
+
+class Code(enum.StrEnum):
+    # -- any request
+    UNPARSABLE_REQUEST = "unparsable_request"
+    INVALID_REQUEST = "invalid_request"
+    BODY_TOO_LARGE = "body_too_large"
+    RATE_LIMITED = "rate_limited"
+    UNAUTHORIZED = "unauthorized"
+    # -- verification: accounts, codes, tokens, certificates
+    WEAK_PASSWORD = "weak_password"
+    BAD_LOGIN = "bad_login"
+    BAD_TEST_TYPE = "bad_test_type"
+    CODE_SPACE_EXHAUSTED = "code_space_exhausted"
+    CODE_INVALID = "code_invalid"
+    CODE_USED = "code_used"
+    CODE_EXPIRED = "code_expired"
+    HMAC_INVALID = "hmac_invalid"
+    TOKEN_INVALID = "token_invalid"
+    # -- publish
+    TOO_MANY_KEYS = "too_many_keys"
+    CERTIFICATE_INVALID = "certificate_invalid"
+    CERTIFICATE_EXPIRED = "certificate_expired"
+    CERTIFICATE_USED = "certificate_used"
+    HMAC_KEY_INVALID = "hmac_key_invalid"
+    #: a key in the request is malformed: a TEK (publish) or a client's ECDH key (ROBERT)
+    KEY_INVALID = "key_invalid"
+    KEY_TOO_OLD = "key_too_old"
+    KEY_IN_FUTURE = "key_in_future"
+    KEY_DUPLICATE = "key_duplicate"
+    HMAC_MISMATCH = "hmac_mismatch"
+    # -- ROBERT
+    ID_SPACE_EXHAUSTED = "id_space_exhausted"
+    BAD_EPOCH = "bad_epoch"
+    BAD_TIME = "bad_time"
+    BAD_MAC = "bad_mac"
+    REPLAYED = "replayed"
+    TOO_FREQUENT = "too_frequent"
+
+    @property
+    def status(self) -> HTTPStatus:
+        return _STATUS.get(self, HTTPStatus.BAD_REQUEST)
+
+
+# Codes answered with another status than 400.
+_STATUS: dict[Code, HTTPStatus] = {
+    Code.BODY_TOO_LARGE: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+    Code.RATE_LIMITED: HTTPStatus.TOO_MANY_REQUESTS,
+    Code.TOO_FREQUENT: HTTPStatus.TOO_MANY_REQUESTS,
+    Code.UNAUTHORIZED: HTTPStatus.UNAUTHORIZED,
+    Code.BAD_LOGIN: HTTPStatus.UNAUTHORIZED,
+    Code.BAD_MAC: HTTPStatus.UNAUTHORIZED,
+    Code.CODE_SPACE_EXHAUSTED: HTTPStatus.SERVICE_UNAVAILABLE,
+    Code.ID_SPACE_EXHAUSTED: HTTPStatus.SERVICE_UNAVAILABLE,
+}
+
+
+class ApiError(CtagentError):
+    """A refusal for the client: a stable ``code``, its HTTP ``status`` and one sentence."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+        self.status = int(code.status)
+
+    def body(self) -> dict[str, str]:
+        return {"code": self.code.value, "error": self.message}

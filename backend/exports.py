@@ -1,0 +1,147 @@
+"""The export role: uploaded keys whose embargo ended -> signed ``EK Export v1`` files
+and ``index.txt``, the listing the agents poll.
+
+Pure parts: :func:`plan_batches` (which time window a run covers),
+:func:`padding_keys` (random keys that hide how few real ones there are; the key
+server pads the same way, google/exposure-notifications-server
+``internal/export/worker.go``) and :func:`split_batches`. :class:`ExportJob` signs,
+writes each file atomically (a reader sees the whole file or none), records the batch
+and rewrites the index; one run at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import secrets
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import sqlalchemy as sa
+
+from agent.clock import DAY_SECONDS, Clock
+from agent.protocol import export, gaen
+from agent.protocol.export import DiagnosisKey, ReportType
+
+from . import db
+from .config import BackendConfig
+from .keyfiles import load_or_create_ec_key
+
+log = logging.getLogger("ctagent.backend")
+
+T = TypeVar("T")
+INDEX = "index.txt"
+#: padding keys look like keys of the last two weeks, with any transmission risk
+PADDING_MAX_AGE_DAYS = 13
+PADDING_MAX_RISK = 8
+
+
+@dataclass(frozen=True, slots=True)
+class BatchWindow:
+    """Keys exported in one run: their embargo ended before ``end`` (Unix seconds)."""
+
+    start: int
+    end: int
+
+
+def plan_batches(last_end: int | None, now: float, period: int) -> BatchWindow | None:
+    """The window of the next run: from the end of the last batch (or one period back)
+    to the last period boundary before ``now``; None when that boundary was covered."""
+    end = int(now // period * period)
+    start = int(last_end) if last_end else end - period
+    return BatchWindow(start, end) if end > start else None
+
+
+def split_batches(keys: Sequence[T], max_keys: int) -> list[Sequence[T]]:
+    """Files of at most ``max_keys`` keys each (batch_num 1..batch_size)."""
+    return [keys[i : i + max_keys] for i in range(0, len(keys), max_keys)]
+
+
+def padding_keys(n: int, now: float, rng: random.Random) -> list[DiagnosisKey]:
+    """``n`` random keys shaped like real uploads (whole days in the last two weeks)."""
+    today = gaen.rolling_start_for_day(now)
+    return [DiagnosisKey(rng.randbytes(gaen.KEY_LEN),
+                         today - rng.randint(1, PADDING_MAX_AGE_DAYS) * gaen.TEK_ROLLING_PERIOD,
+                         gaen.TEK_ROLLING_PERIOD, rng.randint(1, PADDING_MAX_RISK), ReportType.CONFIRMED_TEST)
+            for _ in range(n)]
+
+
+def file_name(window: BatchWindow, batch_num: int) -> str:
+    return f"{window.start}-{window.end}-{batch_num:05d}.zip"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class ExportJob:
+    def __init__(self, config: BackendConfig, engine: sa.Engine, clock: Clock, *,
+                 rng: random.Random | None = None) -> None:
+        self.config, self.engine, self.clock = config, engine, clock
+        #: padding and shuffling: a CSPRNG, so padding cannot be told from real keys
+        self.rng = rng or secrets.SystemRandom()
+        self.signing_key = load_or_create_ec_key(config.data_dir / "export-signing-key.pem")
+        self.public_key_b64 = export.public_key_b64(self.signing_key)
+        self._one_at_a_time = threading.Lock()
+        config.exports_dir.mkdir(parents=True, exist_ok=True)
+        if not (config.exports_dir / INDEX).exists():
+            self.write_index(clock.now())
+
+    def run(self, progress: Callable[[int, int], None] | None = None) -> list[str]:
+        """Write the export files of keys whose embargo ended; refresh index.txt. The
+        names of the new files."""
+        with self._one_at_a_time:
+            return self._run(progress)
+
+    def _run(self, progress: Callable[[int, int], None] | None) -> list[str]:
+        now, cfg, e_ = self.clock.now(), self.config, db.exposures.c
+        with self.engine.connect() as c:
+            last = c.execute(sa.select(sa.func.max(db.batches.c.end))).scalar()
+            window = plan_batches(last, now, cfg.export_period_s)
+            rows = [] if window is None else c.execute(
+                sa.select(db.exposures).where(e_.batch_id.is_(None), e_.export_after <= window.end)
+                .order_by(e_.id)).fetchall()
+        if window is None or not rows:
+            self.write_index(now)
+            return []
+        keys = [DiagnosisKey(r.key_data, r.rolling_start, r.rolling_period, r.transmission_risk,
+                             ReportType(r.report_type), r.days_since_onset) for r in rows]
+        if len(keys) < cfg.export_min_keys:
+            keys += padding_keys(cfg.export_min_keys - len(keys), now, self.rng)
+        self.rng.shuffle(keys)  # padding must not be told apart by position
+        chunks = split_batches(keys, cfg.export_max_keys)
+        names = []
+        for i, chunk in enumerate(chunks, 1):
+            blob = export.build_export(chunk, signing_key=self.signing_key, start_timestamp=window.start,
+                                       end_timestamp=window.end, region=cfg.region, key_id=cfg.key_id,
+                                       key_version=cfg.key_version, batch_num=i, batch_size=len(chunks))
+            name = file_name(window, i)
+            _write_atomic(cfg.exports_dir / name, blob)
+            names.append(name)
+            if progress:
+                progress(i, len(chunks))
+        with self.engine.begin() as c:
+            res = c.execute(sa.insert(db.batches).values(start=window.start, end=window.end, files=json.dumps(names),
+                                                         created_at=now))
+            assert res.inserted_primary_key is not None
+            bid = res.inserted_primary_key[0]
+            c.execute(sa.update(db.exposures).where(e_.id.in_([r.id for r in rows])).values(batch_id=bid))
+        self.write_index(now)
+        log.info("export: %d real key(s) in %d file(s)", len(rows), len(names))
+        return names
+
+    def write_index(self, now: float) -> None:
+        """``index.txt``: the files of the batches of the retention period, oldest first."""
+        cutoff = now - self.config.export_retention_days * DAY_SECONDS
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(db.batches.c.files).where(db.batches.c.end >= cutoff)
+                             .order_by(db.batches.c.id)).fetchall()
+        lines = [n for r in rows for n in json.loads(r.files)]
+        _write_atomic(self.config.exports_dir / INDEX, "".join(f"{n}\n" for n in lines).encode())

@@ -1,0 +1,31 @@
+"""The backend as one object: the configuration, the clock, the database and the roles
+built on them. Callers use the roles directly (``backend.verification.issue_code(...)``,
+``backend.exports.run()``); this object only puts them together."""
+
+from __future__ import annotations
+
+from agent.clock import Clock, RealClock
+
+from . import db
+from .config import BackendConfig
+from .exports import ExportJob
+from .publish import Publisher
+from .ratelimit import RateLimiter
+from .verification import VerificationService
+
+#: the default clock: wall time (the CLI and a deployed server)
+WALL_CLOCK = RealClock()
+
+
+class Backend:
+    def __init__(self, config: BackendConfig, *, clock: Clock = WALL_CLOCK) -> None:
+        self.config = config
+        self.clock = clock
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.engine = db.make_engine(config.database)
+        self.limiter = RateLimiter(clock)
+        self.verification = VerificationService(config, self.engine, clock, self.limiter)
+        self.publisher = Publisher(self.engine, clock, self.verification.certificate_public_key)
+        self.exports = ExportJob(config, self.engine, clock)
+        #: the export signing public key the agents trust (base64 SubjectPublicKeyInfo)
+        self.public_key_b64 = self.exports.public_key_b64

@@ -1,0 +1,201 @@
+"""The verification role: physicians' accounts and sessions, lab API keys, verification
+codes (issue, verify), tokens and certificates.
+
+The flow is the public Exposure Notifications verification server's
+(google/exposure-notifications-verification-server, ``docs/api.md``): a health
+authority issues a short code (and a long one) -> ``/api/verify`` trades the code for a
+token, once -> ``/api/certificate`` trades the token and the HMAC of the keys to upload
+for a signed certificate, once. Secrets (codes, tokens, session cookies, API keys) are
+stored only as HMACs under a pepper kept in the data folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import uuid
+
+import sqlalchemy as sa
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.clock import Clock
+
+from . import certificate, db
+from .config import BackendConfig
+from .errors import ApiError, Code
+from .keyfiles import load_or_create_ec_key, load_or_create_secret
+from .ratelimit import RateLimiter
+
+log = logging.getLogger("ctagent.backend")
+
+SHORT_CODE_TTL = 15 * 60
+LONG_CODE_TTL = 24 * 3600
+TOKEN_TTL = 10 * 60
+CERT_TTL = 15 * 60
+SESSION_TTL = 8 * 3600
+MIN_PASSWORD_LEN = 8
+SHORT_CODE_DIGITS = 8
+LONG_CODE_LEN = 16
+#: no 0/o, 1/i/l: the long code is read aloud and typed
+_LONG_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"
+_DRAWS = 5  # attempts at a code that collides with no live one
+
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    salt = salt or os.urandom(16)
+    dk = hashlib.scrypt(password.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
+    return f"scrypt${salt.hex()}${dk.hex()}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    try:
+        _, salt, _ = stored.split("$")
+    except ValueError:
+        return False
+    return hmac.compare_digest(hash_password(password, bytes.fromhex(salt)), stored)
+
+
+def _is_code_shape(code: object) -> bool:
+    return isinstance(code, str) and ((len(code) == SHORT_CODE_DIGITS and code.isdigit())
+                                      or len(code) == LONG_CODE_LEN)
+
+
+class VerificationService:
+    def __init__(self, config: BackendConfig, engine: sa.Engine, clock: Clock, limiter: RateLimiter) -> None:
+        self.config, self.engine, self.clock, self.limiter = config, engine, clock, limiter
+        self._cert_key = load_or_create_ec_key(config.data_dir / "certificate-signing-key.pem")
+        self._pepper = load_or_create_secret(config.data_dir / "code-pepper")
+
+    @property
+    def certificate_public_key(self) -> ec.EllipticCurvePublicKey:
+        """What the publish role checks certificates with."""
+        return self._cert_key.public_key()
+
+    def _h(self, secret: str) -> str:
+        return hmac.new(self._pepper, secret.encode(), hashlib.sha256).hexdigest()
+
+    # -- accounts -------------------------------------------------------------------
+    def add_user(self, username: str, password: str, health_authority: str = "default") -> None:
+        if len(password) < MIN_PASSWORD_LEN:
+            raise ApiError(Code.WEAK_PASSWORD, f"passwords need at least {MIN_PASSWORD_LEN} characters")
+        with self.engine.begin() as c:
+            c.execute(sa.insert(db.users).values(username=username, password_hash=hash_password(password),
+                                                 health_authority=health_authority))
+
+    def add_api_key(self, name: str, health_authority: str = "default") -> str:
+        """A new lab API key (shown once; only its HMAC is stored)."""
+        key = secrets.token_urlsafe(32)
+        with self.engine.begin() as c:
+            c.execute(sa.insert(db.api_keys).values(key_hash=self._h(key), name=name, health_authority=health_authority))
+        return key
+
+    def api_key_owner(self, key: str | None) -> str:
+        if key:
+            with self.engine.connect() as c:
+                row = c.execute(sa.select(db.api_keys.c.name).where(db.api_keys.c.key_hash == self._h(key))).first()
+            if row:
+                return row.name
+        raise ApiError(Code.UNAUTHORIZED, "a valid X-API-Key header is required")
+
+    def login(self, username: str, password: str) -> str:
+        """A new session token for the physicians' page."""
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(db.users).where(db.users.c.username == username)).first()
+        if row is None or not check_password(password, row.password_hash):
+            raise ApiError(Code.BAD_LOGIN, "wrong user name or password")
+        token = secrets.token_urlsafe(32)
+        with self.engine.begin() as c:
+            c.execute(sa.insert(db.sessions).values(token_hash=self._h(token), user_id=row.id,
+                                                    expires_at=self.clock.now() + SESSION_TTL))
+        return token
+
+    def session_user(self, token: str | None) -> str | None:
+        if not token:
+            return None
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(db.users.c.username).select_from(db.sessions.join(db.users))
+                            .where(db.sessions.c.token_hash == self._h(token),
+                                   db.sessions.c.expires_at > self.clock.now())).first()
+        return row.username if row else None
+
+    def csrf_token(self, session: str) -> str:
+        """The page's form token, bound to the session cookie."""
+        return hmac.new(self._pepper, b"csrf|" + session.encode(), hashlib.sha256).hexdigest()
+
+    # -- codes ----------------------------------------------------------------------
+    def issue_code(self, issued_by: str, *, test_type: str = "confirmed",
+                   symptom_onset_interval: int | None = None) -> dict:
+        if test_type not in certificate.TEST_TYPES:
+            raise ApiError(Code.BAD_TEST_TYPE, f"test type must be one of {', '.join(certificate.TEST_TYPES)}")
+        self.limiter.check("issue", issued_by, self.config.rate_issue_per_min)
+        now = self.clock.now()
+        for _ in range(_DRAWS):
+            short = f"{secrets.randbelow(10**SHORT_CODE_DIGITS):0{SHORT_CODE_DIGITS}d}"
+            long = "".join(secrets.choice(_LONG_ALPHABET) for _ in range(LONG_CODE_LEN))
+            try:
+                with self.engine.begin() as c:
+                    c.execute(sa.insert(db.codes).values(
+                        short_hash=self._h(short), long_hash=self._h(long), short_expires_at=now + SHORT_CODE_TTL,
+                        long_expires_at=now + LONG_CODE_TTL, test_type=test_type,
+                        symptom_onset_interval=symptom_onset_interval, issued_by=issued_by, issued_at=now))
+                break
+            except sa.exc.IntegrityError:  # collides with a stored code: draw again
+                continue
+        else:
+            raise ApiError(Code.CODE_SPACE_EXHAUSTED, "could not draw a unique code")
+        log.info("code issued by=%s type=%s", issued_by, test_type)
+        return {"code": short, "expiresAt": int(now + SHORT_CODE_TTL), "longCode": long,
+                "longExpiresAt": int(now + LONG_CODE_TTL), "testType": test_type}
+
+    def verify_code(self, code: str, client: str) -> dict:
+        """Trade a live, unused code for a token; the code can never be used again."""
+        self.limiter.check("verify", client, self.config.rate_verify_per_min)
+        if not _is_code_shape(code):
+            raise ApiError(Code.CODE_INVALID, "the code is not a valid verification code")
+        now, h = self.clock.now(), self._h(code.lower() if len(code) == LONG_CODE_LEN else code)
+        c_ = db.codes.c
+        with self.engine.begin() as c:
+            # atomic claim: only one request can move claimed_at from NULL
+            res = c.execute(sa.update(db.codes).where(
+                sa.or_(sa.and_(c_.short_hash == h, c_.short_expires_at > now),
+                       sa.and_(c_.long_hash == h, c_.long_expires_at > now)),
+                c_.claimed_at.is_(None)).values(claimed_at=now))
+            row = c.execute(sa.select(db.codes).where(sa.or_(c_.short_hash == h, c_.long_hash == h))).first()
+            if res.rowcount != 1:
+                if row is None:
+                    raise ApiError(Code.CODE_INVALID, "the code is not a valid verification code")
+                if row.claimed_at is not None:
+                    raise ApiError(Code.CODE_USED, "the code was already used")
+                raise ApiError(Code.CODE_EXPIRED, "the code has expired")
+            assert row is not None  # just claimed
+            token = secrets.token_urlsafe(32)
+            c.execute(sa.insert(db.tokens).values(token_hash=self._h(token), code_id=row.id, expires_at=now + TOKEN_TTL))
+        return {"token": token, "testtype": row.test_type, "symptomOnsetInterval": row.symptom_onset_interval}
+
+    def certificate(self, token: str, ekeyhmac: str) -> dict:
+        """Trade a token, once, for a certificate binding the HMAC of the keys to upload."""
+        try:
+            if len(base64.b64decode(ekeyhmac, validate=True)) != hashlib.sha256().digest_size:
+                raise ValueError
+        except (ValueError, TypeError, binascii.Error):
+            raise ApiError(Code.HMAC_INVALID, "ekeyhmac must be a base64 HMAC-SHA256") from None
+        now, t_ = self.clock.now(), db.tokens.c
+        with self.engine.begin() as c:
+            res = c.execute(sa.update(db.tokens).where(t_.token_hash == self._h(str(token)), t_.expires_at > now,
+                                                       t_.used_at.is_(None)).values(used_at=now))
+            if res.rowcount != 1:
+                raise ApiError(Code.TOKEN_INVALID, "the verification token is invalid, expired or used")
+            row = c.execute(sa.select(db.codes).select_from(db.tokens.join(db.codes))
+                            .where(t_.token_hash == self._h(str(token)))).first()
+            assert row is not None  # a token belongs to a code (foreign key)
+            jti = uuid.uuid4().hex
+            c.execute(sa.insert(db.certificates).values(jti=jti))
+        cert = certificate.sign(self._cert_key, key_version=self.config.key_version, jti=jti, tekmac=ekeyhmac,
+                                test_type=row.test_type, symptom_onset_interval=row.symptom_onset_interval,
+                                health_authority=row.issued_by, now=now, ttl_s=CERT_TTL)
+        return {"certificate": cert, "error": ""}

@@ -1,0 +1,293 @@
+"""The backend's pure parts: publish validation, certificates, export planning and
+padding, error codes, rate limits. No server, no database."""
+
+import ast
+import base64
+import pathlib
+import random
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.clock import DAY_SECONDS, ManualClock
+from agent.errors import CtagentError
+from agent.protocol import export, gaen
+from agent.protocol.export import ReportType
+from agent.protocol.gaen import TemporaryExposureKey
+from agent.protocol.verification import tek_hmac
+from backend import certificate
+from backend.certificate import CertificateClaims
+from backend.errors import ApiError, Code
+from backend.exports import (
+    BatchWindow,
+    file_name,
+    padding_keys,
+    plan_batches,
+    split_batches,
+)
+from backend.publish import (
+    MAX_KEY_AGE_DAYS,
+    MAX_KEYS_PER_PUBLISH,
+    ValidatedPublish,
+    check_key_count,
+    embargo_end,
+    validate_publish,
+)
+from backend.ratelimit import RateLimiter
+from backend.web import onset_interval
+
+NOW = 20_000 * DAY_SECONDS + 9 * 3600  # 09:00 UTC
+TODAY = gaen.rolling_start_for_day(NOW)
+HMAC_KEY = b"h" * 32
+BACKEND_DIR = pathlib.Path(__file__).parent.parent / "backend"
+
+
+def tek(i: int, rs: int = TODAY - 144, rp: int = 144, tr: int = 0) -> TemporaryExposureKey:
+    return TemporaryExposureKey(bytes([i]) * 16, rs, rp, tr)
+
+
+def request_for(keys, *, hmac_key=HMAC_KEY, **extra) -> dict:
+    return {"temporaryExposureKeys": [{"key": base64.b64encode(k.key_data).decode(),
+                                       "rollingStartNumber": k.rolling_start_interval_number,
+                                       "rollingPeriod": k.rolling_period, "transmissionRisk": k.transmission_risk_level}
+                                      for k in keys],
+            "hmacKey": base64.b64encode(hmac_key).decode(), "healthAuthorityID": "req-ha", **extra}
+
+
+def claims_for(keys, **kw) -> CertificateClaims:
+    return CertificateClaims(jti="j1", tekmac=tek_hmac(HMAC_KEY, keys), **kw)
+
+
+def rejected(code: Code, request: dict, claims: CertificateClaims, now: float = NOW) -> None:
+    with pytest.raises(ApiError) as e:
+        validate_publish(request, claims, now)
+    assert e.value.code is code and e.value.status == 400
+
+
+# -- publish validation ---------------------------------------------------------------
+
+def test_valid_publish_gives_typed_keys():
+    keys = [tek(1), tek(2, TODAY - 3 * 144, tr=5)]
+    onset = TODAY - 2 * 144
+    v = validate_publish(request_for(keys), claims_for(keys, test_type="likely", symptom_onset_interval=onset,
+                                                       health_authority="lab"), NOW)
+    assert isinstance(v, ValidatedPublish) and v.jti == "j1" and v.health_authority == "lab"
+    assert v.report_type is ReportType.CONFIRMED_CLINICAL_DIAGNOSIS and v.symptom_onset_interval == onset
+    assert [k.key_data for k in v.keys] == [k.key_data for k in keys]
+    assert [k.transmission_risk_level for k in v.keys] == [0, 5]
+    assert [k.days_since_onset_of_symptoms for k in v.keys] == [1, -1]
+    assert all(k.report_type is ReportType.CONFIRMED_CLINICAL_DIAGNOSIS for k in v.keys)
+
+
+def test_publish_defaults_and_fallbacks():
+    keys = [tek(1)]
+    body = request_for(keys)
+    del body["temporaryExposureKeys"][0]["rollingPeriod"], body["temporaryExposureKeys"][0]["transmissionRisk"]
+    v = validate_publish(body, claims_for(keys), NOW)
+    assert v.report_type is ReportType.CONFIRMED_TEST  # no test type in the certificate
+    assert v.health_authority == "req-ha"  # no health authority in the certificate
+    assert v.symptom_onset_interval is None and v.keys[0].days_since_onset_of_symptoms is None
+    # the request's onset wins over the certificate's
+    v = validate_publish(request_for(keys, symptomOnsetInterval=TODAY - 144),
+                         claims_for(keys, symptom_onset_interval=TODAY - 5 * 144), NOW)
+    assert v.keys[0].days_since_onset_of_symptoms == 0
+
+
+def test_key_age_limits_are_inclusive():
+    oldest = gaen.en_interval_number(NOW) - MAX_KEY_AGE_DAYS * 144
+    now_enin = gaen.en_interval_number(NOW)
+    for k in (tek(1, oldest - 144), tek(1, now_enin)):  # expired exactly at the limit; starts right now
+        validate_publish(request_for([k]), claims_for([k]), NOW)
+    k = tek(1, oldest - 145)
+    rejected(Code.KEY_TOO_OLD, request_for([k]), claims_for([k]))
+    k = tek(1, TODAY - 17 * 144)
+    rejected(Code.KEY_TOO_OLD, request_for([k]), claims_for([k]))
+    k = tek(1, now_enin + 1)
+    rejected(Code.KEY_IN_FUTURE, request_for([k]), claims_for([k]))
+
+
+@pytest.mark.parametrize("rp", [0, 145, -1])
+def test_bad_rolling_period(rp):
+    k = tek(1, rp=rp)
+    rejected(Code.KEY_INVALID, request_for([k]), claims_for([k]))
+
+
+@pytest.mark.parametrize("key", [base64.b64encode(b"x" * 15).decode(), base64.b64encode(b"x" * 17).decode(),
+                                 "not base64!", ""])
+def test_bad_key_data(key):
+    k = tek(1)
+    body = request_for([k])
+    body["temporaryExposureKeys"][0]["key"] = key
+    rejected(Code.KEY_INVALID, body, claims_for([k]))
+
+
+def test_duplicate_key():
+    keys = [tek(1), tek(1, TODAY - 2 * 144)]
+    rejected(Code.KEY_DUPLICATE, request_for(keys), claims_for(keys))
+
+
+def test_hmac_mismatch_and_bad_hmac_key():
+    keys = [tek(1), tek(2)]
+    rejected(Code.HMAC_MISMATCH, request_for(keys), claims_for(keys[:1]))
+    rejected(Code.HMAC_MISMATCH, request_for(keys, hmac_key=b"other" * 7), claims_for(keys))
+    changed = [tek(1), tek(2, tr=3)]  # a field the HMAC covers
+    rejected(Code.HMAC_MISMATCH, request_for(changed), claims_for(keys))
+    body = request_for(keys)
+    body["hmacKey"] = "***"
+    rejected(Code.HMAC_KEY_INVALID, body, claims_for(keys))
+
+
+def test_first_failing_key_is_named():
+    keys = [tek(1), tek(2, rp=200)]
+    with pytest.raises(ApiError, match="key 1"):
+        validate_publish(request_for(keys), claims_for(keys), NOW)
+
+
+def test_key_count():
+    check_key_count([None] * MAX_KEYS_PER_PUBLISH)
+    with pytest.raises(ApiError) as e:
+        check_key_count([None] * (MAX_KEYS_PER_PUBLISH + 1))
+    assert e.value.code is Code.TOO_MANY_KEYS
+
+
+def test_embargo_until_the_key_expired():
+    v = validate_publish(request_for([tek(1, TODAY)]), claims_for([tek(1, TODAY)]), NOW)
+    assert embargo_end(v.keys[0], NOW) == (TODAY + 144) * 600  # today's key: at midnight
+    v = validate_publish(request_for([tek(1)]), claims_for([tek(1)]), NOW)
+    assert embargo_end(v.keys[0], NOW) == NOW  # yesterday's key: at once
+
+
+# -- certificates -----------------------------------------------------------------------
+
+def test_certificate_round_trip_expiry_and_wrong_key():
+    key = ec.generate_private_key(ec.SECP256R1())
+    tok = certificate.sign(key, key_version="v1", jti="abc", tekmac="m", test_type="likely",
+                           symptom_onset_interval=None, health_authority="lab", now=NOW, ttl_s=900)
+    c = certificate.read(tok, key.public_key(), NOW + 899)
+    assert c == CertificateClaims("abc", "m", "likely", None, "lab")
+    assert c.report_type is ReportType.CONFIRMED_CLINICAL_DIAGNOSIS
+    with pytest.raises(ApiError) as e:
+        certificate.read(tok, key.public_key(), NOW + 901)
+    assert e.value.code is Code.CERTIFICATE_EXPIRED
+    with pytest.raises(ApiError) as e:
+        certificate.read(tok, ec.generate_private_key(ec.SECP256R1()).public_key(), NOW)
+    assert e.value.code is Code.CERTIFICATE_INVALID
+    with pytest.raises(ApiError) as e:
+        certificate.read("not.a.jwt", key.public_key(), NOW)
+    assert e.value.code is Code.CERTIFICATE_INVALID
+
+
+# -- exports ------------------------------------------------------------------------------
+
+H = 3600
+
+
+def test_plan_first_run_covers_one_period():
+    assert plan_batches(None, 10 * H + 59, H) == BatchWindow(9 * H, 10 * H)
+    assert plan_batches(None, 10 * H, H) == BatchWindow(9 * H, 10 * H)  # exactly on a boundary
+
+
+def test_plan_continues_from_the_last_batch():
+    assert plan_batches(7 * H, 10 * H + 1, H) == BatchWindow(7 * H, 10 * H)  # a gap: one longer window
+    assert plan_batches(9 * H, 10 * H, H) == BatchWindow(9 * H, 10 * H)
+
+
+def test_plan_nothing_when_the_period_is_covered():
+    assert plan_batches(10 * H, 10 * H + 3599, H) is None
+    assert plan_batches(11 * H, 10 * H + 5, H) is None  # the clock went back
+
+
+def test_plan_other_period():
+    assert plan_batches(None, 1_000_000, 6 * H) == BatchWindow(1_000_000 // (6 * H) * 6 * H - 6 * H,
+                                                               1_000_000 // (6 * H) * 6 * H)
+
+
+def test_split_batches():
+    assert split_batches([], 3) == []
+    assert split_batches([1, 2, 3], 3) == [[1, 2, 3]]
+    assert split_batches(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert file_name(BatchWindow(10, 20), 2) == "10-20-00002.zip"
+
+
+def test_padding_keys_look_like_real_uploads():
+    keys = padding_keys(500, NOW, random.Random(7))
+    assert len(keys) == 500 and len({k.key_data for k in keys}) == 500
+    for k in keys:
+        k.validate()
+        assert len(k.key_data) == 16 and k.rolling_period == 144
+        assert TODAY - 13 * 144 <= k.rolling_start_interval_number <= TODAY - 144
+        assert k.rolling_start_interval_number % 144 == 0
+        assert 1 <= k.transmission_risk_level <= 8
+        assert k.report_type is ReportType.CONFIRMED_TEST and k.days_since_onset_of_symptoms is None
+    assert {k.day for k in keys} == {TODAY // 144 - d for d in range(1, 14)}
+    assert padding_keys(3, NOW, random.Random(7)) == keys[:3]  # the random source decides everything
+    assert padding_keys(0, NOW, random.Random(7)) == []
+    # they survive an export file
+    signing = ec.generate_private_key(ec.SECP256R1())
+    blob = export.build_export(keys, signing_key=signing, start_timestamp=0, end_timestamp=1, region="XX")
+    assert export.parse_export(blob, trusted_keys=[export.public_key_b64(signing)]).keys == tuple(keys)
+
+
+# -- error codes -------------------------------------------------------------------------
+
+def _backend_sources():
+    return {p.name: p.read_text() for p in sorted(BACKEND_DIR.glob("*.py"))}
+
+
+def test_every_api_error_uses_a_code_constant():
+    calls = 0
+    for name, src in _backend_sources().items():
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("ApiError", "error_response"):
+                calls += 1
+                first = node.args[0] if node.args else None
+                ok = (isinstance(first, ast.Attribute) and isinstance(first.value, ast.Name)
+                      and first.value.id == "Code" and first.attr in Code.__members__)
+                ok = ok or (name in ("errors.py", "httputil.py", "app.py") and isinstance(first, (ast.Name, ast.Attribute)))
+                assert ok, f"{name}:{node.lineno}: the code must be a Code constant"
+    assert calls > 30
+
+
+def test_no_code_spelled_as_a_string_outside_errors_module():
+    values = {c.value for c in Code}
+    for name, src in _backend_sources().items():
+        if name == "errors.py":
+            continue
+        literals = {n.value for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        assert not literals & values, f"{name} spells {literals & values} as strings"
+
+
+def test_every_code_used_somewhere_and_statuses():
+    src = "\n".join(s for n, s in _backend_sources().items() if n != "errors.py")
+    assert [c for c in Code if f"Code.{c.name}" not in src] == []
+    assert len({c.value for c in Code}) == len(Code)
+    assert Code.RATE_LIMITED.status == 429 and Code.TOO_FREQUENT.status == 429
+    assert Code.BODY_TOO_LARGE.status == 413
+    assert {c for c in Code if c.status == 401} == {Code.UNAUTHORIZED, Code.BAD_LOGIN, Code.BAD_MAC}
+    assert {c for c in Code if c.status == 503} == {Code.CODE_SPACE_EXHAUSTED, Code.ID_SPACE_EXHAUSTED}
+    e = ApiError(Code.CODE_USED, "the code was already used")
+    assert isinstance(e, CtagentError) and e.status == 400 and str(e) == e.message
+    assert e.body() == {"code": "code_used", "error": "the code was already used"}
+
+
+# -- rate limits, page helpers -----------------------------------------------------------
+
+def test_rate_limiter_sliding_minute():
+    clock = ManualClock(NOW)
+    lim = RateLimiter(clock)
+    lim.check("verify", "a", 2)
+    clock.advance(30)
+    lim.check("verify", "a", 2)
+    with pytest.raises(ApiError) as e:
+        lim.check("verify", "a", 2)
+    assert e.value.code is Code.RATE_LIMITED and e.value.status == 429
+    lim.check("verify", "b", 2)  # per client
+    lim.check("issue", "a", 2)  # per bucket
+    clock.advance(30)  # the first request left the window
+    lim.check("verify", "a", 2)
+
+
+def test_onset_interval():
+    assert onset_interval("2024-10-01") == gaen.rolling_start_for_day(1_727_740_800)
+    with pytest.raises(ValueError):
+        onset_interval("yesterday")
