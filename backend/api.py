@@ -9,6 +9,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent.protocol.gaen import TEK_ROLLING_PERIOD
+
 from .httputil import client_host
 from .service import Backend
 
@@ -38,7 +40,7 @@ class IssueRequest(_Strict):
 class ExposureKey(_Strict):
     key: str = Field(max_length=64)
     rollingStartNumber: int = Field(ge=0)
-    rollingPeriod: int = 144
+    rollingPeriod: int = TEK_ROLLING_PERIOD
     transmissionRisk: int = Field(0, ge=0, le=8)
 
 

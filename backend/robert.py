@@ -193,7 +193,8 @@ class RobertServer:
         with self.engine.begin() as c:
             c.execute(sa.update(registrations).where(registrations.c.id_a == row.id_a)
                       .values(last_status_ntp=ntp32, notified=row.notified or exposed))
-        return {"riskLevel": RISK_LEVEL_AT_RISK if exposed else 0, "atRisk": exposed, "risk": round(total_risk(risk), 4),
+        return {"riskLevel": RISK_LEVEL_AT_RISK if exposed else 0, "atRisk": exposed,
+                "risk": round(total_risk(risk), 4),
                 "lastContactDate": last if exposed else None,
                 "tuples": self._tuples(row.id_a, self._keys(row), self.current_epoch())}
 

@@ -91,7 +91,8 @@ class VerificationService:
         """A new lab API key (shown once; only its HMAC is stored)."""
         key = secrets.token_urlsafe(32)
         with self.engine.begin() as c:
-            c.execute(sa.insert(db.api_keys).values(key_hash=self._h(key), name=name, health_authority=health_authority))
+            c.execute(sa.insert(db.api_keys).values(key_hash=self._h(key), name=name,
+                                                    health_authority=health_authority))
         return key
 
     def api_key_owner(self, key: str | None) -> str:
@@ -174,7 +175,8 @@ class VerificationService:
                 raise ApiError(Code.CODE_EXPIRED, "the code has expired")
             assert row is not None  # just claimed
             token = secrets.token_urlsafe(32)
-            c.execute(sa.insert(db.tokens).values(token_hash=self._h(token), code_id=row.id, expires_at=now + TOKEN_TTL))
+            c.execute(sa.insert(db.tokens).values(token_hash=self._h(token), code_id=row.id,
+                                                  expires_at=now + TOKEN_TTL))
         return {"token": token, "testtype": row.test_type, "symptomOnsetInterval": row.symptom_onset_interval}
 
     def certificate(self, token: str, ekeyhmac: str) -> dict:

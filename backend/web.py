@@ -108,6 +108,7 @@ def web_router(backend: Backend) -> APIRouter:
             return page("Issue a verification code", _error(e.message), e.status)
         return page("Verification code", f"""<p>Give this code to the patient. It works once.</p>
 <p class="code" id="code">{c['code']}</p><p>valid {_duration(SHORT_CODE_TTL)}</p>{_qr_svg(c['code'])}
-<p>Long code (valid {_duration(LONG_CODE_TTL)}): <span id="long-code">{c['longCode']}</span></p><p><a href="/">Issue another</a></p>""")
+<p>Long code (valid {_duration(LONG_CODE_TTL)}): <span id="long-code">{c['longCode']}</span></p>
+<p><a href="/">Issue another</a></p>""")
 
     return router

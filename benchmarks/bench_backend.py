@@ -32,12 +32,13 @@ def prepared_publish(backend: Backend, now: float, n_keys: int = 14) -> dict:
     v = backend.verification
     token = v.verify_code(v.issue_code("bench")["code"], "bench")["token"]
     today = gaen.rolling_start_for_day(now)
-    keys = [TemporaryExposureKey(secrets.token_bytes(16), today - 144 * (i + 1)) for i in range(n_keys)]
+    keys = [TemporaryExposureKey(secrets.token_bytes(16), today - gaen.TEK_ROLLING_PERIOD * (i + 1))
+            for i in range(n_keys)]
     hk = secrets.token_bytes(32)
     cert = v.certificate(token, tek_hmac(hk, keys))["certificate"]
     return {"temporaryExposureKeys": [{"key": base64.b64encode(k.key_data).decode(),
                                        "rollingStartNumber": k.rolling_start_interval_number,
-                                       "rollingPeriod": 144, "transmissionRisk": 0} for k in keys],
+                                       "rollingPeriod": k.rolling_period, "transmissionRisk": 0} for k in keys],
             "verificationPayload": cert, "hmacKey": base64.b64encode(hk).decode(), "healthAuthorityID": "bench"}
 
 
@@ -61,9 +62,11 @@ def main(argv=None) -> dict:
                 list(ex.map(post, bodies))
             publish_s = time.perf_counter() - t
         # 100,000 uploaded keys past their embargo, then one export run
-        rows = [dict(key_data=secrets.token_bytes(16), rolling_start=gaen.rolling_start_for_day(now) - 144,
-                     rolling_period=144, transmission_risk=0, report_type=1, days_since_onset=None,
-                     health_authority="bench", received_at=now, export_after=0.0) for _ in range(a.export_keys)]
+        yesterday = gaen.rolling_start_for_day(now) - gaen.TEK_ROLLING_PERIOD
+        rows = [{"key_data": secrets.token_bytes(16), "rolling_start": yesterday,
+                 "rolling_period": gaen.TEK_ROLLING_PERIOD, "transmission_risk": 0, "report_type": 1,
+                 "days_since_onset": None, "health_authority": "bench", "received_at": now, "export_after": 0.0}
+                for _ in range(a.export_keys)]
         with backend.engine.begin() as c:
             c.execute(sa.insert(db.exposures), rows)
         t = time.perf_counter()

@@ -243,7 +243,8 @@ def test_every_api_error_uses_a_code_constant():
                 first = node.args[0] if node.args else None
                 ok = (isinstance(first, ast.Attribute) and isinstance(first.value, ast.Name)
                       and first.value.id == "Code" and first.attr in Code.__members__)
-                ok = ok or (name in ("errors.py", "httputil.py", "app.py") and isinstance(first, (ast.Name, ast.Attribute)))
+                ok = ok or (name in ("errors.py", "httputil.py", "app.py")
+                            and isinstance(first, (ast.Name, ast.Attribute)))
                 assert ok, f"{name}:{node.lineno}: the code must be a Code constant"
     assert calls > 30
 
@@ -253,7 +254,8 @@ def test_no_code_spelled_as_a_string_outside_errors_module():
     for name, src in _backend_sources().items():
         if name == "errors.py":
             continue
-        literals = {n.value for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        literals = {n.value for n in ast.walk(ast.parse(src))
+                    if isinstance(n, ast.Constant) and isinstance(n.value, str)}
         assert not literals & values, f"{name} spells {literals & values} as strings"
 
 

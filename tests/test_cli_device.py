@@ -11,14 +11,14 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from agent.clock import ManualClock
+from agent.clock import ManualClock, iso_date, utc_day
 from agent.exposure.rule import WindowDecision
 from agent.records import Exposure
 from agent.store import KeyFile, Store
 from backend import Backend, BackendConfig
 
 from .backend_helpers import LiveServer
-from .helpers import DAY, MIDNIGHT, wait_until
+from .helpers import DAY, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -119,19 +119,19 @@ def test_exposures_explain_for_both_families(env):
     """One shape for every family: a GAEN decision explains its windows, a ROBERT one
     says the server decided (this used to crash with KeyError: 'explain')."""
     e, tmp = env
-    window = WindowDecision(MIDNIGHT + 600, 4, False, 48.2, 0.87, 1.0)
-    with Store.open(tmp / "data" / "agent.db", KeyFile(tmp / "data" / "master.key"),
-                    clock=ManualClock(MIDNIGHT)) as store:
-        store.exposures.add(Exposure(day=MIDNIGHT // DAY, protocol="gaen", decided_by="distance", found_at=MIDNIGHT,
+    today = utc_day(time.time())  # the CLI runs on the real clock: recent days, or retention erases them
+    window = WindowDecision(today * DAY + 600, 4, False, 48.2, 0.87, 1.0)
+    with Store.open(tmp / "data" / "agent.db", KeyFile(tmp / "data" / "master.key")) as store:
+        store.exposures.add(Exposure(day=today - 1, protocol="gaen", decided_by="distance", found_at=today * DAY,
                                      minutes=16.0, threshold_min=15.0, key_rolling_start=1, windows=(window,)))
-        store.exposures.add(Exposure(day=MIDNIGHT // DAY + 1, protocol="robert", decided_by="server",
-                                     found_at=MIDNIGHT + DAY, risk=0.12))
+        store.exposures.add(Exposure(day=today, protocol="robert", decided_by="server", found_at=today * DAY,
+                                     risk=0.12))
     r = invoke(e, "exposures", "--explain")
     assert r.exit_code == 0, r.output
     assert "attenuation 48.2 dB, ~0.87 m, counted 1.0 min" in r.output
     assert "decided by the robert server (risk score 0.12)" in r.output
     doc = json.loads(invoke(e, "exposures", "--explain", "--json").output)
-    assert [x["date"] for x in doc] == ["2024-10-04", "2024-10-05"]
+    assert [x["date"] for x in doc] == [iso_date(today - 1), iso_date(today)]
     assert doc[0]["windows"][0]["distance_m"] == 0.87 and doc[1]["windows"] == []
     assert "windows" not in json.loads(invoke(e, "exposures", "--json").output)[0]
 
@@ -155,6 +155,7 @@ def test_bad_configuration_names_file_key_and_reason(env):
     assert "gatt_status" in r.output
     r = invoke({**e, "CTAGENT_AGENT_PROTOCOL": "dp3t"}, "status")
     assert r.exit_code == 1 and "[agent] protocol" in r.output and "'robert'" in r.output
+    cfg.write_text(f'[agent]\ndata_dir = "{tmp / "data"}"\n')  # a store exists; the family checks its settings
     r = invoke({**e, "CTAGENT_SYNC_BACKEND_URL": "http://127.0.0.1:9"}, "status")
     assert r.exit_code == 1 and str(cfg) in r.output and "[sync] trusted_keys" in r.output
     r = invoke(e, "init", "--data-dir", str(tmp / "d2"))
