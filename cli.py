@@ -459,19 +459,6 @@ def _backend(ctx):
     return Backend(BackendConfig(o["data_dir"], database_url=o["database"], region=o["region"]), clock=RealClock())
 
 
-def _backend_refusals(fn):
-    """The backend's refusals (a weak password, an unknown test type) as one sentence."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from backend.errors import ApiError
-
-        try:
-            return fn(*args, **kwargs)
-        except ApiError as e:
-            raise click.ClickException(e.message) from None
-    return wrapper
-
-
 @backend.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True)
@@ -482,7 +469,6 @@ def _backend_refusals(fn):
               help="ROBERT: require this X-API-Key to register (replaces the deployed captcha).")
 @click.pass_context
 @friendly_errors
-@_backend_refusals
 def backend_serve(ctx, host, port, add_user, protocol, register_api_key):
     """Serve the API, the physicians' page and the export files."""
     import uvicorn
@@ -507,7 +493,6 @@ def backend_serve(ctx, host, port, add_user, protocol, register_api_key):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 @friendly_errors
-@_backend_refusals
 def backend_code(ctx, test_type, as_json):
     """Issue a verification code (as a lab system would)."""
     c = _backend(ctx).verification.issue_code("cli", test_type=test_type)

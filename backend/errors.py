@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from http import HTTPStatus
 
-from agent.errors import CtagentError
+from agent.errors import UserError
 
 
 class Code(enum.StrEnum):
@@ -71,8 +71,9 @@ _STATUS: dict[Code, HTTPStatus] = {
 }
 
 
-class ApiError(CtagentError):
-    """A refusal for the client: a stable ``code``, its HTTP ``status`` and one sentence."""
+class ApiError(UserError):
+    """A refusal for the client: a stable ``code``, its HTTP ``status`` and one sentence
+    (a :class:`~agent.errors.UserError`: the backend's own CLI prints it as it is)."""
 
     def __init__(self, code: Code, message: str) -> None:
         super().__init__(message)
