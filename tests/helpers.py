@@ -30,3 +30,15 @@ def wait_until(predicate: Callable[[], object], timeout_s: float = 20.0, poll_s:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(poll_s)
+
+
+async def eventually(predicate: Callable[[], object], timeout_s: float = 10.0, poll_s: float = 0.02,
+                     what: str = "the condition") -> None:
+    """The asyncio form of :func:`wait_until`."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(poll_s)

@@ -15,6 +15,7 @@ from agent.protocol.payload import EN_SERVICE_UUID16, parse_service_data
 from agent.protocol.robert import ROBERT_SERVICE_UUID16
 
 from .fake_bluez_fixture import FakeBluezEnv
+from .helpers import eventually
 
 pytestmark = pytest.mark.integration
 CLOCK = RealClock()
@@ -82,10 +83,10 @@ async def test_every_rotation_seen_with_new_address_and_payload(fake_bluez):
 
     task = asyncio.create_task(scan())
     await adv.start(payload(1), "")
-    for i in range(2, 6):
-        await asyncio.sleep(0.6)
-        await adv.rotate(payload(i), "")
-    await asyncio.sleep(0.6)
+    for i in range(2, 7):  # rotate as soon as the current payload was heard twice
+        await eventually(lambda i=i: sum(rpi[0] == i - 1 for _, rpi in got) >= 2, what=f"payload {i - 1} on air")
+        if i < 6:
+            await adv.rotate(payload(i), "")
     task.cancel()
     await scanner.stop()
     await adv.stop()
@@ -147,17 +148,13 @@ async def test_bluetoothd_restart_is_recovered(fake_bluez):
             got.append(s.t)
 
     task = asyncio.create_task(scan())
-    await asyncio.sleep(1.0)
-    before = len(got)
+    await eventually(lambda: len(got) >= 5, what="samples before the restart")
     await control("Restart")
-    await asyncio.sleep(4.0)
-    after = len(got)
-    await asyncio.sleep(1.0)
-    task.cancel()
-    assert before > 0
-    assert adv.recoveries >= 1 and adv.health().advertising
-    assert len(got) > after or scanner.restarts >= 1
-    assert len(got) > before  # samples flow again after the restart
+    await eventually(lambda: adv.recoveries >= 1 and adv.health().advertising,
+                     what="the advertisement registered again")
+    after_recovery = len(got)
+    await eventually(lambda: len(got) > after_recovery + 5, what="samples after the restart")
+    task.cancel()  # samples flow again: the scanner was restarted or its session survived
     await scanner.stop()
     await adv.stop()
 
@@ -166,8 +163,7 @@ async def test_duplicate_data_changes_the_sample_rate(fake_bluez):
     adv = make_advertiser("hci0")
     await adv.start(payload(5), "")
     await control("SetPosition", "udd", [1, 2.0, 0.0])
-    with_dup = await collect(make_scanner("hci1", duplicate_data=True), 2.0)
-    await asyncio.sleep(0.3)
+    with_dup = await collect(make_scanner("hci1", duplicate_data=True), 2.0)  # samples in a 2 s window
     without = await collect(make_scanner("hci1", duplicate_data=False), 2.0)
     await adv.stop()
     # without DuplicateData BlueZ only reports 8 dB RSSI moves or new data
@@ -209,9 +205,9 @@ async def test_duty_cycle_alternates_advertising_and_scanning(fake_bluez):
 
     stop = asyncio.Event()
     scan_task = asyncio.create_task(scan())
-    await asyncio.sleep(0.3)
+    await eventually(lambda: got, what="the peer heard")
     dc = asyncio.create_task(duty_cycle(adv, scanner, advertise_s=0.8, scan_s=0.8, clock=CLOCK, stop=stop))
-    await asyncio.sleep(3.5)
+    await asyncio.sleep(3.5)  # the measurement: two cycles of the duty cycle
     stop.set()
     await dc
     scan_task.cancel()
@@ -245,9 +241,9 @@ async def test_payload_update_keeps_the_address(fake_bluez):
 
     task = asyncio.create_task(scan())
     await adv.start(b"\x01" * 18, "")
-    await asyncio.sleep(0.6)
+    await eventually(lambda: any(p[:1] == b"\x01" for _, p in got), what="the first HELLO heard")
     await adv.update(b"\x02" * 18)
-    await asyncio.sleep(0.6)
+    await eventually(lambda: any(p[:1] == b"\x02" for _, p in got), what="the refreshed HELLO heard")
     task.cancel()
     await scanner.stop()
     await adv.stop()

@@ -1,10 +1,15 @@
+"""The CLI's own behaviour: help, version, one-sentence errors, the backend commands."""
+
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 import cli
 from agent import __version__
+
+from .helpers import wait_until
 
 
 def test_version_and_help():
@@ -34,9 +39,9 @@ def test_backend_code_export_and_public_key(tmp_path):
     assert (tmp_path / "b" / "exports" / "index.txt").exists()
 
 
+@pytest.mark.integration
 def test_backend_serve_both_roles_subprocess(tmp_path):
     import socket
-    import time
 
     import httpx
     with socket.socket() as s:
@@ -44,14 +49,15 @@ def test_backend_serve_both_roles_subprocess(tmp_path):
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "cli", "backend", "--data-dir", str(tmp_path / "b"), "serve",
                              "--port", str(port), "--protocol", "both"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def healthy():
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        except httpx.TransportError:
+            return False
+
     try:
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until(healthy, what="the backend to answer /healthz")
         clock = httpx.get(f"http://127.0.0.1:{port}/api/v6/clock").json()
         assert clock["epochId"] >= 0 and clock["serverTime"] > 3_900_000_000
         assert httpx.get(f"http://127.0.0.1:{port}/v1/public-key").json()["publicKey"]
