@@ -66,6 +66,28 @@ def postgres() -> Iterator[Any]:
     srv.stop()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: pathlib.Path, clock: ManualClock) -> Iterator[Any]:
+    """The backend on the test clock, on SQLite and on PostgreSQL, with one physician
+    account (dr.who / tardis-1963); export files padded to 50 keys."""
+    from backend import Backend, BackendConfig
+
+    b = Backend(BackendConfig(tmp_path / "backend", database_url=database_url(request), export_min_keys=50),
+                clock=clock)
+    b.verification.add_user("dr.who", "tardis-1963")
+    yield b
+    b.engine.dispose()
+
+
+@pytest.fixture
+def live(backend: Any) -> Iterator[Any]:
+    """``backend`` served over real HTTP on 127.0.0.1 (uvicorn in a thread)."""
+    from backend.server import BackgroundServer
+
+    with BackgroundServer(backend) as srv:
+        yield srv
+
+
 def database_url(request: pytest.FixtureRequest) -> str | None:
     """None for the 'sqlite' param; a fresh PostgreSQL schema for 'postgresql' (or skip)."""
     if request.param != "postgresql":

@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.clock import DAY_SECONDS, ManualClock
+from agent.clock import DAY_SECONDS
 from agent.protocol import export, gaen, robert
 from agent.protocol.export import ReportType
 from agent.protocol.gaen import TemporaryExposureKey
@@ -26,28 +26,10 @@ from .conftest import database_url
 
 pytestmark = pytest.mark.integration
 
-T0 = 20_000 * DAY_SECONDS + 9 * 3600  # 09:00 UTC
 HMAC_KEY = b"k" * 32
 
 
-@pytest.fixture
-def clock():
-    return ManualClock(T0)
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request, tmp_path, clock):
-    b = Backend(BackendConfig(tmp_path / "backend", database_url=database_url(request), export_min_keys=50),
-                clock=clock)
-    b.verification.add_user("dr.who", "tardis-1963")
-    yield b
-    b.engine.dispose()
-
-
-@pytest.fixture
-def live(backend):
-    with BackgroundServer(backend) as srv:
-        yield srv
 
 
 def api(url, path, body=None, raw=None, headers=None):

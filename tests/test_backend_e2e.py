@@ -14,29 +14,13 @@ from agent.modes.base import DeviceContext
 from agent.modes.gaen import GaenMode
 from agent.protocol import export
 from agent.protocol.payload import EN_SERVICE_UUID
-from backend import Backend, BackendConfig
 
-from .backend_helpers import LiveServer
-from .conftest import database_url
 from .helpers import DAY
 
 pytestmark = pytest.mark.integration
 PI = DeviceCalibration("Raspberry Pi 3 Model B", 0.0, 4.0, 2)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request, tmp_path, clock):
-    b = Backend(BackendConfig(tmp_path / "backend", database_url=database_url(request), export_min_keys=50),
-                clock=clock)
-    b.verification.add_user("dr.who", "tardis-1963")
-    yield b
-    b.engine.dispose()
-
-
-@pytest.fixture
-def live(backend):
-    with LiveServer(backend) as srv:
-        yield srv
 
 
 @pytest.fixture

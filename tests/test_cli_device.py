@@ -16,8 +16,8 @@ from agent.exposure.rule import WindowDecision
 from agent.records import Exposure
 from agent.store import KeyFile, Store
 from backend import Backend, BackendConfig
+from backend.server import BackgroundServer
 
-from .backend_helpers import LiveServer
 from .helpers import DAY, wait_until
 
 pytestmark = pytest.mark.integration
@@ -94,7 +94,7 @@ def test_declare_and_sync_against_a_live_backend(env):
     e, tmp = env
     clock = ManualClock(time.time())
     backend = Backend(BackendConfig(tmp / "backend", export_min_keys=10), clock=clock)
-    with LiveServer(backend) as srv:
+    with BackgroundServer(backend) as srv:
         e = {**e, "CTAGENT_SYNC_BACKEND_URL": srv.url, "CTAGENT_SYNC_TRUSTED_KEYS": backend.public_key_b64}
         r = invoke(e, "sync")
         assert r.exit_code == 0 and "0 new export file(s)" in r.output
@@ -212,7 +212,7 @@ def test_robert_mode_commands(env):
     e, tmp = env
     backend = Backend(BackendConfig(tmp / "backend"), clock=ManualClock(time.time()))
     rs = RobertServer(backend)
-    with LiveServer(backend, robert_server=rs) as srv:
+    with BackgroundServer(backend, robert_server=rs) as srv:
         e = {**e, "CTAGENT_AGENT_PROTOCOL": "robert", "CTAGENT_SYNC_BACKEND_URL": srv.url}
         run_until(e, tmp, lambda st: st.get("rotations", 0) >= 1 and st.get("sightings", 0) > 0,
                   "registration, a broadcast and HELLOs heard")
