@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 
 from ..clock import DAY_SECONDS, ManualClock
 from ..config import DEFAULT_PROTOCOL
@@ -76,8 +75,9 @@ def _declare_and_check(fleet: Fleet, days: int, log: Callable[[str], None],
     clock, modes = fleet.clock, fleet.modes
     lab_key = fleet.backend.verification.add_api_key("demo-lab")
     clock.t = DAY0 + (days - 1) * DAY_SECONDS + RESULT_AT_S
-    code = httpx.post(fleet.server.url + "/api/issue", json={"testType": "confirmed"},
-                      headers={"X-API-Key": lab_key}).json()["code"]
+    assert fleet.http is not None
+    code = fleet.http.post(fleet.server.url + "/api/issue", json={"testType": "confirmed"},
+                           headers={"X-API-Key": lab_key}).json()["code"]
     declared = modes[0].declare(code, clock.t)
     log(f"person 0 tested positive, declared with code {code[:2]}******: {declared.summary}")
     clock.t = DAY0 + days * DAY_SECONDS + 3600  # the last key's embargo is over

@@ -10,6 +10,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import httpx
+
 from ..ble.sim.medium import Medium, MediumConfig, SimDevice
 from ..clock import DAY_SECONDS, ManualClock
 from ..exposure.calibration import CalibrationTable, DeviceCalibration, bundled_calibration_path
@@ -25,6 +27,7 @@ MODELS = ("Raspberry Pi 3 Model B", "Raspberry Pi Zero W", "Raspberry Pi 4 Model
 DEMO_SCRYPT = {"n": 2**12, "r": 8, "p": 1}
 #: the export job pads files to at least this many keys
 EXPORT_MIN_KEYS = 100
+HTTP_TIMEOUT_S = 20.0
 
 
 class Fleet:
@@ -53,6 +56,7 @@ class Fleet:
         self.days = days
         self._work = work
         self.modes: list[ProtocolMode[Any]] = []
+        self.http: httpx.Client | None = None
 
     def start_backend(self) -> str:
         """The embedded backend, both roles (key server and ROBERT), on the virtual clock."""
@@ -68,11 +72,13 @@ class Fleet:
         return self.server.url
 
     def open_modes(self) -> None:
-        """Every device's protocol mode, set up with the server (ROBERT registers)."""
+        """Every device's protocol mode, set up with the server (ROBERT registers). The
+        devices share one HTTP client: one process, one connection pool."""
+        self.http = httpx.Client(timeout=HTTP_TIMEOUT_S)
         for store, cal, drng in zip(self.stores, self.calibrations, self.rngs):
             ctx = DeviceContext(store=store, clock=self.clock, calibration=cal, proximity=self.proximity,
                                 backend_url=self.server.url, trusted_keys=(self.backend.public_key_b64,), rng=drng,
-                                random_bytes=drng.randbytes, match_workers=1)
+                                random_bytes=drng.randbytes, match_workers=1, http=self.http)
             mode = self.mode_cls(ctx)
             mode.prepare(self.clock.now())
             self.modes.append(mode)
@@ -82,6 +88,8 @@ class Fleet:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        if self.http is not None:
+            self.http.close()
         server = getattr(self, "server", None)
         if server is not None:
             server.__exit__(None, None, None)

@@ -27,6 +27,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
+import httpx
+
 from ..clock import Clock
 from ..exposure.calibration import DEFAULT_CALIBRATION, DeviceCalibration
 from ..exposure.rule import ProximityConfig
@@ -104,6 +106,8 @@ class DeviceContext:
     sync_jitter_s: float = 1800.0
     match_workers: int | None = None
     http_retries: int = 3
+    #: an HTTP client to share (many simulated devices in one process); None: each its own
+    http: httpx.Client | None = None
 
 
 class SimPeer(Protocol):

@@ -44,8 +44,8 @@ class RobertMode(ProtocolMode[bytes]):
         if not ctx.backend_url:
             raise ConfigError("[sync] backend_url: ROBERT mode needs its server")
         self.tx_power = int(round(ctx.calibration.tx_power))
-        self.client = RobertClient(ctx.backend_url, clock=ctx.clock, rng=ctx.rng, retries=ctx.http_retries,
-                                   api_key=ctx.api_key or None)
+        self.client = RobertClient(ctx.backend_url, clock=ctx.clock, http=ctx.http, rng=ctx.rng,
+                                   retries=ctx.http_retries, api_key=ctx.api_key or None)
         self.registration = self.store.state.get(RobertRegistration)
         self._pending: list[HeardHello] = []
         self._epoch: int | None = None  # the epoch whose EBID is on air

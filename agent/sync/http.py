@@ -23,12 +23,23 @@ class JsonHttp:
         self.base_url = base_url.rstrip("/")
         self.what = what
         self.clock = clock
-        self.http = http or httpx.Client(timeout=timeout_s)
+        self._http, self._owns_http = http, http is None
+        self.timeout_s = timeout_s
         self.retries, self.backoff_s = retries, backoff_s
         self.rng = rng or random.Random()
 
+    @property
+    def http(self) -> httpx.Client:
+        """The HTTP client: the one given (shared), or our own, made at first use (each
+        holds a TLS context of a megabyte or so)."""
+        if self._http is None:
+            self._http = httpx.Client(timeout=self.timeout_s)
+        return self._http
+
     def close(self) -> None:
-        self.http.close()
+        if self._owns_http and self._http is not None:
+            self._http.close()
+            self._http = None
 
     def _unreachable(self, why: str) -> BackendUnreachable:
         return BackendUnreachable(f"{self.what} at {self.base_url} is unreachable ({why}); "
