@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from agent.ble.base import Radio
+from agent.ble.base import Radio, SimulatedPeer
 from agent.ble.sim import SimAdvertiser, SimScanner
 from agent.clock import VirtualClock
 from agent.daemon import Daemon
 from agent.exposure.aggregate import Aggregator
 from agent.modes import MODES, mode_class
-from agent.modes.base import Broadcast, CheckResult, DeviceContext, ProtocolMode, SimPeer
+from agent.modes.base import Broadcast, CheckResult, DeviceContext, ProtocolMode
 from agent.modes.gaen import GaenMode
 from agent.modes.robert import RobertMode
 from agent.protocol.payload import find_service_data, uuid128
@@ -66,7 +66,7 @@ class ToyMode(ProtocolMode[bytes]):
         return {"open": len(self.aggregator)}
 
     @classmethod
-    def simulated_peer(cls, rng: random.Random, tx_power_dbm: int) -> SimPeer:
+    def simulated_peer(cls, rng: random.Random, tx_power_dbm: int) -> SimulatedPeer:
         return _ToyPeer(random.Random(rng.getrandbits(64)))
 
 

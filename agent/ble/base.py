@@ -96,7 +96,11 @@ class StatusService(Protocol):
 
 
 class SimulatedPeer(Protocol):
-    def advertisement(self, now: float) -> tuple[str, dict[str, bytes]]: ...
+    """A simulated device (of the running protocol family), as the simulated radio hears it."""
+
+    def advertisement(self, now: float) -> tuple[str, dict[str, bytes]]:
+        """(address, service data keyed by 128-bit UUID) on air at ``now``."""
+        ...
 
 
 @dataclass(frozen=True)

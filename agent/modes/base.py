@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import httpx
 
+from ..ble.base import SimulatedPeer
 from ..clock import Clock
 from ..exposure.calibration import DEFAULT_CALIBRATION, DeviceCalibration
 from ..exposure.rule import ProximityConfig
@@ -108,14 +109,6 @@ class DeviceContext:
     http_retries: int = 3
     #: an HTTP client to share (many simulated devices in one process); None: each its own
     http: httpx.Client | None = None
-
-
-class SimPeer(Protocol):
-    """A simulated device of some family, as the simulated radio hears it."""
-
-    def advertisement(self, now: float) -> tuple[str, dict[str, bytes]]:
-        """(address, service data keyed by 128-bit UUID) on air at ``now``."""
-        ...
 
 
 class ServerAccount(Protocol):
@@ -200,5 +193,5 @@ class ProtocolMode(abc.ABC, Generic[P]):
     # -- simulation ---------------------------------------------------------------------
     @classmethod
     @abc.abstractmethod
-    def simulated_peer(cls, rng: random.Random, tx_power_dbm: int) -> SimPeer:
+    def simulated_peer(cls, rng: random.Random, tx_power_dbm: int) -> SimulatedPeer:
         """A peer of this family for the simulated radio (identifiers no server issued)."""

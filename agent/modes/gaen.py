@@ -20,7 +20,8 @@ from ..protocol.payload import EN_SERVICE_UUID, EN_SERVICE_UUID16, ENPayload, Pa
 from ..protocol.schedule import IdSchedule, Rotation
 from ..records import DeclareResult
 from ..sync.keyserver import KeyServerClient, LastSync, SyncResult
-from .base import Broadcast, CheckResult, DeviceContext, ProtocolMode, ServerSchedule, SimPeer
+from ..ble.base import SimulatedPeer
+from .base import Broadcast, CheckResult, DeviceContext, ProtocolMode, ServerSchedule
 
 log = logging.getLogger("ctagent.gaen")
 
@@ -50,8 +51,8 @@ class GaenMode(ProtocolMode[ENPayload]):
                                        retries=ctx.http_retries, http=ctx.http) if ctx.backend_url else None)
         self._schedule = ServerSchedule((0.0, min(ctx.sync_jitter_s, FIRST_SYNC_MAX_DELAY_S)), ctx.sync_interval_s,
                                         ctx.sync_jitter_s)
+        #: what the last exposure check computed (keys skipped, derived, RPIs, candidates)
         self.last_match = MatchStats()
-        self.current: Rotation | None = None
 
     # -- advertising ------------------------------------------------------------------
     def broadcast(self, now: float) -> Broadcast:
@@ -59,7 +60,6 @@ class GaenMode(ProtocolMode[ENPayload]):
         rot = self.schedule.rotate(now)
         if rot.new_tek:
             self.store.teks.add(rot.tek)
-        self.current = rot
         return Broadcast(rot.payload.service_data, rot.address, True, rot.next_at)
 
     # -- hearing ----------------------------------------------------------------------
@@ -139,7 +139,7 @@ class GaenMode(ProtocolMode[ENPayload]):
 
     # -- simulation -------------------------------------------------------------------
     @classmethod
-    def simulated_peer(cls, rng: random.Random, tx_power_dbm: int) -> SimPeer:
+    def simulated_peer(cls, rng: random.Random, tx_power_dbm: int) -> SimulatedPeer:
         return _GaenPeer(rng, tx_power_dbm)
 
 

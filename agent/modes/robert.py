@@ -21,7 +21,8 @@ from ..protocol.schedule import random_nrpa
 from ..records import DeclareResult, Exposure
 from ..store import HeardHello
 from ..sync.robert import RobertClient, RobertRegistration, RobertStatus, StatusAnswer
-from .base import Broadcast, CheckResult, DeviceContext, ProtocolMode, ServerAccount, ServerSchedule, SimPeer
+from ..ble.base import SimulatedPeer
+from .base import Broadcast, CheckResult, DeviceContext, ProtocolMode, ServerAccount, ServerSchedule
 
 log = logging.getLogger("ctagent.robert")
 
@@ -182,7 +183,7 @@ class RobertMode(ProtocolMode[bytes]):
 
     # -- simulation -------------------------------------------------------------------------
     @classmethod
-    def simulated_peer(cls, rng: random.Random, tx_power_dbm: int) -> SimPeer:
+    def simulated_peer(cls, rng: random.Random, tx_power_dbm: int) -> SimulatedPeer:
         return _RobertPeer(random.Random(rng.getrandbits(64)), tx_power_dbm)
 
 

@@ -166,9 +166,6 @@ class HelloTable:
             out.extend(HeardHello(*r) for r in self._REC.iter_unpack(plain))
         return out
 
-    def count(self) -> int:
-        return len(self.all())
-
     def clear(self) -> None:
         with self._rows.transaction() as c:
             c.execute("DELETE FROM hellos")

@@ -153,7 +153,10 @@ class BluezAdvertiser(Advertiser):
             return
 
     async def start(self, service_data: bytes, address: str) -> None:
+        """Advertise ``service_data``; a restarted caller's earlier registration goes first."""
         async with self._lock:
+            if self._path is not None:
+                await self._unregister(ignore_errors=True)
             await self._register(service_data)
 
     async def rotate(self, service_data: bytes, address: str) -> None:
