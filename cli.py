@@ -134,7 +134,7 @@ def status(as_json: bool) -> None:
     from agent.reports import status_report
 
     cfg = _cfg()
-    with open_store(cfg) as store:
+    with open_store(cfg, read_only=True) as store:
         out = status_report(store, open_mode(cfg, store), cfg.data_dir / "status.json")
     if as_json:
         _echo_json(out)
@@ -160,7 +160,7 @@ def encounters(as_json: bool) -> None:
     from agent.app import open_store
     from agent.reports import encounter_summary
 
-    with open_store(_cfg()) as store:
+    with open_store(_cfg(), read_only=True) as store:
         rows = encounter_summary(store)
     if as_json:
         _echo_json([r.to_json() for r in rows])
@@ -178,7 +178,7 @@ def exposures(explain: bool, as_json: bool) -> None:
     from agent.app import open_store
     from agent.clock import iso_date
 
-    with open_store(_cfg()) as store:
+    with open_store(_cfg(), read_only=True) as store:
         found = store.exposures.all()
     if as_json:
         _echo_json([{**e.to_json(windows=explain), "date": iso_date(e.day)} for e in found])
@@ -274,7 +274,7 @@ def delete_history() -> None:
     from agent.app import open_store
 
     cfg = _cfg()
-    with open_store(cfg) as store:
+    with open_store(cfg, read_only=True) as store:
         _account(store, cfg, "delete-history").delete_history(_now())
     click.echo("exposure history deleted on the server")
 
@@ -292,7 +292,7 @@ def export_cmd(consent: bool, fmt: str, output: Path | None) -> None:
 
     if not consent:
         raise UserError("a research export needs the carrier's explicit consent: add --consent")
-    with open_store(_cfg()) as store:
+    with open_store(_cfg(), read_only=True) as store:
         text = research_export(store, fmt)
     if output is None:
         click.echo(text, nl=False)

@@ -54,10 +54,12 @@ def init_device(cfg_path: Path, *, data_dir: Path, key: str, radio: str, force: 
     return cfg
 
 
-def open_store(cfg: Config, clock: Clock | None = None) -> Store:
+def open_store(cfg: Config, clock: Clock | None = None, *, read_only: bool = False) -> Store:
+    """The device's store: for writing (one process at a time), or ``read_only`` beside it."""
     if not cfg.db_path.exists():
         raise StoreError(f"no store at {cfg.db_path}; run `ctagent init` first")
-    return Store.open(cfg.db_path, key_source(cfg), clock=clock or RealClock(), retention_days=cfg.agent.retention_days)
+    return Store.open(cfg.db_path, key_source(cfg), clock=clock or RealClock(), retention_days=cfg.agent.retention_days,
+                      read_only=read_only)
 
 
 def calibration(cfg: Config) -> DeviceCalibration:

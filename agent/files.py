@@ -14,10 +14,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_private_file(path: str | os.PathLike[str], data: bytes) -> None:
-    """Atomically replace ``path`` with ``data``, mode 0600, fsynced (file and folder)."""
+def write_private_file(path: str | os.PathLike[str], data: bytes, *, tmp: Path | None = None) -> None:
+    """Atomically replace ``path`` with ``data``, mode 0600, fsynced (file and folder).
+    ``tmp``: the temporary file to write first (default: ``<path>.tmp<pid>``); a single
+    writer under a lock passes one fixed name, so a crash leaves at most that one."""
     path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp = tmp or path.with_name(path.name + f".tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)

@@ -56,8 +56,9 @@ class Aggregator:
             del self._open[r]
         return changed
 
-    def restore(self, encounters: list[Encounter]) -> None:
-        """Re-open encounters read back from the store after a restart, so that an RPI
-        still in range keeps updating its row instead of starting a new one."""
+    def requeue(self, encounters: list[Encounter]) -> None:
+        """Take back a flushed batch that could not be written (a full disk): the next
+        flush returns it again, so nothing heard is lost."""
         for e in encounters:
             self._open.setdefault(e.rpi, e)
+            self._dirty.add(e.rpi)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..clock import utc_day
-from ..errors import ConfigError
+from ..errors import ConfigError, StoreError
 from ..exposure.aggregate import Aggregator
 from ..exposure.engine import ExposureDecision, decide_matches
 from ..exposure.matching import EncounterIndex, MatchStats, match_keys
@@ -73,7 +73,12 @@ class GaenMode(ProtocolMode[ENPayload]):
         self.aggregator.add_raw(t, payload.rpi, payload.aem, rssi, tx_power)
 
     def flush(self, now: float, *, final: bool = False) -> int:
-        return self.store.encounters.write(self.aggregator.flush(now, final=final))
+        batch = self.aggregator.flush(now, final=final)
+        try:
+            return self.store.encounters.write(batch)
+        except StoreError:
+            self.aggregator.requeue(batch)  # written at the next flush
+            raise
 
     # -- exposure ---------------------------------------------------------------------
     def check_exposures(self, keys: Sequence[DiagnosisKey], now: float) -> list[ExposureDecision]:

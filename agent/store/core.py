@@ -1,6 +1,10 @@
 """The encrypted store's core: one SQLite file (WAL) plus its keyring, the encrypted-row
 envelope, schema migrations, retention with crypto-erasure, and purge.
 
+One writer at a time (``lock.py``: the daemon, a write command, purge); readers (status,
+reports, the analysis of a copied SD card) open read-only beside it, and change nothing:
+no migration, no retention, no new key.
+
 Every sensitive value is stored only as AES-256-GCM ciphertext under the key of its UTC
 day, with ``table|row id|day`` as associated data, so a row cannot be moved to another
 row, table or day. Only the day number is in clear, for retention; long-lived secrets
@@ -28,7 +32,8 @@ from ..clock import Clock, RealClock, utc_day
 from ..errors import StoreError, StoreVersionError
 from ..files import erase_file
 from .envelope import Envelope, EnvelopeError
-from .keys import Keyring, MasterKeySource
+from .keys import Keyring, MasterKeySource, erase_stale_temp_files
+from .lock import StoreLock, lock_path
 
 log = logging.getLogger("ctagent.store")
 
@@ -50,12 +55,17 @@ def store_files(db_path: Path) -> list[Path]:
     db_path = Path(db_path)
     ring = keyring_path(db_path)
     leftovers = sorted(db_path.parent.glob(ring.name + ".tmp*")) if db_path.parent.exists() else []
-    return [ring, *leftovers, db_path, Path(str(db_path) + "-wal"), Path(str(db_path) + "-shm")]
+    return [ring, *leftovers, db_path, Path(str(db_path) + "-wal"), Path(str(db_path) + "-shm"), lock_path(db_path)]
 
 
 def purge(db_path: Path) -> list[Path]:
-    """Erase the store: the keyring first (crypto-erasure), then the database files."""
-    return [p for p in store_files(db_path) if erase_file(p)]
+    """Erase the store: the keyring first (crypto-erasure), then the database files.
+    Refused (:class:`~agent.store.lock.StoreBusy`) while another process writes to it."""
+    lock = StoreLock(db_path).acquire()
+    try:
+        return [p for p in store_files(db_path) if erase_file(p)]
+    finally:
+        lock.release()
 
 
 @dataclass
@@ -106,10 +116,13 @@ MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_to
 class EncryptedRows:
     """Sealing, reading and numbering rows of the encrypted tables; transactions."""
 
-    def __init__(self, conn: sqlite3.Connection, keyring: Keyring, stats: StoreStats) -> None:
+    def __init__(self, conn: sqlite3.Connection, keyring: Keyring, stats: StoreStats, *, path: Path,
+                 read_only: bool) -> None:
         self.conn = conn
         self.keyring = keyring
         self.stats = stats
+        self.path = path
+        self.read_only = read_only
         self._next_id = {t: conn.execute(f"SELECT COALESCE(MAX(id), 0) FROM {t}").fetchone()[0] + 1
                          for t in ENCRYPTED_TABLES}
         self._envelopes: dict[int, Envelope] = {}
@@ -117,10 +130,18 @@ class EncryptedRows:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (a batch): all of it is committed, or none."""
-        with self.conn:
-            self.conn.execute("BEGIN IMMEDIATE")
-            yield self.conn
+        """One write transaction (a batch): all of it is committed, or none. A failed
+        write (a full disk) is a :class:`StoreError`; integrity errors pass through."""
+        if self.read_only:
+            raise StoreError(f"the store {self.path} was opened read-only")
+        try:
+            with self.conn:
+                self.conn.execute("BEGIN IMMEDIATE")
+                yield self.conn
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot write to the store {self.path}: {e}") from None
 
     def forget_days(self, days: list[int]) -> None:
         for d in days:
@@ -191,17 +212,19 @@ class Store:
     ``state`` (sync progress in clear, sensitive state encrypted: chosen by its type)."""
 
     def __init__(self, path: Path, keyring: Keyring, db: sqlite_utils.Database, *, clock: Clock,
-                 retention_days: int) -> None:
+                 retention_days: int, lock: StoreLock | None) -> None:
         from .tables import EncounterTable, ExposureTable, HelloTable, StateTable, TekTable
 
         self.path = Path(path)
+        #: held while open for writing; None: opened read-only
+        self.lock = lock
         self.keyring = keyring
         self.db = db
         self.conn: sqlite3.Connection = db.conn
         self.clock = clock
         self.retention_days = retention_days
         self.stats = StoreStats()
-        self.rows = EncryptedRows(self.conn, keyring, self.stats)
+        self.rows = EncryptedRows(self.conn, keyring, self.stats, path=self.path, read_only=self.read_only)
         self.teks = TekTable(self.rows)
         self.encounters = EncounterTable(self.rows)
         self.exposures = ExposureTable(self.rows)
@@ -209,56 +232,98 @@ class Store:
         self.state = StateTable(self.rows)
         self.last_retention_day: int | None = None
 
+    @property
+    def read_only(self) -> bool:
+        return self.lock is None
+
     # -- opening ------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike[str], key: MasterKeySource, *, clock: Clock | None = None,
                retention_days: int = DEFAULT_RETENTION_DAYS) -> Store:
         path = Path(path)
-        if path.exists() or keyring_path(path).exists():
-            raise StoreError(f"{path} already exists; open it instead of creating it")
         path.parent.mkdir(parents=True, exist_ok=True)
-        ring = Keyring.create(keyring_path(path), key)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # SQLite gives -wal/-shm the same mode
-        os.close(fd)
-        return cls._open_db(path, ring, clock=clock or RealClock(), retention_days=retention_days)
+        lock = StoreLock(path).acquire()
+        try:
+            if path.exists() or keyring_path(path).exists():
+                raise StoreError(f"{path} already exists; open it instead of creating it")
+            ring = Keyring.create(keyring_path(path), key)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # SQLite gives -wal/-shm the same mode
+            os.close(fd)
+            return cls._open_db(path, ring, clock=clock or RealClock(), retention_days=retention_days, lock=lock)
+        except BaseException:
+            lock.release()
+            raise
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], key: MasterKeySource, *, clock: Clock | None = None,
-             retention_days: int = DEFAULT_RETENTION_DAYS) -> Store:
+             retention_days: int = DEFAULT_RETENTION_DAYS, read_only: bool = False) -> Store:
+        """For writing (the default: takes the lock, or refuses while another process
+        writes), or ``read_only`` (beside a writer, or a copy on read-only media)."""
         path = Path(path)
         if not path.exists():
             raise StoreError(f"no store at {path}; create one with `ctagent init`")
-        ring = Keyring.load(keyring_path(path), key)  # wrong key fails here, before the DB is touched
-        return cls._open_db(path, ring, clock=clock or RealClock(), retention_days=retention_days)
+        lock = None if read_only else StoreLock(path).acquire()
+        try:
+            if lock is not None:
+                erase_stale_temp_files(keyring_path(path))
+            # a wrong key fails here, before the database is touched
+            ring = Keyring.load(keyring_path(path), key, read_only=read_only)
+            return cls._open_db(path, ring, clock=clock or RealClock(), retention_days=retention_days, lock=lock)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
 
     @classmethod
-    def _open_db(cls, path: Path, ring: Keyring, *, clock: Clock, retention_days: int) -> Store:
+    def _open_db(cls, path: Path, ring: Keyring, *, clock: Clock, retention_days: int,
+                 lock: StoreLock | None) -> Store:
         if retention_days < 1:
             raise StoreError("retention_days must be at least 1")
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            conn = cls._connect(path, read_only=lock is None)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{path} is not a usable ctagent database: {e}") from None
         try:
             version = cls._schema_version(conn)
             if version > SCHEMA_VERSION:
                 raise StoreVersionError(
                     f"{path} has schema version {version}, newer than this ctagent understands "
                     f"({SCHEMA_VERSION}); upgrade ctagent")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")  # each committed batch survives a power cut
-            conn.execute("PRAGMA secure_delete=ON")
-            conn.execute("PRAGMA foreign_keys=ON")
             db = sqlite_utils.Database(conn)
-            cls._migrate(db, version, clock.now())
+            if lock is not None:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")  # each committed batch survives a power cut
+                conn.execute("PRAGMA secure_delete=ON")
+                conn.execute("PRAGMA foreign_keys=ON")
+                cls._migrate(db, version, clock.now())
+            elif version < SCHEMA_VERSION:
+                raise StoreVersionError(f"{path} was written by an older ctagent (schema {version}); open it once "
+                                        "for writing (`ctagent run`, or any command that writes) to upgrade it")
         except sqlite3.DatabaseError as e:
             conn.close()
             raise StoreError(f"{path} is not a usable ctagent database: {e}") from None
         except BaseException:
             conn.close()
             raise
-        store = cls(path, ring, db, clock=clock, retention_days=retention_days)
-        store.exposures.backfill()
-        store.state.encrypt_legacy_clear_values()
-        store.apply_retention()
+        store = cls(path, ring, db, clock=clock, retention_days=retention_days, lock=lock)
+        if lock is not None:
+            store.exposures.backfill()
+            store.state.encrypt_legacy_clear_values()
+            store.apply_retention()
         return store
+
+    @staticmethod
+    def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
+        if not read_only:
+            return sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1")
+            return conn
+        except sqlite3.OperationalError:
+            # read-only media (a copied SD card): nobody can be writing, read it as it is
+            return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, isolation_level=None,
+                                   check_same_thread=False)
 
     @staticmethod
     def _schema_version(conn: sqlite3.Connection) -> int:
@@ -279,11 +344,14 @@ class Store:
                 _table(db, "schema_version").insert({"version": target, "applied_at": now})
 
     def close(self) -> None:
-        try:
-            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error:
-            pass
+        if self.lock is not None:
+            try:
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
         self.conn.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def __enter__(self) -> Store:
         return self

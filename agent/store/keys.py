@@ -9,6 +9,10 @@ keys on purge (crypto-erasure). The database holds only ciphertext.
 Keyring file (JSON): format version, the master-key verifier, the KDF parameters for a
 passphrase (scrypt, stored with the file), and ``days``: day -> AES-256-GCM wrapped key,
 with the day number as associated data.
+
+Only the store's single writer (it holds the store's lock) rewrites the keyring, through
+one fixed temporary file; a change is kept in memory only once it is on disk (file and
+folder fsynced), so no row is ever sealed under a key that a crash or a full disk lost.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from ..errors import StoreKeyError
-from ..files import create_private_file, write_private_file
+from ..errors import StoreError, StoreKeyError
+from ..files import create_private_file, erase_file, write_private_file
 from .envelope import KEY_LEN, Envelope, EnvelopeError
 
 KEYRING_FORMAT = 1
@@ -97,15 +101,30 @@ def _b64(b: bytes) -> str:
     return base64.b64encode(b).decode()
 
 
+def keyring_temp_path(path: Path) -> Path:
+    """The keyring's one temporary file (written, fsynced, then renamed over the keyring)."""
+    return Path(path).with_name(Path(path).name + ".tmp")
+
+
+def erase_stale_temp_files(path: Path) -> list[Path]:
+    """Temporary copies of the keyring left by a crash (and, from older versions, one per
+    pid): they hold day keys, possibly ones retention destroyed. Call under the lock."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(path.name + ".tmp*")) if path.parent.exists() else []
+    return [p for p in stale if erase_file(p)]
+
+
 class Keyring:
     """Per-day data keys, wrapped by the master key, in a 0600 file."""
 
-    def __init__(self, path: Path, master: bytes, kdf: dict | None, days: dict[int, bytes]) -> None:
+    def __init__(self, path: Path, master: bytes, kdf: dict | None, days: dict[int, bytes], *,
+                 read_only: bool = False) -> None:
         self.path = Path(path)
         self._master = Envelope(master)
         self._kdf = kdf
         self._wrapped = days  # day -> wrapped blob
         self._cache: dict[int, bytes] = {}
+        self.read_only = read_only
 
     def __repr__(self) -> str:
         return f"Keyring({str(self.path)!r}, days={sorted(self._wrapped)})"
@@ -121,7 +140,7 @@ class Keyring:
         return ring
 
     @classmethod
-    def load(cls, path: Path, source: MasterKeySource) -> Keyring:
+    def load(cls, path: Path, source: MasterKeySource, *, read_only: bool = False) -> Keyring:
         try:
             doc = json.loads(Path(path).read_text())
             if doc.get("format") != KEYRING_FORMAT:
@@ -144,16 +163,28 @@ class Keyring:
             ok = False
         if not ok:
             raise StoreKeyError("wrong passphrase or key file")
-        return cls(path, master, kdf, days)
+        return cls(path, master, kdf, days, read_only=read_only)
 
-    def save(self) -> None:
+    def save(self, days: dict[int, bytes] | None = None, *,
+             new_master: tuple[Envelope, dict | None] | None = None) -> None:
+        """Write the keyring with ``days`` (default: the current ones) and, on rotation, a
+        new master key and its KDF parameters, durably; only then adopt them in memory.
+        A failure (a full disk) leaves memory as it was."""
+        if self.read_only:
+            raise StoreError(f"the keyring {self.path} was opened read-only")
+        days = self._wrapped if days is None else days
+        master, kdf = new_master or (self._master, self._kdf)
         doc = {
             "format": KEYRING_FORMAT,
-            "kdf": self._kdf,
-            "verifier": _b64(self._master.seal(_VERIFIER_PLAINTEXT, b"verifier")),
-            "days": {str(d): _b64(w) for d, w in sorted(self._wrapped.items())},
+            "kdf": kdf,
+            "verifier": _b64(master.seal(_VERIFIER_PLAINTEXT, b"verifier")),
+            "days": {str(d): _b64(w) for d, w in sorted(days.items())},
         }
-        write_private_file(self.path, json.dumps(doc, indent=1).encode())
+        try:
+            write_private_file(self.path, json.dumps(doc, indent=1).encode(), tmp=keyring_temp_path(self.path))
+        except OSError as e:
+            raise StoreError(f"cannot write the keyring {self.path}: {e.strerror}") from None
+        self._wrapped, self._master, self._kdf = days, master, kdf
 
     # -- day keys -----------------------------------------------------------------
     @staticmethod
@@ -172,8 +203,8 @@ class Keyring:
             if not create:
                 return None
             key = secrets.token_bytes(KEY_LEN)
-            self._wrapped[day] = self._master.seal(key, self._aad(day))
-            self.save()  # on disk before any row uses it
+            # on disk (file and folder fsynced) before any row uses it
+            self.save({**self._wrapped, day: self._master.seal(key, self._aad(day))})
         else:
             try:
                 key = self._master.open(wrapped, self._aad(day))
@@ -186,16 +217,14 @@ class Keyring:
         """Crypto-erasure: forget these day keys, in memory and on disk."""
         if not days:
             return
+        self.save({d: w for d, w in self._wrapped.items() if d not in set(days)})
         for d in days:
-            self._wrapped.pop(d, None)
             self._cache.pop(d, None)
-        self.save()
 
     def rewrap(self, new_source: MasterKeySource) -> None:
         """Key rotation: re-wrap every day key under a new master key, atomically."""
         plain = {d: self.key_for_day(d) for d in self.days()}
         master, kdf = new_source.derive(None)
         envelope = Envelope(master)
-        self._wrapped = {d: envelope.seal(k, self._aad(d)) for d, k in plain.items() if k is not None}
-        self._master, self._kdf = envelope, kdf
-        self.save()
+        self.save({d: envelope.seal(k, self._aad(d)) for d, k in plain.items() if k is not None},
+                  new_master=(envelope, kdf))
