@@ -4,6 +4,7 @@ Invalid settings are rejected at start with the file, the key and the reason."""
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -14,6 +15,7 @@ from .ble import RADIO_KINDS
 from .ble.duty_cycle import parse_duty_cycle
 from .errors import ConfigError
 from .exposure.rule import ProximityConfig
+from .sync.keyserver import DEFAULT_MAX_EXPORT_BYTES
 
 
 #: the protocol family when none is configured
@@ -60,6 +62,8 @@ class SyncSection:
     jitter_s: float = 1800.0
     #: ROBERT: the X-API-Key the server requires for registration, if any
     robert_api_key: str = ""
+    #: the largest export file downloaded (a real 500,000-key file is about 15 MB)
+    max_export_bytes: int = DEFAULT_MAX_EXPORT_BYTES
 
 
 @dataclass
@@ -95,35 +99,57 @@ _SECTIONS = {"agent": AgentSection, "radio": RadioSection, "sync": SyncSection, 
 
 
 def _coerce(src: str, section: str, key: str, value: Any, typ: Any) -> Any:
+    """``value`` as the setting's type (by its annotation), or a ConfigError naming the
+    source, the section, the key and what was expected. Numbers must be finite."""
     where = f"{src}: [{section}] {key}"
+    typ = str(getattr(typ, "__name__", typ))
     try:
-        if typ in ("bool", bool):
+        if typ == "bool":
             if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
                 return value.lower() in ("1", "true", "yes", "on")
             if not isinstance(value, bool):
                 raise TypeError
             return value
-        if typ in ("float", float):
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        if typ in ("int", int):
+        if typ == "float":
+            return _finite(value)
+        if typ == "int":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise TypeError
-            return int(value)
-        if typ in ("str", str):
+            number = int(value)
+            if abs(number) > MAX_INT_SETTING:
+                raise ValueError
+            return number
+        if typ == "str":
             if not isinstance(value, str):
                 raise TypeError
             return value
-        if str(typ).startswith("list"):
+        if typ.startswith("list"):
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise TypeError
             return value
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: expected {typ}, got {value!r}") from None
+        if typ.startswith("tuple"):
+            if not isinstance(value, list):
+                raise TypeError
+            return tuple(_finite(v) for v in value)
+    except (TypeError, ValueError, OverflowError):
+        expected = "a finite number" if typ == "float" else typ
+        raise ConfigError(f"{where}: expected {expected}, got {value!r}") from None
     return value
+
+
+#: integers in settings are counts, days and seeds: anything larger is a typo
+MAX_INT_SETTING = 2**53
+
+
+def _finite(value: Any) -> float:
+    if isinstance(value, bool):
+        raise TypeError
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError
+    return number
 
 
 def _validate(cfg: Config) -> None:
@@ -143,10 +169,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"{src}: [radio] duty_cycle: must be 'ADVERTISE_S,SCAN_S', e.g. \"20,10\"") from None
     if cfg.agent.key not in ("keyfile", "passphrase"):
         raise ConfigError(f"{src}: [agent] key: must be 'keyfile' or 'passphrase'")
-    if cfg.agent.retention_days < 1:
-        raise ConfigError(f"{src}: [agent] retention_days: must be at least 1")
-    if cfg.agent.flush_interval_s <= 0 or cfg.sync.interval_s <= 0 or cfg.sync.jitter_s < 0:
-        raise ConfigError(f"{src}: intervals must be positive")
+    for section, key, value, low, high in (
+            ("agent", "retention_days", cfg.agent.retention_days, 1, 3650),
+            ("agent", "flush_interval_s", cfg.agent.flush_interval_s, 1e-3, 7 * 86400),
+            ("sync", "interval_s", cfg.sync.interval_s, 1e-3, 30 * 86400),
+            ("sync", "jitter_s", cfg.sync.jitter_s, 0, 30 * 86400),
+            ("sync", "max_export_bytes", cfg.sync.max_export_bytes, 1, 2**40),
+            ("radio", "sim_peers", cfg.radio.sim_peers, 0, 1000)):
+        if not low <= value <= high:
+            raise ConfigError(f"{src}: [{section}] {key}: must be between {low:g} and {high:g}, not {value!r}")
     if cfg.sync.backend_url and not cfg.sync.backend_url.startswith(("http://", "https://")):
         raise ConfigError(f"{src}: [sync] backend_url: must start with http:// or https://")
     for k in cfg.sync.trusted_keys:
@@ -166,6 +197,8 @@ def load_config(path: Path | None, env: dict[str, str] | None = None) -> Config:
             doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{src}: no such configuration file; create one with `ctagent init`") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{src}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{src}: not valid TOML: {e}") from None
         except OSError as e:
@@ -174,6 +207,8 @@ def load_config(path: Path | None, env: dict[str, str] | None = None) -> Config:
     for name in doc:
         if name not in _SECTIONS and name != "proximity":
             raise ConfigError(f"{src}: unknown section [{name}]")
+        if not isinstance(doc[name], dict):
+            raise ConfigError(f"{src}: [{name}] must be a section of settings, not a value")
     for name, cls in _SECTIONS.items():
         section = getattr(cfg, name)
         values = doc.get(name, {})
@@ -187,9 +222,15 @@ def load_config(path: Path | None, env: dict[str, str] | None = None) -> Config:
                 setattr(section, key, _coerce(f"${env_key}", name, key, env[env_key], typ))
             elif key in values:
                 setattr(section, key, _coerce(src, name, key, values[key], typ))
+    proximity = doc.get("proximity", {})
+    types = {f.name: f.type for f in fields(ProximityConfig)}
+    for key in proximity:
+        if key not in types:
+            raise ConfigError(f"{src}: [proximity] {key}: unknown setting")
+    values = {k: _coerce(src, "proximity", k, v, types[k]) for k, v in proximity.items()}
     try:
-        cfg.proximity = ProximityConfig.from_mapping(doc.get("proximity", {}))
-    except (ConfigError, TypeError, ValueError) as e:
+        cfg.proximity = ProximityConfig.from_mapping(values)
+    except ConfigError as e:
         raise ConfigError(f"{src}: [proximity] {e}") from None
     _validate(cfg)
     return cfg
@@ -238,6 +279,8 @@ interval_s = 14400
 jitter_s = 1800
 # ROBERT only: the key the server requires to register (its replacement for a captcha).
 robert_api_key = ""
+# The largest export file downloaded (bytes); a real 500,000-key file is about 15 MB.
+max_export_bytes = 67108864
 
 [notify]
 # Command run on exposure (e.g. light an LED). It receives CTAGENT_EXPOSURE_DATE and

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,13 @@ class DeviceCalibration:
 #: Used for a model nobody calibrated: the median of Google's 2020-12-14 list
 #: (correction +4 dB, TX -26 dBm), confidence 0. See docs/proximity.md.
 DEFAULT_CALIBRATION = DeviceCalibration("unknown", 4.0, -26.0, CONFIDENCE_UNKNOWN)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
 
 
 class CalibrationTable:
@@ -66,7 +74,10 @@ class CalibrationTable:
 
     @classmethod
     def from_csv_text(cls, text: str, *, source: str = "<text>") -> CalibrationTable:
-        rows = list(csv.reader(io.StringIO(text)))
+        try:
+            rows = list(csv.reader(io.StringIO(text, newline="")))
+        except csv.Error as e:
+            raise CalibrationError(f"{source}: not a CSV file: {e}") from None
         if not rows:
             raise CalibrationError(f"{source}: empty calibration file")
         header = [h.strip().lower() for h in rows[0]]
@@ -76,19 +87,17 @@ class CalibrationTable:
                 for r in rows[1:]:
                     if not r or r[0].lstrip().startswith("#"):
                         continue
-                    entries.append(DeviceCalibration(r[2], float(r[3]), float(r[4]), int(r[5]), r[0], r[1]))
+                    entries.append(DeviceCalibration(r[2], _finite(r[3]), _finite(r[4]), int(r[5]), r[0], r[1]))
             elif (len(header) >= 5 and header[0] == "oem" and header[1] == "model"
                   and header[2].startswith("rssi correction")):
                 for r in rows[1:]:
                     if not r:
                         continue
                     conf = 2 if r[4].strip().lower() == "yes" else 1
-                    entries.append(DeviceCalibration(r[1], float(r[2]), float(r[3]), conf, r[0]))
+                    entries.append(DeviceCalibration(r[1], _finite(r[2]), _finite(r[3]), conf, r[0]))
             else:
                 raise CalibrationError(f"{source}: unknown calibration header {rows[0]}")
         except (IndexError, ValueError) as e:
-            if isinstance(e, CalibrationError):
-                raise
             raise CalibrationError(f"{source}: bad row in calibration file: {e}") from None
         return cls(entries)
 

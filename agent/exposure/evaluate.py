@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ..errors import InputFileError
@@ -58,8 +58,14 @@ class PairResult:
                 "days": [{"day": d.day, "exposed": d.exposed, "minutes": d.minutes} for d in self.days]}
 
 
-def read_sightings_csv(text: str, *, source: str = "<input>", max_errors: int = 0) -> list[PairSeries]:
-    reader = csv.reader(io.StringIO(text))
+def read_sightings_csv(text: str, *, source: str = "<input>") -> list[PairSeries]:
+    try:
+        return _read_sightings(csv.reader(io.StringIO(text, newline="")), source)
+    except csv.Error as e:
+        raise EvalInputError(f"{source}: not a CSV file: {e}") from None
+
+
+def _read_sightings(reader: Iterator[list[str]], source: str) -> list[PairSeries]:
     try:
         header = [h.strip().lower() for h in next(reader)]
     except StopIteration:
@@ -81,7 +87,7 @@ def read_sightings_csv(text: str, *, source: str = "<input>", max_errors: int = 
             tx = float(tx_raw) if tx_raw else None
             if not pair or not math.isfinite(t) or (tx is not None and not math.isfinite(tx)):
                 raise ValueError("empty pair or non-finite number")
-        except (IndexError, ValueError) as e:
+        except (IndexError, ValueError, OverflowError) as e:
             raise EvalInputError(f"{source}, line {lineno}: {e}") from None
         ps = pairs.get(pair)
         if ps is None:

@@ -35,6 +35,7 @@ from ..exposure.calibration import DEFAULT_CALIBRATION, DeviceCalibration
 from ..exposure.rule import ProximityConfig
 from ..records import DeclareResult
 from ..store import Store
+from ..sync.keyserver import DEFAULT_MAX_EXPORT_BYTES
 
 P = TypeVar("P")
 
@@ -107,6 +108,8 @@ class DeviceContext:
     sync_jitter_s: float = 1800.0
     match_workers: int | None = None
     http_retries: int = 3
+    #: the largest export file downloaded ([sync] max_export_bytes)
+    max_export_bytes: int = DEFAULT_MAX_EXPORT_BYTES
     #: an HTTP client to share (many simulated devices in one process); None: each its own
     http: httpx.Client | None = None
 

@@ -48,7 +48,8 @@ class GaenMode(ProtocolMode[ENPayload]):
             self.schedule.load_tek(t)
         self.aggregator = Aggregator()
         self.client = (KeyServerClient(ctx.backend_url, trusted_keys=ctx.trusted_keys, clock=ctx.clock, rng=ctx.rng,
-                                       retries=ctx.http_retries, http=ctx.http) if ctx.backend_url else None)
+                                       retries=ctx.http_retries, http=ctx.http,
+                                       max_export_bytes=ctx.max_export_bytes) if ctx.backend_url else None)
         self._schedule = ServerSchedule((0.0, min(ctx.sync_jitter_s, FIRST_SYNC_MAX_DELAY_S)), ctx.sync_interval_s,
                                         ctx.sync_jitter_s)
         #: what the last exposure check computed (keys skipped, derived, RPIs, candidates)

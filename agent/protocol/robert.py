@@ -302,15 +302,35 @@ def encrypt_tuples(k_tuples: bytes, tuples: list[Tuple]) -> str:
 
 
 def decrypt_tuples(k_tuples: bytes, blob_b64: str) -> list[Tuple]:
+    """The identifiers of an encrypted tuple bundle. Whatever the server sent, the only
+    error is :class:`RobertError` (the bundle is authenticated, but its inside is still
+    checked: a server can be wrong, or hostile)."""
     try:
         blob = base64.b64decode(blob_b64, validate=True)
         plain = AESGCM(k_tuples).decrypt(blob[:12], blob[12:], None)
-        out = []
-        for item in json.loads(plain):
-            t = Tuple(int(item["epochId"]), base64.b64decode(item["key"]["ebid"]), base64.b64decode(item["key"]["ecc"]))
-            if len(t.ebid) != 8 or len(t.ecc) != 1:
-                raise ValueError("bad tuple sizes")
-            out.append(t)
-        return out
-    except (InvalidTag, ValueError, KeyError, TypeError) as e:
+        doc = json.loads(plain, parse_constant=_no_constant)
+    except (InvalidTag, ValueError, TypeError, RecursionError) as e:  # ValueError: JSON, UTF-8, base64
         raise RobertError(f"the tuple bundle cannot be decrypted or parsed: {type(e).__name__}") from None
+    if not isinstance(doc, list):
+        raise RobertError("the tuple bundle is not a list of tuples")
+    return [_tuple(item) for item in doc]
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number")
+
+
+def _tuple(item: object) -> Tuple:
+    bad = RobertError("a tuple of the bundle is malformed")
+    if not isinstance(item, dict) or not isinstance(item.get("key"), dict):
+        raise bad
+    epoch, ebid, ecc = item.get("epochId"), item["key"].get("ebid"), item["key"].get("ecc")
+    if type(epoch) is not int or not 0 <= epoch < 1 << 24 or not isinstance(ebid, str) or not isinstance(ecc, str):
+        raise bad
+    try:
+        t = Tuple(epoch, base64.b64decode(ebid, validate=True), base64.b64decode(ecc, validate=True))
+    except ValueError:
+        raise bad from None
+    if len(t.ebid) != 8 or len(t.ecc) != 1:
+        raise bad
+    return t

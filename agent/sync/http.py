@@ -7,12 +7,28 @@ the answer is a refusal."""
 from __future__ import annotations
 
 import random
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import httpx
 
 from ..clock import Clock
 from ..errors import BackendRejected, BackendUnreachable
+
+T = TypeVar("T")
+
+
+class _Retry(Exception):
+    """The answer says "try again later" (a 5xx or 429)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+def _retry_on(status: int) -> None:
+    if status >= 500 or status == 429:
+        raise _Retry(f"HTTP {status}")
 
 
 class JsonHttp:
@@ -45,21 +61,50 @@ class JsonHttp:
         return BackendUnreachable(f"{self.what} at {self.base_url} is unreachable ({why}); "
                                   "run the same command again later")
 
+    def _retrying(self, attempt: Callable[[], T]) -> T:
+        """``attempt()`` until it answers (raising :class:`_Retry` or a transport error
+        means "try again"); :class:`BackendUnreachable` after the retries."""
+        why = ""
+        for n in range(self.retries + 1):
+            try:
+                return attempt()
+            except _Retry as e:
+                why = e.why
+            except httpx.TransportError as e:
+                why = type(e).__name__
+            if n < self.retries:
+                self.clock.sleep_blocking(self.rng.uniform(0, self.backoff_s * 2**n))
+        raise self._unreachable(why)
+
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         """The response (any status below 500 but 429); :class:`BackendUnreachable` after
         the retries."""
-        why = ""
-        for attempt in range(self.retries + 1):
-            try:
-                r = self.http.request(method, self.base_url + path, **kw)
-                if r.status_code < 500 and r.status_code != 429:
-                    return r
-                why = f"HTTP {r.status_code}"
-            except httpx.TransportError as e:
-                why = type(e).__name__
-            if attempt < self.retries:
-                self.clock.sleep_blocking(self.rng.uniform(0, self.backoff_s * 2**attempt))
-        raise self._unreachable(why)
+        def attempt() -> httpx.Response:
+            r = self.http.request(method, self.base_url + path, **kw)
+            _retry_on(r.status_code)
+            return r
+        return self._retrying(attempt)
+
+    def fetch(self, path: str, *, max_bytes: int) -> bytes:
+        """GET a file, streamed and never more than ``max_bytes`` of it:
+        :class:`BackendRejected` when it is not there or is larger."""
+        def attempt() -> bytes:
+            with self.http.stream("GET", self.base_url + path) as r:
+                _retry_on(r.status_code)
+                if r.status_code != 200:
+                    raise BackendRejected(f"{path}: HTTP {r.status_code}", status=r.status_code)
+                declared = r.headers.get("content-length", "")
+                too_large = BackendRejected(f"{path} is larger than {max_bytes} bytes, the most this device "
+                                            "accepts ([sync] max_export_bytes)", status=r.status_code)
+                if declared.isdigit() and int(declared) > max_bytes:
+                    raise too_large
+                data = bytearray()
+                for chunk in r.iter_bytes():
+                    data += chunk
+                    if len(data) > max_bytes:
+                        raise too_large
+                return bytes(data)
+        return self._retrying(attempt)
 
     def post_json(self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
         """POST a JSON body; the JSON object of a 2xx answer, else :class:`BackendRejected`

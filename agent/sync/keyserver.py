@@ -33,6 +33,8 @@ log = logging.getLogger("ctagent.sync")
 
 #: How many processed export file names are remembered (the index lists 14 days).
 MAX_REMEMBERED_FILES = 2000
+#: The largest export file a device downloads: a real 500,000-key file is about 15 MB.
+DEFAULT_MAX_EXPORT_BYTES = 64 * 2**20
 
 
 # -- state kept in the store ----------------------------------------------------------------
@@ -142,8 +144,10 @@ def new_export_names(index_text: str, done: Collection[str]) -> list[str]:
 class KeyServerClient:
     def __init__(self, base_url: str, *, trusted_keys: Sequence[str], clock: Clock,
                  http: httpx.Client | None = None, retries: int = 3, backoff_s: float = 0.5,
-                 rng: random.Random | None = None, timeout_s: float = 20.0) -> None:
+                 rng: random.Random | None = None, timeout_s: float = 20.0,
+                 max_export_bytes: int = DEFAULT_MAX_EXPORT_BYTES) -> None:
         self.trusted_keys = list(trusted_keys)
+        self.max_export_bytes = max_export_bytes
         self.clock = clock
         self.rng = rng or random.Random()
         self.transport = JsonHttp(base_url, what="the backend", clock=clock, http=http, retries=retries,
@@ -187,10 +191,8 @@ class KeyServerClient:
                 log.warning("sync: ignoring odd index entry")
                 continue
             try:
-                fr = self.transport.request("GET", f"/exports/{name}")
-                if fr.status_code != 200:
-                    raise BackendRejected(f"HTTP {fr.status_code}", status=fr.status_code)
-                exp = export.parse_export(fr.content, trusted_keys=self.trusted_keys)
+                data = self.transport.fetch(f"/exports/{name}", max_bytes=self.max_export_bytes)
+                exp = export.parse_export(data, trusted_keys=self.trusted_keys)
             except (BackendUnreachable, BackendRejected, export.ExportError) as e:
                 log.warning("sync: export file failed (%s: %s); retried next sync", type(e).__name__, e)
                 failed.append(name)
