@@ -35,8 +35,9 @@ class _HugeExportServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, declare_length: bool = True) -> None:
         self.size, self.sent, self.done = size, 0, threading.Event()
+        self.declare_length = declare_length
         super().__init__(("127.0.0.1", 0), _Handler)
 
 
@@ -55,7 +56,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
             return
         self.send_response(200)
-        self.send_header("Content-Length", str(self.server.size))
+        if self.server.declare_length:  # else the body ends when the connection closes
+            self.send_header("Content-Length", str(self.server.size))
         self.end_headers()
         chunk = b"\0" * 65536
         try:
@@ -69,8 +71,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @pytest.mark.integration
-def test_an_export_file_larger_than_the_cap_is_not_read_and_counts_as_failed(store, clock):
-    server = _HugeExportServer(size=400 * 2**20)
+@pytest.mark.parametrize("declare_length", [True, False])
+def test_an_export_file_larger_than_the_cap_is_not_read_and_counts_as_failed(store, clock, declare_length):
+    server = _HugeExportServer(size=400 * 2**20, declare_length=declare_length)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
