@@ -64,6 +64,10 @@ class SyncSection:
     robert_api_key: str = ""
     #: the largest export file downloaded (a real 500,000-key file is about 15 MB)
     max_export_bytes: int = DEFAULT_MAX_EXPORT_BYTES
+    #: the key server's index and the base of its export files, when they are elsewhere
+    #: than <backend_url>/exports/ (a CDN, a region folder)
+    index_url: str = ""
+    export_base_url: str = ""
 
 
 @dataclass
@@ -178,8 +182,10 @@ def _validate(cfg: Config) -> None:
             ("radio", "sim_peers", cfg.radio.sim_peers, 0, 1000)):
         if not low <= value <= high:
             raise ConfigError(f"{src}: [{section}] {key}: must be between {low:g} and {high:g}, not {value!r}")
-    if cfg.sync.backend_url and not cfg.sync.backend_url.startswith(("http://", "https://")):
-        raise ConfigError(f"{src}: [sync] backend_url: must start with http:// or https://")
+    for key in ("backend_url", "index_url", "export_base_url"):
+        url = getattr(cfg.sync, key)
+        if url and not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{src}: [sync] {key}: must start with http:// or https://")
     for k in cfg.sync.trusted_keys:
         try:
             load_public_key(k)
@@ -281,6 +287,10 @@ jitter_s = 1800
 robert_api_key = ""
 # The largest export file downloaded (bytes); a real 500,000-key file is about 15 MB.
 max_export_bytes = 67108864
+# Where the key server's index.txt and export files are, when not under backend_url/exports/
+# (a CDN: index_url = "https://cdn.example.org/XX/index.txt", export_base_url = "https://cdn.example.org/").
+index_url = ""
+export_base_url = ""
 
 [notify]
 # Command run on exposure (e.g. light an LED). It receives CTAGENT_EXPOSURE_DATE and

@@ -216,3 +216,101 @@ def test_fuzz_configuration_files(tmp_path_factory, lines, values, junk):
     for value in (cfg.agent.flush_interval_s, cfg.sync.interval_s, cfg.sync.jitter_s,
                   cfg.proximity.distance_threshold_m, cfg.proximity.attenuation_at_1m_db):
         assert math.isfinite(value)  # what loads is usable
+
+
+# -- issue 12.2: a key server's index as Google's server and a CDN publish it -----------------
+
+class _CdnServer(ThreadingHTTPServer):
+    """Files by path, as a CDN serves a key server's exports; counts the requests."""
+
+    daemon_threads = True
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files, self.requested = files, []
+        super().__init__(("127.0.0.1", 0), _CdnHandler)
+
+
+class _CdnHandler(BaseHTTPRequestHandler):
+    server: _CdnServer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.server.requested.append(self.path)
+        body = self.server.files.get(self.path)
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.send_header("ETag", '"index-v1"')
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+
+@pytest.mark.integration
+def test_an_index_in_googles_layout_with_folders_and_any_suffix(store, clock):
+    """google/exposure-notifications-server docs/getting-started/downloading-export-batches-keys.md:
+    index entries are relative paths to append to the export base URL; assume neither
+    their depth nor their suffix. Entries that leave the base (``..``, absolute URLs,
+    other hosts) are refused and count as failed, so the index is retried."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from agent.protocol.export import DiagnosisKey, build_export, public_key_b64
+    from agent.sync.keyserver import IndexEtag
+
+    signing = ec.generate_private_key(ec.SECP256R1())
+
+    def export_file(seed: int) -> bytes:
+        keys = [DiagnosisKey(bytes([seed, i]) * 8, 2_880_000) for i in range(3)]
+        return build_export(keys, signing_key=signing, start_timestamp=0, end_timestamp=1, region="XX")
+
+    index = ("XX/1600000000-1600003600-00001.zip\nXX/v2/batch-2\n../secret.zip\nhttps://evil.example/x.zip\n"
+             "//evil.example/y.zip\n/abs.zip\n")
+    server = _CdnServer({"/cdn/XX/index.txt": index.encode(),
+                         "/cdn/XX/1600000000-1600003600-00001.zip": export_file(1),
+                         "/cdn/XX/v2/batch-2": export_file(2)})
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        mode = GaenMode(DeviceContext(store=store, clock=clock, backend_url=base + "/api",
+                                      trusted_keys=(public_key_b64(signing),), http_retries=0,
+                                      index_url=base + "/cdn/XX/index.txt", export_base_url=base + "/cdn/"))
+        res, _ = mode.sync(clock.t)
+        assert res.files_new == 2 and len(res.keys) == 6
+        assert set(res.files_failed) == {"../secret.zip", "https://evil.example/x.zip", "//evil.example/y.zip",
+                                         "/abs.zip"}
+        assert all(p.startswith("/cdn/XX/") for p in server.requested)  # nothing outside the base was asked
+        assert store.state.get(IndexEtag) is None  # not every entry was processed: the index is retried
+        res, _ = mode.sync(clock.t)
+        assert res.files_new == 0 and len(res.files_failed) == 4  # processed files are not fetched again
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("entry,url", [
+    ("XX/1600000000-1600003600-00001.zip", "https://cdn.example.org/keys/XX/1600000000-1600003600-00001.zip"),
+    ("a/b/c/d", "https://cdn.example.org/keys/a/b/c/d"), ("f.bin", "https://cdn.example.org/keys/f.bin"),
+    ("sp ace.zip", None), ("../x", None), ("a/../x", None), ("a//b", None), ("./x", None), ("/x", None),
+    ("//evil.example/x", None), ("https://evil.example/x", None), ("x?y=1", None), ("x#y", None), ("a\\b", None),
+    ("c:/x", None), ("", None),
+])
+def test_index_entries_resolve_under_the_base_or_are_refused(entry, url):
+    from agent.sync.keyserver import export_url
+    if url is None:
+        with pytest.raises(ValueError):
+            export_url("https://cdn.example.org/keys/", entry)
+    else:
+        assert export_url("https://cdn.example.org/keys/", entry) == url
+
+
+@FUZZ
+@given(st.text(max_size=60))
+def test_fuzz_index_entries_never_leave_the_base(entry):
+    from urllib.parse import urlsplit
+
+    from agent.sync.keyserver import export_url
+    base = "https://cdn.example.org/keys/"
+    try:
+        url = export_url(base, entry)
+    except ValueError:
+        return
+    assert url.startswith(base) and urlsplit(url).netloc == "cdn.example.org" and "/../" not in url

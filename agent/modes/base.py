@@ -97,6 +97,9 @@ class DeviceContext:
     backend_url: str = ""
     #: public keys that sign the key server's export files
     trusted_keys: tuple[str, ...] = ()
+    #: where the key server's index and export files are ("" = under backend_url/exports/)
+    index_url: str = ""
+    export_base_url: str = ""
     #: a key the server requires to register, if any
     api_key: str = ""
     #: randomness for schedules and jitter; key material comes from ``random_bytes``

@@ -49,7 +49,8 @@ class GaenMode(ProtocolMode[ENPayload]):
         self.aggregator = Aggregator()
         self.client = (KeyServerClient(ctx.backend_url, trusted_keys=ctx.trusted_keys, clock=ctx.clock, rng=ctx.rng,
                                        retries=ctx.http_retries, http=ctx.http,
-                                       max_export_bytes=ctx.max_export_bytes) if ctx.backend_url else None)
+                                       max_export_bytes=ctx.max_export_bytes, index_url=ctx.index_url,
+                                       export_base_url=ctx.export_base_url) if ctx.backend_url else None)
         self._schedule = ServerSchedule((0.0, min(ctx.sync_jitter_s, FIRST_SYNC_MAX_DELAY_S)), ctx.sync_interval_s,
                                         ctx.sync_jitter_s)
         #: what the last exposure check computed (keys skipped, derived, RPIs, candidates)

@@ -76,11 +76,15 @@ class JsonHttp:
                 self.clock.sleep_blocking(self.rng.uniform(0, self.backoff_s * 2**n))
         raise self._unreachable(why)
 
+    def url(self, path: str) -> str:
+        """``path`` under the base URL, or ``path`` itself when it is an absolute URL."""
+        return path if path.startswith(("http://", "https://")) else self.base_url + path
+
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         """The response (any status below 500 but 429); :class:`BackendUnreachable` after
-        the retries."""
+        the retries. ``path``: under the base URL, or an absolute URL."""
         def attempt() -> httpx.Response:
-            r = self.http.request(method, self.base_url + path, **kw)
+            r = self.http.request(method, self.url(path), **kw)
             _retry_on(r.status_code)
             return r
         return self._retrying(attempt)
@@ -89,7 +93,7 @@ class JsonHttp:
         """GET a file, streamed and never more than ``max_bytes`` of it:
         :class:`BackendRejected` when it is not there or is larger."""
         def attempt() -> bytes:
-            with self.http.stream("GET", self.base_url + path) as r:
+            with self.http.stream("GET", self.url(path)) as r:
                 _retry_on(r.status_code)
                 if r.status_code != 200:
                     raise BackendRejected(f"{path}: HTTP {r.status_code}", status=r.status_code)

@@ -1,11 +1,20 @@
 """The Exposure Notification key-server client: download signed exports, declare positive.
 
 Offline is normal: :meth:`KeyServerClient.download` reports an unreachable backend in
-its result instead of raising. Progress is kept in the store as typed state: the ETag of
-index.txt and the export files already processed (clear: they are public file names),
-the pending declaration (encrypted: it holds the certificate and the HMAC key). A file
-that failed is fetched again next time, and the ETag is kept only once every listed file
-was processed.
+its result instead of raising.
+
+The index follows the public key server's layout (google/exposure-notifications-server
+``docs/getting-started/downloading-export-batches-keys.md``): ``index.txt`` lists, oldest
+first, paths relative to an export base URL, of any depth and any suffix (Google writes
+``<region>/<start>-<end>-<batch>.zip``); a deployment publishes both on a CDN, so the
+index URL and the base URL are settings. An entry that would leave the base (``..``, an
+absolute URL, another host) is refused and, like one that cannot be fetched or
+verified, counts as failed: the index is then retried at the next sync.
+
+Progress is kept in the store as typed state: the ETag of index.txt and the export
+files already processed (clear: they are public file names), the pending declaration
+(encrypted: it holds the certificate and the HMAC key). A file that failed is fetched
+again next time, and the ETag is kept only once every listed file was processed.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import base64
 import logging
 import random
 import secrets
+from urllib.parse import quote, urlsplit
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -139,15 +149,36 @@ def new_export_names(index_text: str, done: Collection[str]) -> list[str]:
     return [n for n in names if n not in done]
 
 
+def export_url(base_url: str, entry: str) -> str:
+    """The absolute URL of an index entry under ``base_url``; ValueError when the entry
+    is not a plain relative path (``..``, ``.``, empty segments, an absolute path or URL,
+    a query, control characters) or would land on another host."""
+    if (not entry or entry.startswith("/") or "\\" in entry or ":" in entry.split("/")[0]
+            or any(c in entry for c in "?#") or any(ord(c) < 0x21 or ord(c) == 0x7F for c in entry)):
+        raise ValueError("not a relative path")
+    parts = entry.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise ValueError("a path segment is empty, '.' or '..'")
+    url = base_url.rstrip("/") + "/" + "/".join(quote(p, safe="-._~+=,@") for p in parts)
+    if urlsplit(url).netloc != urlsplit(base_url).netloc:
+        raise ValueError("another host")
+    return url
+
+
 # -- the client -------------------------------------------------------------------------------
 
 class KeyServerClient:
     def __init__(self, base_url: str, *, trusted_keys: Sequence[str], clock: Clock,
                  http: httpx.Client | None = None, retries: int = 3, backoff_s: float = 0.5,
                  rng: random.Random | None = None, timeout_s: float = 20.0,
-                 max_export_bytes: int = DEFAULT_MAX_EXPORT_BYTES) -> None:
+                 max_export_bytes: int = DEFAULT_MAX_EXPORT_BYTES, index_url: str = "",
+                 export_base_url: str = "") -> None:
+        """``base_url``: the key server's API (verify, certificate, publish); the exports
+        are at ``index_url`` and under ``export_base_url`` (default: ``<base_url>/exports/``)."""
         self.trusted_keys = list(trusted_keys)
         self.max_export_bytes = max_export_bytes
+        self.export_base_url = export_base_url or base_url.rstrip("/") + "/exports/"
+        self.index_url = index_url or self.export_base_url.rstrip("/") + "/index.txt"
         self.clock = clock
         self.rng = rng or random.Random()
         self.transport = JsonHttp(base_url, what="the backend", clock=clock, http=http, retries=retries,
@@ -169,7 +200,7 @@ class KeyServerClient:
         etag = store.state.get(IndexEtag)
         headers = {"If-None-Match": etag.etag} if etag else {}
         try:
-            r = self.transport.request("GET", "/exports/index.txt", headers=headers)
+            r = self.transport.request("GET", self.index_url, headers=headers)
         except BackendUnreachable:
             log.info("sync: backend unreachable; will retry later")
             return SyncResult(offline=True)
@@ -187,11 +218,14 @@ class KeyServerClient:
         for i, name in enumerate(todo, 1):
             if progress:
                 progress(i - 1, len(todo))
-            if "/" in name or not name.endswith(".zip"):
-                log.warning("sync: ignoring odd index entry")
+            try:
+                url = export_url(self.export_base_url, name)
+            except ValueError as e:
+                log.warning("sync: index entry refused (%s); the index is retried next sync", e)
+                failed.append(name)
                 continue
             try:
-                data = self.transport.fetch(f"/exports/{name}", max_bytes=self.max_export_bytes)
+                data = self.transport.fetch(url, max_bytes=self.max_export_bytes)
                 exp = export.parse_export(data, trusted_keys=self.trusted_keys)
             except (BackendUnreachable, BackendRejected, export.ExportError) as e:
                 log.warning("sync: export file failed (%s: %s); retried next sync", type(e).__name__, e)
