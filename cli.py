@@ -38,7 +38,7 @@ def friendly_errors(fn: F) -> F:
             if debug:
                 raise
             raise click.ClickException(str(e)) from None
-        except Exception as e:
+        except Exception as e:  # anything else is a bug: say so, briefly
             if debug:
                 raise
             click.echo(f"Error: internal error ({type(e).__name__}: {e}); this is a bug in ctagent. "
@@ -116,7 +116,8 @@ def init(data_dir: Path, key: str, radio: str, force: bool) -> None:
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING"]), default="INFO", show_default=True)
 @friendly_errors
 def run(radio: str | None, log_level: str) -> None:
-    """Run the agent: advertise, scan, store, sync, notify (until SIGTERM)."""
+    """Run the agent: advertise, scan, store, sync, notify (until SIGTERM). Exits 3 when
+    no radio comes up (so that systemd restarts it)."""
     from agent.app import run_daemon
     from agent.logs import setup_logging
 
@@ -129,27 +130,81 @@ def run(radio: str | None, log_level: str) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def status(as_json: bool) -> None:
-    """Health, counts, last sync and exposure state."""
+    """Whether the daemon runs, its figures and how old they are, the radio, last sync, exposure."""
     from agent.app import open_mode, open_store
     from agent.reports import status_report
 
     cfg = _cfg()
     with open_store(cfg, read_only=True) as store:
-        out = status_report(store, open_mode(cfg, store), cfg.data_dir / "status.json")
+        out = status_report(store, open_mode(cfg, store), cfg.data_dir / "status.json", _now())
     if as_json:
         _echo_json(out)
         return
+    _render_status(out)
+
+
+def _render_status(out: dict[str, Any]) -> None:
+    from agent.reports import ago
+
     exposure = "EXPOSED on " + ", ".join(out["exposed_days"]) if out["exposed_days"] else "no exposure found"
     click.echo(f"store        {out['store']}\nprotocol     {out['protocol']}\n"
                f"encounters   {out['encounters']} over {out['days_stored']} day(s)\n"
                + (f"own keys     {out['own_keys']}\n" if "own_keys" in out else "")
-               + f"last sync    {out['last_sync'] or 'never'}\nexposure     {exposure}")
-    daemon = out["daemon"]
-    if daemon:
-        click.echo(f"daemon       mode={daemon['mode']} rotations={daemon['rotations']} "
-                   f"sightings={daemon['sightings']}")
+               + f"last sync    {ago(_now() - out['last_sync']) if out['last_sync'] else 'never'}\n"
+               f"exposure     {exposure}")
+    d = out["daemon"]
+    f = d["figures"]
+    if d["running"]:
+        click.echo(f"daemon       running (pid {d['pid']}); figures of {ago(d['figures_age_s'])}: mode={f['mode']} "
+                   f"rotations={f['rotations']} sightings={f['sightings']}")
+        r = d["radio"]
+        click.echo(f"radio        advertising {'yes' if r['advertising'] else 'NO'}, scanning "
+                   f"{'yes' if r['scanning'] else 'NO'}, {r['samples_last_minute']} sample(s) in the last minute")
+        for task, info in sorted((f.get("failing") or {}).items()):
+            click.echo(f"failing      {task}: {info['error']} ({info['failures']} failure(s), since "
+                       f"{ago(f['now'] - info['since'])} before these figures)")
+    elif f:
+        click.echo(f"daemon       stopped; when it last ran ({ago(d['figures_age_s'])}): rotations={f['rotations']} "
+                   f"sightings={f['sightings']}")
     else:
-        click.echo("daemon       no status file (not running?)")
+        click.echo("daemon       stopped (it has not run yet)")
+    if d["store_in_use_by"]:
+        click.echo(f"store        in use by a ctagent command (pid {d['store_in_use_by']})")
+
+
+@main.command()
+@click.option("--timeout", "timeout_s", default=30.0, show_default=True, help="Seconds to wait for it to stop.")
+@friendly_errors
+def stop(timeout_s: float) -> None:
+    """Stop the running daemon (SIGTERM: it flushes and closes its store)."""
+    import os
+    import signal
+    import time
+
+    from agent.reports import daemon_state
+
+    cfg = _cfg()
+    d = daemon_state(cfg.db_path, cfg.data_dir / "status.json", _now())
+    if not d["running"]:
+        if d["store_in_use_by"]:
+            raise UserError(f"the store is in use by a ctagent command (pid {d['store_in_use_by']}), not by the "
+                            "daemon; let it finish")
+        click.echo("the daemon is not running")
+        return
+    pid = d["pid"]
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        click.echo("the daemon is not running")
+        return
+    except PermissionError:
+        raise UserError(f"not allowed to stop pid {pid}: run as its user (or `systemctl stop ctagent`)") from None
+    deadline = time.monotonic() + timeout_s
+    while daemon_state(cfg.db_path, cfg.data_dir / "status.json", _now())["running"]:
+        if time.monotonic() > deadline:
+            raise UserError(f"the daemon (pid {pid}) did not stop within {timeout_s:g} s")
+        time.sleep(0.1)
+    click.echo(f"stopped (pid {pid})")
 
 
 @main.command()
@@ -219,8 +274,10 @@ def sync(as_json: bool) -> None:
         res = mode.check(_now(), progress=lambda done, total: bar.update(task, completed=done, total=total))
     if as_json:
         _echo_json({"offline": res.offline, "exposed": res.exposed, **res.details})
-    else:
+    elif not res.offline:
         click.echo(res.message)
+    if res.problem:  # a sync that did not do its whole job is not a success
+        raise UserError(res.problem)
 
 
 @main.command()

@@ -96,7 +96,8 @@ def build_daemon(cfg: Config, *, radio_kind: str, clock: Clock) -> Daemon:
         raise
     return Daemon(mode, radio, clock=clock, status_path=cfg.data_dir / "status.json",
                   flush_interval_s=cfg.agent.flush_interval_s, on_exposure=cfg.notify.on_exposure,
-                  duty_cycle=parse_duty_cycle(cfg.radio.duty_cycle), rng=random.SystemRandom())
+                  duty_cycle=parse_duty_cycle(cfg.radio.duty_cycle), rng=random.SystemRandom(),
+                  radio_start_attempts=cfg.radio.start_attempts)
 
 
 def run_daemon(cfg: Config, *, radio_kind: str) -> int:

@@ -15,7 +15,6 @@ from .ble import RADIO_KINDS
 from .ble.duty_cycle import parse_duty_cycle
 from .errors import ConfigError
 from .exposure.rule import ProximityConfig
-from .sync.keyserver import DEFAULT_MAX_EXPORT_BYTES
 
 
 #: the protocol family when none is configured
@@ -51,6 +50,9 @@ class RadioSection:
     #: "ADVERTISE_S,SCAN_S" to alternate phases on controllers that stop advertising
     #: while scanning (some Raspberry Pi kernels); empty: both at once
     duty_cycle: str = ""
+    #: attempts to start the radio (with back-off 1, 2, 4, ... s) before `run` gives up
+    #: with exit status 3 so that systemd restarts it
+    start_attempts: int = 5
 
 
 @dataclass
@@ -62,8 +64,9 @@ class SyncSection:
     jitter_s: float = 1800.0
     #: ROBERT: the X-API-Key the server requires for registration, if any
     robert_api_key: str = ""
-    #: the largest export file downloaded (a real 500,000-key file is about 15 MB)
-    max_export_bytes: int = DEFAULT_MAX_EXPORT_BYTES
+    #: the largest export file downloaded (a real 500,000-key file is about 15 MB);
+    #: agent.sync.keyserver.DEFAULT_MAX_EXPORT_BYTES (a test keeps them equal)
+    max_export_bytes: int = 32 * 2**20
     #: the key server's index and the base of its export files, when they are elsewhere
     #: than <backend_url>/exports/ (a CDN, a region folder)
     index_url: str = ""
@@ -179,7 +182,8 @@ def _validate(cfg: Config) -> None:
             ("sync", "interval_s", cfg.sync.interval_s, 1e-3, 30 * 86400),
             ("sync", "jitter_s", cfg.sync.jitter_s, 0, 30 * 86400),
             ("sync", "max_export_bytes", cfg.sync.max_export_bytes, 1, 2**40),
-            ("radio", "sim_peers", cfg.radio.sim_peers, 0, 1000)):
+            ("radio", "sim_peers", cfg.radio.sim_peers, 0, 1000),
+            ("radio", "start_attempts", cfg.radio.start_attempts, 1, 100)):
         if not low <= value <= high:
             raise ConfigError(f"{src}: [{section}] {key}: must be between {low:g} and {high:g}, not {value!r}")
     for key in ("backend_url", "index_url", "export_base_url"):
@@ -274,6 +278,9 @@ gatt_status = false
 # "20,10": advertise 20 s then scan 10 s, for controllers that stop advertising while
 # scanning (see `ctagent doctor` and hardware/raspberry-pi.md). Empty: both at once.
 duty_cycle = ""
+# Attempts to start the radio (back-off 1, 2, 4, ... s) before `ctagent run` exits with
+# status 3, so that systemd (Restart=on-failure) tries again.
+start_attempts = 5
 
 [sync]
 # The backend (empty: no sync). Its export signing public key must be trusted below
@@ -286,7 +293,7 @@ jitter_s = 1800
 # ROBERT only: the key the server requires to register (its replacement for a captcha).
 robert_api_key = ""
 # The largest export file downloaded (bytes); a real 500,000-key file is about 15 MB.
-max_export_bytes = 67108864
+max_export_bytes = 33554432
 # Where the key server's index.txt and export files are, when not under backend_url/exports/
 # (a CDN: index_url = "https://cdn.example.org/XX/index.txt", export_base_url = "https://cdn.example.org/").
 index_url = ""

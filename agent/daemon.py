@@ -5,9 +5,12 @@ current one), scan and hand what is heard to the mode, flush to the store, set u
 the server once (``prepare``) and call it on the mode's schedule (``check``), notify new
 exposures, daily retention, the systemd watchdog, the optional status service and duty
 cycle, and a status file for `ctagent status`. Each task restarts with bounded
-exponential back-off when it fails; a radio task that keeps failing leaves the daemon in
-"scan only" / "advertise only" mode, reported in the status, not dead. SIGTERM/SIGINT:
-flush, close the store, exit 0.
+exponential back-off when it fails, and the status says which tasks are failing now and
+why. systemd hears the truth: READY=1 once the radios run (or one of them, in the
+documented "scan only" / "advertise only" modes), STATUS= kept current; when neither
+radio comes up within ``radio_start_attempts`` the daemon says why in one log line and
+exits with :data:`EXIT_RADIO_DOWN`, so that ``Restart=on-failure`` acts.
+SIGTERM/SIGINT: flush, close the store, exit 0.
 """
 
 from __future__ import annotations
@@ -36,8 +39,11 @@ from .modes.base import CheckResult, ProtocolMode
 log = logging.getLogger("ctagent.daemon")
 
 BACKOFF_MAX_S = 300.0
-#: a task that failed this many times puts the daemon in a degraded mode
-DEGRADED_AFTER_FAILURES = 3
+#: the exit status when neither radio could start: systemd's Restart=on-failure restarts
+EXIT_RADIO_DOWN = 3
+RADIO_TASKS = ("advertise", "scan")
+#: how often the daemon looks whether the radios came up (before READY=1)
+READY_POLL_S = 0.2
 #: while the mode has nothing to broadcast yet (ROBERT before registration), ask again this often
 NOT_READY_RETRY_S = 5.0
 RETENTION_CHECK_S = 3600.0
@@ -63,7 +69,8 @@ def sd_notify(message: str) -> bool:
 class Daemon:
     def __init__(self, mode: ProtocolMode[Any], radio: Radio, *, clock: Clock, status_path: Path | None = None,
                  flush_interval_s: float = 60.0, on_exposure: str = "",
-                 duty_cycle: tuple[float, float] | None = None, rng: random.Random | None = None) -> None:
+                 duty_cycle: tuple[float, float] | None = None, rng: random.Random | None = None,
+                 radio_start_attempts: int = 5) -> None:
         self.mode = mode
         self.store = mode.store
         self.clock = clock
@@ -76,8 +83,16 @@ class Daemon:
         self.duty_cycle = duty_cycle
         self.rng = rng or random.Random()
         self._stop = asyncio.Event()
+        self.radio_start_attempts = radio_start_attempts
+        #: failures per task since start
         self.failures: dict[str, int] = {}
-        self.degraded: set[str] = set()
+        #: tasks failing now: task -> {"error", "since", "failures"}; gone once they work again
+        self.failing: dict[str, dict[str, Any]] = {}
+        #: tasks that worked at least once; radio tasks that never did within their attempts
+        self.ever_ok: set[str] = set()
+        self.radio_down: set[str] = set()
+        self.ready = False
+        self.exit_code = 0
         self.started_at = clock.now()
         self.rotations = 0
         self.sightings = 0
@@ -91,6 +106,12 @@ class Daemon:
         self._stop.set()
 
     # -- supervised tasks ---------------------------------------------------------------
+    def _ok(self, name: str) -> None:
+        """``name`` just worked: no longer failing."""
+        self.ever_ok.add(name)
+        if self.failing.pop(name, None) is not None:
+            log.info("task=%s works again", name)
+
     async def _supervise(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
         delay = 1.0
         while not self._stop.is_set():
@@ -99,13 +120,44 @@ class Daemon:
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception as e:
+            except Exception as e:  # a task's failure must not kill the daemon
                 self.failures[name] = self.failures.get(name, 0) + 1
-                if self.failures[name] >= DEGRADED_AFTER_FAILURES:
-                    self.degraded.add(name)
-                log.error("task=%s failed error=%s restart_in=%.0fs", name, type(e).__name__, delay)
+                info = self.failing.setdefault(name, {"since": self.clock.now(), "failures": 0})
+                info["failures"] += 1
+                info["error"] = f"{type(e).__name__}: {e}"
+                log.error("task=%s failed error=\"%s\" restart_in=%.0fs", name, info["error"], delay)
+                if name in RADIO_TASKS and name not in self.ever_ok and info["failures"] >= self.radio_start_attempts:
+                    self.radio_down.add(name)
+                    if self.radio_down.issuperset(RADIO_TASKS):
+                        self._give_up_on_the_radio()
+                        return
                 await self.clock.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX_S)
+
+    def _give_up_on_the_radio(self) -> None:
+        errors = "; ".join(f"{t}: {self.failing[t]['error']}" for t in RADIO_TASKS if t in self.failing)
+        log.error("radio: neither advertising nor scanning could start after %d attempts (%s); run `ctagent "
+                  "doctor` to see what to fix; exiting with status %d", self.radio_start_attempts, errors,
+                  EXIT_RADIO_DOWN)
+        sd_notify(f"STATUS=radio down: {errors}")
+        self.exit_code = EXIT_RADIO_DOWN
+        self.stop()
+
+    async def _announce_ready(self) -> None:
+        """READY=1 once both radios run, or one runs and the other never came up (a
+        documented degraded mode); STATUS= says which."""
+        while not self._stop.is_set():
+            if self.advertiser.health().advertising:
+                self._ok("advertise")
+            if self.scanner.health().scanning:
+                self._ok("scan")
+            up = {t for t in RADIO_TASKS if t in self.ever_ok}
+            if up and up | self.radio_down == set(RADIO_TASKS):
+                self.ready = True
+                sd_notify(f"READY=1\nSTATUS={self._status_line()}")
+                log.info("daemon ready protocol=%s mode=%s", self.mode.name, self._mode())
+                return
+            await self.clock.sleep(READY_POLL_S)
 
     async def _advertise(self) -> None:
         on_air = False
@@ -121,18 +173,19 @@ class Daemon:
                 await self.advertiser.start(b.service_data, b.address)
                 self.rotations += 1
                 on_air = True
-                self.degraded.discard("advertise")
             elif b.new_identity:
                 await self.advertiser.rotate(b.service_data, b.address)
                 self.rotations += 1
             else:
                 await self.advertiser.update(b.service_data)
+            self._ok("advertise")
             await self.clock.sleep(max(0.0, b.next_at - self.clock.now()))
 
     async def _scan(self) -> None:
         decode, record = self.mode.decode, self.mode.record
         async for raw in self.scanner.sightings():
-            self.degraded.discard("scan")
+            if "scan" in self.failing:
+                self._ok("scan")
             payload = decode(raw.service_data)
             if payload is None:
                 self.bad_payloads += 1
@@ -149,11 +202,13 @@ class Daemon:
         while not self._stop.is_set():
             await self.clock.sleep(self.flush_interval_s)
             self._flush()
+            self._ok("flush")
             self._write_status()
 
     async def _retention(self) -> None:
         while not self._stop.is_set():
             erased = self.store.maybe_apply_retention()
+            self._ok("retention")
             if erased:
                 log.info("retention erased_days=%d", len(erased))
             await self.clock.sleep(RETENTION_CHECK_S)
@@ -167,6 +222,7 @@ class Daemon:
         await self.clock.sleep(self.rng.uniform(*schedule.first_delay_s))
         while not self._stop.is_set():
             await self.check_once()
+            self._ok("server")
             await self.clock.sleep(schedule.interval_s + self.rng.uniform(0, schedule.jitter_s))
 
     async def check_once(self) -> CheckResult:
@@ -221,16 +277,26 @@ class Daemon:
                          clock=self.clock, stop=self._stop)
 
     # -- status -------------------------------------------------------------------------
+    def _mode(self) -> str:
+        """normal; scan only / advertise only / radio down (a radio task failing or never
+        up); degraded (another task failing)."""
+        bad = {t for t in RADIO_TASKS if t in self.failing or t in self.radio_down}
+        if bad == set(RADIO_TASKS):
+            return "radio down"
+        if bad:
+            return "scan only" if "advertise" in bad else "advertise only"
+        return "degraded" if self.failing else "normal"
+
+    def _status_line(self) -> str:
+        failing = "".join(f"; {t} failing: {info['error']}" for t, info in sorted(self.failing.items()))
+        return f"{self._mode()}: rotations={self.rotations} sightings={self.sightings}{failing}"[:500]
+
     def status(self) -> dict[str, Any]:
-        mode = "normal"
-        if "advertise" in self.degraded:
-            mode = "scan only"
-        if "scan" in self.degraded:
-            mode = "advertise only" if mode == "normal" else "degraded"
         return {
-            "mode": mode, "now": self.clock.now(), "started_at": self.started_at, "protocol": self.mode.name,
+            "mode": self._mode(), "now": self.clock.now(), "started_at": self.started_at, "pid": os.getpid(),
+            "ready": self.ready, "protocol": self.mode.name,
             "rotations": self.rotations, "sightings": self.sightings, "rows_written": self.rows_written,
-            "bad_payloads": self.bad_payloads, "failures": self.failures,
+            "bad_payloads": self.bad_payloads, "failures": self.failures, "failing": self.failing,
             "last_check": self.last_check.to_json() if self.last_check else None,
             "exposure_days": sorted(self.notified_days), "protocol_status": self.mode.status_fields(),
             "advertiser": asdict(self.advertiser.health()), "scanner": asdict(self.scanner.health()),
@@ -245,6 +311,8 @@ class Daemon:
 
     def _write_status(self) -> None:
         self._update_status_service()
+        if self.ready:
+            sd_notify(f"STATUS={self._status_line()}")
         if self.status_path:
             try:
                 write_private_file(self.status_path, json.dumps(self.status(), indent=1).encode())
@@ -262,7 +330,7 @@ class Daemon:
                     pass
         jobs: dict[str, Callable[[], Awaitable[None]]] = {
             "flush": self._flush_loop, "retention": self._retention, "advertise": self._advertise,
-            "scan": self._scan, "prepare": self._prepare}
+            "scan": self._scan, "prepare": self._prepare, "ready": self._announce_ready}
         if self.mode.server_schedule is not None:
             jobs["server"] = self._server
         if self.status_service is not None:
@@ -271,7 +339,7 @@ class Daemon:
             jobs["duty_cycle"] = self._duty_cycle
         tasks = [asyncio.create_task(self._supervise(name, job)) for name, job in jobs.items()]
         tasks.append(asyncio.create_task(self._watchdog()))
-        sd_notify("READY=1\nSTATUS=advertising and scanning")
+        sd_notify("STATUS=starting the radios")
         log.info("daemon started protocol=%s", self.mode.name)
         self._write_status()
         await self._stop.wait()
@@ -284,10 +352,10 @@ class Daemon:
         if self.status_service is not None:
             try:
                 await self.status_service.stop()
-            except Exception:
+            except Exception:  # shutting down anyway
                 pass
         self._flush(final=True)
         self._write_status()
         self.store.close()
-        log.info("daemon stopped cleanly")
-        return 0
+        log.info("daemon stopped %s", "cleanly" if not self.exit_code else f"with status {self.exit_code}")
+        return self.exit_code

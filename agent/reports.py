@@ -15,15 +15,49 @@ from typing import Any
 
 from .clock import iso_date
 from .modes.base import ProtocolMode
-from .store import Store
+from .store import Store, holder
 
 
-def status_report(store: Store, mode: ProtocolMode[Any], status_file: Path) -> dict[str, Any]:
-    daemon = json.loads(status_file.read_text()) if status_file.exists() else None
+def daemon_state(db_path: Path, status_file: Path, now: float) -> dict[str, Any]:
+    """Whether the daemon runs (it holds the store's lock, and the status file is its),
+    its pid, its last figures and how old they are, its radio's state."""
+    try:
+        figures = json.loads(status_file.read_text()) if status_file.exists() else None
+    except (OSError, ValueError):
+        figures = None  # half-written or unreadable: no figures rather than wrong ones
+    pid = holder(db_path)
+    running = pid is not None and figures is not None and figures.get("pid") == pid
+    at = figures.get("now") if figures else None
+    return {
+        "running": running, "pid": pid if running else None,
+        # the store is held by something else than the daemon (a write command)
+        "store_in_use_by": pid if pid is not None and not running else None,
+        "figures": figures, "figures_at": at, "figures_age_s": None if at is None else round(now - at, 1),
+        "radio": None if not figures else {"advertising": (figures.get("advertiser") or {}).get("advertising"),
+                                           "scanning": (figures.get("scanner") or {}).get("scanning"),
+                                           "samples_last_minute": (figures.get("scanner") or {}).get(
+                                               "samples_last_minute")},
+    }
+
+
+def status_report(store: Store, mode: ProtocolMode[Any], status_file: Path, now: float) -> dict[str, Any]:
     by_day = store.encounters.count_by_day()
     return {"store": str(store.path), "protocol": mode.name, "days_stored": len(by_day),
             "encounters": sum(by_day.values()), "exposed_days": [iso_date(d) for d in store.exposures.days()],
-            "last_sync": mode.last_server_success(), **mode.status_fields(), "daemon": daemon}
+            "last_sync": mode.last_server_success(), **mode.status_fields(),
+            "daemon": daemon_state(store.path, status_file, now)}
+
+
+def ago(seconds: float) -> str:
+    """``42 s ago``, ``5 min ago``, ``3 h ago``, ``2 days ago``."""
+    s = max(0.0, seconds)
+    if s < 120:
+        return f"{s:.0f} s ago"
+    if s < 7200:
+        return f"{s / 60:.0f} min ago"
+    if s < 2 * 86400:
+        return f"{s / 3600:.0f} h ago"
+    return f"{s / 86400:.0f} days ago"
 
 
 @dataclass(frozen=True)

@@ -314,3 +314,10 @@ def test_fuzz_index_entries_never_leave_the_base(entry):
     except ValueError:
         return
     assert url.startswith(base) and urlsplit(url).netloc == "cdn.example.org" and "/../" not in url
+
+
+def test_the_configured_export_cap_is_the_clients_default():
+    from agent.config import SyncSection
+    from agent.sync.keyserver import DEFAULT_MAX_EXPORT_BYTES
+    assert SyncSection().max_export_bytes == DEFAULT_MAX_EXPORT_BYTES
+    assert "max_export_bytes = 33554432" in __import__("agent.config", fromlist=["TEMPLATE"]).TEMPLATE

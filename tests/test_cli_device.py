@@ -65,8 +65,9 @@ def test_run_sigterm_status_encounters_export_purge(env):
     r = invoke(e, "status", "--json")
     assert r.exit_code == 0, r.output
     st = json.loads(r.output)
-    assert st["encounters"] >= 1 and st["own_keys"] == 1 and st["daemon"]["rotations"] >= 1
-    assert st["daemon"]["mode"] == "normal" and st["protocol"] == "gaen"
+    figures = st["daemon"]["figures"]  # the daemon's last figures, from before it stopped
+    assert st["encounters"] >= 1 and st["own_keys"] == 1 and figures["rotations"] >= 1
+    assert figures["mode"] == "normal" and st["protocol"] == "gaen" and st["daemon"]["running"] is False
     r = invoke(e, "status")
     assert "no exposure found" in r.output
     r = invoke(e, "encounters", "--json")

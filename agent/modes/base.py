@@ -80,6 +80,8 @@ class CheckResult:
     exposed: bool = False
     #: the family's own figures, JSON-ready
     details: Mapping[str, Any] = field(default_factory=dict)
+    #: one sentence when the call did not do its whole job (offline, files that failed)
+    problem: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"at": self.at, "offline": self.offline, "exposed": self.exposed, **self.details}

@@ -120,9 +120,16 @@ class GaenMode(ProtocolMode[ENPayload]):
         message = ("backend unreachable: nothing downloaded (the daemon retries by itself)" if res.offline else
                    f"{res.files_new} new export file(s), {len(res.keys)} key(s) checked; "
                    + ("EXPOSURE FOUND: see `ctagent exposures`" if exposed else "no exposure found"))
+        problem = None
+        if res.offline:
+            problem = f"the backend at {self._client().base_url} is unreachable: nothing was downloaded"
+        elif res.files_failed:
+            shown = ", ".join(res.files_failed[:3]) + (" ..." if len(res.files_failed) > 3 else "")
+            problem = (f"{len(res.files_failed)} export file(s) failed verification or could not be fetched ({shown}); "
+                       "check [sync] trusted_keys (the backend's `public-key`), else they are retried at the next sync")
         return CheckResult(now, res.offline, f"sync offline={res.offline} files={res.files_new} keys={len(res.keys)}",
                            message, exposed, {"files": res.files_new, "failed_files": list(res.files_failed),
-                                              "keys": len(res.keys)})
+                                              "keys": len(res.keys)}, problem)
 
     def teks_to_upload(self, now: float) -> list[gaen.TemporaryExposureKey]:
         """Own TEKs of the last ``UPLOAD_DAYS`` days, including today's (embargoed by the server)."""

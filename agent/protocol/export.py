@@ -334,7 +334,7 @@ def verify_signature(
     lst = pb.TEKSignatureList()
     try:
         lst.ParseFromString(bytes(export_sig))
-    except Exception as e:
+    except Exception as e:  # the protobuf C parser fails in several ways: all of them are a bad file
         raise ExportFormatError(f"export.sig is malformed: {type(e).__name__}") from None
     if not lst.signatures:
         raise ExportSignatureError("export.sig holds no signature")

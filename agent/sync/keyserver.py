@@ -43,8 +43,9 @@ log = logging.getLogger("ctagent.sync")
 
 #: How many processed export file names are remembered (the index lists 14 days).
 MAX_REMEMBERED_FILES = 2000
-#: The largest export file a device downloads: a real 500,000-key file is about 15 MB.
-DEFAULT_MAX_EXPORT_BYTES = 64 * 2**20
+#: The largest export file a device downloads, the same cap as on its content: a real
+#: 500,000-key file is about 15 MB.
+DEFAULT_MAX_EXPORT_BYTES = export.DEFAULT_MAX_UNCOMPRESSED
 
 
 # -- state kept in the store ----------------------------------------------------------------

@@ -37,7 +37,7 @@ class _Advertisement(ServiceInterface):
         self.released = True
 
     @dbus_property(access=PropertyAccess.READ)
-    def Type(self) -> s:  # type: ignore[name-defined]  # noqa: F821
+    def Type(self) -> "s":  # type: ignore[name-defined]  # noqa: F821, UP037 - a D-Bus signature
         return "broadcast"
 
     @dbus_property(access=PropertyAccess.READ)
@@ -81,7 +81,10 @@ class BluezAdvertiser(Advertiser):
 
     async def _connect(self) -> MessageBus:
         if self.bus is None:
-            self.bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+            try:
+                self.bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+            except OSError as e:
+                raise defs.bus_unreachable(e) from None
             self.bus.add_message_handler(self._on_signal)
             await self.bus.call(Message(destination=defs.DBUS, path=defs.DBUS_PATH, interface=defs.DBUS,
                                         member="AddMatch", signature="s",

@@ -1,4 +1,8 @@
-"""BlueZ's D-Bus names, in one place."""
+"""BlueZ's D-Bus names, in one place; and the one sentence for an unreachable bus."""
+
+import os
+
+from ...errors import RadioError
 
 BLUEZ = "org.bluez"
 ADAPTER = "org.bluez.Adapter1"
@@ -17,3 +21,15 @@ PERMANENT_ERRORS = ("org.bluez.Error.InvalidLength", "org.bluez.Error.InvalidArg
 
 def adapter_path(adapter: str) -> str:
     return f"/org/bluez/{adapter}"
+
+
+def system_bus_address() -> str:
+    return os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/var/run/dbus/system_bus_socket")
+
+
+def bus_unreachable(e: BaseException) -> RadioError:
+    """What to say when the system bus (and so BlueZ) cannot be reached."""
+    why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return RadioError("org.freedesktop.DBus.Error.NoServer",
+                      f"cannot reach the system D-Bus at {system_bus_address()} ({why}); is dbus running and "
+                      "bluetoothd installed? `ctagent doctor` checks both")

@@ -104,6 +104,6 @@ async def _check_advertise_while_scanning(adapter: str) -> Check:
     finally:
         try:
             await adv.stop()
-        except Exception:
+        except Exception:  # best effort clean-up of a diagnostic
             pass
         bus.disconnect()

@@ -13,6 +13,7 @@ from typing import Any
 from ...clock import Clock
 from ...protocol.payload import uuid128
 from ..base import RadioHealth, RawSighting, Scanner
+from . import defs
 
 log = logging.getLogger("ctagent.ble")
 
@@ -62,7 +63,10 @@ class BluezScanner(Scanner):
                         "UUIDs": [self.service_uuid]}
         self._scanner = BleakScanner(self._on_advertisement, scanning_mode="active",
                                      bluez={"adapter": self.adapter, "filters": filters})
-        await self._scanner.start()
+        try:
+            await self._scanner.start()
+        except OSError as e:
+            raise defs.bus_unreachable(e) from None
         self._health.scanning = True
         self._last_sample = self.clock.now()
 
@@ -70,7 +74,7 @@ class BluezScanner(Scanner):
         if self._scanner is not None:
             try:
                 await self._scanner.stop()
-            except Exception:
+            except Exception:  # the session may be gone with bluetoothd
                 pass
         self._health.scanning = False
 
@@ -98,7 +102,7 @@ class BluezScanner(Scanner):
             try:
                 await self._start()
                 self.restarts += 1
-            except Exception as e:
+            except Exception as e:  # bluetoothd may still be away: try again later
                 self._health.error(type(e).__name__)
                 delay = min(delay * 2, 300)
 
