@@ -100,15 +100,21 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
               help="Master key from a 0600 key file, or from $CTAGENT_PASSPHRASE (scrypt).")
 @click.option("--radio", type=click.Choice(list(RADIO_KINDS)), default="bluez", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing configuration file.")
+@click.option("--device-model", default=None, help="This device's model (default: as the machine says).")
 @friendly_errors
-def init(data_dir: Path, key: str, radio: str, force: bool) -> None:
+def init(data_dir: Path, key: str, radio: str, force: bool, device_model: str | None) -> None:
     """Write a commented configuration and create the encrypted store."""
-    from agent.app import init_device
+    from agent.app import calibration, calibration_warning, init_device
 
     path = _config_path()
-    cfg = init_device(path, data_dir=data_dir, key=key, radio=radio, force=force)
+    cfg = init_device(path, data_dir=data_dir, key=key, radio=radio, force=force, device_model=device_model)
+    cal = calibration(cfg)
     click.echo(f"configuration: {path}\nstore: {cfg.db_path} (master key: "
-               f"{cfg.key_file if key == 'keyfile' else '$CTAGENT_PASSPHRASE'})")
+               f"{cfg.key_file if key == 'keyfile' else '$CTAGENT_PASSPHRASE'})\n"
+               f"device model: {cfg.agent.device_model} (calibration confidence {cal.confidence})")
+    warning = calibration_warning(cfg)
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @main.command()
@@ -131,12 +137,15 @@ def run(radio: str | None, log_level: str) -> None:
 @friendly_errors
 def status(as_json: bool) -> None:
     """Whether the daemon runs, its figures and how old they are, the radio, last sync, exposure."""
-    from agent.app import open_mode, open_store
+    from agent.app import calibration, calibration_warning, open_mode, open_store
     from agent.reports import status_report
 
     cfg = _cfg()
     with open_store(cfg, read_only=True) as store:
         out = status_report(store, open_mode(cfg, store), cfg.data_dir / "status.json", _now())
+    cal = calibration(cfg)
+    out["calibration"] = {"model": cal.model, "confidence": cal.confidence, "rssi_correction": cal.rssi_correction,
+                          "tx_power": cal.tx_power, "warning": calibration_warning(cfg)}
     if as_json:
         _echo_json(out)
         return
@@ -152,6 +161,9 @@ def _render_status(out: dict[str, Any]) -> None:
                + (f"own keys     {out['own_keys']}\n" if "own_keys" in out else "")
                + f"last sync    {ago(_now() - out['last_sync']) if out['last_sync'] else 'never'}\n"
                f"exposure     {exposure}")
+    cal = out["calibration"]
+    click.echo(f"calibration  {cal['model']} (confidence {cal['confidence']})" if not cal["warning"] else
+               f"calibration  default calibration: {cal['warning']}")
     d = out["daemon"]
     f = d["figures"]
     if d["running"]:
@@ -449,6 +461,32 @@ def _render_demo(res: Any, console: Any) -> None:
                   f"recall {res.recall:.2f}   figure: {res.png}   ({res.wall_s:.1f} s)")
     console.print("A phone in a pocket or bag adds 6-10 dB of body loss on each side: contacts then look farther "
                   "than 1 m (see docs/proximity.md).")
+
+
+@main.group()
+def calibration() -> None:
+    """The calibration lists: each model's RSSI correction and TX power."""
+
+
+@calibration.command("list")
+@click.option("--search", default="", help="Only models whose name contains this (case-insensitive).")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def calibration_list(search: str, as_json: bool) -> None:
+    """The known device models (the configured lists, then the bundled one)."""
+    from agent.config import load_config
+    from agent.exposure.calibration import CalibrationTable, bundled_calibration_path
+
+    path = _config_path()
+    files = load_config(path).agent.calibration_files if path.exists() else []
+    entries = [e for e in CalibrationTable.load(*files, bundled_calibration_path()).entries()
+               if search.lower() in f"{e.oem} {e.model} {e.device}".lower()]
+    if as_json:
+        _echo_json([{"oem": e.oem, "device": e.device, "model": e.model, "rssi_correction": e.rssi_correction,
+                     "tx_power": e.tx_power, "confidence": e.confidence} for e in entries])
+        return
+    _table("Calibration list", ["model", "oem", "RSSI correction (dB)", "TX power (dBm)", "confidence"],
+           [[e.model, e.oem, e.rssi_correction, e.tx_power, e.confidence] for e in entries])
 
 
 @main.command("eval")

@@ -7,6 +7,7 @@ package is handed what it needs.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 from pathlib import Path
@@ -18,12 +19,15 @@ from .ble.duty_cycle import parse_duty_cycle
 from .clock import Clock, RealClock
 from .config import TEMPLATE, Config, load_config
 from .daemon import Daemon
+from .device import detect_device_model
 from .errors import ConfigError, StoreError, UserError
 from .exposure.calibration import CalibrationTable, DeviceCalibration, bundled_calibration_path
 from .files import write_private_file
 from .modes import mode_class
 from .modes.base import DeviceContext, ProtocolMode
 from .store import KeyFile, MasterKeySource, Passphrase, Store, create_key_file
+
+log = logging.getLogger("ctagent.app")
 
 
 def key_source(cfg: Config) -> MasterKeySource:
@@ -35,13 +39,17 @@ def key_source(cfg: Config) -> MasterKeySource:
     return Passphrase(pw)
 
 
-def init_device(cfg_path: Path, *, data_dir: Path, key: str, radio: str, force: bool = False) -> Config:
-    """Write a commented configuration and create the encrypted store."""
+def init_device(cfg_path: Path, *, data_dir: Path, key: str, radio: str, force: bool = False,
+                device_model: str | None = None) -> Config:
+    """Write a commented configuration and create the encrypted store. ``device_model``:
+    as given, else as the machine says (:func:`agent.device.detect_device_model`)."""
     if cfg_path.exists() and not force:
         raise ConfigError(f"{cfg_path} already exists (use --force to overwrite it)")
+    model = (device_model or detect_device_model() or "unknown").replace('"', "'")
     try:
         cfg_path.parent.mkdir(parents=True, exist_ok=True)
-        write_private_file(cfg_path, TEMPLATE.format(data_dir=str(data_dir), key=key, radio=radio).encode())
+        write_private_file(cfg_path, TEMPLATE.format(data_dir=str(data_dir), key=key, radio=radio,
+                                                     device_model=model).encode())
         cfg = load_config(cfg_path, env={})
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(cfg.data_dir, 0o700)
@@ -62,9 +70,19 @@ def open_store(cfg: Config, clock: Clock | None = None, *, read_only: bool = Fal
                       read_only=read_only)
 
 
+def calibration_table(cfg: Config) -> CalibrationTable:
+    """The configured lists (they win) and the bundled one."""
+    return CalibrationTable.load(*cfg.agent.calibration_files, bundled_calibration_path())
+
+
 def calibration(cfg: Config) -> DeviceCalibration:
-    table = CalibrationTable.load(*cfg.agent.calibration_files, bundled_calibration_path())
-    return table.lookup(cfg.agent.device_model)
+    return calibration_table(cfg).lookup(cfg.agent.device_model)
+
+
+def calibration_warning(cfg: Config) -> str | None:
+    """One sentence when the configured model is not in the lists (default calibration)."""
+    warning = calibration_table(cfg).warning(cfg.agent.device_model)
+    return None if warning is None else f"{cfg.source}: {warning}"
 
 
 def open_mode(cfg: Config, store: Store, clock: Clock | None = None, *, rng: random.Random | None = None
@@ -101,5 +119,8 @@ def build_daemon(cfg: Config, *, radio_kind: str, clock: Clock) -> Daemon:
 
 
 def run_daemon(cfg: Config, *, radio_kind: str) -> int:
+    warning = calibration_warning(cfg)
+    if warning:
+        log.warning("%s", warning)
     clock = RealClock()
     return asyncio.run(build_daemon(cfg, radio_kind=radio_kind, clock=clock).run())

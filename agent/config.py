@@ -30,8 +30,9 @@ class AgentSection:
     #: master key: "keyfile" (a 0600 file in data_dir) or "passphrase" (read from $CTAGENT_PASSPHRASE)
     key: str = "keyfile"
     retention_days: int = 14
-    #: this device's model, looked up in the calibration list (agent/exposure/calibration.csv)
-    device_model: str = "Raspberry Pi 3 Model B"
+    #: this device's model, looked up in the calibration list (agent/exposure/calibration.csv);
+    #: `ctagent init` writes the detected one
+    device_model: str = "unknown"
     #: extra calibration lists (Google EN format)
     calibration_files: list[str] = field(default_factory=list)
     flush_interval_s: float = 60.0
@@ -261,7 +262,7 @@ key = "{key}"
 # Days of encounters and own keys kept; older days are erased (crypto-erasure).
 retention_days = 14
 # This device's model, for its RSSI correction and TX power (agent/exposure/calibration.csv).
-device_model = "Raspberry Pi 3 Model B"
+device_model = "{device_model}"
 # Extra calibration lists in Google's EN format.
 calibration_files = []
 # Seconds between writes of aggregated sightings to the store (a power cut loses at most this).

@@ -13,6 +13,7 @@ consistently for all devices of an experiment.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import math
 from dataclasses import dataclass
@@ -58,19 +59,41 @@ class CalibrationTable:
     def __len__(self) -> int:
         return len({id(v) for v in self._by_key.values()})
 
+    def _find(self, model: str | None) -> DeviceCalibration | None:
+        if not model:
+            return None
+        name = model.strip().lower()
+        e = self._by_key.get(name)
+        if e is not None:
+            return e
+        # "/proc/device-tree/model" adds a revision: "Raspberry Pi 3 Model B Rev 1.2"
+        prefixes = [k for k in self._by_key if name.startswith(k + " ")]
+        return self._by_key[max(prefixes, key=len)] if prefixes else None
+
     def lookup(self, model: str | None) -> DeviceCalibration:
         """Calibration for a model (case-insensitive, by model or device name); the
         documented default with confidence 0 when unknown."""
-        if model:
-            name = model.strip().lower()
-            e = self._by_key.get(name)
-            if e is not None:
-                return e
-            # "/proc/device-tree/model" adds a revision: "Raspberry Pi 3 Model B Rev 1.2"
-            prefixes = [k for k in self._by_key if name.startswith(k + " ")]
-            if prefixes:
-                return self._by_key[max(prefixes, key=len)]
-        return self.default
+        return self._find(model) or self.default
+
+    def known(self, model: str | None) -> bool:
+        return self._find(model) is not None
+
+    def nearest(self, model: str, n: int = 3) -> list[str]:
+        """The known model names closest to ``model`` (a misspelling, a near model)."""
+        names = {e.model.lower(): e.model for e in self.entries()}
+        return [names[k] for k in difflib.get_close_matches(model.strip().lower(), list(names), n=n, cutoff=0.5)]
+
+    def entries(self) -> list[DeviceCalibration]:
+        return list(dict.fromkeys(self._by_key.values()))
+
+    def warning(self, model: str) -> str | None:
+        """One sentence when ``model`` is not in the list (the default calibration is used)."""
+        if self.known(model):
+            return None
+        near = self.nearest(model)
+        return (f"[agent] device_model {model!r} is not in the calibration list, so the default calibration "
+                f"(confidence 0) is used" + (f"; did you mean {', '.join(map(repr, near))}?" if near else
+                                               "; `ctagent calibration list` shows the known models"))
 
     @classmethod
     def from_csv_text(cls, text: str, *, source: str = "<text>") -> CalibrationTable:
@@ -110,8 +133,7 @@ class CalibrationTable:
                 text = Path(p).read_text(encoding="utf-8")
             except OSError as e:
                 raise CalibrationError(f"cannot read calibration file {p}: {e.strerror}") from None
-            t = cls.from_csv_text(text, source=str(p))
-            entries.extend(dict.fromkeys(t._by_key.values()))
+            entries.extend(cls.from_csv_text(text, source=str(p)).entries())
         return cls(entries)
 
 
