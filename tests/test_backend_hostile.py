@@ -12,6 +12,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent.protocol import robert
 from backend import Backend, BackendConfig
@@ -20,6 +22,7 @@ from backend.robert import RobertConfig, RobertServer, contacts
 from backend.server import BackgroundServer
 
 from .conftest import database_url
+from .test_backend_api import valid_publish
 
 pytestmark = pytest.mark.integration
 
@@ -155,3 +158,148 @@ def test_a_small_streamed_body_is_read_as_usual(world):
     r = httpx.post(srv.url + "/api/verify", content=iter([body[:5], body[5:]]),
                    headers={"content-type": "application/json"})
     assert r.status_code == 200 and r.json()["token"]
+
+
+# -- point 9: odd JSON is a 4xx with the {code, error} body ---------------------------------
+
+#: a placeholder replaced, in the serialized body, by 1,000 levels of nesting
+DEEP = "@deep@"
+HOSTILE_VALUES = {
+    "lone surrogate": "\udc00" + "a" * 15,
+    "Infinity": float("inf"),
+    "NaN": float("nan"),
+    "1e400": "@1e400@",
+    "2**63": 2**63,
+    "-2**63 - 1": -(2**63) - 1,
+    "2**40": 2**40,
+    "1,000 levels": DEEP,
+}
+
+
+def _json(doc) -> bytes:
+    text = json.dumps(doc)  # escapes lone surrogates; writes Infinity and NaN
+    text = text.replace(json.dumps(DEEP), "[" * 1000 + "]" * 1000).replace('"@1e400@"', "1e400")
+    return text.encode()
+
+
+def _bodies(backend: Backend, bob: Phone, now: float) -> dict[str, tuple[dict, dict]]:
+    """Per route: a well-formed body (fields to spoil) and the headers it needs."""
+    lab = {"X-API-Key": backend.verification.add_api_key("lab")}
+    ntp = robert.ntp_seconds(now)
+    auth = bob.auth(robert.PREFIX_STATUS, now)
+    return {
+        "/api/verify": ({"code": "12345678"}, {}),
+        "/api/certificate": ({"token": "t", "ekeyhmac": base64.b64encode(bytes(32)).decode()}, {}),
+        "/api/issue": ({"testType": "confirmed", "symptomOnsetInterval": 2_900_000}, lab),
+        "/v1/publish": ({"temporaryExposureKeys": [{"key": base64.b64encode(bytes(16)).decode(),
+                                                    "rollingStartNumber": 2_900_000, "rollingPeriod": 144,
+                                                    "transmissionRisk": 0}],
+                         "verificationPayload": "x", "hmacKey": base64.b64encode(bytes(32)).decode(),
+                         "symptomOnsetInterval": 2_900_000}, {}),
+        "/api/v6/register": ({"clientPublicECDHKey": robert.public_key_b64(bob.private)}, {}),
+        "/api/v6/status": (auth, {}),
+        "/api/v6/unregister": (dict(auth), {}),
+        "/api/v6/deleteExposureHistory": (dict(auth), {}),
+        "/api/v6/report": ({"token": "12345678",
+                            "contacts": [bob.contact(bob.epoch(ntp), [bob.hello(ntp)])]}, {}),
+    }
+
+
+def _spoiled(body, value):
+    """Copies of ``body`` with one leaf (at any depth) replaced by ``value``."""
+    if isinstance(body, dict):
+        for k, v in body.items():
+            yield {**body, k: value}
+            for inner in _spoiled(v, value):
+                yield {**body, k: inner}
+    elif isinstance(body, list):
+        for i, v in enumerate(body):
+            for inner in _spoiled(v, value):
+                yield body[:i] + [inner] + body[i + 1:]
+
+
+def test_odd_json_is_refused_with_the_error_body(world, clock):
+    backend, rs, srv = world
+    bob = Phone(srv.url)
+    failures = []
+    with httpx.Client(base_url=srv.url) as c:
+        for path, (body, headers) in _bodies(backend, bob, clock.t).items():
+            for what, value in HOSTILE_VALUES.items():
+                for doc in [value, *_spoiled(body, value)]:
+                    try:
+                        r = c.post(path, content=_json(doc), headers={"content-type": "application/json", **headers})
+                    except httpx.TransportError as e:
+                        failures.append(f"{path} {what}: {type(e).__name__} {e}")
+                        continue
+                    try:
+                        refused(r)
+                    except (AssertionError, ValueError):
+                        failures.append(f"{path} {what}: {r.status_code} {r.text[:80]!r}")
+    assert not failures, f"{len(failures)} answer(s) without the error body:\n" + "\n".join(failures)
+
+
+
+def test_a_publish_with_an_absurd_onset_is_refused(world, clock):
+    backend, rs, srv = world
+    for onset in (2**40, -1):
+        body = valid_publish(backend, clock.t)
+        body["symptomOnsetInterval"] = onset
+        refused(httpx.post(srv.url + "/v1/publish", json=body), "invalid_request")
+
+# -- fuzz: random and hostile JSON on every JSON route ---------------------------------------
+
+JSON_ROUTES = ("/api/verify", "/api/certificate", "/api/issue", "/v1/publish", "/api/v6/register", "/api/v6/status",
+               "/api/v6/report", "/api/v6/unregister", "/api/v6/deleteExposureHistory")
+_leaf = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+         | st.floats(allow_nan=True, allow_infinity=True)
+         | st.text(st.characters(exclude_categories=()), max_size=24))  # lone surrogates included
+_values = st.recursive(_leaf, lambda inner: st.lists(inner, max_size=4)
+                       | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+
+
+@st.composite
+def _hostile_bodies(draw) -> bytes:
+    """Valid-looking bodies spoiled anywhere, random documents, random bytes."""
+    kind = draw(st.sampled_from(["spoiled", "random", "bytes", "deep"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=64))
+    if kind == "deep":
+        n = draw(st.integers(1, 3000))
+        return (draw(st.sampled_from(["[", '{"a":'])) * n).encode()
+    if kind == "random":
+        return _json(draw(_values))
+    template = draw(st.sampled_from(_TEMPLATES))
+    spoiled = list(_spoiled(template, draw(_values))) or [template]
+    return _json(draw(st.sampled_from(spoiled)))
+
+
+#: bodies of the right shape for each route (the fuzzer spoils one leaf)
+_TEMPLATES = [
+    {"code": "12345678", "accept": ["confirmed"]},
+    {"token": "t", "ekeyhmac": "AAAA"},
+    {"testType": "confirmed", "symptomOnsetInterval": 2_900_000},
+    {"temporaryExposureKeys": [{"key": "AAAAAAAAAAAAAAAAAAAAAA==", "rollingStartNumber": 2_900_000,
+                                "rollingPeriod": 144, "transmissionRisk": 0}],
+     "verificationPayload": "x", "hmacKey": "AAAA", "symptomOnsetInterval": 1, "padding": ""},
+    {"clientPublicECDHKey": "AAAA"},
+    {"ebid": "AAAAAAAAAAA=", "epochId": 1, "time": "AAAAAA==", "mac": "A" * 44},
+    {"token": "12345678", "contacts": [{"ebid": "AAAAAAAAAAA=", "ecc": "AA==",
+                                        "ids": [{"timeCollectedOnDevice": 1, "timeFromHelloMessage": 1,
+                                                 "mac": "AAAAAAA=", "rssiCalibrated": -50}]}]},
+]
+
+
+def test_fuzzed_json_gets_a_client_answer(world):
+    backend, rs, srv = world
+    lab = {"X-API-Key": backend.verification.add_api_key("lab")}
+    with httpx.Client(base_url=srv.url) as c:
+
+        @settings(max_examples=150, deadline=None, database=None,
+                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+        @given(path=st.sampled_from(JSON_ROUTES), body=_hostile_bodies())
+        def post(path: str, body: bytes) -> None:
+            r = c.post(path, content=body, headers={"content-type": "application/json", **lab})
+            if r.status_code >= 300:
+                refused(r)
+
+        post()
