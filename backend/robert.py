@@ -44,6 +44,15 @@ _AAD_SERVER_KEYS = b"robert-server-keys"
 _AAD_REGISTRATION = b"robert-reg|"
 #: the ``riskLevel`` answered to a person at risk (0: not at risk)
 RISK_LEVEL_AT_RISK = 4
+#: A reported RSSI is clamped to what the API carries: "Calibrated RSSI (as 8-bit)"
+#: (TousAntiCovid/robert-server, robert-api-spec/openapi.yaml, HelloMessageDetail); the
+#: risk scoring then drops readings above -5 dBm (robert_rule.drop_above_dbm, as
+#: robert-server's ScoringStrategyV2ServiceImpl does).
+RSSI_MIN_DBM, RSSI_MAX_DBM = -128, 127
+
+
+def clamp_rssi(rssi: int) -> int:
+    return min(max(rssi, RSSI_MIN_DBM), RSSI_MAX_DBM)
 
 registrations = sa.Table(
     "robert_registrations", metadata,
@@ -205,8 +214,8 @@ class RobertServer:
             rows = c.execute(sa.select(contacts.c.epoch, contacts.c.ntp, contacts.c.rssi)
                              .where(contacts.c.id_a == id_a, contacts.c.ntp >= cutoff)).fetchall()
         by_epoch: dict[int, list[tuple[float, float]]] = {}
-        for r in rows:
-            by_epoch.setdefault(r.epoch, []).append((r.ntp, r.rssi))
+        for r in rows:  # clamped again: rows stored before the intake clamp
+            by_epoch.setdefault(r.epoch, []).append((r.ntp, clamp_rssi(r.rssi)))
         minutes = sum(epoch_weighted_minutes(s, robert.epoch_start_ntp(e, self.start_ntp), self.risk_cfg)
                       for e, s in by_epoch.items())
         return minutes, max((r.ntp for r in rows), default=None)
@@ -226,8 +235,12 @@ class RobertServer:
 
     # -- report ---------------------------------------------------------------------------
     def report(self, body: dict, client: str) -> dict:
-        """Verify every HELLO of the proximity list; keep the valid ones, count the others.
-        The token (a health authority code) is claimed only once the body parsed."""
+        """Check the token (a health authority code) first, without using it; verify every
+        HELLO of the proximity list, keep the valid ones and count the others; claim the
+        code in the transaction that stores them, so that a failure leaves it unused."""
+        token = str(body.get("token", ""))
+        verification = self.backend.verification
+        verification.check_code(token, client)
         contacts_in = body.get("contacts")
         if not isinstance(contacts_in, list):
             raise ApiError(Code.INVALID_REQUEST, "contacts must be a list")
@@ -256,7 +269,7 @@ class RobertServer:
                     collected = int(h["timeCollectedOnDevice"])
                     t16 = int(h["timeFromHelloMessage"])
                     mac = self._b64(h["mac"], "mac", 5)
-                    rssi = int(h["rssiCalibrated"])
+                    rssi = clamp_rssi(int(h["rssiCalibrated"]))
                 except (KeyError, TypeError, ValueError):
                     raise ApiError(Code.INVALID_REQUEST, "each id needs timeCollectedOnDevice, "
                                    "timeFromHelloMessage, mac and rssiCalibrated") from None
@@ -271,8 +284,8 @@ class RobertServer:
                     dropped += 1
                     continue
                 valid.append({"id_a": id_a, "epoch": epoch, "ntp": collected, "rssi": rssi})
-        self.backend.verification.verify_code(str(body.get("token", "")), client)  # single use, atomic
         with self.engine.begin() as c:
+            verification.claim_code(c, token)  # single use; undone with the insert if that fails
             if valid:
                 c.execute(sa.insert(contacts), valid)
         self.stats["hellos_valid"] += len(valid)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -103,6 +105,28 @@ def code_claimed(backend: Backend, code: str) -> bool:
     with backend.engine.connect() as c:
         rows = c.execute(sa.select(db.codes.c.claimed_at)).fetchall()
     return any(r.claimed_at is not None for r in rows)
+
+
+def _report(url: str, token: str, contact_list: list[dict]) -> httpx.Response:
+    return httpx.post(url + "/api/v6/report", json={"token": token, "contacts": contact_list}, timeout=60)
+
+
+# -- point 5: a report's token is checked before its contacts ------------------------------
+
+@sqlite_only
+def test_an_unauthenticated_report_is_refused_before_its_contacts_are_read(world, clock):
+    backend, rs, srv = world
+    bob = Phone(srv.url)
+    ntp = robert.ntp_seconds(clock.t)
+    contact = bob.contact(bob.epoch(ntp), [bob.hello(ntp + 10)])
+    clock.advance(60)
+    body = json.dumps({"token": "12345678", "contacts": [contact] * 10_000}).encode()
+    t0 = time.monotonic()
+    r = httpx.post(srv.url + "/api/v6/report", content=body, headers={"content-type": "application/json"},
+                   timeout=300)
+    took = time.monotonic() - t0
+    refused(r, "code_invalid")
+    assert took < 2.0, f"a report with a bad token took {took:.2f} s ({len(body) / 1e6:.1f} MB)"
 
 
 # -- point 6: the body limit holds whatever the transfer encoding ---------------------------
@@ -246,6 +270,68 @@ def test_a_publish_with_an_absurd_onset_is_refused(world, clock):
         body["symptomOnsetInterval"] = onset
         refused(httpx.post(srv.url + "/v1/publish", json=body), "invalid_request")
 
+# -- point 9: a report's code is claimed with its contacts, in one transaction ---------------
+
+def test_an_out_of_range_rssi_neither_fails_nor_burns_the_code(world, clock):
+    backend, rs, srv = world
+    bob = Phone(srv.url)
+    ntp = robert.ntp_seconds(clock.t)
+    ids = [bob.hello(ntp + 10, rssi=2**40), bob.hello(ntp + 20, rssi=-(2**40)), bob.hello(ntp + 30, rssi=-50)]
+    clock.advance(60)
+    code = backend.verification.issue_code("lab")["code"]
+    r = _report(srv.url, code, [bob.contact(bob.epoch(ntp), ids)])
+    assert r.status_code == 200, f"{r.status_code} {r.text[:200]}; code claimed: {code_claimed(backend, code)}"
+    assert r.json()["accepted"] == 3
+    assert sorted(row.rssi for row in stored(rs)) == [-128, -50, 127]  # clamped to what 8 bits carry
+
+
+def test_a_failed_store_leaves_the_code_unclaimed(world, clock):
+    backend, rs, srv = world
+    bob = Phone(srv.url)
+    ntp = robert.ntp_seconds(clock.t)
+    contact = bob.contact(bob.epoch(ntp), [bob.hello(ntp + 10)])
+    clock.advance(60)
+    code = backend.verification.issue_code("lab")["code"]
+    contacts.drop(rs.engine)  # the store fails under the report
+    try:
+        assert _report(srv.url, code, [contact]).status_code == 500
+    finally:
+        contacts.create(rs.engine)
+    assert not code_claimed(backend, code)
+    r = _report(srv.url, code, [contact])
+    assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
+
+
+def test_two_reports_with_one_code_store_once(world, clock):
+    backend, rs, srv = world
+    bob = Phone(srv.url)
+    ntp = robert.ntp_seconds(clock.t)
+    contact = bob.contact(bob.epoch(ntp), [bob.hello(ntp + i) for i in range(50)])
+    clock.advance(120)
+    code = backend.verification.issue_code("lab")["code"]
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: _report(srv.url, code, [contact]), range(4)))
+    assert sorted(r.status_code for r in answers) == [200, 400, 400, 400]
+    for r in answers:
+        if r.status_code == 400:
+            refused(r, "code_used")
+    assert len(stored(rs)) == 50
+
+# -- point 11: a report cannot poison a status -----------------------------------------------
+
+def test_an_absurd_rssi_does_not_poison_the_status(world, clock):
+    backend, rs, srv = world
+    bob = Phone(srv.url)
+    ntp = robert.ntp_seconds(clock.t)
+    ids = [bob.hello(ntp + 10 * i, rssi=-10_000) for i in range(30)]
+    clock.advance(600)
+    assert _report(srv.url, backend.verification.issue_code("lab")["code"], [bob.contact(bob.epoch(ntp), ids)]
+                   ).status_code == 200
+    r = httpx.post(srv.url + "/api/v6/status", json=bob.auth(robert.PREFIX_STATUS, clock.t))
+    assert r.status_code == 200, f"{r.status_code} {r.text[:200]}"
+    assert r.json()["atRisk"] is False
+
+
 # -- fuzz: random and hostile JSON on every JSON route ---------------------------------------
 
 JSON_ROUTES = ("/api/verify", "/api/certificate", "/api/issue", "/v1/publish", "/api/v6/register", "/api/v6/status",
@@ -294,7 +380,7 @@ def test_fuzzed_json_gets_a_client_answer(world):
     lab = {"X-API-Key": backend.verification.add_api_key("lab")}
     with httpx.Client(base_url=srv.url) as c:
 
-        @settings(max_examples=150, deadline=None, database=None,
+        @settings(max_examples=400, deadline=None, database=None,
                   suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
         @given(path=st.sampled_from(JSON_ROUTES), body=_hostile_bodies())
         def post(path: str, body: bytes) -> None:
