@@ -5,7 +5,7 @@ A body must be UTF-8 JSON (RFC 8259) with no ``NaN`` or ``Infinity``, nested at 
 finite and whose strings are Unicode text (no lone surrogate from a ``\\ud800``
 escape). Anything else is an :class:`~backend.errors.ApiError`: ``unparsable_request``
 when it is not such JSON, ``invalid_request`` when it is JSON the backend cannot hold.
-Large bodies are parsed off the event loop.
+Large bodies are parsed off the event loop, on the application's CPU lane.
 
 Routes take their body through a dependency: :func:`model_body` (a strict pydantic
 model) or :func:`object_body` (a JSON object, checked field by field by the role).
@@ -21,9 +21,8 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-from starlette.concurrency import run_in_threadpool
-
 from .errors import ApiError, Code
+from .httputil import off_loop
 
 #: the deepest valid body is a ROBERT report: object > contacts > contact > ids > id (5)
 MAX_DEPTH = 16
@@ -102,7 +101,7 @@ async def read_json(request: Request) -> Any:
     raw = await request.body()
     if len(raw) <= INLINE_PARSE_MAX:
         return parse(raw)
-    return await run_in_threadpool(parse, raw)
+    return await off_loop(request, parse, raw)
 
 
 async def _json_object(request: Request) -> dict[str, Any]:

@@ -49,6 +49,16 @@ RISK_LEVEL_AT_RISK = 4
 #: risk scoring then drops readings above -5 dBm (robert_rule.drop_above_dbm, as
 #: robert-server's ScoringStrategyV2ServiceImpl does).
 RSSI_MIN_DBM, RSSI_MAX_DBM = -128, 127
+#: How far a HELLO's time may be from its reception (and a request's from the server's
+#: clock): robert-server's ``robert.protocol.hello-message-timestamp-tolerance`` default
+#: (ServerConfigurationServiceImpl).
+TIME_TOLERANCE_S = 180
+#: At most this many contacts (one per EBID heard) in a report: 14 days of 96 epochs with
+#: about 15 devices heard in every epoch. A larger list is refused before any work on it.
+MAX_CONTACTS_PER_REPORT = 20_000
+#: At most this many HELLOs in one contact: one reception a second over the EBID's epoch
+#: and the time tolerance on both sides of it (1,260).
+MAX_HELLOS_PER_CONTACT = robert.EPOCH_SECONDS + 2 * TIME_TOLERANCE_S
 
 
 def clamp_rssi(rssi: int) -> int:
@@ -78,7 +88,7 @@ contacts = sa.Table(
 class RobertConfig:
     country_code: int = 0x21
     tuples_epochs: int = 4 * 24 * 2  # two days of identifiers per bundle
-    time_tolerance_s: int = 180
+    time_tolerance_s: int = TIME_TOLERANCE_S
     min_status_interval_s: int = 2 * robert.EPOCH_SECONDS - 300  # at most once per ~2 epochs
     register_per_min: int = 30
     register_api_key: str | None = None
@@ -177,7 +187,7 @@ class RobertServer:
         epoch = body.get("epochId")
         if not isinstance(epoch, int) or isinstance(epoch, bool):
             raise ApiError(Code.INVALID_REQUEST, "epochId must be an integer")
-        req_epoch, id_a = robert.open_ebid(self.k_s, ebid)
+        req_epoch, id_a = robert.open_ebid(self.skinny, ebid)
         ntp32 = int.from_bytes(t, "big")
         now = self.now_ntp()
         if req_epoch != epoch or abs(epoch - self.current_epoch()) > 1:
@@ -244,6 +254,31 @@ class RobertServer:
         contacts_in = body.get("contacts")
         if not isinstance(contacts_in, list):
             raise ApiError(Code.INVALID_REQUEST, "contacts must be a list")
+        if len(contacts_in) > MAX_CONTACTS_PER_REPORT:
+            raise ApiError(Code.TOO_MANY_CONTACTS, f"a report holds at most {MAX_CONTACTS_PER_REPORT} contacts")
+        valid, dropped = self._verify_contacts(contacts_in)
+        with self.engine.begin() as c:
+            verification.claim_code(c, token)  # single use; undone with the insert if that fails
+            if valid:
+                c.execute(sa.insert(contacts), valid)
+        self.stats["hellos_valid"] += len(valid)
+        self.stats["hellos_dropped"] += dropped
+        return {"success": True, "accepted": len(valid), "dropped": dropped}
+
+    def _sender(self, ebid: bytes, ecc: bytes) -> tuple[int, bytes, bytes] | None:
+        """(epoch, ID_A, K_mac) of the registration an (EBID, ECC) belongs to; None if none."""
+        if robert.open_ecc(self.k_g, ebid, ecc) != self.cfg.country_code:
+            return None
+        epoch, id_a = robert.open_ebid(self.skinny, ebid)
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(registrations).where(registrations.c.id_a == id_a)).first()
+        return None if row is None else (epoch, id_a, self._keys(row).k_mac)
+
+    def _verify_contacts(self, contacts_in: list) -> tuple[list[dict], int]:
+        """The rows of the valid HELLOs, and how many were dropped. Each (EBID, ECC) is
+        opened once per report, each HELLO's MAC checked once."""
+        senders: dict[bytes, tuple[int, bytes, bytes] | None] = {}
+        macs_ok: dict[bytes, bool] = {}
         valid, dropped = [], 0
         for ct in contacts_in:
             try:
@@ -254,16 +289,15 @@ class RobertServer:
                     raise ApiError(Code.INVALID_REQUEST, "ids must be a list")
             except (KeyError, TypeError):
                 raise ApiError(Code.INVALID_REQUEST, "each contact needs ebid, ecc and ids") from None
-            if robert.open_ecc(self.k_g, ebid, ecc) != self.cfg.country_code:
+            if len(ids) > MAX_HELLOS_PER_CONTACT:
+                raise ApiError(Code.TOO_MANY_HELLOS, f"a contact holds at most {MAX_HELLOS_PER_CONTACT} HELLOs")
+            if ebid + ecc not in senders:
+                senders[ebid + ecc] = self._sender(ebid, ecc)
+            sender = senders[ebid + ecc]
+            if sender is None:
                 dropped += len(ids)
                 continue
-            epoch, id_a = robert.open_ebid(self.k_s, ebid)
-            with self.engine.connect() as c:
-                row = c.execute(sa.select(registrations).where(registrations.c.id_a == id_a)).first()
-            if row is None:
-                dropped += len(ids)
-                continue
-            k_mac = self._keys(row).k_mac
+            epoch, id_a, k_mac = sender
             for h in ids:
                 try:
                     collected = int(h["timeCollectedOnDevice"])
@@ -277,17 +311,17 @@ class RobertServer:
                     dropped += 1
                     continue
                 sent = robert.reconstruct_ntp(t16, collected)
+                in_time = (abs(sent - collected) <= self.cfg.time_tolerance_s
+                           and abs(robert.epoch_id(sent, self.start_ntp) - epoch) <= 1)
+                if not in_time:
+                    dropped += 1
+                    continue
                 hello = robert.Hello(ecc, ebid, t16, mac)
-                epoch_of_time = robert.epoch_id(sent, self.start_ntp)
-                if (abs(sent - collected) > self.cfg.time_tolerance_s or abs(epoch_of_time - epoch) > 1
-                        or not robert.verify_hello_mac(k_mac, hello)):
+                key = hello.to_bytes()
+                if key not in macs_ok:
+                    macs_ok[key] = robert.verify_hello_mac(k_mac, hello)
+                if not macs_ok[key]:
                     dropped += 1
                     continue
                 valid.append({"id_a": id_a, "epoch": epoch, "ntp": collected, "rssi": rssi})
-        with self.engine.begin() as c:
-            verification.claim_code(c, token)  # single use; undone with the insert if that fails
-            if valid:
-                c.execute(sa.insert(contacts), valid)
-        self.stats["hellos_valid"] += len(valid)
-        self.stats["hellos_dropped"] += dropped
-        return {"success": True, "accepted": len(valid), "dropped": dropped}
+        return valid, dropped

@@ -1,12 +1,14 @@
 """JSON routes of the ROBERT role, with the paths and field names of the deployed API v6
 (TousAntiCovid/robert-server). Bodies are read as JSON objects with the limits of
-:mod:`backend.jsonbody` and checked field by field by :class:`~backend.robert.RobertServer`."""
+:mod:`backend.jsonbody` and checked field by field by :class:`~backend.robert.RobertServer`.
+The role's work (SKINNY, HMACs, ECDH, a report's verification) runs on the application's
+CPU lane (:class:`~backend.httputil.CpuLane`), never on the event loop."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Header, Request
 
-from .httputil import client_host
+from .httputil import client_host, off_loop
 from .jsonbody import object_body
 from .robert import RobertServer
 
@@ -20,23 +22,24 @@ def robert_router(rs: RobertServer) -> APIRouter:
 
     @router.post("/api/v6/register")
     async def register(doc: object_body, request: Request, x_api_key: str | None = Header(default=None)):
-        return rs.register(str(doc.get("clientPublicECDHKey", "")), client_host(request), x_api_key)
+        return await off_loop(request, rs.register, str(doc.get("clientPublicECDHKey", "")),
+                              client_host(request), x_api_key)
 
     @router.post("/api/v6/status")
-    async def status(doc: object_body):
-        return rs.status(doc)
+    async def status(doc: object_body, request: Request):
+        return await off_loop(request, rs.status, doc)
 
     @router.post(REPORT_PATH)
     async def report(doc: object_body, request: Request):
-        return rs.report(doc, client_host(request))
+        return await off_loop(request, rs.report, doc, client_host(request))
 
     @router.post("/api/v6/unregister")
-    async def unregister(doc: object_body):
-        return rs.unregister(doc)
+    async def unregister(doc: object_body, request: Request):
+        return await off_loop(request, rs.unregister, doc)
 
     @router.post("/api/v6/deleteExposureHistory")
-    async def delete_history(doc: object_body):
-        return rs.delete_history(doc)
+    async def delete_history(doc: object_body, request: Request):
+        return await off_loop(request, rs.delete_history, doc)
 
     @router.get("/api/v6/clock")
     def clock():

@@ -111,6 +111,101 @@ def _report(url: str, token: str, contact_list: list[dict]) -> httpx.Response:
     return httpx.post(url + "/api/v6/report", json={"token": token, "contacts": contact_list}, timeout=60)
 
 
+# -- point 5: a report must not freeze the server -------------------------------------------
+
+def _probe_while(fut, url: str) -> tuple[list[float], float]:
+    """/healthz latencies measured while ``fut`` runs; and the first latency at all."""
+    during: list[float] = []
+    first = None
+    with httpx.Client(base_url=url, timeout=300) as c:
+        while not fut.done():
+            t0 = time.monotonic()
+            assert c.get("/healthz").status_code == 200
+            dt = time.monotonic() - t0
+            first = dt if first is None else first
+            if not fut.done():
+                during.append(dt)
+    return during, first if first is not None else 0.0
+
+
+@sqlite_only
+def test_a_large_report_does_not_stall_other_requests(world, clock):
+    backend, rs, srv = world
+    bob = Phone(srv.url)
+    ntp = robert.ntp_seconds(clock.t)
+    epoch = bob.epoch(ntp)
+    ids = [bob.hello(ntp + 100 + i) for i in range(20)]
+    clock.advance(600)
+    body = json.dumps({"token": backend.verification.issue_code("lab")["code"],
+                       "contacts": [bob.contact(epoch, ids)] * 3000}).encode()
+    started = threading.Event()
+    report = rs.report
+
+    def watched(*a, **kw):
+        started.set()
+        return report(*a, **kw)
+
+    rs.report = watched
+    with ThreadPoolExecutor(1) as pool:
+        t0 = time.monotonic()
+        fut = pool.submit(httpx.post, srv.url + "/api/v6/report", content=body,
+                          headers={"content-type": "application/json"}, timeout=300)
+        assert started.wait(60)
+        during, first = _probe_while(fut, srv.url)
+        r = fut.result()
+        took = time.monotonic() - t0
+    assert r.status_code == 200, r.text
+    assert len(during) >= 3 and max(during) < QUICK_S, (
+        f"/healthz answered {len(during)} time(s) during a {took:.2f} s report ({len(body) / 1e6:.1f} MB); "
+        f"the first /healthz took {first:.2f} s")
+
+
+@sqlite_only
+def test_register_and_status_do_not_stall_other_requests(world, clock):
+    backend, rs, srv = world
+
+    def phone_life(n: int) -> None:
+        for _ in range(n):
+            phone = Phone(srv.url)
+            r = httpx.post(srv.url + "/api/v6/status", json=phone.auth(robert.PREFIX_STATUS, clock.t), timeout=300)
+            assert r.status_code == 200, r.text
+
+    started = threading.Event()
+    register = rs.register
+
+    def watched(*a, **kw):
+        started.set()
+        return register(*a, **kw)
+
+    rs.register = watched
+    with ThreadPoolExecutor(33) as pool:
+        t0 = time.monotonic()
+        futs = [pool.submit(phone_life, 1) for _ in range(32)]
+        assert started.wait(60)
+        all_done = pool.submit(lambda: [f.result() for f in futs])
+        during, first = _probe_while(all_done, srv.url)
+        all_done.result()
+        took = time.monotonic() - t0
+    assert len(during) >= 3 and max(during) < QUICK_S, (
+        f"/healthz: {len(during)} answer(s) during {took:.2f} s of 32 registrations and 32 status requests by "
+        f"32 clients, worst {max(during, default=first):.2f} s")
+
+
+
+@sqlite_only
+def test_contacts_per_report_are_bounded(world, clock):
+    backend, rs, srv = world
+    bob = Phone(srv.url)
+    ntp = robert.ntp_seconds(clock.t)
+    contact = bob.contact(bob.epoch(ntp), [bob.hello(ntp + 10)])
+    clock.advance(60)
+    code = backend.verification.issue_code("lab")["code"]
+    refused(_report(srv.url, code, [contact] * 20_001), "too_many_contacts")
+    refused(_report(srv.url, code, [bob.contact(bob.epoch(ntp), [bob.hello(ntp + 10)] * 1_261)]), "too_many_hellos")
+    assert not code_claimed(backend, code)
+    assert _report(srv.url, code, [contact]).status_code == 200
+
+
 # -- point 5: a report's token is checked before its contacts ------------------------------
 
 @sqlite_only

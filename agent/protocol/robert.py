@@ -180,8 +180,10 @@ def make_ebid(k_s: bytes, epoch: int, id_a: bytes) -> bytes:
     return Skinny64_192(k_s).encrypt(epoch.to_bytes(3, "big") + id_a)
 
 
-def open_ebid(k_s: bytes, ebid: bytes) -> tuple[int, bytes]:
-    plain = Skinny64_192(k_s).decrypt(ebid)
+def open_ebid(k_s: bytes | Skinny64_192, ebid: bytes) -> tuple[int, bytes]:
+    """(epoch, ID_A) of an EBID; K_S as bytes, or as its cipher (no key schedule per call)."""
+    cipher = k_s if isinstance(k_s, Skinny64_192) else Skinny64_192(k_s)
+    plain = cipher.decrypt(ebid)
     return int.from_bytes(plain[:3], "big"), plain[3:]
 
 
