@@ -59,6 +59,12 @@ MAX_CONTACTS_PER_REPORT = 20_000
 #: At most this many HELLOs in one contact: one reception a second over the EBID's epoch
 #: and the time tolerance on both sides of it (1,260).
 MAX_HELLOS_PER_CONTACT = robert.EPOCH_SECONDS + 2 * TIME_TOLERANCE_S
+#: One HELLO (EBID, time) counts once per second of reception, and a HELLO whose
+#: receptions span more than a device broadcasts it (robert.HELLO_REFRESH_S) is dropped
+#: whole: no receiver heard it so. The risk is scored per 2-minute window of reception, so
+#: repeating a HELLO raised it: copies spread over the 6 minutes the time tolerance allows
+#: counted as 6 minutes of contact (robert-server scores what it is sent likewise).
+MAX_HELLO_SPAN_S = robert.HELLO_REFRESH_S
 
 
 def clamp_rssi(rssi: int) -> int:
@@ -275,11 +281,17 @@ class RobertServer:
         return None if row is None else (epoch, id_a, self._keys(row).k_mac)
 
     def _verify_contacts(self, contacts_in: list) -> tuple[list[dict], int]:
-        """The rows of the valid HELLOs, and how many were dropped. Each (EBID, ECC) is
-        opened once per report, each HELLO's MAC checked once."""
+        """The rows of the valid HELLOs, and how many were dropped: a HELLO is dropped when
+        its MAC, time or epoch is wrong, when it was received in the future, when it repeats
+        a reception (same EBID, time and second), or when its receptions span longer than
+        a HELLO is broadcast (:data:`MAX_HELLO_SPAN_S`). Each (EBID, ECC) is opened once
+        per report, each HELLO's MAC checked once."""
         senders: dict[bytes, tuple[int, bytes, bytes] | None] = {}
         macs_ok: dict[bytes, bool] = {}
-        valid, dropped = [], 0
+        #: (EBID, HELLO time) -> second of reception -> row
+        heard: dict[tuple[bytes, int], dict[int, dict]] = {}
+        latest = self.now_ntp() + self.cfg.time_tolerance_s
+        dropped = 0
         for ct in contacts_in:
             try:
                 ebid = self._b64(ct["ebid"], "ebid", 8)
@@ -311,9 +323,10 @@ class RobertServer:
                     dropped += 1
                     continue
                 sent = robert.reconstruct_ntp(t16, collected)
-                in_time = (abs(sent - collected) <= self.cfg.time_tolerance_s
+                in_time = (abs(sent - collected) <= self.cfg.time_tolerance_s and max(sent, collected) <= latest
                            and abs(robert.epoch_id(sent, self.start_ntp) - epoch) <= 1)
-                if not in_time:
+                receptions = heard.setdefault((ebid, t16), {})
+                if not in_time or collected in receptions:
                     dropped += 1
                     continue
                 hello = robert.Hello(ecc, ebid, t16, mac)
@@ -323,5 +336,11 @@ class RobertServer:
                 if not macs_ok[key]:
                     dropped += 1
                     continue
-                valid.append({"id_a": id_a, "epoch": epoch, "ntp": collected, "rssi": rssi})
+                receptions[collected] = {"id_a": id_a, "epoch": epoch, "ntp": collected, "rssi": rssi}
+        valid: list[dict] = []
+        for receptions in heard.values():
+            if receptions and max(receptions) - min(receptions) > MAX_HELLO_SPAN_S:
+                dropped += len(receptions)
+            else:
+                valid += receptions.values()
         return valid, dropped

@@ -427,6 +427,50 @@ def test_an_absurd_rssi_does_not_poison_the_status(world, clock):
     assert r.json()["atRisk"] is False
 
 
+# -- point 11: a report cannot inflate a risk ------------------------------------------------
+
+def test_one_hello_repeated_does_not_inflate_the_risk(world, clock):
+    """Two HELLOs heard close (-35 dBm), once each: not at risk. The same two reported 61
+    times each (within 3 minutes of their time, or as identical copies) must not be more;
+    heard every 8 s while they are broadcast, every reception counts."""
+    backend, rs, srv = world
+    victims = {name: Phone(srv.url) for name in ("once", "spread", "copies", "on air")}
+    clock.advance(2 * robert.EPOCH_SECONDS)
+    answers = {}
+    for name, bob in victims.items():
+        epoch = bob.epoch(robert.ntp_seconds(clock.t)) - 2
+        start = bob.epoch_start(epoch)
+        heard = [bob.hello(start + 200, rssi=-35), bob.hello(start + 700, rssi=-35)]
+        ids = {"once": heard,
+               "spread": [dict(h, timeCollectedOnDevice=h["timeCollectedOnDevice"] + d)
+                          for h in heard for d in range(-180, 181, 6)],
+               "copies": [h for h in heard for _ in range(61)],
+               # what a receiver scanning every 8 s hears while each HELLO is broadcast
+               "on air": [dict(h, timeCollectedOnDevice=h["timeCollectedOnDevice"] + d)
+                          for h in heard for d in range(0, robert.HELLO_REFRESH_S, 8)]}[name]
+        r = _report(srv.url, backend.verification.issue_code("lab")["code"], [bob.contact(epoch, ids)])
+        assert r.status_code == 200, r.text
+        status = httpx.post(srv.url + "/api/v6/status", json=bob.auth(robert.PREFIX_STATUS, clock.t)).json()
+        answers[name] = (r.json()["accepted"], status["risk"], status["atRisk"])
+    assert [a[2] for a in answers.values()] == [False] * 4, answers
+    assert answers["spread"][1] <= answers["once"][1] and answers["copies"][1] <= answers["once"][1], answers
+    assert answers["on air"][0] == 2 * 8  # every reception of a HELLO on the air counts
+
+
+# -- point 13 (ROBERT): no HELLO from the future -------------------------------------------
+
+def test_hellos_from_the_future_are_dropped(world, clock):
+    backend, rs, srv = world
+    bob = Phone(srv.url)
+    ntp = robert.ntp_seconds(clock.t) + 300
+    clock.advance(300)
+    future = ntp + 400
+    ids = [bob.hello(ntp - 10), bob.hello(future)]
+    contact_list = [bob.contact(bob.epoch(ntp), ids[:1]), bob.contact(bob.epoch(future), ids[1:])]
+    r = _report(srv.url, backend.verification.issue_code("lab")["code"], contact_list)
+    assert r.status_code == 200 and (r.json()["accepted"], r.json()["dropped"]) == (1, 1), r.json()
+
+
 # -- fuzz: random and hostile JSON on every JSON route ---------------------------------------
 
 JSON_ROUTES = ("/api/verify", "/api/certificate", "/api/issue", "/v1/publish", "/api/v6/register", "/api/v6/status",
