@@ -89,6 +89,17 @@ contacts = sa.Table(
     sa.Column("rssi", sa.Integer, nullable=False),
 )
 
+#: The time of the last accepted authenticated request of a kind (its MAC prefix) per
+#: registration: a request no later than it is a replay. A table of its own, so that
+#: databases made before it only gain a table.
+last_requests = sa.Table(
+    "robert_last_requests", metadata,
+    sa.Column("id_a", sa.LargeBinary(5), sa.ForeignKey("robert_registrations.id_a", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("prefix", sa.Integer, primary_key=True),
+    sa.Column("ntp", sa.BigInteger, nullable=False),
+)
+
 
 @dataclass
 class RobertConfig:
@@ -108,7 +119,7 @@ class RobertServer:
         self.clock = backend.clock
         self.limiter = backend.limiter
         self.risk_cfg = RobertRiskConfig()
-        metadata.create_all(self.engine, tables=[registrations, contacts])
+        metadata.create_all(self.engine, tables=[registrations, contacts, last_requests])
         d = backend.config.data_dir
         self._master = Envelope(load_or_create_secret(d / "robert-master.key"))
         keys_path = d / "robert-keys.enc"
@@ -244,10 +255,28 @@ class RobertServer:
         return {"success": True}
 
     def delete_history(self, body: dict) -> dict:
-        row, _ = self._authenticate(robert.PREFIX_DELETE_HISTORY, body)
+        row, ntp32 = self._authenticate(robert.PREFIX_DELETE_HISTORY, body)
         with self.engine.begin() as c:
+            self._once(c, row.id_a, robert.PREFIX_DELETE_HISTORY, ntp32)
             c.execute(sa.delete(contacts).where(contacts.c.id_a == row.id_a))
         return {"success": True}
+
+    @staticmethod
+    def _once(c: sa.Connection, id_a: bytes, prefix: int, ntp32: int) -> None:
+        """Record, in the transaction ``c``, an authenticated request of time ``ntp32``;
+        :class:`ApiError` (replayed) if one of that kind was accepted at that time or later."""
+        lr = last_requests.c
+        moved = c.execute(sa.update(last_requests).where(lr.id_a == id_a, lr.prefix == prefix, lr.ntp < ntp32)
+                          .values(ntp=ntp32)).rowcount
+        if moved == 1:
+            return
+        if c.execute(sa.select(lr.ntp).where(lr.id_a == id_a, lr.prefix == prefix)).first() is None:
+            try:
+                c.execute(sa.insert(last_requests).values(id_a=id_a, prefix=prefix, ntp=ntp32))
+                return
+            except sa.exc.IntegrityError:  # a concurrent first request of that kind won
+                pass  # the caller's transaction is rolled back with the refusal
+        raise ApiError(Code.REPLAYED, "this request was already seen")
 
     # -- report ---------------------------------------------------------------------------
     def report(self, body: dict, client: str) -> dict:

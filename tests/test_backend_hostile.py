@@ -471,6 +471,35 @@ def test_hellos_from_the_future_are_dropped(world, clock):
     assert r.status_code == 200 and (r.json()["accepted"], r.json()["dropped"]) == (1, 1), r.json()
 
 
+# -- point 13 (ROBERT): no replayed deleteExposureHistory -------------------------------------
+
+def test_delete_history_is_not_replayable(world, clock):
+    backend, rs, srv = world
+    bob = Phone(srv.url)
+    clock.advance(60)
+    body = bob.auth(robert.PREFIX_DELETE_HISTORY, clock.t)
+    assert httpx.post(srv.url + "/api/v6/deleteExposureHistory", json=body).status_code == 200
+    refused(httpx.post(srv.url + "/api/v6/deleteExposureHistory", json=body), "replayed")
+    older = bob.auth(robert.PREFIX_DELETE_HISTORY, clock.t - 30)
+    refused(httpx.post(srv.url + "/api/v6/deleteExposureHistory", json=older), "replayed")
+    clock.advance(30)
+    body = bob.auth(robert.PREFIX_DELETE_HISTORY, clock.t)
+    assert httpx.post(srv.url + "/api/v6/deleteExposureHistory", json=body).status_code == 200
+
+
+def test_one_delete_history_request_sent_at_once_is_done_once(world, clock):
+    backend, rs, srv = world
+    bob = Phone(srv.url)
+    clock.advance(60)
+    body = bob.auth(robert.PREFIX_DELETE_HISTORY, clock.t)
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: httpx.post(srv.url + "/api/v6/deleteExposureHistory", json=body),
+                                range(4)))
+    assert sorted(r.status_code for r in answers) == [200, 400, 400, 400], [r.text for r in answers]
+    for r in answers:
+        if r.status_code == 400:
+            refused(r, "replayed")
+
 # -- fuzz: random and hostile JSON on every JSON route ---------------------------------------
 
 JSON_ROUTES = ("/api/verify", "/api/certificate", "/api/issue", "/v1/publish", "/api/v6/register", "/api/v6/status",
