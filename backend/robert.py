@@ -63,7 +63,7 @@ MAX_HELLOS_PER_CONTACT = robert.EPOCH_SECONDS + 2 * TIME_TOLERANCE_S
 #: receptions span more than a device broadcasts it (robert.HELLO_REFRESH_S) is dropped
 #: whole: no receiver heard it so. The risk is scored per 2-minute window of reception, so
 #: repeating a HELLO raised it: copies spread over the 6 minutes the time tolerance allows
-#: counted as 6 minutes of contact (robert-server scores what it is sent likewise).
+#: counted as 6 minutes of contact (robert-server's scoring, too, counts every reception).
 MAX_HELLO_SPAN_S = robert.HELLO_REFRESH_S
 
 
