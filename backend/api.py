@@ -1,10 +1,13 @@
-"""JSON routes of the verification and key-server roles. Request bodies are checked by
-strict models (unknown fields refused); field names are those of the public
-verification server (``/api/issue``, ``/api/verify``, ``/api/certificate``:
-google/exposure-notifications-verification-server ``pkg/api/api.go``) and key server
-(``/v1/publish``: google/exposure-notifications-server ``pkg/api/v1/exposure_types.go``)."""
+"""JSON routes of the verification and key-server roles. Request bodies are read with the
+limits of :mod:`backend.jsonbody`, then checked by strict models (unknown fields refused);
+field names are those of the public verification server (``/api/issue``, ``/api/verify``,
+``/api/certificate``: google/exposure-notifications-verification-server
+``pkg/api/api.go``) and key server (``/v1/publish``: google/exposure-notifications-server
+``pkg/api/v1/exposure_types.go``)."""
 
 from __future__ import annotations
+
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,10 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from agent.protocol.gaen import TEK_ROLLING_PERIOD
 
 from .httputil import client_host
+from .jsonbody import model_body
 from .service import Backend
 
 #: the largest body of these routes (the publish request's padding included)
 MAX_BODY = 64 * 1024
+#: an ENIntervalNumber is a uint32 (Exposure Notification cryptography specification)
+MAX_INTERVAL = 2**32 - 1
+#: a symptom-onset interval is stored in a 32-bit column (and days since onset follow from it)
+MAX_ONSET_INTERVAL = 2**31 - 1
 
 
 class _Strict(BaseModel):
@@ -34,12 +42,12 @@ class CertificateRequest(_Strict):
 
 class IssueRequest(_Strict):
     testType: str = "confirmed"
-    symptomOnsetInterval: int | None = None
+    symptomOnsetInterval: int | None = Field(None, ge=0, le=MAX_ONSET_INTERVAL)
 
 
 class ExposureKey(_Strict):
     key: str = Field(max_length=64)
-    rollingStartNumber: int = Field(ge=0)
+    rollingStartNumber: int = Field(ge=0, le=MAX_INTERVAL)
     rollingPeriod: int = TEK_ROLLING_PERIOD
     transmissionRisk: int = Field(0, ge=0, le=8)
 
@@ -49,7 +57,7 @@ class PublishRequest(_Strict):
     healthAuthorityID: str = Field("", max_length=128)
     verificationPayload: str = Field(max_length=8192)
     hmacKey: str = Field(max_length=128)
-    symptomOnsetInterval: int | None = None
+    symptomOnsetInterval: int | None = Field(None, ge=0, le=MAX_ONSET_INTERVAL)
     traveler: bool = False
     revisionToken: str = Field("", max_length=4096)
     padding: str = Field("", max_length=MAX_BODY)
@@ -70,21 +78,22 @@ def api_router(backend: Backend) -> APIRouter:
                 "region": c.region, "algorithm": "ECDSA P-256 SHA-256"}
 
     @router.post("/api/issue")
-    def api_issue(body: IssueRequest, x_api_key: str | None = Header(default=None)):
+    def api_issue(body: Annotated[IssueRequest, model_body(IssueRequest)],
+                  x_api_key: str | None = Header(default=None)):
         who = verification.api_key_owner(x_api_key)
         return verification.issue_code(f"api:{who}", test_type=body.testType,
                                        symptom_onset_interval=body.symptomOnsetInterval)
 
     @router.post("/api/verify")
-    def api_verify(body: VerifyRequest, request: Request):
+    def api_verify(body: Annotated[VerifyRequest, model_body(VerifyRequest)], request: Request):
         return verification.verify_code(body.code, client_host(request))
 
     @router.post("/api/certificate")
-    def api_certificate(body: CertificateRequest):
+    def api_certificate(body: Annotated[CertificateRequest, model_body(CertificateRequest)]):
         return verification.certificate(body.token, body.ekeyhmac)
 
     @router.post("/v1/publish")
-    def publish(body: PublishRequest):
+    def publish(body: Annotated[PublishRequest, model_body(PublishRequest)]):
         return backend.publisher.publish(body.model_dump())
 
     return router

@@ -7,31 +7,65 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.staticfiles import StaticFiles
-from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .api import MAX_BODY, api_router
 from .errors import ApiError, Code
-from .httputil import error_response
+from .httputil import CpuLane, error_response
 from .robert import RobertServer
 from .robert_api import MAX_REPORT_BODY, REPORT_PATH, robert_router
 from .service import Backend
 from .web import web_router
 
 
-class _BodyLimit(BaseHTTPMiddleware):
-    """Refuse large bodies before any parsing: by the declared length, then by the
-    bytes actually received."""
+class _BodyLimit:
+    """Refuse a body over its route's limit, whatever the transfer encoding (pure ASGI):
+    at once when the declared length is over it, else as soon as the bytes received pass
+    it. The 413 goes out then; the application sees the client gone and what it still
+    sends is dropped, so nothing more of the body is read or kept."""
 
-    async def dispatch(self, request: Request, call_next):
-        if request.method in ("POST", "PUT"):
-            limit = MAX_REPORT_BODY if request.url.path == REPORT_PATH else MAX_BODY
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > limit):
-                return error_response(Code.BODY_TOO_LARGE, f"request body over {limit} bytes")
-            body = await request.body()  # cached by Starlette for the handler
-            if len(body) > limit:
-                return error_response(Code.BODY_TOO_LARGE, f"request body over {limit} bytes")
-        return await call_next(request)
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = MAX_REPORT_BODY if scope["path"] == REPORT_PATH else MAX_BODY
+        too_large = error_response(Code.BODY_TOO_LARGE, f"request body over {limit} bytes")
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await too_large(scope, receive, send)
+            return
+        received, cut, answered, started = 0, False, False, False
+
+        async def receive_within_limit() -> Message:
+            nonlocal received, cut, answered
+            if cut:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    cut, answered = True, not started
+                    if answered:
+                        await too_large(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def send_unless_answered(message: Message) -> None:
+            nonlocal started
+            if answered:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive_within_limit, send_unless_answered)
+        except Exception:
+            if not answered:  # else: the application failed on the body it was refused
+                raise
 
 
 async def _api_error(_request: Request, exc: Exception):
@@ -53,6 +87,7 @@ def create_app(backend: Backend, robert_server: RobertServer | None = None) -> F
     app = FastAPI(title="ctagent reference backend", docs_url=None, redoc_url=None)
     app.add_middleware(_BodyLimit)
     app.state.backend = backend
+    app.state.cpu = CpuLane()
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.include_router(api_router(backend))

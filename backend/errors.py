@@ -52,6 +52,8 @@ class Code(enum.StrEnum):
     BAD_MAC = "bad_mac"
     REPLAYED = "replayed"
     TOO_FREQUENT = "too_frequent"
+    TOO_MANY_CONTACTS = "too_many_contacts"
+    TOO_MANY_HELLOS = "too_many_hellos"
 
     @property
     def status(self) -> HTTPStatus:

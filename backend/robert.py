@@ -44,6 +44,31 @@ _AAD_SERVER_KEYS = b"robert-server-keys"
 _AAD_REGISTRATION = b"robert-reg|"
 #: the ``riskLevel`` answered to a person at risk (0: not at risk)
 RISK_LEVEL_AT_RISK = 4
+#: A reported RSSI is clamped to what the API carries: "Calibrated RSSI (as 8-bit)"
+#: (TousAntiCovid/robert-server, robert-api-spec/openapi.yaml, HelloMessageDetail); the
+#: risk scoring then drops readings above -5 dBm (robert_rule.drop_above_dbm, as
+#: robert-server's ScoringStrategyV2ServiceImpl does).
+RSSI_MIN_DBM, RSSI_MAX_DBM = -128, 127
+#: How far a HELLO's time may be from its reception (and a request's from the server's
+#: clock): robert-server's ``robert.protocol.hello-message-timestamp-tolerance`` default
+#: (ServerConfigurationServiceImpl).
+TIME_TOLERANCE_S = 180
+#: At most this many contacts (one per EBID heard) in a report: 14 days of 96 epochs with
+#: about 15 devices heard in every epoch. A larger list is refused before any work on it.
+MAX_CONTACTS_PER_REPORT = 20_000
+#: At most this many HELLOs in one contact: one reception a second over the EBID's epoch
+#: and the time tolerance on both sides of it (1,260).
+MAX_HELLOS_PER_CONTACT = robert.EPOCH_SECONDS + 2 * TIME_TOLERANCE_S
+#: One HELLO (EBID, time) counts once per second of reception, and a HELLO whose
+#: receptions span more than a device broadcasts it (robert.HELLO_REFRESH_S) is dropped
+#: whole: no receiver heard it so. The risk is scored per 2-minute window of reception, so
+#: repeating a HELLO raised it: copies spread over the 6 minutes the time tolerance allows
+#: counted as 6 minutes of contact (robert-server's scoring, too, counts every reception).
+MAX_HELLO_SPAN_S = robert.HELLO_REFRESH_S
+
+
+def clamp_rssi(rssi: int) -> int:
+    return min(max(rssi, RSSI_MIN_DBM), RSSI_MAX_DBM)
 
 registrations = sa.Table(
     "robert_registrations", metadata,
@@ -64,12 +89,23 @@ contacts = sa.Table(
     sa.Column("rssi", sa.Integer, nullable=False),
 )
 
+#: The time of the last accepted authenticated request of a kind (its MAC prefix) per
+#: registration: a request no later than it is a replay. A table of its own, so that
+#: databases made before it only gain a table.
+last_requests = sa.Table(
+    "robert_last_requests", metadata,
+    sa.Column("id_a", sa.LargeBinary(5), sa.ForeignKey("robert_registrations.id_a", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("prefix", sa.Integer, primary_key=True),
+    sa.Column("ntp", sa.BigInteger, nullable=False),
+)
+
 
 @dataclass
 class RobertConfig:
     country_code: int = 0x21
     tuples_epochs: int = 4 * 24 * 2  # two days of identifiers per bundle
-    time_tolerance_s: int = 180
+    time_tolerance_s: int = TIME_TOLERANCE_S
     min_status_interval_s: int = 2 * robert.EPOCH_SECONDS - 300  # at most once per ~2 epochs
     register_per_min: int = 30
     register_api_key: str | None = None
@@ -83,7 +119,7 @@ class RobertServer:
         self.clock = backend.clock
         self.limiter = backend.limiter
         self.risk_cfg = RobertRiskConfig()
-        metadata.create_all(self.engine, tables=[registrations, contacts])
+        metadata.create_all(self.engine, tables=[registrations, contacts, last_requests])
         d = backend.config.data_dir
         self._master = Envelope(load_or_create_secret(d / "robert-master.key"))
         keys_path = d / "robert-keys.enc"
@@ -168,7 +204,7 @@ class RobertServer:
         epoch = body.get("epochId")
         if not isinstance(epoch, int) or isinstance(epoch, bool):
             raise ApiError(Code.INVALID_REQUEST, "epochId must be an integer")
-        req_epoch, id_a = robert.open_ebid(self.k_s, ebid)
+        req_epoch, id_a = robert.open_ebid(self.skinny, ebid)
         ntp32 = int.from_bytes(t, "big")
         now = self.now_ntp()
         if req_epoch != epoch or abs(epoch - self.current_epoch()) > 1:
@@ -205,8 +241,8 @@ class RobertServer:
             rows = c.execute(sa.select(contacts.c.epoch, contacts.c.ntp, contacts.c.rssi)
                              .where(contacts.c.id_a == id_a, contacts.c.ntp >= cutoff)).fetchall()
         by_epoch: dict[int, list[tuple[float, float]]] = {}
-        for r in rows:
-            by_epoch.setdefault(r.epoch, []).append((r.ntp, r.rssi))
+        for r in rows:  # clamped again: rows stored before the intake clamp
+            by_epoch.setdefault(r.epoch, []).append((r.ntp, clamp_rssi(r.rssi)))
         minutes = sum(epoch_weighted_minutes(s, robert.epoch_start_ntp(e, self.start_ntp), self.risk_cfg)
                       for e, s in by_epoch.items())
         return minutes, max((r.ntp for r in rows), default=None)
@@ -219,19 +255,72 @@ class RobertServer:
         return {"success": True}
 
     def delete_history(self, body: dict) -> dict:
-        row, _ = self._authenticate(robert.PREFIX_DELETE_HISTORY, body)
+        row, ntp32 = self._authenticate(robert.PREFIX_DELETE_HISTORY, body)
         with self.engine.begin() as c:
+            self._once(c, row.id_a, robert.PREFIX_DELETE_HISTORY, ntp32)
             c.execute(sa.delete(contacts).where(contacts.c.id_a == row.id_a))
         return {"success": True}
 
+    @staticmethod
+    def _once(c: sa.Connection, id_a: bytes, prefix: int, ntp32: int) -> None:
+        """Record, in the transaction ``c``, an authenticated request of time ``ntp32``;
+        :class:`ApiError` (replayed) if one of that kind was accepted at that time or later."""
+        lr = last_requests.c
+        moved = c.execute(sa.update(last_requests).where(lr.id_a == id_a, lr.prefix == prefix, lr.ntp < ntp32)
+                          .values(ntp=ntp32)).rowcount
+        if moved == 1:
+            return
+        if c.execute(sa.select(lr.ntp).where(lr.id_a == id_a, lr.prefix == prefix)).first() is None:
+            try:
+                c.execute(sa.insert(last_requests).values(id_a=id_a, prefix=prefix, ntp=ntp32))
+                return
+            except sa.exc.IntegrityError:  # a concurrent first request of that kind won
+                pass  # the caller's transaction is rolled back with the refusal
+        raise ApiError(Code.REPLAYED, "this request was already seen")
+
     # -- report ---------------------------------------------------------------------------
     def report(self, body: dict, client: str) -> dict:
-        """Verify every HELLO of the proximity list; keep the valid ones, count the others.
-        The token (a health authority code) is claimed only once the body parsed."""
+        """Check the token (a health authority code) first, without using it; verify every
+        HELLO of the proximity list, keep the valid ones and count the others; claim the
+        code in the transaction that stores them, so that a failure leaves it unused."""
+        token = str(body.get("token", ""))
+        verification = self.backend.verification
+        verification.check_code(token, client)
         contacts_in = body.get("contacts")
         if not isinstance(contacts_in, list):
             raise ApiError(Code.INVALID_REQUEST, "contacts must be a list")
-        valid, dropped = [], 0
+        if len(contacts_in) > MAX_CONTACTS_PER_REPORT:
+            raise ApiError(Code.TOO_MANY_CONTACTS, f"a report holds at most {MAX_CONTACTS_PER_REPORT} contacts")
+        valid, dropped = self._verify_contacts(contacts_in)
+        with self.engine.begin() as c:
+            verification.claim_code(c, token)  # single use; undone with the insert if that fails
+            if valid:
+                c.execute(sa.insert(contacts), valid)
+        self.stats["hellos_valid"] += len(valid)
+        self.stats["hellos_dropped"] += dropped
+        return {"success": True, "accepted": len(valid), "dropped": dropped}
+
+    def _sender(self, ebid: bytes, ecc: bytes) -> tuple[int, bytes, bytes] | None:
+        """(epoch, ID_A, K_mac) of the registration an (EBID, ECC) belongs to; None if none."""
+        if robert.open_ecc(self.k_g, ebid, ecc) != self.cfg.country_code:
+            return None
+        epoch, id_a = robert.open_ebid(self.skinny, ebid)
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(registrations).where(registrations.c.id_a == id_a)).first()
+        return None if row is None else (epoch, id_a, self._keys(row).k_mac)
+
+    def _verify_contacts(self, contacts_in: list) -> tuple[list[dict], int]:
+        """The rows of the valid HELLOs, and how many were dropped: a HELLO is dropped when
+        its MAC, time or epoch is wrong, when it was received in the future, when it repeats
+        a reception (same EBID, time and second), or when its receptions span longer than
+        a HELLO is broadcast (:data:`MAX_HELLO_SPAN_S`). Each (EBID, ECC) is opened once
+        per report, each HELLO's MAC checked once."""
+        senders: dict[bytes, tuple[int, bytes, bytes] | None] = {}
+        macs_ok: dict[bytes, bool] = {}
+        #: (EBID, HELLO time) -> second of reception -> row
+        heard: dict[tuple[bytes, int], dict[int, dict]] = {}
+        latest = self.now_ntp() + self.cfg.time_tolerance_s
+        dropped = 0
         for ct in contacts_in:
             try:
                 ebid = self._b64(ct["ebid"], "ebid", 8)
@@ -241,22 +330,21 @@ class RobertServer:
                     raise ApiError(Code.INVALID_REQUEST, "ids must be a list")
             except (KeyError, TypeError):
                 raise ApiError(Code.INVALID_REQUEST, "each contact needs ebid, ecc and ids") from None
-            if robert.open_ecc(self.k_g, ebid, ecc) != self.cfg.country_code:
+            if len(ids) > MAX_HELLOS_PER_CONTACT:
+                raise ApiError(Code.TOO_MANY_HELLOS, f"a contact holds at most {MAX_HELLOS_PER_CONTACT} HELLOs")
+            if ebid + ecc not in senders:
+                senders[ebid + ecc] = self._sender(ebid, ecc)
+            sender = senders[ebid + ecc]
+            if sender is None:
                 dropped += len(ids)
                 continue
-            epoch, id_a = robert.open_ebid(self.k_s, ebid)
-            with self.engine.connect() as c:
-                row = c.execute(sa.select(registrations).where(registrations.c.id_a == id_a)).first()
-            if row is None:
-                dropped += len(ids)
-                continue
-            k_mac = self._keys(row).k_mac
+            epoch, id_a, k_mac = sender
             for h in ids:
                 try:
                     collected = int(h["timeCollectedOnDevice"])
                     t16 = int(h["timeFromHelloMessage"])
                     mac = self._b64(h["mac"], "mac", 5)
-                    rssi = int(h["rssiCalibrated"])
+                    rssi = clamp_rssi(int(h["rssiCalibrated"]))
                 except (KeyError, TypeError, ValueError):
                     raise ApiError(Code.INVALID_REQUEST, "each id needs timeCollectedOnDevice, "
                                    "timeFromHelloMessage, mac and rssiCalibrated") from None
@@ -264,17 +352,24 @@ class RobertServer:
                     dropped += 1
                     continue
                 sent = robert.reconstruct_ntp(t16, collected)
-                hello = robert.Hello(ecc, ebid, t16, mac)
-                epoch_of_time = robert.epoch_id(sent, self.start_ntp)
-                if (abs(sent - collected) > self.cfg.time_tolerance_s or abs(epoch_of_time - epoch) > 1
-                        or not robert.verify_hello_mac(k_mac, hello)):
+                in_time = (abs(sent - collected) <= self.cfg.time_tolerance_s and max(sent, collected) <= latest
+                           and abs(robert.epoch_id(sent, self.start_ntp) - epoch) <= 1)
+                receptions = heard.setdefault((ebid, t16), {})
+                if not in_time or collected in receptions:
                     dropped += 1
                     continue
-                valid.append({"id_a": id_a, "epoch": epoch, "ntp": collected, "rssi": rssi})
-        self.backend.verification.verify_code(str(body.get("token", "")), client)  # single use, atomic
-        with self.engine.begin() as c:
-            if valid:
-                c.execute(sa.insert(contacts), valid)
-        self.stats["hellos_valid"] += len(valid)
-        self.stats["hellos_dropped"] += dropped
-        return {"success": True, "accepted": len(valid), "dropped": dropped}
+                hello = robert.Hello(ecc, ebid, t16, mac)
+                key = hello.to_bytes()
+                if key not in macs_ok:
+                    macs_ok[key] = robert.verify_hello_mac(k_mac, hello)
+                if not macs_ok[key]:
+                    dropped += 1
+                    continue
+                receptions[collected] = {"id_a": id_a, "epoch": epoch, "ntp": collected, "rssi": rssi}
+        valid: list[dict] = []
+        for receptions in heard.values():
+            if receptions and max(receptions) - min(receptions) > MAX_HELLO_SPAN_S:
+                dropped += len(receptions)
+            else:
+                valid += receptions.values()
+        return valid, dropped

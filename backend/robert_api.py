@@ -1,15 +1,15 @@
 """JSON routes of the ROBERT role, with the paths and field names of the deployed API v6
-(TousAntiCovid/robert-server). Bodies are read as JSON objects and checked
-field by field by :class:`~backend.robert.RobertServer`."""
+(TousAntiCovid/robert-server). Bodies are read as JSON objects with the limits of
+:mod:`backend.jsonbody` and checked field by field by :class:`~backend.robert.RobertServer`.
+The role's work (SKINNY, HMACs, ECDH, a report's verification) runs on the application's
+CPU lane (:class:`~backend.httputil.CpuLane`), never on the event loop."""
 
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, Header, Request
 
-from .errors import ApiError, Code
-from .httputil import client_host
+from .httputil import client_host, off_loop
+from .jsonbody import object_body
 from .robert import RobertServer
 
 REPORT_PATH = "/api/v6/report"
@@ -17,39 +17,29 @@ REPORT_PATH = "/api/v6/report"
 MAX_REPORT_BODY = 32 * 1024 * 1024
 
 
-async def _json_object(request: Request) -> dict:
-    try:
-        doc = json.loads(await request.body())
-    except ValueError:
-        raise ApiError(Code.UNPARSABLE_REQUEST, "the body is not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise ApiError(Code.INVALID_REQUEST, "the body must be a JSON object")
-    return doc
-
-
 def robert_router(rs: RobertServer) -> APIRouter:
     router = APIRouter()
 
     @router.post("/api/v6/register")
-    async def register(request: Request, x_api_key: str | None = Header(default=None)):
-        doc = await _json_object(request)
-        return rs.register(str(doc.get("clientPublicECDHKey", "")), client_host(request), x_api_key)
+    async def register(doc: object_body, request: Request, x_api_key: str | None = Header(default=None)):
+        return await off_loop(request, rs.register, str(doc.get("clientPublicECDHKey", "")),
+                              client_host(request), x_api_key)
 
     @router.post("/api/v6/status")
-    async def status(request: Request):
-        return rs.status(await _json_object(request))
+    async def status(doc: object_body, request: Request):
+        return await off_loop(request, rs.status, doc)
 
     @router.post(REPORT_PATH)
-    async def report(request: Request):
-        return rs.report(await _json_object(request), client_host(request))
+    async def report(doc: object_body, request: Request):
+        return await off_loop(request, rs.report, doc, client_host(request))
 
     @router.post("/api/v6/unregister")
-    async def unregister(request: Request):
-        return rs.unregister(await _json_object(request))
+    async def unregister(doc: object_body, request: Request):
+        return await off_loop(request, rs.unregister, doc)
 
     @router.post("/api/v6/deleteExposureHistory")
-    async def delete_history(request: Request):
-        return rs.delete_history(await _json_object(request))
+    async def delete_history(doc: object_body, request: Request):
+        return await off_loop(request, rs.delete_history, doc)
 
     @router.get("/api/v6/clock")
     def clock():

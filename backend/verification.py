@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import uuid
+from typing import Any
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -153,30 +154,55 @@ class VerificationService:
         return {"code": short, "expiresAt": int(now + SHORT_CODE_TTL), "longCode": long,
                 "longExpiresAt": int(now + LONG_CODE_TTL), "testType": test_type}
 
+    def _code_hash(self, code: object) -> str:
+        if not isinstance(code, str) or not _is_code_shape(code):
+            raise ApiError(Code.CODE_INVALID, "the code is not a valid verification code")
+        return self._h(code.lower() if len(code) == LONG_CODE_LEN else code)
+
+    @staticmethod
+    def _refusal(row: sa.Row[Any] | None) -> ApiError:
+        """Why a code that could not be claimed (its row, or None) cannot be used."""
+        if row is None:
+            return ApiError(Code.CODE_INVALID, "the code is not a valid verification code")
+        if row.claimed_at is not None:
+            return ApiError(Code.CODE_USED, "the code was already used")
+        return ApiError(Code.CODE_EXPIRED, "the code has expired")
+
+    def check_code(self, code: object, client: str) -> None:
+        """Refuse, as :meth:`claim_code` would, a code that is unknown, used or expired,
+        without using it: the cheap check before work the code pays for. Counts toward the
+        client's verification rate limit."""
+        self.limiter.check("verify", client, self.config.rate_verify_per_min)
+        now, h, c_ = self.clock.now(), self._code_hash(code), db.codes.c
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(db.codes).where(sa.or_(c_.short_hash == h, c_.long_hash == h))).first()
+        if (row is None or row.claimed_at is not None
+                or not ((row.short_hash == h and row.short_expires_at > now)
+                        or (row.long_hash == h and row.long_expires_at > now))):
+            raise self._refusal(row)
+
+    def claim_code(self, conn: sa.Connection, code: object) -> sa.Row[Any]:
+        """Use ``code`` once, in the caller's transaction ``conn``: what the code pays for
+        is stored in that transaction, and a rollback leaves the code unused. Race-free:
+        only one transaction moves ``claimed_at`` from NULL. The code's row."""
+        now, h, c_ = self.clock.now(), self._code_hash(code), db.codes.c
+        res = conn.execute(sa.update(db.codes).where(
+            sa.or_(sa.and_(c_.short_hash == h, c_.short_expires_at > now),
+                   sa.and_(c_.long_hash == h, c_.long_expires_at > now)),
+            c_.claimed_at.is_(None)).values(claimed_at=now))
+        row = conn.execute(sa.select(db.codes).where(sa.or_(c_.short_hash == h, c_.long_hash == h))).first()
+        if res.rowcount != 1 or row is None:
+            raise self._refusal(row)
+        return row
+
     def verify_code(self, code: str, client: str) -> dict:
         """Trade a live, unused code for a token; the code can never be used again."""
         self.limiter.check("verify", client, self.config.rate_verify_per_min)
-        if not _is_code_shape(code):
-            raise ApiError(Code.CODE_INVALID, "the code is not a valid verification code")
-        now, h = self.clock.now(), self._h(code.lower() if len(code) == LONG_CODE_LEN else code)
-        c_ = db.codes.c
         with self.engine.begin() as c:
-            # atomic claim: only one request can move claimed_at from NULL
-            res = c.execute(sa.update(db.codes).where(
-                sa.or_(sa.and_(c_.short_hash == h, c_.short_expires_at > now),
-                       sa.and_(c_.long_hash == h, c_.long_expires_at > now)),
-                c_.claimed_at.is_(None)).values(claimed_at=now))
-            row = c.execute(sa.select(db.codes).where(sa.or_(c_.short_hash == h, c_.long_hash == h))).first()
-            if res.rowcount != 1:
-                if row is None:
-                    raise ApiError(Code.CODE_INVALID, "the code is not a valid verification code")
-                if row.claimed_at is not None:
-                    raise ApiError(Code.CODE_USED, "the code was already used")
-                raise ApiError(Code.CODE_EXPIRED, "the code has expired")
-            assert row is not None  # just claimed
+            row = self.claim_code(c, code)
             token = secrets.token_urlsafe(32)
             c.execute(sa.insert(db.tokens).values(token_hash=self._h(token), code_id=row.id,
-                                                  expires_at=now + TOKEN_TTL))
+                                                  expires_at=self.clock.now() + TOKEN_TTL))
         return {"token": token, "testtype": row.test_type, "symptomOnsetInterval": row.symptom_onset_interval}
 
     def certificate(self, token: str, ekeyhmac: str) -> dict:

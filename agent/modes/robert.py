@@ -26,8 +26,6 @@ from .base import Broadcast, CheckResult, DeviceContext, ProtocolMode, ServerAcc
 
 log = logging.getLogger("ctagent.robert")
 
-#: A fresh HELLO (time, MAC) this often within an epoch, on the same address.
-HELLO_REFRESH_S = 60.0
 #: HELLOs of this many days are reported when declaring.
 REPORT_DAYS = 14
 #: /status at most once per two epochs (the deployed app's pace), jittered by up to 10 minutes.
@@ -86,7 +84,7 @@ class RobertMode(ProtocolMode[bytes]):
 
     # -- broadcasting ---------------------------------------------------------------------
     def broadcast(self, now: float) -> Broadcast | None:
-        """A new identity each epoch; within it a fresh HELLO every ``HELLO_REFRESH_S``."""
+        """A new identity each epoch; within it a fresh HELLO every ``robert.HELLO_REFRESH_S``."""
         reg = self.registration
         if reg is None:
             return None
@@ -95,7 +93,7 @@ class RobertMode(ProtocolMode[bytes]):
         new_identity = epoch != self._epoch
         self._epoch = epoch
         next_epoch = robert.epoch_start_ntp(epoch + 1, reg.time_start) - robert.NTP_UNIX_OFFSET
-        return Broadcast(service_data, "", new_identity, min(now + HELLO_REFRESH_S, next_epoch))
+        return Broadcast(service_data, "", new_identity, min(now + robert.HELLO_REFRESH_S, next_epoch))
 
     # -- hearing ----------------------------------------------------------------------------
     def decode(self, service_data: Mapping[Any, Any]) -> bytes | None:

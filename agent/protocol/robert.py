@@ -39,6 +39,9 @@ NTP_UNIX_OFFSET = 2_208_988_800
 #: Epochs of 15 minutes: one EBID (and one BLE address) per epoch (spec 2).
 EPOCH_SECONDS = 900
 HELLO_LEN = 16
+#: A device broadcasts each HELLO (time, MAC) for at most this long, then a fresh one
+#: (this implementation's pace): a receiver hears one HELLO over at most this span.
+HELLO_REFRESH_S = 60
 #: Service UUID of the HELLO broadcast, and its 128-bit form (bleak/BlueZ keys).
 ROBERT_SERVICE_UUID16 = 0xFD64
 ROBERT_SERVICE_UUID = "0000fd64-0000-1000-8000-00805f9b34fb"
@@ -180,8 +183,10 @@ def make_ebid(k_s: bytes, epoch: int, id_a: bytes) -> bytes:
     return Skinny64_192(k_s).encrypt(epoch.to_bytes(3, "big") + id_a)
 
 
-def open_ebid(k_s: bytes, ebid: bytes) -> tuple[int, bytes]:
-    plain = Skinny64_192(k_s).decrypt(ebid)
+def open_ebid(k_s: bytes | Skinny64_192, ebid: bytes) -> tuple[int, bytes]:
+    """(epoch, ID_A) of an EBID; K_S as bytes, or as its cipher (no key schedule per call)."""
+    cipher = k_s if isinstance(k_s, Skinny64_192) else Skinny64_192(k_s)
+    plain = cipher.decrypt(ebid)
     return int.from_bytes(plain[:3], "big"), plain[3:]
 
 
