@@ -69,6 +69,7 @@ exposures = sa.Table(
     sa.Column("health_authority", sa.String(64), nullable=False),
     sa.Column("received_at", sa.Float, nullable=False),
     sa.Column("export_after", sa.Float, nullable=False, index=True),
+    # the batch the key was exported in; NULL: not yet; 0: cannot be exported (quarantined)
     sa.Column("batch_id", sa.Integer, nullable=True, index=True),
 )
 

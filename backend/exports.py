@@ -4,9 +4,11 @@ and ``index.txt``, the listing the agents poll.
 Pure parts: :func:`plan_batches` (which time window a run covers),
 :func:`padding_keys` (random keys that hide how few real ones there are; the key
 server pads the same way, google/exposure-notifications-server
-``internal/export/worker.go``) and :func:`split_batches`. :class:`ExportJob` signs,
-writes each file atomically (a reader sees the whole file or none), records the batch
-and rewrites the index; one run at a time.
+``internal/export/worker.go``), :func:`split_batches` and :func:`stored_key` (a stored
+row as a key that fits an export file, or the reason it does not). :class:`ExportJob`
+signs, writes each file atomically (a reader sees the whole file or none), records the
+batch and rewrites the index; one run at a time. A row that cannot be written to a file
+is set aside (quarantined, one log line without key bytes), never the whole batch.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
 from agent.clock import DAY_SECONDS, Clock
 from agent.protocol import export, gaen
-from agent.protocol.export import DiagnosisKey, ReportType
+from agent.protocol.export import DiagnosisKey, ExportFormatError, ReportType
 
 from . import db
 from .config import BackendConfig
@@ -39,6 +41,9 @@ INDEX = "index.txt"
 #: padding keys look like keys of the last two weeks, with any transmission risk
 PADDING_MAX_AGE_DAYS = 13
 PADDING_MAX_RISK = 8
+#: ``exposures.batch_id`` of a row that cannot be exported (no batch has id 0): it stays
+#: in the database, out of every file, and is not read again
+QUARANTINED = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +74,20 @@ def padding_keys(n: int, now: float, rng: random.Random) -> list[DiagnosisKey]:
                          today - rng.randint(1, PADDING_MAX_AGE_DAYS) * gaen.TEK_ROLLING_PERIOD,
                          gaen.TEK_ROLLING_PERIOD, rng.randint(1, PADDING_MAX_RISK), ReportType.CONFIRMED_TEST)
             for _ in range(n)]
+
+
+def stored_key(row: Any) -> DiagnosisKey:
+    """The key of an ``exposures`` row, checked against what an export file can hold;
+    :class:`ValueError` (an :class:`ExportFormatError` or an unknown report type) if it
+    cannot be exported. The message never holds key bytes."""
+    try:
+        report_type = ReportType(row.report_type)
+    except ValueError:
+        raise ExportFormatError(f"unknown report_type {row.report_type}") from None
+    key = DiagnosisKey(bytes(row.key_data), row.rolling_start, row.rolling_period, row.transmission_risk,
+                       report_type, row.days_since_onset)
+    key.validate()
+    return key
 
 
 def file_name(window: BatchWindow, batch_num: int) -> str:
@@ -108,11 +127,10 @@ class ExportJob:
             rows = [] if window is None else c.execute(
                 sa.select(db.exposures).where(e_.batch_id.is_(None), e_.export_after <= window.end)
                 .order_by(e_.id)).fetchall()
+        rows, keys = self._set_aside_bad_rows(rows)
         if window is None or not rows:
             self.write_index(now)
             return []
-        keys = [DiagnosisKey(r.key_data, r.rolling_start, r.rolling_period, r.transmission_risk,
-                             ReportType(r.report_type), r.days_since_onset) for r in rows]
         if len(keys) < cfg.export_min_keys:
             keys += padding_keys(cfg.export_min_keys - len(keys), now, self.rng)
         self.rng.shuffle(keys)  # padding must not be told apart by position
@@ -136,6 +154,21 @@ class ExportJob:
         self.write_index(now)
         log.info("export: %d real key(s) in %d file(s)", len(rows), len(names))
         return names
+
+    def _set_aside_bad_rows(self, rows: Sequence[Any]) -> tuple[list[Any], list[DiagnosisKey]]:
+        """The rows that can be exported and their keys; the others are quarantined."""
+        good, keys, bad = [], [], []
+        for r in rows:
+            try:
+                keys.append(stored_key(r))
+                good.append(r)
+            except ValueError as e:
+                bad.append(r.id)
+                log.error("export: row %d cannot be exported (%s); quarantined, the batch goes on", r.id, e)
+        if bad:
+            with self.engine.begin() as c:
+                c.execute(sa.update(db.exposures).where(db.exposures.c.id.in_(bad)).values(batch_id=QUARANTINED))
+        return good, keys
 
     def write_index(self, now: float) -> None:
         """``index.txt``: the files of the batches of the retention period, oldest first."""

@@ -29,6 +29,7 @@ from . import certificate, db
 from .config import BackendConfig
 from .errors import ApiError, Code
 from .keyfiles import load_or_create_ec_key, load_or_create_secret
+from .publish import MAX_ONSET_REPORT_DAYS, onset_plausible
 from .ratelimit import RateLimiter
 
 log = logging.getLogger("ctagent.backend")
@@ -133,8 +134,12 @@ class VerificationService:
                    symptom_onset_interval: int | None = None) -> dict:
         if test_type not in certificate.TEST_TYPES:
             raise ApiError(Code.BAD_TEST_TYPE, f"test type must be one of {', '.join(certificate.TEST_TYPES)}")
-        self.limiter.check("issue", issued_by, self.config.rate_issue_per_min)
         now = self.clock.now()
+        symptom_onset_interval = symptom_onset_interval or None  # 0: none, as in the API
+        if symptom_onset_interval is not None and not onset_plausible(symptom_onset_interval, now):
+            raise ApiError(Code.ONSET_INVALID, f"the symptom onset must be within the last {MAX_ONSET_REPORT_DAYS} "
+                                               "days and not in the future")
+        self.limiter.check("issue", issued_by, self.config.rate_issue_per_min)
         for _ in range(_DRAWS):
             short = f"{secrets.randbelow(10**SHORT_CODE_DIGITS):0{SHORT_CODE_DIGITS}d}"
             long = "".join(secrets.choice(_LONG_ALPHABET) for _ in range(LONG_CODE_LEN))
