@@ -1,8 +1,20 @@
-"""Tables (SQLAlchemy Core: SQLite embedded by default, PostgreSQL from a URL)."""
+"""Tables (SQLAlchemy Core: SQLite embedded by default, PostgreSQL from a URL), the
+engine, and :func:`job_lock`: one holder at a time across threads and processes."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import sqlalchemy as sa
+
+from agent.errors import UserError
 
 metadata = sa.MetaData()
 
@@ -97,3 +109,90 @@ def make_engine(url: str) -> sa.Engine:
             cur.close()
     metadata.create_all(engine)
     return engine
+
+
+# -- one job at a time -------------------------------------------------------------------
+
+#: how often a waiting SQLite job looks at the lock again
+_LOCK_POLL_S = 0.05
+#: job locks of databases without a file (SQLite in memory: one process)
+_memory_locks: dict[str, threading.Lock] = {}
+
+
+class JobBusy(UserError):
+    """Another holder kept a job lock for longer than the caller would wait."""
+
+
+def _advisory_key(name: str) -> int:
+    """A stable signed 64-bit key of PostgreSQL's advisory lock space for ``name``."""
+    return int.from_bytes(hashlib.sha256(f"ctagent|{name}".encode()).digest()[:8], "big", signed=True)
+
+
+def lock_file(engine: sa.Engine, name: str) -> Path | None:
+    """The file beside a SQLite database that its ``name`` jobs lock; None in memory."""
+    database = engine.url.database
+    if not database or database == ":memory:":
+        return None
+    return Path(f"{database}.{name}.lock")
+
+
+@contextmanager
+def job_lock(engine: sa.Engine, name: str, *, wait_s: float,
+             on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold the lock ``name`` of this database for the ``with`` block: one holder at a time,
+    whichever thread or process, on any machine sharing the database. Waits up to
+    ``wait_s`` seconds for a holder to finish (calling ``on_wait`` once first), then
+    raises :class:`JobBusy`. A holder that dies releases the lock with it.
+
+    PostgreSQL: a transaction-level advisory lock (``pg_advisory_xact_lock``) on a
+    connection of its own, kept for the block. SQLite: an exclusive ``flock`` on a file
+    beside the database (an exclusive transaction on the database itself would stall
+    every writer, the publish requests too, for as long as the job runs)."""
+    busy = JobBusy(f"another {name} job has been running for over {wait_s:g} s; try again when it is done")
+    if engine.dialect.name == "postgresql":
+        key = _advisory_key(name)
+        with engine.connect() as c, c.begin():
+            if not c.execute(sa.text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key}).scalar():
+                if on_wait:
+                    on_wait()
+                c.execute(sa.text(f"SET LOCAL lock_timeout = {max(1, int(wait_s * 1000))}"))
+                try:
+                    c.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+                except sa.exc.OperationalError:
+                    raise busy from None
+            yield  # released when this transaction ends, however it ends
+        return
+    path = lock_file(engine, name)
+    if path is None:
+        lock = _memory_locks.setdefault(name, threading.Lock())
+        if not lock.acquire(blocking=False):
+            if on_wait:
+                on_wait()
+            if not lock.acquire(timeout=wait_s):
+                raise busy
+        try:
+            yield
+        finally:
+            lock.release()
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is None:
+                    deadline = time.monotonic() + wait_s
+                    if on_wait:
+                        on_wait()
+                if time.monotonic() >= deadline:
+                    raise busy from None
+                time.sleep(_LOCK_POLL_S)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

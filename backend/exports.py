@@ -7,8 +7,10 @@ server pads the same way, google/exposure-notifications-server
 ``internal/export/worker.go``), :func:`split_batches` and :func:`stored_key` (a stored
 row as a key that fits an export file, or the reason it does not). :class:`ExportJob`
 signs, writes each file atomically (a reader sees the whole file or none), records the
-batch and rewrites the index; one run at a time. A row that cannot be written to a file
-is set aside (quarantined, one log line without key bytes), never the whole batch.
+batch and rewrites the index; one run at a time, whichever process runs it (a database
+lock, :func:`~backend.db.job_lock`), and every batch's files carry its id in their
+names, so no run can overwrite another's. A row that cannot be written to a file is set
+aside (quarantined, one log line without key bytes), never the whole batch.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import os
 import random
 import secrets
-import threading
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +40,14 @@ log = logging.getLogger("ctagent.backend")
 
 T = TypeVar("T")
 INDEX = "index.txt"
+_NO_FILES = "[]"
 #: padding keys look like keys of the last two weeks, with any transmission risk
 PADDING_MAX_AGE_DAYS = 13
 PADDING_MAX_RISK = 8
+#: how long a run waits for another one (another process) to finish before giving up
+EXPORT_LOCK_WAIT_S = 600
+#: rows marked exported per statement (PostgreSQL takes at most 65,535 parameters)
+MARK_CHUNK = 10_000
 #: ``exposures.batch_id`` of a row that cannot be exported (no batch has id 0): it stays
 #: in the database, out of every file, and is not read again
 QUARANTINED = 0
@@ -90,14 +97,22 @@ def stored_key(row: Any) -> DiagnosisKey:
     return key
 
 
-def file_name(window: BatchWindow, batch_num: int) -> str:
-    return f"{window.start}-{window.end}-{batch_num:05d}.zip"
+def file_name(window: BatchWindow, batch_id: int, batch_num: int) -> str:
+    """``<start>-<end>-<batch id>-<batch num>.zip``: unique per batch, whatever its window."""
+    return f"{window.start}-{window.end}-{batch_id}-{batch_num:05d}.zip"
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """Replace ``path`` whole, through a temporary file of this writer's own."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # public files, served as they are
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class ExportJob:
@@ -108,21 +123,26 @@ class ExportJob:
         self.rng = rng or secrets.SystemRandom()
         self.signing_key = load_or_create_ec_key(config.data_dir / "export-signing-key.pem")
         self.public_key_b64 = export.public_key_b64(self.signing_key)
-        self._one_at_a_time = threading.Lock()
         config.exports_dir.mkdir(parents=True, exist_ok=True)
         if not (config.exports_dir / INDEX).exists():
-            self.write_index(clock.now())
+            try:  # the first start; a run going on elsewhere writes it anyway
+                with db.job_lock(engine, "export", wait_s=0):
+                    self.write_index(clock.now())
+            except db.JobBusy:
+                pass
 
     def run(self, progress: Callable[[int, int], None] | None = None) -> list[str]:
         """Write the export files of keys whose embargo ended; refresh index.txt. The
-        names of the new files."""
-        with self._one_at_a_time:
+        names of the new files. Waits for a run of another thread or process to end."""
+        with db.job_lock(self.engine, "export", wait_s=EXPORT_LOCK_WAIT_S,
+                         on_wait=lambda: log.info("export: another export job is running; waiting for it")):
             return self._run(progress)
 
     def _run(self, progress: Callable[[int, int], None] | None) -> list[str]:
-        now, cfg, e_ = self.clock.now(), self.config, db.exposures.c
+        now, cfg, e_, b_ = self.clock.now(), self.config, db.exposures.c, db.batches.c
         with self.engine.connect() as c:
-            last = c.execute(sa.select(sa.func.max(db.batches.c.end))).scalar()
+            # a batch without files is one whose run did not finish: it covered nothing
+            last = c.execute(sa.select(sa.func.max(b_.end)).where(b_.files != _NO_FILES)).scalar()
             window = plan_batches(last, now, cfg.export_period_s)
             rows = [] if window is None else c.execute(
                 sa.select(db.exposures).where(e_.batch_id.is_(None), e_.export_after <= window.end)
@@ -135,25 +155,44 @@ class ExportJob:
             keys += padding_keys(cfg.export_min_keys - len(keys), now, self.rng)
         self.rng.shuffle(keys)  # padding must not be told apart by position
         chunks = split_batches(keys, cfg.export_max_keys)
-        names = []
-        for i, chunk in enumerate(chunks, 1):
-            blob = export.build_export(chunk, signing_key=self.signing_key, start_timestamp=window.start,
-                                       end_timestamp=window.end, region=cfg.region, key_id=cfg.key_id,
-                                       key_version=cfg.key_version, batch_num=i, batch_size=len(chunks))
-            name = file_name(window, i)
-            _write_atomic(cfg.exports_dir / name, blob)
-            names.append(name)
-            if progress:
-                progress(i, len(chunks))
-        with self.engine.begin() as c:
-            res = c.execute(sa.insert(db.batches).values(start=window.start, end=window.end, files=json.dumps(names),
+        with self.engine.begin() as c:  # the batch's id first: it names the files
+            res = c.execute(sa.insert(db.batches).values(start=window.start, end=window.end, files=_NO_FILES,
                                                          created_at=now))
             assert res.inserted_primary_key is not None
-            bid = res.inserted_primary_key[0]
-            c.execute(sa.update(db.exposures).where(e_.id.in_([r.id for r in rows])).values(batch_id=bid))
+            bid = int(res.inserted_primary_key[0])
+        names: list[str] = []
+        try:
+            for i, chunk in enumerate(chunks, 1):
+                blob = export.build_export(chunk, signing_key=self.signing_key, start_timestamp=window.start,
+                                           end_timestamp=window.end, region=cfg.region, key_id=cfg.key_id,
+                                           key_version=cfg.key_version, batch_num=i, batch_size=len(chunks))
+                name = file_name(window, bid, i)
+                _write_atomic(cfg.exports_dir / name, blob)
+                names.append(name)
+                if progress:
+                    progress(i, len(chunks))
+            with self.engine.begin() as c:  # the files and their keys together, or neither
+                c.execute(sa.update(db.batches).where(b_.id == bid).values(files=json.dumps(names)))
+                ids = [r.id for r in rows]
+                for part in split_batches(ids, MARK_CHUNK):
+                    c.execute(sa.update(db.exposures).where(e_.id.in_(part), e_.batch_id.is_(None))
+                              .values(batch_id=bid))
+        except BaseException:
+            self._forget_batch(bid, names)
+            raise
         self.write_index(now)
-        log.info("export: %d real key(s) in %d file(s)", len(rows), len(names))
+        log.info("export: %d real key(s) in %d file(s), batch %d", len(rows), len(names), bid)
         return names
+
+    def _forget_batch(self, bid: int, names: Sequence[str]) -> None:
+        """Undo what a failed run wrote; its keys stay unexported for the next run."""
+        for name in names:
+            (self.config.exports_dir / name).unlink(missing_ok=True)
+        try:
+            with self.engine.begin() as c:
+                c.execute(sa.delete(db.batches).where(db.batches.c.id == bid, db.batches.c.files == _NO_FILES))
+        except sa.exc.SQLAlchemyError:
+            log.warning("export: could not remove the unfinished batch %d (it lists no files)", bid)
 
     def _set_aside_bad_rows(self, rows: Sequence[Any]) -> tuple[list[Any], list[DiagnosisKey]]:
         """The rows that can be exported and their keys; the others are quarantined."""

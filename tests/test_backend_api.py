@@ -268,7 +268,7 @@ def test_export_job_writes_verifiable_signed_files(backend, live, clock):
         exp = export.parse_export(r.content, trusted_keys=[backend.public_key_b64])
         assert exp.verified and exp.verified_key_id == "ctagent" and exp.region == "XX"
         assert (exp.batch_num, exp.batch_size) == (1, 1) and len(exp.keys) == 50  # padded
-        assert name == f"{exp.start_timestamp}-{exp.end_timestamp}-00001.zip"
+        assert re.fullmatch(rf"{exp.start_timestamp}-{exp.end_timestamp}-\d+-00001\.zip", name)
         assert exp.end_timestamp % 3600 == 0 and exp.end_timestamp <= clock.t
         seen += [k for k in exp.keys if k.key_data in (b"a" * 16, b"b" * 16)]
     assert sorted(k.key_data for k in seen) == [b"a" * 16, b"b" * 16]

@@ -294,7 +294,7 @@ def test_split_batches():
     assert split_batches([], 3) == []
     assert split_batches([1, 2, 3], 3) == [[1, 2, 3]]
     assert split_batches(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
-    assert file_name(BatchWindow(10, 20), 2) == "10-20-00002.zip"
+    assert file_name(BatchWindow(10, 20), 7, 2) == "10-20-7-00002.zip"  # the batch's id: unique per batch
 
 
 def test_padding_keys_look_like_real_uploads():
