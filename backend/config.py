@@ -21,6 +21,10 @@ class BackendConfig:
     rate_verify_per_min: int = 20
     key_id: str = "ctagent"
     key_version: str = "v1"
+    #: addresses or networks (``10.0.0.0/8``) of the reverse proxies in front of the
+    #: backend: only a request from one of them has its ``X-Forwarded-For`` and
+    #: ``X-Forwarded-Proto`` believed (the client address of the rate limits, HTTPS)
+    trusted_proxies: tuple[str, ...] = ()
 
     @property
     def exports_dir(self) -> Path:

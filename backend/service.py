@@ -9,6 +9,7 @@ from agent.clock import Clock, RealClock
 from . import db
 from .config import BackendConfig
 from .exports import ExportJob
+from .httputil import proxy_networks
 from .publish import Publisher
 from .ratelimit import RateLimiter
 from .verification import VerificationService
@@ -19,6 +20,7 @@ WALL_CLOCK = RealClock()
 
 class Backend:
     def __init__(self, config: BackendConfig, *, clock: Clock = WALL_CLOCK) -> None:
+        proxy_networks(config.trusted_proxies)  # a wrong entry is refused before anything starts
         self.config = config
         self.clock = clock
         config.data_dir.mkdir(parents=True, exist_ok=True)

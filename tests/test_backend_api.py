@@ -238,8 +238,9 @@ def test_physician_signs_in_and_issues_a_code(backend, live, clock):
 
 def test_login_is_rate_limited(backend, live):
     with httpx.Client(base_url=live.url) as web:
-        statuses = [web.post("/login", data={"username": "dr.who", "password": "guess-guess"}).status_code
-                    for _ in range(11)]
+        # a name each: the per-address limit (one account's own back-off: test_backend_security)
+        statuses = [web.post("/login", data={"username": f"user-{i}", "password": "guess-guess"}).status_code
+                    for i in range(11)]
     assert statuses == [401] * 10 + [429]
 
 

@@ -39,7 +39,14 @@ from backend.publish import (
     symptom_onset,
     validate_publish,
 )
-from backend.ratelimit import RateLimiter
+from backend.ratelimit import (
+    LOGIN_BACKOFF_FIRST_S,
+    LOGIN_BACKOFF_MAX_S,
+    LOGIN_FAILURES_KEPT_S,
+    LOGIN_FREE_FAILURES,
+    LoginBackoff,
+    RateLimiter,
+)
 from backend.web import onset_interval
 
 NOW = 20_000 * DAY_SECONDS + 9 * 3600  # 09:00 UTC
@@ -375,6 +382,35 @@ def test_rate_limiter_sliding_minute():
     lim.check("issue", "a", 2)  # per bucket
     clock.advance(30)  # the first request left the window
     lim.check("verify", "a", 2)
+
+
+def test_login_backoff_doubles_up_to_its_cap_and_forgets():
+    clock = ManualClock(NOW)
+    b = LoginBackoff(clock)
+    for _ in range(LOGIN_FREE_FAILURES - 1):
+        b.check("dr.who")
+        b.failed("dr.who")
+    b.check("dr.who")  # still free
+    waits = []
+    for _ in range(7):
+        b.failed("dr.who")
+        start = clock.t
+        while True:
+            try:
+                b.check("dr.who")
+                break
+            except ApiError as e:
+                assert e.code is Code.RATE_LIMITED and "this account" in e.message
+                clock.advance(30)
+        waits.append(clock.t - start)
+    assert waits == [LOGIN_BACKOFF_FIRST_S * 2**i for i in range(4)] + [LOGIN_BACKOFF_MAX_S] * 3
+    b.check("someone-else")  # per account name
+    b.succeeded("dr.who")
+    b.failed("dr.who")
+    b.check("dr.who")  # a success starts the count afresh
+    clock.advance(LOGIN_FAILURES_KEPT_S)
+    b.check("x")
+    assert len(b) == 0  # old failures are forgotten
 
 
 def test_onset_interval():
