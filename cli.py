@@ -472,16 +472,19 @@ def _backend(ctx, **settings):
               envvar="CTAGENT_BACKEND_TRUSTED_PROXIES",
               help="A reverse proxy in front of the backend (repeat, or spaces in the variable): only its "
                    "X-Forwarded-For / X-Forwarded-Proto are believed. Default: none, the peer's address counts.")
+@click.option("--secure-cookies", is_flag=True, envvar="CTAGENT_BACKEND_SECURE_COOKIES",
+              help="Mark the page's cookies Secure on every request (TLS ends before the backend and no trusted "
+                   "proxy sends X-Forwarded-Proto); they are Secure on HTTPS requests anyway.")
 @click.pass_context
 @friendly_errors
-def backend_serve(ctx, host, port, add_user, protocol, register_api_key, trusted_proxies):
+def backend_serve(ctx, host, port, add_user, protocol, register_api_key, trusted_proxies, secure_cookies):
     """Serve the API, the physicians' page and the export files."""
     import uvicorn
 
     from backend.app import create_app
     from backend.server import UVICORN_OPTIONS
 
-    b = _backend(ctx, trusted_proxies=tuple(trusted_proxies))
+    b = _backend(ctx, trusted_proxies=tuple(trusted_proxies), secure_cookies=secure_cookies)
     if add_user:
         b.verification.add_user(*add_user)
     rs = None

@@ -11,7 +11,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 
 from .api import MAX_BODY, api_router
 from .errors import ApiError, Code
-from .httputil import error_response
+from .httputil import SecurityHeaders, error_response
 from .robert import RobertServer
 from .robert_api import MAX_REPORT_BODY, REPORT_PATH, robert_router
 from .service import Backend
@@ -52,6 +52,7 @@ async def _validation_error(_request: Request, exc: Exception):
 def create_app(backend: Backend, robert_server: RobertServer | None = None) -> FastAPI:
     app = FastAPI(title="ctagent reference backend", docs_url=None, redoc_url=None)
     app.add_middleware(_BodyLimit)
+    app.add_middleware(SecurityHeaders)  # outermost: on every answer, refusals included
     app.state.backend = backend
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -25,6 +25,9 @@ class BackendConfig:
     #: backend: only a request from one of them has its ``X-Forwarded-For`` and
     #: ``X-Forwarded-Proto`` believed (the client address of the rate limits, HTTPS)
     trusted_proxies: tuple[str, ...] = ()
+    #: mark the page's cookies Secure always (TLS ends where the backend cannot see it
+    #: and no trusted proxy says so); otherwise they are Secure on HTTPS requests
+    secure_cookies: bool = False
 
     @property
     def exports_dir(self) -> Path:

@@ -139,9 +139,18 @@ class VerificationService:
                                    db.sessions.c.expires_at > self.clock.now())).first()
         return row.username if row else None
 
+    def logout(self, token: str) -> None:
+        """End a session: its row is deleted, the cookie is worth nothing from now on."""
+        with self.engine.begin() as c:
+            c.execute(sa.delete(db.sessions).where(db.sessions.c.token_hash == self._h(token)))
+
     def csrf_token(self, session: str) -> str:
         """The page's form token, bound to the session cookie."""
         return hmac.new(self._pepper, b"csrf|" + session.encode(), hashlib.sha256).hexdigest()
+
+    def login_form_token(self, nonce: str) -> str:
+        """The sign-in form's token, bound to its pre-session cookie (login CSRF)."""
+        return hmac.new(self._pepper, b"login-csrf|" + nonce.encode(), hashlib.sha256).hexdigest()
 
     # -- codes ----------------------------------------------------------------------
     def issue_code(self, issued_by: str, *, test_type: str = "confirmed",

@@ -137,3 +137,82 @@ def test_an_unknown_user_name_costs_a_password_hash(backend, live, monkeypatch):
                 times.append(time.perf_counter() - t)
     known, unknown = (statistics.median(t) for t in timings.values())
     assert unknown > 0.5 * known, f"unknown name {unknown * 1000:.1f} ms, known {known * 1000:.1f} ms"
+
+
+# -- point 13: the physicians' page -------------------------------------------------------
+
+def test_every_answer_carries_the_security_headers(backend, live):
+    with httpx.Client(base_url=live.url) as web:
+        pages = [web.get("/login"), web.get("/", follow_redirects=True)]
+        others = [web.get("/healthz"), web.get("/exports/index.txt"), web.post("/api/verify", json={}),
+                  web.get("/no-such-page")]
+    for r in pages:
+        csp = r.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp and "default-src 'none'" in csp and "form-action 'self'" in csp
+        assert "script-src" not in csp and "unsafe-inline" not in csp and "style-src 'sha256-" in csp
+        assert r.headers["cache-control"] == "no-store"
+    for r in pages + others:
+        assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY"
+        assert r.headers["referrer-policy"] == "no-referrer"
+        assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+    assert others[0].headers["content-security-policy"].startswith("default-src 'none'")
+
+
+def session_cookie(r: httpx.Response) -> str:
+    (cookie,) = [c for c in r.headers.get_list("set-cookie") if c.startswith("ctagent_session=")]
+    return cookie.lower()
+
+
+def test_cookies_are_secure_behind_tls(backend, live):
+    with httpx.Client(base_url=live.url) as web:
+        # a client's own X-Forwarded-Proto means nothing
+        r = sign_in(web, "dr.who", "tardis-1963", {"X-Forwarded-Proto": "https"})
+        assert r.status_code == 303 and "; secure" not in session_cookie(r)
+        backend.config.trusted_proxies = ("127.0.0.1",)  # TLS ends at the proxy in front
+        r = sign_in(web, "dr.who", "tardis-1963", {"X-Forwarded-Proto": "https"})
+        assert "; secure" in session_cookie(r) and "httponly" in session_cookie(r)
+        assert "samesite=strict" in session_cookie(r)
+    backend.config.trusted_proxies = ()
+    backend.config.secure_cookies = True  # TLS ends where the backend cannot see
+    form = httpx.get(live.url + "/login")
+    assert "; secure" in form.headers["set-cookie"].lower()
+    nonce = form.cookies["ctagent_login"]  # a client would send it back over TLS only
+    csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', form.text).group(1)
+    r = httpx.post(live.url + "/login", data={"csrf": csrf, "username": "dr.who", "password": "tardis-1963"},
+                   headers={"cookie": f"ctagent_login={nonce}"})
+    assert r.status_code == 303 and "; secure" in session_cookie(r)
+
+
+def test_sign_out_ends_the_session(backend, live):
+    with httpx.Client(base_url=live.url) as web:
+        assert sign_in(web, "dr.who", "tardis-1963").status_code == 303
+        stolen = web.cookies["ctagent_session"]
+        home = web.get("/").text
+        assert 'action="/logout"' in home
+        csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', home).group(1)
+        assert web.get("/logout").status_code == 405  # a link cannot sign anyone out
+        r = web.post("/logout", data={"csrf": "0" * 64})  # forged: the session lives on
+        assert r.status_code == 303 and r.headers["location"] == "/login"
+        with httpx.Client(base_url=live.url, cookies={"ctagent_session": stolen}) as other:
+            assert other.get("/").status_code == 200
+        web.cookies.set("ctagent_session", stolen)
+        r = web.post("/logout", data={"csrf": csrf})
+        assert r.status_code == 303 and r.headers["location"] == "/login"
+        assert 'ctagent_session=""' in r.headers["set-cookie"]
+    with httpx.Client(base_url=live.url, cookies={"ctagent_session": stolen}) as other:
+        r = other.get("/")
+        assert r.status_code == 303 and r.headers["location"] == "/login"  # revoked on the server
+
+
+def test_sign_in_form_needs_its_own_token(backend, live):
+    """Without it, another site could sign a physician into an account of its choosing."""
+    with httpx.Client(base_url=live.url) as web, httpx.Client(base_url=live.url) as attacker:
+        r = web.post("/login", data={"username": "dr.who", "password": "tardis-1963"})
+        assert r.status_code == 403 and "ctagent_session" not in web.cookies
+        theirs = login_form(attacker)  # a token of the attacker's own form, bound to its cookie
+        r = web.post("/login", data={**theirs, "username": "dr.who", "password": "tardis-1963"})
+        assert r.status_code == 403 and "ctagent_session" not in web.cookies
+        assert theirs == login_form(attacker)  # the same form token while its cookie lives
+        r = sign_in(web, "dr.who", "tardis-1963")
+        assert r.status_code == 303 and "ctagent_session" in web.cookies
+        assert 'ctagent_login=""' in ";".join(r.headers.get_list("set-cookie"))  # used up
