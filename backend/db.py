@@ -95,11 +95,47 @@ batches = sa.Table(
 )
 
 
+#: the journals SQLite keeps beside a database in WAL mode
+SQLITE_JOURNALS = ("-wal", "-shm")
+
+
+def private_sqlite_file(path: Path) -> None:
+    """Create the database file 0600 before SQLite does (SQLite gives its WAL and shared
+    memory files the database's mode), and take group and other access from ones an
+    older version left readable."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for p in (path, *(Path(f"{path}{suffix}") for suffix in SQLITE_JOURNALS)):
+        try:
+            if os.stat(p).st_mode & 0o077:
+                os.chmod(p, 0o600)
+        except FileNotFoundError:
+            pass
+
+
+def _without_row_values(ctx: sa.engine.ExceptionContext) -> None:
+    """PostgreSQL's errors carry DETAIL lines that quote the row (``Key (key_data)=(\\x2a11...)
+    already exists``): keep its one-line message only, in the driver's exception and in
+    SQLAlchemy's, which the log's traceback prints both."""
+    orig = ctx.original_exception
+    primary = getattr(getattr(orig, "diag", None), "message_primary", None)
+    if not primary:
+        return
+    orig.args = (primary,)
+    if ctx.sqlalchemy_exception is not None:
+        ctx.sqlalchemy_exception.args = (f"({type(orig).__module__}.{type(orig).__name__}) {primary}",)
+
+
 def make_engine(url: str) -> sa.Engine:
-    kw = {}
+    """The engine of ``url``. An error's text never holds SQL parameters or row values
+    (keys, hashes, codes): errors go to logs."""
+    kw: dict = {"hide_parameters": True}
     if url.startswith("sqlite"):
         kw["connect_args"] = {"check_same_thread": False, "timeout": 30}
     engine = sa.create_engine(url, **kw)
+    if engine.dialect.name == "postgresql":
+        sa.event.listen(engine, "handle_error", _without_row_values)
+    if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        private_sqlite_file(Path(str(engine.url.database)))
     if url.startswith("sqlite"):
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _rec):

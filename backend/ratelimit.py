@@ -5,7 +5,7 @@ backend's clock."""
 from __future__ import annotations
 
 import math
-from collections import OrderedDict, defaultdict, deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from agent.clock import Clock
@@ -13,22 +13,55 @@ from agent.clock import Clock
 from .errors import ApiError, Code
 
 WINDOW_S = 60
+#: (bucket, client) pairs remembered at most; beyond, the longest idle are forgotten
+#: first (a flood of fresh addresses costs memory for one minute, then nothing)
+MAX_TRACKED = 100_000
+
+
+def _compact(table: OrderedDict, peak: int) -> tuple[OrderedDict, int]:
+    """A dict keeps the table of its largest size; copied when it shrank to a quarter
+    of it, the memory of a past flood goes back."""
+    if peak > 1024 and len(table) < peak // 4:
+        return OrderedDict(table), len(table)
+    return table, max(peak, len(table))
 
 
 class RateLimiter:
+    """Every pair is forgotten once its last request left the window: the memory held is
+    that of the clients of the last minute, at most :data:`MAX_TRACKED` of them."""
+
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
-        self._hits: dict[tuple[str, str], deque[float]] = defaultdict(deque)
+        #: least recently seen first
+        self._hits: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
+        self._peak = 0
 
     def check(self, bucket: str, client: str, per_min: int) -> None:
         """Count one request of ``client`` in ``bucket``; :class:`ApiError` when over the limit."""
         now = self.clock.now()
-        q = self._hits[(bucket, client)]
+        self._forget(now)
+        key = (bucket, client)
+        q = self._hits.pop(key, None) or deque()
         while q and q[0] <= now - WINDOW_S:
             q.popleft()
+        self._hits[key] = q  # the most recently seen last
         if len(q) >= per_min:
             raise ApiError(Code.RATE_LIMITED, f"too many {bucket} requests; try again in a minute")
         q.append(now)
+        while len(self._hits) > MAX_TRACKED:
+            self._hits.popitem(last=False)
+        self._peak = max(self._peak, len(self._hits))
+
+    def _forget(self, now: float) -> None:
+        while self._hits:
+            key, q = next(iter(self._hits.items()))
+            if q and q[-1] > now - WINDOW_S:
+                break
+            del self._hits[key]
+        self._hits, self._peak = _compact(self._hits, self._peak)
+
+    def __len__(self) -> int:
+        return len(self._hits)
 
 
 #: consecutive failed sign-ins of one account name before each further one must wait
@@ -61,6 +94,7 @@ class LoginBackoff:
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self._failures: OrderedDict[str, _Failures] = OrderedDict()
+        self._peak = 0
 
     def check(self, username: str) -> None:
         """:class:`ApiError` while this account name must wait."""
@@ -81,6 +115,7 @@ class LoginBackoff:
         self._failures[username] = f  # the most recent last
         while len(self._failures) > LOGIN_MAX_TRACKED:
             self._failures.popitem(last=False)
+        self._peak = max(self._peak, len(self._failures))
 
     def succeeded(self, username: str) -> None:
         self._failures.pop(username, None)
@@ -91,6 +126,7 @@ class LoginBackoff:
             if oldest.last > now - LOGIN_FAILURES_KEPT_S:
                 break
             self._failures.popitem(last=False)
+        self._failures, self._peak = _compact(self._failures, self._peak)
 
     def __len__(self) -> int:
         return len(self._failures)

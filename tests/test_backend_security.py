@@ -2,6 +2,8 @@
 addresses a client cannot choose, sign-ins that back off per account and cost the same
 for every name."""
 
+import logging
+import os
 import re
 import statistics
 import time
@@ -11,12 +13,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.protocol import robert
-from backend import Backend, BackendConfig, verification
+from backend import Backend, BackendConfig, publish, verification
 from backend.ratelimit import LOGIN_BACKOFF_FIRST_S, LOGIN_FREE_FAILURES
 from backend.robert import RobertConfig, RobertServer
 from backend.server import BackgroundServer
 
+from .backend_requests import prepared_publish
 from .conftest import database_url
+from .helpers import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -216,3 +220,57 @@ def test_sign_in_form_needs_its_own_token(backend, live):
         r = sign_in(web, "dr.who", "tardis-1963")
         assert r.status_code == 303 and "ctagent_session" in web.cookies
         assert 'ctagent_login=""' in ";".join(r.headers.get_list("set-cookie"))  # used up
+
+
+# -- point 13: files, logs, memory ----------------------------------------------------------
+
+def mode(path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_the_data_folder_and_database_files_are_private(backend, clock):
+    d = backend.config.data_dir
+    backend.publisher.publish(prepared_publish(backend, clock.t)[0])
+    assert mode(d) == 0o700
+    private = [d / "certificate-signing-key.pem", d / "export-signing-key.pem", d / "code-pepper"]
+    if backend.engine.dialect.name == "sqlite":
+        private += [d / "backend.db", d / "backend.db-wal", d / "backend.db-shm"]
+        clock.advance(3600)
+        backend.exports.run()
+        private.append(d / "backend.db.export.lock")
+    assert {p.name: oct(mode(p)) for p in private} == {p.name: "0o600" for p in private}
+
+
+def test_an_older_data_folder_is_made_private(tmp_path):
+    d = tmp_path / "old"
+    Backend(BackendConfig(d)).engine.dispose()
+    os.chmod(d, 0o755)
+    for name in ("backend.db", "backend.db-wal", "backend.db-shm"):
+        if (d / name).exists():
+            os.chmod(d / name, 0o644)
+    Backend(BackendConfig(d)).engine.dispose()
+    assert mode(d) == 0o700 and mode(d / "backend.db") == 0o600
+    assert all(mode(p) == 0o600 for p in d.glob("backend.db-*"))
+
+
+def test_database_errors_never_log_key_bytes(backend, live, clock, monkeypatch):
+    """A database error's text held its SQL parameters, and so the first bytes of the
+    uploaded keys, in the server's log."""
+    body, keys = prepared_publish(backend, clock.t)
+    row = publish._row
+    monkeypatch.setattr(publish, "_row", lambda k, ha, now: {**row(k, ha, now), "key_data": keys[0]})  # a clash
+    caught = logging.getLogger("uvicorn.error")
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda rec: records.append(logging.Formatter().format(rec))  # type: ignore[method-assign]
+    caught.addHandler(handler)
+    try:
+        r = httpx.post(live.url + "/v1/publish", json=body)
+        wait_until(lambda: records, what="the server to log the error")  # it answers first, then logs
+    finally:
+        caught.removeHandler(handler)
+    assert r.status_code == 500
+    text = "\n".join(records)
+    assert "IntegrityError" in text and "parameters hidden" in text.lower()
+    for k in keys:
+        assert repr(k)[2:14] not in text and k.hex()[:8] not in text

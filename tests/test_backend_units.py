@@ -39,11 +39,13 @@ from backend.publish import (
     symptom_onset,
     validate_publish,
 )
+from backend import ratelimit
 from backend.ratelimit import (
     LOGIN_BACKOFF_FIRST_S,
     LOGIN_BACKOFF_MAX_S,
     LOGIN_FAILURES_KEPT_S,
     LOGIN_FREE_FAILURES,
+    WINDOW_S,
     LoginBackoff,
     RateLimiter,
 )
@@ -382,6 +384,42 @@ def test_rate_limiter_sliding_minute():
     lim.check("issue", "a", 2)  # per bucket
     clock.advance(30)  # the first request left the window
     lim.check("verify", "a", 2)
+
+
+def test_rate_limiter_forgets_idle_clients():
+    """60,000 one-off clients held 45 MB for good."""
+    import gc
+    import tracemalloc
+
+    clock = ManualClock(NOW)
+    lim = RateLimiter(clock)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for i in range(60_000):
+            lim.check("verify", f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", 20)
+            if i % 10_000 == 0:
+                clock.advance(1)
+        busy = tracemalloc.get_traced_memory()[0]
+        clock.advance(WINDOW_S)
+        lim.check("verify", "192.0.2.1", 20)
+        gc.collect()
+        idle = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(lim) == 1
+    assert idle < busy / 20 and idle < 1_000_000, f"{busy / 1e6:.1f} MB busy, {idle / 1e6:.1f} MB idle"
+
+
+def test_rate_limiter_holds_at_most_its_cap(monkeypatch):
+    monkeypatch.setattr(ratelimit, "MAX_TRACKED", 100)
+    clock = ManualClock(NOW)
+    lim = RateLimiter(clock)
+    for i in range(1000):
+        lim.check("login", f"c{i}", 1)
+    assert len(lim) == 100
+    with pytest.raises(ApiError):
+        lim.check("login", "c999", 1)  # the most recent are the ones kept
 
 
 def test_login_backoff_doubles_up_to_its_cap_and_forgets():
