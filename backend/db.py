@@ -147,6 +147,22 @@ def make_engine(url: str) -> sa.Engine:
     return engine
 
 
+def insert_new(conn: sa.Connection, table: sa.Table, rows: list[dict], unique: str) -> int:
+    """Insert the rows whose ``unique`` column holds no stored value yet, in one
+    statement (``ON CONFLICT DO NOTHING``: a row another transaction is inserting at the
+    same moment is waited for, then skipped, never an error); how many were inserted."""
+    if not rows:
+        return 0
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    primary = list(table.primary_key.columns)[0]
+    if conn.dialect.name == "postgresql":
+        stmt = postgresql.insert(table).on_conflict_do_nothing(index_elements=[unique]).returning(primary)
+    else:
+        stmt = sqlite.insert(table).on_conflict_do_nothing(index_elements=[unique]).returning(primary)
+    return len(conn.execute(stmt, rows).fetchall())
+
+
 # -- one job at a time -------------------------------------------------------------------
 
 #: how often a waiting SQLite job looks at the lock again

@@ -160,30 +160,33 @@ class Publisher:
     def publish(self, request: Mapping[str, Any]) -> dict:
         """Store the keys of a v1 publish request; the response body. A certificate is
         used once; an identical retry (same certificate, hence same keys) gets the first
-        answer again."""
+        answer again, also when it arrives while the first is being stored. A key that
+        is stored already (another upload, even one at the same moment) is skipped."""
         now = self.clock.now()
         check_key_count(request["temporaryExposureKeys"])  # before any work on the certificate
         claims = certificate.read(request["verificationPayload"], self.certificate_key, now)
         valid = validate_publish(request, claims, now)
         certs = db.certificates
         with self.engine.begin() as c:
-            cert = c.execute(sa.select(certs).where(certs.c.jti == valid.jti)).first()
-            if cert is None:
-                raise ApiError(Code.CERTIFICATE_INVALID, "unknown certificate")
-            if cert.used_at is not None:
+            # claim the certificate first: a second request with it waits here until the
+            # first is stored (a row lock; SQLite's one writer), then answers as a retry
+            claimed = c.execute(sa.update(certs).where(certs.c.jti == valid.jti, certs.c.used_at.is_(None))
+                                .values(used_at=now)).rowcount == 1
+            if not claimed:
+                cert = c.execute(sa.select(certs).where(certs.c.jti == valid.jti)).first()
+                if cert is None:
+                    raise ApiError(Code.CERTIFICATE_INVALID, "unknown certificate")
                 if cert.response:
                     return json.loads(cert.response)
                 raise ApiError(Code.CERTIFICATE_USED, "the certificate was already used")
-            existing = {r.key_data for r in c.execute(sa.select(db.exposures.c.key_data).where(
-                db.exposures.c.key_data.in_([k.key_data for k in valid.keys])))}
-            new_rows = [_row(k, valid.health_authority, now) for k in valid.keys if k.key_data not in existing]
-            if new_rows:
-                c.execute(sa.insert(db.exposures), new_rows)
-            resp: dict[str, Any] = {"revisionToken": "", "insertedExposures": len(new_rows), "error": "", "code": ""}
+            # in one order (by key): two uploads sharing keys cannot wait on each other
+            rows = sorted((_row(k, valid.health_authority, now) for k in valid.keys), key=lambda r: r["key_data"])
+            inserted = db.insert_new(c, db.exposures, rows, "key_data")
+            resp: dict[str, Any] = {"revisionToken": "", "insertedExposures": inserted, "error": "", "code": ""}
             if valid.warnings:  # as the key server's ``warnings`` (omitted when empty)
                 resp["warnings"] = list(valid.warnings)
-            c.execute(sa.update(certs).where(certs.c.jti == valid.jti).values(used_at=now, response=json.dumps(resp)))
-        log.info("publish: %d key(s) inserted", len(new_rows))
+            c.execute(sa.update(certs).where(certs.c.jti == valid.jti).values(response=json.dumps(resp)))
+        log.info("publish: %d key(s) inserted", inserted)
         return resp
 
 

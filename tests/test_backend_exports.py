@@ -267,3 +267,34 @@ def test_the_export_lock_gives_up_in_time_and_dies_with_its_holder(backend):
         holder.wait()
     with db.job_lock(backend.engine, "export", wait_s=10):
         pass
+
+
+# -- publishes at the same moment ------------------------------------------------------------
+
+def at_once(pool, http, bodies):
+    """POST every body to /v1/publish at the same moment; the answers."""
+    gate = threading.Barrier(len(bodies))
+
+    def send(body):
+        gate.wait(10)
+        return http.post("/v1/publish", json=body)
+
+    return list(pool.map(send, bodies))
+
+
+def test_publishes_racing_each_other_are_answered_as_one_after_the_other(backend, live, clock):
+    """A client's retry sent while the first request is being stored, and two uploads
+    sharing keys: each was a 500 (a unique key clash) and a retry could be told it
+    inserted 0 keys; now as if they came one after the other."""
+    with httpx.Client(base_url=live.url) as http, ThreadPoolExecutor(4) as pool:
+        for _ in range(8):
+            body, _ = prepared_publish(backend, clock.t)
+            answers = at_once(pool, http, [body, body])
+            assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+            assert answers[0].json() == answers[1].json() and answers[0].json()["insertedExposures"] == 14
+        for _ in range(8):  # two certificates, the same keys
+            keys = random_keys(clock.t)
+            answers = at_once(pool, http, [publish_body(keys, certified(backend, keys)) for _ in range(2)])
+            assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+            assert sorted(r.json()["insertedExposures"] for r in answers) == [0, 14]
+    assert len(stored(backend)) == 16 * 14
