@@ -546,12 +546,13 @@ def backend(ctx, data_dir, database, region):
     ctx.obj = {"data_dir": data_dir, "database": database, "region": region}
 
 
-def _backend(ctx):
+def _backend(ctx, **settings):
     from agent.clock import RealClock
     from backend import Backend, BackendConfig
 
     o = ctx.obj
-    return Backend(BackendConfig(o["data_dir"], database_url=o["database"], region=o["region"]), clock=RealClock())
+    return Backend(BackendConfig(o["data_dir"], database_url=o["database"], region=o["region"], **settings),
+                   clock=RealClock())
 
 
 @backend.command("serve")
@@ -562,15 +563,23 @@ def _backend(ctx):
               help="Serve the key server (gaen), the ROBERT server, or both.")
 @click.option("--register-api-key", default=None, envvar="CTAGENT_ROBERT_REGISTER_KEY",
               help="ROBERT: require this X-API-Key to register (replaces the deployed captcha).")
+@click.option("--trusted-proxy", "trusted_proxies", multiple=True, metavar="ADDRESS[/BITS]",
+              envvar="CTAGENT_BACKEND_TRUSTED_PROXIES",
+              help="A reverse proxy in front of the backend (repeat, or spaces in the variable): only its "
+                   "X-Forwarded-For / X-Forwarded-Proto are believed. Default: none, the peer's address counts.")
+@click.option("--secure-cookies", is_flag=True, envvar="CTAGENT_BACKEND_SECURE_COOKIES",
+              help="Mark the page's cookies Secure on every request (TLS ends before the backend and no trusted "
+                   "proxy sends X-Forwarded-Proto); they are Secure on HTTPS requests anyway.")
 @click.pass_context
 @friendly_errors
-def backend_serve(ctx, host, port, add_user, protocol, register_api_key):
+def backend_serve(ctx, host, port, add_user, protocol, register_api_key, trusted_proxies, secure_cookies):
     """Serve the API, the physicians' page and the export files."""
     import uvicorn
 
     from backend.app import create_app
+    from backend.server import UVICORN_OPTIONS
 
-    b = _backend(ctx)
+    b = _backend(ctx, trusted_proxies=tuple(trusted_proxies), secure_cookies=secure_cookies)
     if add_user:
         b.verification.add_user(*add_user)
     rs = None
@@ -580,7 +589,7 @@ def backend_serve(ctx, host, port, add_user, protocol, register_api_key):
         rs = RobertServer(b, RobertConfig(register_api_key=register_api_key))
         click.echo(f"ROBERT server public key: {rs.server_public_key}")
     click.echo(f"export signing public key (give it to the agents): {b.public_key_b64}")
-    uvicorn.run(create_app(b, rs), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(b, rs), host=host, port=port, log_level="info", **UVICORN_OPTIONS)
 
 
 @backend.command("code")

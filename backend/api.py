@@ -12,18 +12,16 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent.protocol.export import INT32_MAX
 from agent.protocol.gaen import TEK_ROLLING_PERIOD
 
 from .httputil import client_host
 from .jsonbody import model_body
+from .publish import MAX_TRANSMISSION_RISK
 from .service import Backend
 
 #: the largest body of these routes (the publish request's padding included)
 MAX_BODY = 64 * 1024
-#: an ENIntervalNumber is a uint32 (Exposure Notification cryptography specification)
-MAX_INTERVAL = 2**32 - 1
-#: a symptom-onset interval is stored in a 32-bit column (and days since onset follow from it)
-MAX_ONSET_INTERVAL = 2**31 - 1
 
 
 class _Strict(BaseModel):
@@ -40,16 +38,19 @@ class CertificateRequest(_Strict):
     ekeyhmac: str = Field(max_length=128)
 
 
+# Every number of these requests is a 32-bit field on the wire (export.proto; the key
+# server's int32): a larger one is refused by the model, before it can reach the
+# database or an export file; the roles then check what it means (age, period, onset).
 class IssueRequest(_Strict):
     testType: str = "confirmed"
-    symptomOnsetInterval: int | None = Field(None, ge=0, le=MAX_ONSET_INTERVAL)
+    symptomOnsetInterval: int | None = Field(None, ge=0, le=INT32_MAX)
 
 
 class ExposureKey(_Strict):
     key: str = Field(max_length=64)
-    rollingStartNumber: int = Field(ge=0, le=MAX_INTERVAL)
-    rollingPeriod: int = TEK_ROLLING_PERIOD
-    transmissionRisk: int = Field(0, ge=0, le=8)
+    rollingStartNumber: int = Field(ge=0, le=INT32_MAX)
+    rollingPeriod: int = Field(TEK_ROLLING_PERIOD, ge=0, le=INT32_MAX)
+    transmissionRisk: int = Field(0, ge=0, le=MAX_TRANSMISSION_RISK)
 
 
 class PublishRequest(_Strict):
@@ -57,7 +58,7 @@ class PublishRequest(_Strict):
     healthAuthorityID: str = Field("", max_length=128)
     verificationPayload: str = Field(max_length=8192)
     hmacKey: str = Field(max_length=128)
-    symptomOnsetInterval: int | None = Field(None, ge=0, le=MAX_ONSET_INTERVAL)
+    symptomOnsetInterval: int | None = Field(None, ge=0, le=INT32_MAX)
     traveler: bool = False
     revisionToken: str = Field("", max_length=4096)
     padding: str = Field("", max_length=MAX_BODY)

@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .api import MAX_BODY, api_router
 from .errors import ApiError, Code
-from .httputil import CpuLane, error_response
+from .httputil import CpuLane, SecurityHeaders, error_response
 from .robert import RobertServer
 from .robert_api import MAX_REPORT_BODY, REPORT_PATH, robert_router
 from .service import Backend
@@ -86,6 +86,7 @@ async def _validation_error(_request: Request, exc: Exception):
 def create_app(backend: Backend, robert_server: RobertServer | None = None) -> FastAPI:
     app = FastAPI(title="ctagent reference backend", docs_url=None, redoc_url=None)
     app.add_middleware(_BodyLimit)
+    app.add_middleware(SecurityHeaders)  # outermost: on every answer, refusals included
     app.state.backend = backend
     app.state.cpu = CpuLane()
     app.add_exception_handler(ApiError, _api_error)

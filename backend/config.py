@@ -21,6 +21,13 @@ class BackendConfig:
     rate_verify_per_min: int = 20
     key_id: str = "ctagent"
     key_version: str = "v1"
+    #: addresses or networks (``10.0.0.0/8``) of the reverse proxies in front of the
+    #: backend: only a request from one of them has its ``X-Forwarded-For`` and
+    #: ``X-Forwarded-Proto`` believed (the client address of the rate limits, HTTPS)
+    trusted_proxies: tuple[str, ...] = ()
+    #: mark the page's cookies Secure always (TLS ends where the backend cannot see it
+    #: and no trusted proxy says so); otherwise they are Secure on HTTPS requests
+    secure_cookies: bool = False
 
     @property
     def exports_dir(self) -> Path:

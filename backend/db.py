@@ -1,8 +1,20 @@
-"""Tables (SQLAlchemy Core: SQLite embedded by default, PostgreSQL from a URL)."""
+"""Tables (SQLAlchemy Core: SQLite embedded by default, PostgreSQL from a URL), the
+engine, and :func:`job_lock`: one holder at a time across threads and processes."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import sqlalchemy as sa
+
+from agent.errors import UserError
 
 metadata = sa.MetaData()
 
@@ -69,6 +81,7 @@ exposures = sa.Table(
     sa.Column("health_authority", sa.String(64), nullable=False),
     sa.Column("received_at", sa.Float, nullable=False),
     sa.Column("export_after", sa.Float, nullable=False, index=True),
+    # the batch the key was exported in; NULL: not yet; 0: cannot be exported (quarantined)
     sa.Column("batch_id", sa.Integer, nullable=True, index=True),
 )
 
@@ -82,11 +95,47 @@ batches = sa.Table(
 )
 
 
+#: the journals SQLite keeps beside a database in WAL mode
+SQLITE_JOURNALS = ("-wal", "-shm")
+
+
+def private_sqlite_file(path: Path) -> None:
+    """Create the database file 0600 before SQLite does (SQLite gives its WAL and shared
+    memory files the database's mode), and take group and other access from ones an
+    older version left readable."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for p in (path, *(Path(f"{path}{suffix}") for suffix in SQLITE_JOURNALS)):
+        try:
+            if os.stat(p).st_mode & 0o077:
+                os.chmod(p, 0o600)
+        except FileNotFoundError:
+            pass
+
+
+def _without_row_values(ctx: sa.engine.ExceptionContext) -> None:
+    """PostgreSQL's errors carry DETAIL lines that quote the row (``Key (key_data)=(\\x2a11...)
+    already exists``): keep its one-line message only, in the driver's exception and in
+    SQLAlchemy's, which the log's traceback prints both."""
+    orig = ctx.original_exception
+    primary = getattr(getattr(orig, "diag", None), "message_primary", None)
+    if not primary:
+        return
+    orig.args = (primary,)
+    if ctx.sqlalchemy_exception is not None:
+        ctx.sqlalchemy_exception.args = (f"({type(orig).__module__}.{type(orig).__name__}) {primary}",)
+
+
 def make_engine(url: str) -> sa.Engine:
-    kw = {}
+    """The engine of ``url``. An error's text never holds SQL parameters or row values
+    (keys, hashes, codes): errors go to logs."""
+    kw: dict = {"hide_parameters": True}
     if url.startswith("sqlite"):
         kw["connect_args"] = {"check_same_thread": False, "timeout": 30}
     engine = sa.create_engine(url, **kw)
+    if engine.dialect.name == "postgresql":
+        sa.event.listen(engine, "handle_error", _without_row_values)
+    if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        private_sqlite_file(Path(str(engine.url.database)))
     if url.startswith("sqlite"):
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _rec):
@@ -96,3 +145,106 @@ def make_engine(url: str) -> sa.Engine:
             cur.close()
     metadata.create_all(engine)
     return engine
+
+
+def insert_new(conn: sa.Connection, table: sa.Table, rows: list[dict], unique: str) -> int:
+    """Insert the rows whose ``unique`` column holds no stored value yet, in one
+    statement (``ON CONFLICT DO NOTHING``: a row another transaction is inserting at the
+    same moment is waited for, then skipped, never an error); how many were inserted."""
+    if not rows:
+        return 0
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    primary = list(table.primary_key.columns)[0]
+    if conn.dialect.name == "postgresql":
+        stmt = postgresql.insert(table).on_conflict_do_nothing(index_elements=[unique]).returning(primary)
+    else:
+        stmt = sqlite.insert(table).on_conflict_do_nothing(index_elements=[unique]).returning(primary)
+    return len(conn.execute(stmt, rows).fetchall())
+
+
+# -- one job at a time -------------------------------------------------------------------
+
+#: how often a waiting SQLite job looks at the lock again
+_LOCK_POLL_S = 0.05
+#: job locks of databases without a file (SQLite in memory: one process)
+_memory_locks: dict[str, threading.Lock] = {}
+
+
+class JobBusy(UserError):
+    """Another holder kept a job lock for longer than the caller would wait."""
+
+
+def _advisory_key(name: str) -> int:
+    """A stable signed 64-bit key of PostgreSQL's advisory lock space for ``name``."""
+    return int.from_bytes(hashlib.sha256(f"ctagent|{name}".encode()).digest()[:8], "big", signed=True)
+
+
+def lock_file(engine: sa.Engine, name: str) -> Path | None:
+    """The file beside a SQLite database that its ``name`` jobs lock; None in memory."""
+    database = engine.url.database
+    if not database or database == ":memory:":
+        return None
+    return Path(f"{database}.{name}.lock")
+
+
+@contextmanager
+def job_lock(engine: sa.Engine, name: str, *, wait_s: float,
+             on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold the lock ``name`` of this database for the ``with`` block: one holder at a time,
+    whichever thread or process, on any machine sharing the database. Waits up to
+    ``wait_s`` seconds for a holder to finish (calling ``on_wait`` once first), then
+    raises :class:`JobBusy`. A holder that dies releases the lock with it.
+
+    PostgreSQL: a transaction-level advisory lock (``pg_advisory_xact_lock``) on a
+    connection of its own, kept for the block. SQLite: an exclusive ``flock`` on a file
+    beside the database (an exclusive transaction on the database itself would stall
+    every writer, the publish requests too, for as long as the job runs)."""
+    busy = JobBusy(f"another {name} job has been running for over {wait_s:g} s; try again when it is done")
+    if engine.dialect.name == "postgresql":
+        key = _advisory_key(name)
+        with engine.connect() as c, c.begin():
+            if not c.execute(sa.text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key}).scalar():
+                if on_wait:
+                    on_wait()
+                c.execute(sa.text(f"SET LOCAL lock_timeout = {max(1, int(wait_s * 1000))}"))
+                try:
+                    c.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+                except sa.exc.OperationalError:
+                    raise busy from None
+            yield  # released when this transaction ends, however it ends
+        return
+    path = lock_file(engine, name)
+    if path is None:
+        lock = _memory_locks.setdefault(name, threading.Lock())
+        if not lock.acquire(blocking=False):
+            if on_wait:
+                on_wait()
+            if not lock.acquire(timeout=wait_s):
+                raise busy
+        try:
+            yield
+        finally:
+            lock.release()
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is None:
+                    deadline = time.monotonic() + wait_s
+                    if on_wait:
+                        on_wait()
+                if time.monotonic() >= deadline:
+                    raise busy from None
+                time.sleep(_LOCK_POLL_S)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

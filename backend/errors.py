@@ -27,6 +27,8 @@ class Code(enum.StrEnum):
     WEAK_PASSWORD = "weak_password"
     BAD_LOGIN = "bad_login"
     BAD_TEST_TYPE = "bad_test_type"
+    #: a symptom onset in the future or too long ago (issuing a code)
+    ONSET_INVALID = "onset_invalid"
     CODE_SPACE_EXHAUSTED = "code_space_exhausted"
     CODE_INVALID = "code_invalid"
     CODE_USED = "code_used"

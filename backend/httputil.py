@@ -1,17 +1,24 @@
-"""Small helpers shared by the HTTP routers."""
+"""Small helpers shared by the HTTP routers: who the client is, whether the request came
+over HTTPS, the error response."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import functools
+import ipaddress
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from agent.errors import ConfigError
 
 from .errors import ApiError, Code
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 T = TypeVar("T")
 
 #: Requests whose CPU work (SKINNY, HMACs, ECDH, parsing a large body) runs at the same
@@ -20,9 +27,102 @@ T = TypeVar("T")
 CPU_LANES = 2
 
 
-def client_host(request: Request) -> str:
-    """The peer's address: the key of the per-client rate limits."""
+def proxy_networks(entries: Iterable[str]) -> tuple[Network, ...]:
+    """The trusted proxies of the configuration as networks; :class:`ConfigError` names
+    an entry that is neither an address nor a network."""
+    nets = []
+    for e in entries:
+        try:
+            nets.append(ipaddress.ip_network(e.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"trusted proxy {e!r} is not an IP address or network (like 10.0.0.0/8)") from None
+    return tuple(nets)
+
+
+@functools.lru_cache(maxsize=8)
+def _networks(entries: tuple[str, ...]) -> tuple[Network, ...]:
+    return proxy_networks(entries)
+
+
+def _trusted(host: str, nets: tuple[Network, ...]) -> bool:
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(addr in n for n in nets)
+
+
+def _proxies(request: Request) -> tuple[Network, ...]:
+    backend = getattr(request.app.state, "backend", None)
+    return _networks(tuple(backend.config.trusted_proxies)) if backend is not None else ()
+
+
+def _peer(request: Request) -> str:
     return request.client.host if request.client else "unknown"
+
+
+def _header_values(request: Request, name: str) -> list[str]:
+    return [v.strip() for h in request.headers.getlist(name) for v in h.split(",") if v.strip()]
+
+
+def client_host(request: Request) -> str:
+    """The client's address: the key of the per-client rate limits. The peer of the
+    connection, unless it is a configured trusted proxy: then the nearest address of
+    ``X-Forwarded-For`` that is not one (each proxy appends the address it saw, so what
+    a client wrote itself stands further left and is never reached)."""
+    peer, nets = _peer(request), _proxies(request)
+    if not nets or not _trusted(peer, nets):
+        return peer
+    hops = _header_values(request, "x-forwarded-for")
+    for hop in reversed(hops):
+        if not _trusted(hop, nets):
+            return hop
+    return hops[0] if hops else peer
+
+
+def is_https(request: Request) -> bool:
+    """Whether the client's connection is HTTPS: this one, or, from a trusted proxy,
+    the nearest ``X-Forwarded-Proto``."""
+    if request.url.scheme == "https":
+        return True
+    nets = _proxies(request)
+    if not nets or not _trusted(_peer(request), nets):
+        return False
+    proto = _header_values(request, "x-forwarded-proto")
+    return bool(proto) and proto[-1].lower() == "https"
+
+
+#: headers of every response unless the route set its own (OWASP Secure Headers Project;
+#: REST Security Cheat Sheet): no content sniffing, no framing, no referrer, and for
+#: anything that is not one of the pages, a policy that allows nothing at all
+SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'; base-uri 'none'"),
+)
+
+
+class SecurityHeaders:
+    """ASGI middleware adding :data:`SECURITY_HEADERS` to every HTTP response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {k.lower() for k, _ in headers}
+                headers += [(k, v) for k, v in SECURITY_HEADERS if k not in present]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def error_response(code: Code, message: str) -> JSONResponse:

@@ -1,16 +1,28 @@
-"""The backend's long-lived secrets, each in its own 0600 file in the data folder,
+"""The backend's long-lived secrets, each in its own 0600 file in the data folder (0700),
 created on first start: ECDSA P-256 signing keys (export files, certificates) and
 random secrets (the code pepper, the ROBERT master key)."""
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.errors import ConfigError
 from agent.files import write_private_file
+
+
+def private_data_dir(path: Path) -> None:
+    """The data folder, created if need be, mode 0700: it holds the keys, the database
+    (password, session and code hashes, keys not yet published) and its journals."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)
+    except OSError as e:
+        raise ConfigError(f"cannot make the data folder {path} private (mode 700): {e.strerror}") from None
 
 
 def load_or_create_ec_key(path: Path) -> ec.EllipticCurvePrivateKey:

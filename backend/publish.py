@@ -4,9 +4,12 @@ Notifications key server's, google/exposure-notifications-server
 
 :func:`validate_publish` is pure (request, certificate claims and time in; typed keys or
 an :class:`ApiError` out). Its checks mirror the key server's
-``internal/publish/model/exposure_model.go`` (``AdjustAndValidate``): 16-byte keys, a
-rolling period of 1..144, no key that expired more than 15 days ago or starts in the
-future, and keys still valid when uploaded are embargoed until they expire.
+``internal/publish/model/exposure_model.go`` (``AdjustAndValidate``,
+``TransformPublish``): 16-byte keys, a rolling period of 1..144, a transmission risk of
+0..8, no key that expired more than 15 days ago or starts in the future, and keys still
+valid when uploaded are embargoed until they expire. The symptom onset is taken only
+when plausible (:func:`symptom_onset`), and a key whose days since onset would be
+beyond +-14 is not saved (a warning in the answer), as there.
 :class:`Publisher` adds the certificate check and the one database transaction.
 """
 
@@ -37,6 +40,17 @@ log = logging.getLogger("ctagent.backend")
 
 MAX_KEYS_PER_PUBLISH = 30
 MAX_KEY_AGE_DAYS = 15
+#: transmission risk levels of a v1 publish request (``MinTransmissionRisk`` ..
+#: ``MaxTransmissionRisk``, google/exposure-notifications-server ``pkg/api/v1``)
+MAX_TRANSMISSION_RISK = 8
+#: a key is saved with its days since symptom onset only within +-14 days of the onset
+#: (the key server's ``MAX_SYMPTOM_ONSET_DAYS`` default; Exposure Notifications v1.5
+#: devices weigh days since onset in -14..14 only); beyond it, the key is not saved
+MAX_ONSET_DAYS = 14
+#: a symptom onset is plausible when it is not in the future and not before UTC
+#: midnight this many days ago (the key server's ``MAX_VALID_SYMPTOM_ONSET_REPORT_DAYS``
+#: default); an implausible one is ignored, as there
+MAX_ONSET_REPORT_DAYS = 28
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,8 @@ class ValidatedPublish:
     report_type: ReportType
     symptom_onset_interval: int | None
     health_authority: str
+    #: one sentence per key of the request that is not saved (its onset is too far off)
+    warnings: tuple[str, ...] = ()
 
 
 def embargo_end(key: DiagnosisKey, now: float) -> float:
@@ -64,6 +80,30 @@ def _b64(value: str) -> bytes | None:
         return None
 
 
+def onset_plausible(onset: int, now: float) -> bool:
+    """A symptom onset interval not in the future and not before UTC midnight
+    :data:`MAX_ONSET_REPORT_DAYS` days ago."""
+    earliest = gaen.rolling_start_for_day(now) - MAX_ONSET_REPORT_DAYS * gaen.TEK_ROLLING_PERIOD
+    return isinstance(onset, int) and earliest <= onset <= gaen.en_interval_number(now)
+
+
+def symptom_onset(certified: int | None, requested: object, now: float) -> int | None:
+    """The onset the keys are labelled with: the certificate's (signed for the health
+    authority) when it is plausible, else the request's (outside the certificate and its
+    HMAC) when plausible, else none. 0 means none, as in the key server's API."""
+    for onset in (certified, requested):
+        if isinstance(onset, int) and not isinstance(onset, bool) and onset and onset_plausible(onset, now):
+            return onset
+    return None
+
+
+def _int_field(k: Mapping[str, Any], name: str, default: int | None, i: int) -> int:
+    value = k.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ApiError(Code.KEY_INVALID, f"key {i}: {name} must be an integer")
+    return value
+
+
 def validate_publish(request: Mapping[str, Any], claims: CertificateClaims, now: float) -> ValidatedPublish:
     """Check the keys of ``request`` (the JSON body of a v1 publish request, shape-checked
     by the route's model) against ``claims`` (a verified certificate) at ``now``."""
@@ -72,29 +112,40 @@ def validate_publish(request: Mapping[str, Any], claims: CertificateClaims, now:
         raise ApiError(Code.HMAC_KEY_INVALID, "hmacKey is not base64")
     now_enin = gaen.en_interval_number(now)
     oldest = now_enin - MAX_KEY_AGE_DAYS * gaen.TEK_ROLLING_PERIOD
-    onset = request.get("symptomOnsetInterval") or claims.symptom_onset_interval or None
+    onset = symptom_onset(claims.symptom_onset_interval, request.get("symptomOnsetInterval"), now)
     report_type = claims.report_type
-    keys = []
+    keys, saved, warnings = [], [], []
     for i, k in enumerate(request["temporaryExposureKeys"]):
         data = _b64(k["key"])
         if data is None or len(data) != gaen.KEY_LEN:
             raise ApiError(Code.KEY_INVALID, f"key {i} is not {gaen.KEY_LEN} bytes of base64")
-        rs, rp = k["rollingStartNumber"], k.get("rollingPeriod", gaen.TEK_ROLLING_PERIOD)
+        rs = _int_field(k, "rollingStartNumber", None, i)
+        rp = _int_field(k, "rollingPeriod", gaen.TEK_ROLLING_PERIOD, i)
+        tr = _int_field(k, "transmissionRisk", 0, i)
         if not 1 <= rp <= gaen.TEK_ROLLING_PERIOD:
             raise ApiError(Code.KEY_INVALID, f"key {i}: rollingPeriod must be 1..{gaen.TEK_ROLLING_PERIOD}")
+        if not 0 <= tr <= MAX_TRANSMISSION_RISK:
+            raise ApiError(Code.KEY_INVALID, f"key {i}: transmissionRisk must be 0..{MAX_TRANSMISSION_RISK}")
         if rs + rp < oldest:
             raise ApiError(Code.KEY_TOO_OLD, f"key {i} is older than {MAX_KEY_AGE_DAYS} days")
         if rs > now_enin:
             raise ApiError(Code.KEY_IN_FUTURE, f"key {i} starts in the future")
-        dso = None if not onset else int((rs - onset) // gaen.TEK_ROLLING_PERIOD)
-        keys.append(DiagnosisKey(data, rs, rp, k.get("transmissionRisk", 0), report_type, dso))
+        # days since onset: rounded down as before (the key server rounds partial days
+        # away from zero, ``DaysBetweenIntervals``; aligning them is a separate change)
+        dso = None if onset is None else int((rs - onset) // gaen.TEK_ROLLING_PERIOD)
+        key = DiagnosisKey(data, rs, rp, tr, report_type, dso)
+        keys.append(key)
+        if dso is not None and abs(dso) > MAX_ONSET_DAYS:
+            warnings.append(f"key {i} is {abs(dso)} days from the symptom onset (over {MAX_ONSET_DAYS}): not saved")
+        else:
+            saved.append(key)
     if len({k.key_data for k in keys}) != len(keys):
         raise ApiError(Code.KEY_DUPLICATE, "the same key appears twice")
     if not hmac.compare_digest(tek_hmac(hmac_key, keys), claims.tekmac):
         raise ApiError(Code.HMAC_MISMATCH, "the keys do not match the certificate's HMAC")
     ha = claims.health_authority
-    return ValidatedPublish(claims.jti, tuple(keys), report_type, onset,
-                            ha if ha is not None else str(request.get("healthAuthorityID", "")))
+    return ValidatedPublish(claims.jti, tuple(saved), report_type, onset,
+                            ha if ha is not None else str(request.get("healthAuthorityID", "")), tuple(warnings))
 
 
 def check_key_count(keys: Sequence[object]) -> None:
@@ -109,28 +160,33 @@ class Publisher:
     def publish(self, request: Mapping[str, Any]) -> dict:
         """Store the keys of a v1 publish request; the response body. A certificate is
         used once; an identical retry (same certificate, hence same keys) gets the first
-        answer again."""
+        answer again, also when it arrives while the first is being stored. A key that
+        is stored already (another upload, even one at the same moment) is skipped."""
         now = self.clock.now()
         check_key_count(request["temporaryExposureKeys"])  # before any work on the certificate
         claims = certificate.read(request["verificationPayload"], self.certificate_key, now)
         valid = validate_publish(request, claims, now)
         certs = db.certificates
         with self.engine.begin() as c:
-            cert = c.execute(sa.select(certs).where(certs.c.jti == valid.jti)).first()
-            if cert is None:
-                raise ApiError(Code.CERTIFICATE_INVALID, "unknown certificate")
-            if cert.used_at is not None:
+            # claim the certificate first: a second request with it waits here until the
+            # first is stored (a row lock; SQLite's one writer), then answers as a retry
+            claimed = c.execute(sa.update(certs).where(certs.c.jti == valid.jti, certs.c.used_at.is_(None))
+                                .values(used_at=now)).rowcount == 1
+            if not claimed:
+                cert = c.execute(sa.select(certs).where(certs.c.jti == valid.jti)).first()
+                if cert is None:
+                    raise ApiError(Code.CERTIFICATE_INVALID, "unknown certificate")
                 if cert.response:
                     return json.loads(cert.response)
                 raise ApiError(Code.CERTIFICATE_USED, "the certificate was already used")
-            existing = {r.key_data for r in c.execute(sa.select(db.exposures.c.key_data).where(
-                db.exposures.c.key_data.in_([k.key_data for k in valid.keys])))}
-            new_rows = [_row(k, valid.health_authority, now) for k in valid.keys if k.key_data not in existing]
-            if new_rows:
-                c.execute(sa.insert(db.exposures), new_rows)
-            resp = {"revisionToken": "", "insertedExposures": len(new_rows), "error": "", "code": ""}
-            c.execute(sa.update(certs).where(certs.c.jti == valid.jti).values(used_at=now, response=json.dumps(resp)))
-        log.info("publish: %d key(s) inserted", len(new_rows))
+            # in one order (by key): two uploads sharing keys cannot wait on each other
+            rows = sorted((_row(k, valid.health_authority, now) for k in valid.keys), key=lambda r: r["key_data"])
+            inserted = db.insert_new(c, db.exposures, rows, "key_data")
+            resp: dict[str, Any] = {"revisionToken": "", "insertedExposures": inserted, "error": "", "code": ""}
+            if valid.warnings:  # as the key server's ``warnings`` (omitted when empty)
+                resp["warnings"] = list(valid.warnings)
+            c.execute(sa.update(certs).where(certs.c.jti == valid.jti).values(response=json.dumps(resp)))
+        log.info("publish: %d key(s) inserted", inserted)
         return resp
 
 

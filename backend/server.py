@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Self
+from typing import Any, Self
 
 import uvicorn
 
@@ -15,6 +15,11 @@ from .robert import RobertServer
 from .service import Backend
 
 START_TIMEOUT_S = 15
+#: every server of the backend runs with these: uvicorn believes ``X-Forwarded-*`` from
+#: 127.0.0.1 by default, which would let any local client (or a proxy's clients) pick
+#: its own address; the backend reads them itself, from configured proxies only
+#: (:func:`backend.httputil.client_host`)
+UVICORN_OPTIONS: dict[str, Any] = {"proxy_headers": False}
 
 
 class BackgroundServer:
@@ -27,7 +32,7 @@ class BackgroundServer:
         self.port = port
         self.url = f"http://{host}:{port}"
         config = uvicorn.Config(create_app(backend, robert_server), host=host, port=port, log_level="warning",
-                                lifespan="off", access_log=False)
+                                lifespan="off", access_log=False, **UVICORN_OPTIONS)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="ctagent-backend", daemon=True)
 

@@ -9,6 +9,8 @@ from agent.clock import Clock, RealClock
 from . import db
 from .config import BackendConfig
 from .exports import ExportJob
+from .httputil import proxy_networks
+from .keyfiles import private_data_dir
 from .publish import Publisher
 from .ratelimit import RateLimiter
 from .verification import VerificationService
@@ -19,9 +21,10 @@ WALL_CLOCK = RealClock()
 
 class Backend:
     def __init__(self, config: BackendConfig, *, clock: Clock = WALL_CLOCK) -> None:
+        proxy_networks(config.trusted_proxies)  # a wrong entry is refused before anything starts
         self.config = config
         self.clock = clock
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        private_data_dir(config.data_dir)
         self.engine = db.make_engine(config.database)
         self.limiter = RateLimiter(clock)
         self.verification = VerificationService(config, self.engine, clock, self.limiter)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import logging
@@ -30,7 +31,8 @@ from . import certificate, db
 from .config import BackendConfig
 from .errors import ApiError, Code
 from .keyfiles import load_or_create_ec_key, load_or_create_secret
-from .ratelimit import RateLimiter
+from .publish import MAX_ONSET_REPORT_DAYS, onset_plausible
+from .ratelimit import LoginBackoff, RateLimiter
 
 log = logging.getLogger("ctagent.backend")
 
@@ -61,6 +63,13 @@ def check_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(hash_password(password, bytes.fromhex(salt)), stored)
 
 
+@functools.cache
+def _no_account_hash() -> str:
+    """A password hash of no account: checked against when the user name is unknown, so
+    that a wrong name costs the same time as a wrong password."""
+    return hash_password(secrets.token_urlsafe(16))
+
+
 def _is_code_shape(code: object) -> bool:
     return isinstance(code, str) and ((len(code) == SHORT_CODE_DIGITS and code.isdigit())
                                       or len(code) == LONG_CODE_LEN)
@@ -71,6 +80,7 @@ class VerificationService:
         self.config, self.engine, self.clock, self.limiter = config, engine, clock, limiter
         self._cert_key = load_or_create_ec_key(config.data_dir / "certificate-signing-key.pem")
         self._pepper = load_or_create_secret(config.data_dir / "code-pepper")
+        self.login_backoff = LoginBackoff(clock)
 
     @property
     def certificate_public_key(self) -> ec.EllipticCurvePublicKey:
@@ -105,11 +115,16 @@ class VerificationService:
         raise ApiError(Code.UNAUTHORIZED, "a valid X-API-Key header is required")
 
     def login(self, username: str, password: str) -> str:
-        """A new session token for the physicians' page."""
+        """A new session token for the physicians' page. Each account name (known or
+        not) backs off after failures; an unknown name costs one password hash too."""
+        self.login_backoff.check(username)
         with self.engine.connect() as c:
             row = c.execute(sa.select(db.users).where(db.users.c.username == username)).first()
-        if row is None or not check_password(password, row.password_hash):
+        password_ok = check_password(password, row.password_hash if row is not None else _no_account_hash())
+        if row is None or not password_ok:
+            self.login_backoff.failed(username)
             raise ApiError(Code.BAD_LOGIN, "wrong user name or password")
+        self.login_backoff.succeeded(username)
         token = secrets.token_urlsafe(32)
         with self.engine.begin() as c:
             c.execute(sa.insert(db.sessions).values(token_hash=self._h(token), user_id=row.id,
@@ -125,17 +140,30 @@ class VerificationService:
                                    db.sessions.c.expires_at > self.clock.now())).first()
         return row.username if row else None
 
+    def logout(self, token: str) -> None:
+        """End a session: its row is deleted, the cookie is worth nothing from now on."""
+        with self.engine.begin() as c:
+            c.execute(sa.delete(db.sessions).where(db.sessions.c.token_hash == self._h(token)))
+
     def csrf_token(self, session: str) -> str:
         """The page's form token, bound to the session cookie."""
         return hmac.new(self._pepper, b"csrf|" + session.encode(), hashlib.sha256).hexdigest()
+
+    def login_form_token(self, nonce: str) -> str:
+        """The sign-in form's token, bound to its pre-session cookie (login CSRF)."""
+        return hmac.new(self._pepper, b"login-csrf|" + nonce.encode(), hashlib.sha256).hexdigest()
 
     # -- codes ----------------------------------------------------------------------
     def issue_code(self, issued_by: str, *, test_type: str = "confirmed",
                    symptom_onset_interval: int | None = None) -> dict:
         if test_type not in certificate.TEST_TYPES:
             raise ApiError(Code.BAD_TEST_TYPE, f"test type must be one of {', '.join(certificate.TEST_TYPES)}")
-        self.limiter.check("issue", issued_by, self.config.rate_issue_per_min)
         now = self.clock.now()
+        symptom_onset_interval = symptom_onset_interval or None  # 0: none, as in the API
+        if symptom_onset_interval is not None and not onset_plausible(symptom_onset_interval, now):
+            raise ApiError(Code.ONSET_INVALID, f"the symptom onset must be within the last {MAX_ONSET_REPORT_DAYS} "
+                                               "days and not in the future")
+        self.limiter.check("issue", issued_by, self.config.rate_issue_per_min)
         for _ in range(_DRAWS):
             short = f"{secrets.randbelow(10**SHORT_CODE_DIGITS):0{SHORT_CODE_DIGITS}d}"
             long = "".join(secrets.choice(_LONG_ALPHABET) for _ in range(LONG_CODE_LEN))

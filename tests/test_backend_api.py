@@ -207,13 +207,18 @@ def test_long_code_outlives_the_short_one(backend, live, clock):
 
 # -- the physicians' page ----------------------------------------------------------------
 
+def login_form(web):
+    """The sign-in form's CSRF field (its cookie stays in ``web``)."""
+    return {"csrf": re.search(r'name="csrf" value="([0-9a-f]+)"', web.get("/login").text).group(1)}
+
+
 def test_physician_signs_in_and_issues_a_code(backend, live, clock):
     with httpx.Client(base_url=live.url) as web:
         r = web.get("/")
         assert r.status_code == 303 and r.headers["location"] == "/login"
-        r = web.post("/login", data={"username": "dr.who", "password": "wrong-password"})
+        r = web.post("/login", data={"username": "dr.who", "password": "wrong-password", **login_form(web)})
         assert r.status_code == 401 and "wrong user name or password" in r.text and "ctagent_session" not in web.cookies
-        r = web.post("/login", data={"username": "dr.who", "password": "tardis-1963"})
+        r = web.post("/login", data={"username": "dr.who", "password": "tardis-1963", **login_form(web)})
         assert r.status_code == 303 and r.headers["location"] == "/"
         cookie = r.headers["set-cookie"].lower()
         assert "httponly" in cookie and "samesite=strict" in cookie
@@ -238,8 +243,9 @@ def test_physician_signs_in_and_issues_a_code(backend, live, clock):
 
 def test_login_is_rate_limited(backend, live):
     with httpx.Client(base_url=live.url) as web:
-        statuses = [web.post("/login", data={"username": "dr.who", "password": "guess-guess"}).status_code
-                    for _ in range(11)]
+        # a name each: the per-address limit (one account's own back-off: test_backend_security)
+        statuses = [web.post("/login", data={"username": f"user-{i}", "password": "guess-guess", **login_form(web)})
+                    .status_code for i in range(11)]
     assert statuses == [401] * 10 + [429]
 
 
@@ -268,7 +274,7 @@ def test_export_job_writes_verifiable_signed_files(backend, live, clock):
         exp = export.parse_export(r.content, trusted_keys=[backend.public_key_b64])
         assert exp.verified and exp.verified_key_id == "ctagent" and exp.region == "XX"
         assert (exp.batch_num, exp.batch_size) == (1, 1) and len(exp.keys) == 50  # padded
-        assert name == f"{exp.start_timestamp}-{exp.end_timestamp}-00001.zip"
+        assert re.fullmatch(rf"{exp.start_timestamp}-{exp.end_timestamp}-\d+-00001\.zip", name)
         assert exp.end_timestamp % 3600 == 0 and exp.end_timestamp <= clock.t
         seen += [k for k in exp.keys if k.key_data in (b"a" * 16, b"b" * 16)]
     assert sorted(k.key_data for k in seen) == [b"a" * 16, b"b" * 16]

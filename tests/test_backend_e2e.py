@@ -52,7 +52,8 @@ def physician_issues_code(url: str) -> str:
     with httpx.Client(base_url=url, follow_redirects=True) as web:
         r = web.get("/")
         assert "Sign in" in r.text  # redirected to the login page
-        r = web.post("/login", data={"username": "dr.who", "password": "tardis-1963"})
+        form = re.search(r'name="csrf" value="([0-9a-f]+)"', r.text).group(1)
+        r = web.post("/login", data={"username": "dr.who", "password": "tardis-1963", "csrf": form})
         assert r.status_code == 200 and "Issue a verification code" in r.text
         csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', r.text).group(1)
         r = web.post("/issue", data={"csrf": csrf, "test_type": "confirmed", "onset": ""})

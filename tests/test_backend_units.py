@@ -5,6 +5,7 @@ import ast
 import base64
 import pathlib
 import random
+from types import SimpleNamespace
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -24,16 +25,30 @@ from backend.exports import (
     padding_keys,
     plan_batches,
     split_batches,
+    stored_key,
 )
 from backend.publish import (
     MAX_KEY_AGE_DAYS,
     MAX_KEYS_PER_PUBLISH,
+    MAX_ONSET_DAYS,
+    MAX_ONSET_REPORT_DAYS,
     ValidatedPublish,
     check_key_count,
     embargo_end,
+    onset_plausible,
+    symptom_onset,
     validate_publish,
 )
-from backend.ratelimit import RateLimiter
+from backend import ratelimit
+from backend.ratelimit import (
+    LOGIN_BACKOFF_FIRST_S,
+    LOGIN_BACKOFF_MAX_S,
+    LOGIN_FAILURES_KEPT_S,
+    LOGIN_FREE_FAILURES,
+    WINDOW_S,
+    LoginBackoff,
+    RateLimiter,
+)
 from backend.web import onset_interval
 
 NOW = 20_000 * DAY_SECONDS + 9 * 3600  # 09:00 UTC
@@ -87,9 +102,12 @@ def test_publish_defaults_and_fallbacks():
     assert v.report_type is ReportType.CONFIRMED_TEST  # no test type in the certificate
     assert v.health_authority == "req-ha"  # no health authority in the certificate
     assert v.symptom_onset_interval is None and v.keys[0].days_since_onset_of_symptoms is None
-    # the request's onset wins over the certificate's
+    # the certificate's onset (signed) wins over the request's (outside its HMAC) ...
     v = validate_publish(request_for(keys, symptomOnsetInterval=TODAY - 144),
                          claims_for(keys, symptom_onset_interval=TODAY - 5 * 144), NOW)
+    assert v.keys[0].days_since_onset_of_symptoms == 4
+    # ... and the request's is taken when the certificate has none
+    v = validate_publish(request_for(keys, symptomOnsetInterval=TODAY - 144), claims_for(keys), NOW)
     assert v.keys[0].days_since_onset_of_symptoms == 0
 
 
@@ -135,6 +153,85 @@ def test_hmac_mismatch_and_bad_hmac_key():
     body = request_for(keys)
     body["hmacKey"] = "***"
     rejected(Code.HMAC_KEY_INVALID, body, claims_for(keys))
+
+
+@pytest.mark.parametrize("onset", [2**40, -(2**40), 2**31 - 1, TODAY + 2 * 144, TODAY - 40 * 144, "x", True])
+def test_an_implausible_request_onset_is_ignored(onset):
+    """Outside the certificate and its HMAC: never a reason for a number out of range."""
+    keys = [tek(1), tek(2, TODAY - 3 * 144)]
+    v = validate_publish(request_for(keys, symptomOnsetInterval=onset), claims_for(keys), NOW)
+    assert v.symptom_onset_interval is None
+    assert [k.days_since_onset_of_symptoms for k in v.keys] == [None, None]
+    assert len(v.keys) == 2 and v.warnings == ()
+
+
+def test_onset_plausibility_window():
+    earliest = TODAY - MAX_ONSET_REPORT_DAYS * 144
+    now_enin = gaen.en_interval_number(NOW)
+    assert onset_plausible(earliest, NOW) and onset_plausible(now_enin, NOW)
+    assert not onset_plausible(earliest - 1, NOW) and not onset_plausible(now_enin + 1, NOW)
+    assert symptom_onset(None, 0, NOW) is None and symptom_onset(0, None, NOW) is None  # 0: none
+    assert symptom_onset(TODAY + 144, TODAY - 144, NOW) == TODAY - 144  # an implausible certificate onset
+    assert symptom_onset(TODAY - 2 * 144, TODAY - 144, NOW) == TODAY - 2 * 144
+
+
+def test_keys_beyond_14_days_from_the_onset_are_not_saved():
+    keys = [tek(1, TODAY - 144), tek(2, TODAY - 15 * 144)]
+    v = validate_publish(request_for(keys), claims_for(keys, symptom_onset_interval=TODAY), NOW)
+    assert [k.key_data for k in v.keys] == [keys[0].key_data]
+    assert [k.days_since_onset_of_symptoms for k in v.keys] == [-1]
+    assert v.warnings == (f"key 1 is 15 days from the symptom onset (over {MAX_ONSET_DAYS}): not saved",)
+    k = tek(1, TODAY - 14 * 144)  # exactly 14 days: saved
+    assert validate_publish(request_for([k]), claims_for([k], symptom_onset_interval=TODAY),
+                            NOW).keys[0].days_since_onset_of_symptoms == -14
+
+
+@pytest.mark.parametrize("field,value", [("transmissionRisk", 9), ("transmissionRisk", -1),
+                                         ("transmissionRisk", "3"), ("rollingStartNumber", 2**40 + 0.5),
+                                         ("rollingPeriod", None), ("rollingStartNumber", True)])
+def test_every_number_of_a_key_is_checked(field, value):
+    k = tek(1)
+    body = request_for([k])
+    body["temporaryExposureKeys"][0][field] = value
+    rejected(Code.KEY_INVALID, body, claims_for([k]))
+
+
+def test_api_models_bound_every_number_to_32_bits():
+    from pydantic import ValidationError
+
+    from backend.api import IssueRequest, PublishRequest
+    body = request_for([tek(1)], verificationPayload="c", symptomOnsetInterval=2**31 - 1)
+    PublishRequest(**body)
+    for where, value in (("symptomOnsetInterval", 2**31), ("symptomOnsetInterval", -1)):
+        with pytest.raises(ValidationError):
+            PublishRequest(**dict(body, **{where: value}))
+    for field in ("rollingStartNumber", "rollingPeriod"):
+        bad = dict(body, temporaryExposureKeys=[dict(body["temporaryExposureKeys"][0], **{field: 2**40})])
+        with pytest.raises(ValidationError):
+            PublishRequest(**bad)
+    with pytest.raises(ValidationError):
+        IssueRequest(symptomOnsetInterval=2**40)
+
+
+def _row(**kw):
+    base = {"id": 7, "key_data": b"\x01" * 16, "rolling_start": TODAY, "rolling_period": 144,
+            "transmission_risk": 0, "report_type": 1, "days_since_onset": None}
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_stored_key_of_a_good_row():
+    assert stored_key(_row()).rolling_start_interval_number == TODAY
+    assert stored_key(_row(days_since_onset=-(2**31))).days_since_onset_of_symptoms == -(2**31)
+
+
+@pytest.mark.parametrize("field,value", [("days_since_onset", 2**40), ("days_since_onset", 2**31),
+                                         ("rolling_start", 2**31), ("rolling_start", -1), ("rolling_period", 145),
+                                         ("report_type", 99), ("key_data", b"\x01" * 15),
+                                         ("transmission_risk", 2**40)])
+def test_stored_key_refuses_what_an_export_file_cannot_hold(field, value):
+    with pytest.raises(ValueError) as e:
+        stored_key(_row(**{field: value}))
+    assert "\\x01" not in str(e.value) and "AQEB" not in str(e.value)  # no key bytes in the reason
 
 
 def test_first_failing_key_is_named():
@@ -206,7 +303,7 @@ def test_split_batches():
     assert split_batches([], 3) == []
     assert split_batches([1, 2, 3], 3) == [[1, 2, 3]]
     assert split_batches(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
-    assert file_name(BatchWindow(10, 20), 2) == "10-20-00002.zip"
+    assert file_name(BatchWindow(10, 20), 7, 2) == "10-20-7-00002.zip"  # the batch's id: unique per batch
 
 
 def test_padding_keys_look_like_real_uploads():
@@ -287,6 +384,71 @@ def test_rate_limiter_sliding_minute():
     lim.check("issue", "a", 2)  # per bucket
     clock.advance(30)  # the first request left the window
     lim.check("verify", "a", 2)
+
+
+def test_rate_limiter_forgets_idle_clients():
+    """60,000 one-off clients held 45 MB for good."""
+    import gc
+    import tracemalloc
+
+    clock = ManualClock(NOW)
+    lim = RateLimiter(clock)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for i in range(60_000):
+            lim.check("verify", f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", 20)
+            if i % 10_000 == 0:
+                clock.advance(1)
+        busy = tracemalloc.get_traced_memory()[0]
+        clock.advance(WINDOW_S)
+        lim.check("verify", "192.0.2.1", 20)
+        gc.collect()
+        idle = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(lim) == 1
+    assert idle < busy / 20 and idle < 1_000_000, f"{busy / 1e6:.1f} MB busy, {idle / 1e6:.1f} MB idle"
+
+
+def test_rate_limiter_holds_at_most_its_cap(monkeypatch):
+    monkeypatch.setattr(ratelimit, "MAX_TRACKED", 100)
+    clock = ManualClock(NOW)
+    lim = RateLimiter(clock)
+    for i in range(1000):
+        lim.check("login", f"c{i}", 1)
+    assert len(lim) == 100
+    with pytest.raises(ApiError):
+        lim.check("login", "c999", 1)  # the most recent are the ones kept
+
+
+def test_login_backoff_doubles_up_to_its_cap_and_forgets():
+    clock = ManualClock(NOW)
+    b = LoginBackoff(clock)
+    for _ in range(LOGIN_FREE_FAILURES - 1):
+        b.check("dr.who")
+        b.failed("dr.who")
+    b.check("dr.who")  # still free
+    waits = []
+    for _ in range(7):
+        b.failed("dr.who")
+        start = clock.t
+        while True:
+            try:
+                b.check("dr.who")
+                break
+            except ApiError as e:
+                assert e.code is Code.RATE_LIMITED and "this account" in e.message
+                clock.advance(30)
+        waits.append(clock.t - start)
+    assert waits == [LOGIN_BACKOFF_FIRST_S * 2**i for i in range(4)] + [LOGIN_BACKOFF_MAX_S] * 3
+    b.check("someone-else")  # per account name
+    b.succeeded("dr.who")
+    b.failed("dr.who")
+    b.check("dr.who")  # a success starts the count afresh
+    clock.advance(LOGIN_FAILURES_KEPT_S)
+    b.check("x")
+    assert len(b) == 0  # old failures are forgotten
 
 
 def test_onset_interval():

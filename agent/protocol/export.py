@@ -41,6 +41,9 @@ ECDSA_SHA256_OID = "1.2.840.10045.4.3.2"
 #: Default cap on the uncompressed size of export.bin (500,000 keys take ~15 MB).
 DEFAULT_MAX_UNCOMPRESSED = 32 * 1024 * 1024
 MAX_SIG_BYTES = 64 * 1024
+#: The range of the key fields on the wire (``int32`` / ``sint32`` in export.proto):
+#: a value outside it cannot be written to a file at all.
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
 class ExportError(ProtocolError):
@@ -84,8 +87,13 @@ class DiagnosisKey(TemporaryExposureKey):
             raise ExportFormatError(f"key_data must be {KEY_LEN} bytes, got {len(self.key_data)}")
         if not 1 <= self.rolling_period <= TEK_ROLLING_PERIOD:
             raise ExportFormatError(f"rolling_period must be 1..{TEK_ROLLING_PERIOD}, got {self.rolling_period}")
-        if self.rolling_start_interval_number < 0:
-            raise ExportFormatError("negative rolling_start_interval_number")
+        if not 0 <= self.rolling_start_interval_number <= INT32_MAX:
+            raise ExportFormatError(f"rolling_start_interval_number must be 0..{INT32_MAX}")
+        if not INT32_MIN <= self.transmission_risk_level <= INT32_MAX:
+            raise ExportFormatError("transmission_risk_level is not a 32-bit integer")
+        dso = self.days_since_onset_of_symptoms
+        if dso is not None and not INT32_MIN <= dso <= INT32_MAX:
+            raise ExportFormatError("days_since_onset_of_symptoms is not a 32-bit integer")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,312 @@
+"""Backend load test, on 127.0.0.1 only and bounded: N clients, each running the whole
+declaration (lab API issue -> verify -> certificate -> publish) over real HTTP against a
+server process, while two export jobs run at once, again and again; on SQLite and on a
+throw-away PostgreSQL (skipped, with the reason, when it cannot start).
+
+Some flows race on purpose: a publish sent twice at once (a client's retry), a code
+verified twice at once. They must be answered as they are one after the other (the
+same 200, ``code_used``) or 409, never 5xx.
+
+It prints, per database: the keys the server acknowledged against the keys in the
+export files index.txt lists (equal, each once), the 5xx count (0), p50/p99 latency per
+step, and the server's peak memory (VmHWM). Exit status 1 if an invariant broke.
+
+Run from the repository root:
+    .venv/bin/python -m benchmarks.bench_load [--clients 16] [--flows 40] [--db sqlite,postgresql]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import json
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from agent.clock import RealClock
+from agent.protocol import export, gaen
+from agent.protocol.gaen import TemporaryExposureKey
+from agent.protocol.verification import tek_hmac
+
+#: the whole run of one database stops here, whatever is left
+RUN_TIMEOUT_S = 300
+START_TIMEOUT_S = 30
+#: export windows of one second: keys are exported while the load goes on
+EXPORT_PERIOD_S = 1
+#: every k-th flow sends its publish twice at once; every m-th verifies its code twice at once
+PUBLISH_RACE_EVERY = 5
+VERIFY_RACE_EVERY = 7
+KEYS_PER_PUBLISH = 14
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def backend_config(data_dir: Path, database_url: str | None):
+    """The server's and the export jobs' settings: no rate limit (every client is
+    127.0.0.1), one-second export windows, no padding (every exported key is real)."""
+    from backend import BackendConfig
+    return BackendConfig(data_dir, database_url=database_url, rate_issue_per_min=10**9,
+                         rate_verify_per_min=10**9, export_period_s=EXPORT_PERIOD_S, export_min_keys=0)
+
+
+def serve(data_dir: Path, database_url: str | None, port: int) -> None:
+    """The server process (this module run with --serve)."""
+    import uvicorn
+
+    from backend import Backend
+    from backend.app import create_app
+    from backend.server import UVICORN_OPTIONS
+    backend = Backend(backend_config(data_dir, database_url), clock=RealClock())
+    uvicorn.run(create_app(backend), host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                **UVICORN_OPTIONS)
+
+
+@dataclass
+class Tally:
+    latencies: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
+    statuses: collections.Counter = field(default_factory=collections.Counter)
+    server_errors: list[str] = field(default_factory=list)
+    acked: set[bytes] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def call(self, http: httpx.Client, step: str, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
+        t = time.perf_counter()
+        r = http.post(path, json=body, headers=headers)
+        dt = time.perf_counter() - t
+        with self.lock:
+            self.latencies[step].append(dt)
+            self.statuses[(step, r.status_code)] += 1
+            if r.status_code >= 500:
+                self.server_errors.append(f"{step}: {r.status_code} {r.text[:200]}")
+        return r
+
+
+def flow(i: int, http: httpx.Client, api_key: str, tally: Tally) -> None:
+    """One declaration; races on purpose on some flows."""
+    code = tally.call(http, "issue", "/api/issue", {"testType": "confirmed"}, {"X-API-Key": api_key}).json()["code"]
+    if i % VERIFY_RACE_EVERY == 0:
+        with ThreadPoolExecutor(2) as two:
+            answers = list(two.map(lambda _: tally.call(http, "verify", "/api/verify", {"code": code}), range(2)))
+        ok = [r for r in answers if r.status_code == 200]
+        assert len(ok) == 1 and {r.status_code for r in answers} <= {200, 400, 409}, [r.text for r in answers]
+        token = ok[0].json()["token"]
+    else:
+        token = tally.call(http, "verify", "/api/verify", {"code": code}).json()["token"]
+    today = gaen.rolling_start_for_day(time.time())
+    keys = [TemporaryExposureKey(secrets.token_bytes(16), today - gaen.TEK_ROLLING_PERIOD * (k + 1))
+            for k in range(KEYS_PER_PUBLISH)]
+    hmac_key = secrets.token_bytes(32)
+    cert = tally.call(http, "certificate", "/api/certificate",
+                      {"token": token, "ekeyhmac": tek_hmac(hmac_key, keys)}).json()["certificate"]
+    body = {"temporaryExposureKeys": [{"key": base64.b64encode(k.key_data).decode(),
+                                       "rollingStartNumber": k.rolling_start_interval_number,
+                                       "rollingPeriod": k.rolling_period, "transmissionRisk": 0} for k in keys],
+            "healthAuthorityID": "load", "verificationPayload": cert, "hmacKey": base64.b64encode(hmac_key).decode()}
+    sends = 2 if i % PUBLISH_RACE_EVERY == 0 else 1
+    with ThreadPoolExecutor(sends) as pool:
+        answers = list(pool.map(lambda _: tally.call(http, "publish", "/v1/publish", body), range(sends)))
+    ok = [r.json() for r in answers if r.status_code == 200]
+    if ok:
+        assert all(a == ok[0] for a in ok), ok  # a retry gets the first answer
+        assert ok[0]["insertedExposures"] == KEYS_PER_PUBLISH, ok[0]
+        with tally.lock:
+            tally.acked.update(k.key_data for k in keys)
+
+
+def exported(data_dir: Path, public_key: str) -> tuple[list[str], collections.Counter]:
+    index = (data_dir / "exports" / "index.txt").read_text().split()
+    seen: collections.Counter = collections.Counter()
+    for name in index:
+        exp = export.parse_export((data_dir / "exports" / name).read_bytes(), trusted_keys=[public_key])
+        seen.update(k.key_data for k in exp.keys)
+    return index, seen
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_one(db_name: str, database_url: str | None, clients: int, flows: int, console: Console) -> dict:
+    from backend import Backend
+    with tempfile.TemporaryDirectory(prefix=f"ctagent-load-{db_name}-") as d:
+        data_dir = Path(d) / "backend"
+        setup = Backend(backend_config(data_dir, database_url), clock=RealClock())
+        if database_url:  # a fresh schema
+            from backend import db
+            db.metadata.drop_all(setup.engine)
+            db.metadata.create_all(setup.engine)
+        api_key = setup.verification.add_api_key("load")
+        public_key = setup.public_key_b64
+        setup.engine.dispose()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log = open(Path(d) / "server.log", "w+")
+        server = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_load", "--serve", str(data_dir),
+                                   "--database", database_url or "", "--port", str(port)],
+                                  cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                httpx.get(url + "/healthz", timeout=1)
+                break
+            except httpx.HTTPError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"the server did not start:\n{log.read()[-2000:]}") from None
+                time.sleep(0.05)
+        tally = Tally()
+        # two export jobs at once, over and over, each with a backend (a database engine) of its own
+        jobs = [Backend(backend_config(data_dir, database_url), clock=RealClock()) for _ in range(2)]
+        runs, job_errors = collections.Counter(), []
+        load_done = threading.Event()
+
+        def export_loop(job) -> None:
+            while not load_done.is_set():
+                try:
+                    runs[len(job.exports.run()) > 0] += 1
+                except Exception as e:
+                    job_errors.append(f"{type(e).__name__}: {e}")
+                load_done.wait(0.2)
+
+        exporters = [threading.Thread(target=export_loop, args=(j,)) for j in jobs]
+        started = time.perf_counter()
+        try:
+            for t in exporters:
+                t.start()
+            with httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=clients * 2)) as http, \
+                    ThreadPoolExecutor(clients) as pool:
+                futures = [pool.submit(flow, i, http, api_key, tally) for i in range(clients * flows)]
+                failures = []
+                for f in futures:
+                    try:
+                        f.result(timeout=max(1.0, RUN_TIMEOUT_S - (time.perf_counter() - started)))
+                    except Exception as e:
+                        failures.append(f"{type(e).__name__}: {e}"[:300])
+            load_s = time.perf_counter() - started
+            load_done.set()
+            for t in exporters:
+                t.join(RUN_TIMEOUT_S)
+            # the last keys: once the clock passed their window's end
+            boundary = (time.time() // EXPORT_PERIOD_S + 1) * EXPORT_PERIOD_S
+            while time.time() < boundary + 0.05:
+                time.sleep(0.05)
+            jobs[0].exports.run()
+            peak = peak_rss_mb(server.pid)
+        finally:
+            load_done.set()
+            server.terminate()
+            server.wait(30)
+            for j in jobs:
+                j.engine.dispose()
+        index, seen = exported(data_dir, public_key)
+        log.seek(0)
+        server_log = log.read()
+        log.close()
+    in_files = sum(seen.values())
+    ok = (tally.acked == set(seen) and in_files == len(tally.acked) and len(index) == len(set(index))
+          and not tally.server_errors and not failures and not job_errors)
+    all_lat = sorted(x for v in tally.latencies.values() for x in v)
+    res = {
+        "db": db_name, "clients": clients, "flows": clients * flows, "load_s": round(load_s, 1),
+        "requests": len(all_lat), "requests_per_s": round(len(all_lat) / load_s),
+        "acked_keys": len(tally.acked), "keys_in_files": in_files, "distinct_keys_in_files": len(seen),
+        "index_files": len(index), "index_unique": len(set(index)) == len(index),
+        "export_runs": runs[True] + runs[False], "export_runs_with_files": runs[True],
+        "status_5xx": len(tally.server_errors),
+        "status_409": sum(n for (_, status), n in tally.statuses.items() if status == 409),
+        "latency_ms": {step: {"p50": round(pct(v, 50) * 1000, 1), "p99": round(pct(v, 99) * 1000, 1)}
+                       for step, v in tally.latencies.items()},
+        "all_p50_ms": round(pct(all_lat, 50) * 1000, 1), "all_p99_ms": round(pct(all_lat, 99) * 1000, 1),
+        "server_peak_mb": round(peak, 1), "ok": ok,
+        "statuses": {f"{step} {status}": n for (step, status), n in sorted(tally.statuses.items())},
+        "failures": failures[:5], "job_errors": job_errors[:5], "server_errors": tally.server_errors[:5],
+    }
+    if not ok and ("Traceback" in server_log or "ERROR" in server_log):
+        console.print(f"[red]server log ({db_name}), last lines:[/]\n" + server_log[-3000:])
+    return res
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(p) - 1]
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=16, help="concurrent clients (threads)")
+    ap.add_argument("--flows", type=int, default=40, help="declarations per client")
+    ap.add_argument("--db", default="sqlite,postgresql", help="databases to run on, comma-separated")
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ap.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--database", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.serve:
+        serve(a.serve, a.database or None, a.port)
+        return []
+    console = Console(stderr=a.json, width=max(150, Console().width))
+    results = []
+    for name in a.db.split(","):
+        if name == "sqlite":
+            results.append(run_one("SQLite", None, a.clients, a.flows, console))
+        elif name == "postgresql":
+            sys.path.insert(0, str(ROOT))
+            from tests.postgres_fixture import PostgresServer
+            pg = PostgresServer()
+            if pg.start() is None:
+                console.print(f"[yellow]PostgreSQL skipped: {pg.skip_reason}[/]")
+                continue
+            try:
+                results.append(run_one("PostgreSQL", pg.url, a.clients, a.flows, console))
+            finally:
+                pg.stop()
+        else:
+            ap.error(f"unknown database {name!r}")
+    if a.json:
+        print(json.dumps(results, indent=1))
+    else:
+        t = Table(title=f"Backend under load on 127.0.0.1 (server process; {a.clients} clients, "
+                        "two export jobs at once, 1-s export windows)")
+        for c in ("database", "flows (requests/s)", "acked keys", "keys in files", "5xx", "409",
+                  "p50 / p99 ms", "publish p50 / p99 ms", "server peak", "invariant"):
+            t.add_column(c)
+        for r in results:
+            pub = r["latency_ms"].get("publish", {})
+            t.add_row(r["db"], f"{r['flows']} ({r['requests_per_s']}/s)", str(r["acked_keys"]),
+                      f"{r['keys_in_files']} ({r['distinct_keys_in_files']} distinct, {r['index_files']} files)",
+                      str(r["status_5xx"]), str(r["status_409"]), f"{r['all_p50_ms']} / {r['all_p99_ms']}",
+                      f"{pub.get('p50')} / {pub.get('p99')}", f"{r['server_peak_mb']} MB",
+                      "[green]holds[/]" if r["ok"] else "[red]BROKEN[/]")
+        console.print(t)
+        for r in results:
+            if not r["ok"]:
+                what = {k: r[k] for k in ("statuses", "failures", "job_errors", "server_errors")}
+                console.print(f"[red]{r['db']}:[/] {json.dumps(what, indent=1)}")
+    if any(not r["ok"] for r in results):
+        sys.exit(1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""The publish -> export path under hostile or concurrent use, over real HTTP on
+127.0.0.1, on SQLite and PostgreSQL: a number outside its range never reaches an export
+file, a bad stored row never stops a batch."""
+
+import collections
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from agent.protocol import export, gaen
+from backend import Backend, BackendConfig, db
+from backend import exports as export_job
+
+from .backend_requests import certified, prepared_publish, publish_body, random_keys
+from .helpers import wait_until
+
+pytestmark = pytest.mark.integration
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def exported_keys(backend) -> list[bytes]:
+    """Every key in the files index.txt lists (padding included), once per appearance."""
+    out = []
+    for name in (backend.config.exports_dir / "index.txt").read_text().split():
+        exp = export.parse_export((backend.config.exports_dir / name).read_bytes(),
+                                  trusted_keys=[backend.public_key_b64])
+        out += [k.key_data for k in exp.keys]
+    return out
+
+
+def assert_every_key_in_exactly_one_file(backend, published: list[bytes]) -> None:
+    """The invariant of the export files: index.txt names each file once, every
+    published key is in exactly one listed file, and a key marked exported is in one."""
+    index = (backend.config.exports_dir / "index.txt").read_text().split()
+    seen = collections.Counter(exported_keys(backend))
+    marked = {r.key_data for r in stored(backend) if r.batch_id}
+    missing = [k for k in published if seen[k] == 0]
+    twice = [k for k in published if seen[k] > 1]
+    assert len(index) == len(set(index)) and not missing and not twice, (
+        f"{len(published)} published keys: {len(missing)} in no file, {len(twice)} in more than one; "
+        f"index.txt: {len(index)} lines, {len(set(index))} files")
+    assert set(published) <= marked and all(seen[k] == 1 for k in marked)
+
+
+def twin(backend, clock):
+    """A second backend on the same data folder and database: another process's view."""
+    return Backend(BackendConfig(backend.config.data_dir, database_url=backend.config.database_url,
+                                 export_min_keys=backend.config.export_min_keys,
+                                 export_period_s=backend.config.export_period_s), clock=clock)
+
+
+def stored(backend, **where):
+    with backend.engine.connect() as c:
+        q = sa.select(db.exposures)
+        for col, value in where.items():
+            q = q.where(getattr(db.exposures.c, col) == value)
+        return c.execute(q.order_by(db.exposures.c.id)).fetchall()
+
+
+# -- point 7: one upload must not stop all exports ----------------------------------------
+
+def test_one_poisoned_upload_does_not_stop_exports(backend, live, clock):
+    """An onset of 2**40 outside the certificate's HMAC was stored (SQLite) or answered
+    500 (PostgreSQL), and every later export failed with 'Value out of range'."""
+    legit = []
+    with httpx.Client(base_url=live.url) as http:
+        for i in range(20):
+            body, keys = prepared_publish(backend, clock.t)
+            if i == 10:
+                poisoned, _ = prepared_publish(backend, clock.t, symptomOnsetInterval=2**40)
+                r = http.post("/v1/publish", json=poisoned)
+                assert r.status_code == 400 and r.json()["code"] == "invalid_request"
+                assert "symptomOnsetInterval" in r.json()["error"]
+            assert http.post("/v1/publish", json=body).json()["insertedExposures"] == 14
+            legit += keys
+        # a 32-bit onset that makes no sense (far in the future) is ignored, as the key server does
+        odd, odd_keys = prepared_publish(backend, clock.t, symptomOnsetInterval=2**31 - 1)
+        assert http.post("/v1/publish", json=odd).json()["insertedExposures"] == 14
+    assert all(r.days_since_onset is None for r in stored(backend) if r.key_data in odd_keys)
+    assert len(stored(backend)) == 294
+    clock.advance(3600)
+    assert backend.exports.run() != []
+    assert sorted(set(exported_keys(backend)) & set(legit + odd_keys)) == sorted(legit + odd_keys)
+
+
+def test_certificate_onset_wins_and_keys_far_from_it_are_not_saved(backend, live, clock):
+    today = gaen.rolling_start_for_day(clock.t)
+    keys = random_keys(clock.t, 14)  # 1..14 days old
+    onset = today - 2 * gaen.TEK_ROLLING_PERIOD
+    body = publish_body(keys, certified(backend, keys, onset=onset), symptomOnsetInterval=today - 10 * 144)
+    r = httpx.post(live.url + "/v1/publish", json=body)
+    assert r.status_code == 200 and r.json()["insertedExposures"] == 14
+    assert sorted(r.days_since_onset for r in stored(backend)) == list(range(-12, 2))  # the certificate's onset
+
+    keys = random_keys(clock.t, 15)
+    onset = today  # the 14-day-old key is 14 days before it: saved; the 15-day-old one is not
+    body = publish_body(keys, certified(backend, keys, onset=onset))
+    r = httpx.post(live.url + "/v1/publish", json=body).json()
+    assert r["insertedExposures"] == 14 and r["warnings"] == ["key 14 is 15 days from the symptom onset (over 14): "
+                                                              "not saved"]
+    assert len(stored(backend)) == 28 and keys[14].key_data not in {r.key_data for r in stored(backend)}
+
+
+def test_lab_api_refuses_an_onset_out_of_range(backend, live, clock):
+    key = backend.verification.add_api_key("lab-1")
+    today = gaen.rolling_start_for_day(clock.t)
+    for onset, code in ((2**40, "invalid_request"), (today + 2 * 144, "onset_invalid"),
+                        (today - 40 * 144, "onset_invalid")):
+        r = httpx.post(live.url + "/api/issue", json={"symptomOnsetInterval": onset}, headers={"X-API-Key": key})
+        assert r.status_code == 400 and r.json()["code"] == code, onset
+    r = httpx.post(live.url + "/api/issue", json={"symptomOnsetInterval": today - 3 * 144}, headers={"X-API-Key": key})
+    assert r.status_code == 200
+
+
+def test_export_sets_a_bad_stored_row_aside(backend, clock, caplog):
+    """Rows written around the API (an older version, a hand edit) that no export file
+    can hold: the batch goes on without them, each is logged once (no key bytes) and
+    stays in the database, out of every file."""
+    good, keys = prepared_publish(backend, clock.t)
+    backend.publisher.publish(good)
+    yesterday = gaen.rolling_start_for_day(clock.t) - gaen.TEK_ROLLING_PERIOD
+    base = {"rolling_start": yesterday, "rolling_period": 144, "transmission_risk": 0, "report_type": 1,
+            "days_since_onset": None, "health_authority": "x", "received_at": clock.t, "export_after": clock.t}
+    bad = [dict(base, key_data=b"\xab" * 15), dict(base, key_data=b"\xac" * 16, report_type=99),
+           dict(base, key_data=b"\xad" * 16, rolling_period=0)]
+    if backend.engine.dialect.name == "sqlite":  # PostgreSQL's INTEGER cannot even hold these
+        bad += [dict(base, key_data=b"\xae" * 16, days_since_onset=2**40),
+                dict(base, key_data=b"\xaf" * 16, rolling_start=2**40)]
+    with backend.engine.begin() as c:
+        c.execute(sa.insert(db.exposures), bad)
+    clock.advance(3600)
+    with caplog.at_level(logging.INFO, logger="ctagent.backend"):
+        assert len(backend.exports.run()) == 1
+    assert sorted(set(exported_keys(backend)) & set(keys)) == sorted(keys)
+    assert len(stored(backend, batch_id=export_job.QUARANTINED)) == len(bad)
+    lines = [r.getMessage() for r in caplog.records if "quarantined" in r.getMessage()]
+    assert len(lines) == len(bad)
+    assert not any(b in line for line in lines for b in ("\\xab", "\\xac", "abab", "q6ur", "\\xad", "\\xae"))
+    caplog.clear()
+    clock.advance(3600)
+    with caplog.at_level(logging.INFO, logger="ctagent.backend"):
+        backend.exports.run()
+    assert not [r for r in caplog.records if "quarantined" in r.getMessage()]  # set aside once, for good
+
+
+# -- point 8: overlapping export jobs must not lose keys -----------------------------------
+
+def test_a_second_export_job_waits_for_the_first(backend, clock, caplog, monkeypatch):
+    """Job A has read its rows and is signing; more keys arrive; job B (another process's
+    backend) starts. B used to export them all under A's file name, then A overwrote that
+    file with its older rows: the late keys were marked exported but in no file, and
+    index.txt listed the name twice."""
+    other = twin(backend, clock)
+    published = []
+    for _ in range(3):
+        body, keys = prepared_publish(backend, clock.t)
+        backend.publisher.publish(body)
+        published += keys
+    clock.advance(3600)
+    signing, go = threading.Event(), threading.Event()
+    build = export.build_export
+
+    def slow_build(*a, **kw):
+        if threading.current_thread().name == "job-a":
+            signing.set()
+            assert go.wait(30)
+        return build(*a, **kw)
+
+    monkeypatch.setattr(export_job.export, "build_export", slow_build)
+    caplog.set_level(logging.INFO, logger="ctagent.backend")
+    a = threading.Thread(target=backend.exports.run, name="job-a")
+    b = threading.Thread(target=other.exports.run, name="job-b")
+    a.start()
+    wait_until(signing.is_set, what="job A to sign")
+    for _ in range(2):
+        body, keys = prepared_publish(backend, clock.t)
+        backend.publisher.publish(body)
+        published += keys
+    b.start()
+    wait_until(lambda: not b.is_alive() or "another export job is running" in caplog.text, what="job B")
+    go.set()
+    a.join(30)
+    b.join(30)
+    assert not a.is_alive() and not b.is_alive()
+    clock.advance(3600)
+    backend.exports.run()
+    assert_every_key_in_exactly_one_file(backend, published)
+    other.engine.dispose()
+
+
+def test_concurrent_publishes_and_export_runs_keep_every_key_once(backend, live, clock):
+    """Publishes over HTTP while two export jobs (two backends, as two processes) run at
+    once, again and again: every acknowledged key ends in exactly one listed file."""
+    backend.config.export_period_s = 60
+    backend.config.export_min_keys = 2000  # padding: each run signs long enough to overlap
+    other = twin(backend, clock)
+    published = []
+    with httpx.Client(base_url=live.url) as http, ThreadPoolExecutor(8) as pool:
+        def publish(body):
+            r = http.post("/v1/publish", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()["insertedExposures"]
+
+        for _ in range(6):
+            clock.advance(60)
+            prepared = [prepared_publish(backend, clock.t) for _ in range(9)]
+            runs = [pool.submit(job.run) for job in (backend.exports, other.exports)]
+            acked = list(pool.map(publish, [b for b, _ in prepared]))
+            assert acked == [14] * 9
+            published += [k for _, keys in prepared for k in keys]
+            for r in runs:
+                r.result(timeout=60)
+    clock.advance(120)
+    backend.exports.run()
+    assert len(published) == 6 * 9 * 14
+    assert_every_key_in_exactly_one_file(backend, published)
+    other.engine.dispose()
+
+
+def test_two_export_processes_at_once(backend, clock):
+    """Two `ctagent backend export` commands started together (cron and a person, say)."""
+    n = 40_000
+    rows = [{"key_data": secrets.token_bytes(16), "rolling_start": gaen.rolling_start_for_day(clock.t) - 144,
+             "rolling_period": 144, "transmission_risk": 0, "report_type": 1, "days_since_onset": None,
+             "health_authority": "x", "received_at": clock.t, "export_after": 0.0} for _ in range(n)]
+    with backend.engine.begin() as c:
+        c.execute(sa.insert(db.exposures), rows)
+    cmd = [sys.executable, "-m", "cli", "backend", "--data-dir", str(backend.config.data_dir)]
+    if backend.config.database_url:
+        cmd += ["--database", backend.config.database_url]
+    procs = [subprocess.Popen(cmd + ["export"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert_every_key_in_exactly_one_file(backend, [r["key_data"] for r in rows])
+    written = sorted(out.strip().splitlines()[0] for out, _ in outs)
+    assert written == ["0 export file(s) written", "1 export file(s) written"], outs
+
+
+def test_the_export_lock_gives_up_in_time_and_dies_with_its_holder(backend):
+    with db.job_lock(backend.engine, "export", wait_s=1):
+        with pytest.raises(db.JobBusy, match="another export job"):
+            with db.job_lock(backend.engine, "export", wait_s=0.2):
+                pass
+        with db.job_lock(backend.engine, "other-job", wait_s=0):  # locks are per name
+            pass
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from backend import db\n"
+         "with db.job_lock(db.make_engine(sys.argv[1]), 'export', wait_s=0):\n"
+         "    print('held', flush=True); time.sleep(120)", backend.config.database],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(db.JobBusy):
+            with db.job_lock(backend.engine, "export", wait_s=0):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no clean-up of its own
+        holder.wait()
+    with db.job_lock(backend.engine, "export", wait_s=10):
+        pass
+
+
+# -- publishes at the same moment ------------------------------------------------------------
+
+def at_once(pool, http, bodies):
+    """POST every body to /v1/publish at the same moment; the answers."""
+    gate = threading.Barrier(len(bodies))
+
+    def send(body):
+        gate.wait(10)
+        return http.post("/v1/publish", json=body)
+
+    return list(pool.map(send, bodies))
+
+
+def test_publishes_racing_each_other_are_answered_as_one_after_the_other(backend, live, clock):
+    """A client's retry sent while the first request is being stored, and two uploads
+    sharing keys: each was a 500 (a unique key clash) and a retry could be told it
+    inserted 0 keys; now as if they came one after the other."""
+    with httpx.Client(base_url=live.url) as http, ThreadPoolExecutor(4) as pool:
+        for _ in range(8):
+            body, _ = prepared_publish(backend, clock.t)
+            answers = at_once(pool, http, [body, body])
+            assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+            assert answers[0].json() == answers[1].json() and answers[0].json()["insertedExposures"] == 14
+        for _ in range(8):  # two certificates, the same keys
+            keys = random_keys(clock.t)
+            answers = at_once(pool, http, [publish_body(keys, certified(backend, keys)) for _ in range(2)])
+            assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+            assert sorted(r.json()["insertedExposures"] for r in answers) == [0, 14]
+    assert len(stored(backend)) == 16 * 14
