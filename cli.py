@@ -79,6 +79,16 @@ def _echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=1, default=str))
 
 
+def _progress(*columns: Any, disable: bool = False) -> Any:
+    """A transient progress bar on stderr, only when a person watches it: stdout keeps
+    only the data (no stray blank line when it is a pipe or a file)."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(stderr=True)
+    return Progress(*columns, console=console, transient=True, disable=disable or not console.is_terminal)
+
+
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -273,12 +283,10 @@ def exposures(explain: bool, as_json: bool) -> None:
 def sync(as_json: bool) -> None:
     """Call the server now: download and verify new export files and check for exposure
     (GAEN), or ask for the risk status (ROBERT)."""
-    from rich.progress import Progress
-
     from agent.app import open_mode, open_store
 
     cfg = _cfg()
-    with open_store(cfg) as store, Progress(transient=True, disable=as_json) as bar:
+    with open_store(cfg) as store, _progress(disable=as_json) as bar:
         mode = open_mode(cfg, store)
         if mode.server_schedule is None:
             raise UserError(f"no backend configured: set [sync] backend_url in {cfg.source}")
@@ -534,31 +542,81 @@ def eval_cmd(input_path: Path, rule: str, distance_threshold: float, duration_th
 
 # -- backend -------------------------------------------------------------------------
 
+def _backend_location(fn: F) -> F:
+    """--data-dir / --database / --region, accepted before the subcommand (on the group)
+    and after it (on every subcommand); the one given last wins."""
+    def remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is not None:
+            ctx.ensure_object(dict)
+            root = ctx.find_root().ensure_object(dict)
+            root.setdefault("backend", {})[param.name] = value
+        return value
+
+    options = [
+        click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     callback=remember, expose_value=False, is_eager=True,
+                     help="Keys, exports and the embedded database [default: $CTAGENT_BACKEND_DIR, else "
+                          "$XDG_DATA_HOME/ctagent-backend, i.e. ~/.local/share/ctagent-backend].") ,
+        click.option("--database", default=None, envvar="CTAGENT_BACKEND_DATABASE", callback=remember,
+                     expose_value=False, help="SQLAlchemy URL (default: SQLite in the data folder; "
+                                              "postgresql://... needs the [backend] extra's psycopg)."),
+        click.option("--region", default=None, callback=remember, expose_value=False,
+                     help="The region the export files name [default: XX]."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @main.group()
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("backend-data"),
-              show_default=True, envvar="CTAGENT_BACKEND_DIR", help="Keys, exports and the embedded database.")
-@click.option("--database", default=None, envvar="CTAGENT_BACKEND_DATABASE",
-              help="SQLAlchemy URL (default: SQLite in --data-dir; postgresql://... works too).")
-@click.option("--region", default="XX", show_default=True)
-@click.pass_context
-def backend(ctx, data_dir, database, region):
-    """The reference backend: codes, publish, signed exports."""
-    ctx.obj = {"data_dir": data_dir, "database": database, "region": region}
+@_backend_location
+def backend() -> None:
+    """The reference backend: codes, publish, signed exports, physicians' page."""
 
 
-def _backend(ctx, **settings):
+def _backend_config(**settings: Any) -> Any:
+    from backend import BackendConfig
+    from backend.config import default_data_dir
+
+    o = click.get_current_context().find_root().ensure_object(dict).get("backend", {})
+    data_dir = Path(o.get("data_dir") or default_data_dir()).expanduser()
+    return BackendConfig(data_dir, database_url=o.get("database"), region=o.get("region") or "XX", **settings)
+
+
+def _backend(*, create: bool = False, **settings: Any) -> Any:
+    """The backend in the chosen data folder. Only ``init`` and ``serve`` create one: any
+    other command in a folder without a backend says so instead of making new keys."""
     from agent.clock import RealClock
-    from backend import Backend, BackendConfig
+    from backend import Backend
 
-    o = ctx.obj
-    return Backend(BackendConfig(o["data_dir"], database_url=o["database"], region=o["region"], **settings),
-                   clock=RealClock())
+    config = _backend_config(**settings)
+    if not create and not config.exists():
+        raise UserError(f"there is no backend in {config.data_dir}: start one with `ctagent backend init`, or "
+                        "point to yours with --data-dir or CTAGENT_BACKEND_DIR")
+    return Backend(config, clock=RealClock())
+
+
+def _fingerprinted(public_key_b64: str) -> str:
+    from agent.protocol.export import key_fingerprint
+
+    return f"{public_key_b64}\n  fingerprint {key_fingerprint(public_key_b64)}"
+
+
+@backend.command("init")
+@_backend_location
+@friendly_errors
+def backend_init() -> None:
+    """Create a backend (keys, database) in the data folder; nothing if one is there."""
+    existed = _backend_config().exists()
+    b = _backend(create=True)
+    click.echo(f"{'backend already in' if existed else 'new backend in'} {b.config.data_dir}")
+    click.echo("export signing public key (give it to the devices): " + _fingerprinted(b.public_key_b64))
 
 
 @backend.command("serve")
+@_backend_location
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True)
-@click.option("--add-user", nargs=2, metavar="USER PASSWORD", default=None, help="Create a physician account first.")
 @click.option("--protocol", type=click.Choice(["gaen", "robert", "both"]), default="gaen", show_default=True,
               help="Serve the key server (gaen), the ROBERT server, or both.")
 @click.option("--register-api-key", default=None, envvar="CTAGENT_ROBERT_REGISTER_KEY",
@@ -570,58 +628,195 @@ def _backend(ctx, **settings):
 @click.option("--secure-cookies", is_flag=True, envvar="CTAGENT_BACKEND_SECURE_COOKIES",
               help="Mark the page's cookies Secure on every request (TLS ends before the backend and no trusted "
                    "proxy sends X-Forwarded-Proto); they are Secure on HTTPS requests anyway.")
+@click.option("--export-period", "export_period_s", type=click.IntRange(1, 86400), default=3600,
+              show_default=True, help="Seconds between runs of the export job, which the server runs itself.")
+@click.option("--rehearsal-embargo", "rehearsal_embargo_s", type=click.FloatRange(0, 86400), default=None,
+              envvar="CTAGENT_BACKEND_REHEARSAL_EMBARGO",
+              help="REHEARSALS ONLY: export a key this many seconds after its upload, even while it is still "
+                   "broadcast (default: not before its day ended, as the key server does).")
 @click.pass_context
 @friendly_errors
-def backend_serve(ctx, host, port, add_user, protocol, register_api_key, trusted_proxies, secure_cookies):
-    """Serve the API, the physicians' page and the export files."""
+def backend_serve(ctx, host, port, protocol, register_api_key, trusted_proxies, secure_cookies, export_period_s,
+                  rehearsal_embargo_s):
+    """Serve the API, the physicians' page and the export files; run the export job."""
     import uvicorn
 
     from backend.app import create_app
+    from backend.schedule import ExportScheduler
     from backend.server import UVICORN_OPTIONS
 
-    b = _backend(ctx, trusted_proxies=tuple(trusted_proxies), secure_cookies=secure_cookies)
-    if add_user:
-        b.verification.add_user(*add_user)
+    b = _backend(create=True, trusted_proxies=tuple(trusted_proxies), secure_cookies=secure_cookies,
+                 export_period_s=export_period_s, rehearsal_embargo_s=rehearsal_embargo_s)
+    click.echo(f"backend in {b.config.data_dir}")
+    if rehearsal_embargo_s is not None:
+        click.echo(f"REHEARSAL: keys are exported {rehearsal_embargo_s:g} s after their upload, while still "
+                   "broadcast; never run this with real users", err=True)
     rs = None
     if protocol in ("robert", "both"):
         from backend.robert import RobertConfig, RobertServer
 
         rs = RobertServer(b, RobertConfig(register_api_key=register_api_key))
         click.echo(f"ROBERT server public key: {rs.server_public_key}")
-    click.echo(f"export signing public key (give it to the agents): {b.public_key_b64}")
-    uvicorn.run(create_app(b, rs), host=host, port=port, log_level="info", **UVICORN_OPTIONS)
+    click.echo("export signing public key (give it to the devices): " + _fingerprinted(b.public_key_b64))
+    if not b.verification.users():
+        click.echo("no physician account yet: add one with `ctagent backend user add NAME`", err=True)
+    with ExportScheduler(b):
+        uvicorn.run(create_app(b, rs), host=host, port=port, log_level="info", **UVICORN_OPTIONS)
 
 
 @backend.command("code")
+@_backend_location
 @click.option("--test-type", type=click.Choice(["confirmed", "likely"]), default="confirmed", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-@click.pass_context
 @friendly_errors
-def backend_code(ctx, test_type, as_json):
+def backend_code(test_type, as_json):
     """Issue a verification code (as a lab system would)."""
-    c = _backend(ctx).verification.issue_code("cli", test_type=test_type)
+    c = _backend().verification.issue_code("cli", test_type=test_type)
     click.echo(json.dumps(c) if as_json else f"code {c['code']} (15 min)   long code {c['longCode']} (24 h)")
 
 
 @backend.command("export")
-@click.pass_context
+@_backend_location
+@click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def backend_export(ctx):
-    """Write the signed export files of keys whose embargo ended."""
-    from rich.progress import Progress
+def backend_export(as_json):
+    """Write the signed export files of keys whose embargo ended (serve does it on its period)."""
+    from agent.clock import iso_time
 
-    with Progress(transient=True) as bar:
+    b = _backend()
+    with _progress(disable=as_json) as bar:
         task = bar.add_task("signing export files", total=None)
-        names = _backend(ctx).exports.run(progress=lambda done, total: bar.update(task, completed=done, total=total))
-    click.echo(f"{len(names)} export file(s) written" + ("".join(f"\n  {n}" for n in names)))
+        names = b.exports.run(progress=lambda done, total: bar.update(task, completed=done, total=total))
+    backlog = b.exports.backlog()
+    first = None if backlog.first_export_at is None else iso_time(backlog.first_export_at)
+    if as_json:
+        _echo_json({"files_written": names, "keys_waiting": backlog.waiting, "first_export_at": first})
+        return
+    click.echo(f"{len(names)} export file(s) written" + "".join(f"\n  {n}" for n in names))
+    if backlog.waiting:
+        click.echo(f"{backlog.waiting} key(s) wait for their embargo (the end of the day they were broadcast); "
+                   f"the first can go into a file at {first}")
 
 
 @backend.command("public-key")
-@click.pass_context
+@_backend_location
 @friendly_errors
-def backend_public_key(ctx):
-    """Print the export signing public key (base64 SubjectPublicKeyInfo)."""
-    click.echo(_backend(ctx).public_key_b64)
+def backend_public_key():
+    """Print the export signing public key (base64 SubjectPublicKeyInfo; its fingerprint on stderr)."""
+    from agent.protocol.export import key_fingerprint
+
+    key = _backend().public_key_b64
+    click.echo(key)  # alone on stdout: scripts capture it
+    click.echo(f"fingerprint {key_fingerprint(key)}", err=True)
+
+
+def _new_password(password_stdin: bool) -> str:
+    if password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    return click.prompt("password", hide_input=True, confirmation_prompt=True)
+
+
+@backend.group("user")
+def backend_user() -> None:
+    """Physicians' accounts on the page that issues codes."""
+
+
+@backend_user.command("add")
+@_backend_location
+@click.argument("username")
+@click.option("--health-authority", default="default", show_default=True)
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin (scripts).")
+@friendly_errors
+def backend_user_add(username, health_authority, password_stdin):
+    """Create an account; the password is asked for (never on the command line)."""
+    b = _backend()
+    b.verification.add_user(username, _new_password(password_stdin), health_authority)
+    click.echo(f"user {username} added")
+
+
+@backend_user.command("list")
+@_backend_location
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def backend_user_list(as_json):
+    """The accounts and their health authorities."""
+    users = _backend().verification.users()
+    if as_json:
+        _echo_json([{"user": u, "health_authority": ha} for u, ha in users])
+    elif not users:
+        click.echo("no user (add one with `ctagent backend user add NAME`)")
+    else:
+        for u, ha in users:
+            click.echo(f"{u}\t{ha}")
+
+
+@backend_user.command("passwd")
+@_backend_location
+@click.argument("username")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin (scripts).")
+@friendly_errors
+def backend_user_passwd(username, password_stdin):
+    """Set a new password; the account's open sessions end."""
+    b = _backend()
+    b.verification.set_password(username, _new_password(password_stdin))
+    click.echo(f"password of {username} changed; its sessions ended")
+
+
+@backend_user.command("remove")
+@_backend_location
+@click.argument("username")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@friendly_errors
+def backend_user_remove(username, yes):
+    """Delete an account and end its sessions."""
+    b = _backend()
+    if not yes:
+        click.confirm(f"remove the account {username}?", abort=True)
+    b.verification.remove_user(username)
+    click.echo(f"user {username} removed")
+
+
+@backend.group("api-key")
+def backend_api_key() -> None:
+    """API keys of lab systems that issue codes (``X-API-Key`` on /api/issue)."""
+
+
+@backend_api_key.command("add")
+@_backend_location
+@click.argument("name")
+@click.option("--health-authority", default="default", show_default=True)
+@friendly_errors
+def backend_api_key_add(name, health_authority):
+    """Create a key; it is printed once (only its HMAC is kept)."""
+    key = _backend().verification.add_api_key(name, health_authority)
+    click.echo(f"API key {name} (shown once, keep it secret):", err=True)
+    click.echo(key)
+
+
+@backend_api_key.command("list")
+@_backend_location
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def backend_api_key_list(as_json):
+    """The keys' names and health authorities (the keys themselves are not kept)."""
+    keys = _backend().verification.api_keys()
+    if as_json:
+        _echo_json([{"name": n, "health_authority": ha} for n, ha in keys])
+    elif not keys:
+        click.echo("no API key (add one with `ctagent backend api-key add NAME`)")
+    else:
+        for n, ha in keys:
+            click.echo(f"{n}\t{ha}")
+
+
+@backend_api_key.command("remove")
+@_backend_location
+@click.argument("name")
+@friendly_errors
+def backend_api_key_remove(name):
+    """Revoke a key at once."""
+    _backend().verification.remove_api_key(name)
+    click.echo(f"API key {name} removed")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -38,6 +38,11 @@ def iso_date(day: int) -> str:
     return dt.datetime.fromtimestamp(day * DAY_SECONDS, dt.UTC).date().isoformat()
 
 
+def iso_time(unix_seconds: float) -> str:
+    """``2026-11-25T07:46:24Z``: every time ctagent prints (UTC, whole seconds)."""
+    return dt.datetime.fromtimestamp(int(unix_seconds), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 class Clock(Protocol):
     def now(self) -> float:
         """Unix time in seconds."""

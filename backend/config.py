@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+#: the file whose presence says a folder holds a backend (created by ``backend init``/``serve``)
+MARKER_FILE = "export-signing-key.pem"
+
+
+def default_data_dir() -> Path:
+    """One well-known place, whatever the current directory: ``$CTAGENT_BACKEND_DIR``,
+    else ``$XDG_DATA_HOME/ctagent-backend`` (``~/.local/share/ctagent-backend``). The
+    systemd unit sets ``CTAGENT_BACKEND_DIR=/var/lib/ctagent-backend``."""
+    if os.environ.get("CTAGENT_BACKEND_DIR"):
+        return Path(os.environ["CTAGENT_BACKEND_DIR"]).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME") or "~/.local/share"
+    return Path(xdg).expanduser() / "ctagent-backend"
 
 
 @dataclass
@@ -28,6 +42,14 @@ class BackendConfig:
     #: mark the page's cookies Secure always (TLS ends where the backend cannot see it
     #: and no trusted proxy says so); otherwise they are Secure on HTTPS requests
     secure_cookies: bool = False
+    #: rehearsals only: export a key this many seconds after its upload even while it is
+    #: still being broadcast (None, the default: not before the end of its rolling
+    #: period, as the key server does)
+    rehearsal_embargo_s: float | None = None
+
+    def exists(self) -> bool:
+        """Whether ``data_dir`` already holds a backend (its keys)."""
+        return (self.data_dir / MARKER_FILE).is_file()
 
     @property
     def exports_dir(self) -> Path:

@@ -61,6 +61,20 @@ class BatchWindow:
     end: int
 
 
+@dataclass(frozen=True, slots=True)
+class ExportBacklog:
+    """Keys uploaded and not yet in a file: how many, and the first run (a period
+    boundary, Unix seconds) that can export the earliest of them; None when none wait."""
+
+    waiting: int
+    first_export_at: float | None
+
+
+def first_run_at(export_after: float, period: int) -> float:
+    """The first run boundary at or after ``export_after`` (runs cover up to a boundary)."""
+    return -(-export_after // period) * period
+
+
 def plan_batches(last_end: int | None, now: float, period: int) -> BatchWindow | None:
     """The window of the next run: from the end of the last batch (or one period back)
     to the last period boundary before ``now``; None when that boundary was covered."""
@@ -217,3 +231,13 @@ class ExportJob:
                              .order_by(db.batches.c.id)).fetchall()
         lines = [n for r in rows for n in json.loads(r.files)]
         _write_atomic(self.config.exports_dir / INDEX, "".join(f"{n}\n" for n in lines).encode())
+
+    def backlog(self) -> ExportBacklog:
+        """What waits for a later run (the ``backend export`` command says it)."""
+        e_ = db.exposures.c
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(sa.func.count(), sa.func.min(e_.export_after))
+                            .where(e_.batch_id.is_(None))).one()
+        waiting, earliest = int(row[0]), row[1]
+        first = None if earliest is None else first_run_at(float(earliest), self.config.export_period_s)
+        return ExportBacklog(waiting, first)

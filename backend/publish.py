@@ -67,8 +67,11 @@ class ValidatedPublish:
     warnings: tuple[str, ...] = ()
 
 
-def embargo_end(key: DiagnosisKey, now: float) -> float:
-    """When the key may be exported: not before it stopped being broadcast."""
+def embargo_end(key: DiagnosisKey, now: float, rehearsal_embargo_s: float | None = None) -> float:
+    """When the key may be exported: not before it stopped being broadcast; in a
+    rehearsal (an explicit setting, never the default) ``rehearsal_embargo_s`` after now."""
+    if rehearsal_embargo_s is not None:
+        return now + rehearsal_embargo_s
     end = (key.rolling_start_interval_number + key.rolling_period) * gaen.INTERVAL_SECONDS
     return max(now, end)
 
@@ -154,8 +157,10 @@ def check_key_count(keys: Sequence[object]) -> None:
 
 
 class Publisher:
-    def __init__(self, engine: sa.Engine, clock: Clock, certificate_key: ec.EllipticCurvePublicKey) -> None:
+    def __init__(self, engine: sa.Engine, clock: Clock, certificate_key: ec.EllipticCurvePublicKey, *,
+                 rehearsal_embargo_s: float | None = None) -> None:
         self.engine, self.clock, self.certificate_key = engine, clock, certificate_key
+        self.rehearsal_embargo_s = rehearsal_embargo_s
 
     def publish(self, request: Mapping[str, Any]) -> dict:
         """Store the keys of a v1 publish request; the response body. A certificate is
@@ -180,7 +185,8 @@ class Publisher:
                     return json.loads(cert.response)
                 raise ApiError(Code.CERTIFICATE_USED, "the certificate was already used")
             # in one order (by key): two uploads sharing keys cannot wait on each other
-            rows = sorted((_row(k, valid.health_authority, now) for k in valid.keys), key=lambda r: r["key_data"])
+            rows = sorted((_row(k, valid.health_authority, now, self.rehearsal_embargo_s) for k in valid.keys),
+                          key=lambda r: r["key_data"])
             inserted = db.insert_new(c, db.exposures, rows, "key_data")
             resp: dict[str, Any] = {"revisionToken": "", "insertedExposures": inserted, "error": "", "code": ""}
             if valid.warnings:  # as the key server's ``warnings`` (omitted when empty)
@@ -190,8 +196,9 @@ class Publisher:
         return resp
 
 
-def _row(k: DiagnosisKey, health_authority: str, now: float) -> dict[str, Any]:
+def _row(k: DiagnosisKey, health_authority: str, now: float, rehearsal_embargo_s: float | None) -> dict[str, Any]:
     return {"key_data": k.key_data, "rolling_start": k.rolling_start_interval_number,
             "rolling_period": k.rolling_period, "transmission_risk": k.transmission_risk_level,
             "report_type": int(k.report_type), "days_since_onset": k.days_since_onset_of_symptoms,
-            "health_authority": health_authority, "received_at": now, "export_after": embargo_end(k, now)}
+            "health_authority": health_authority, "received_at": now,
+            "export_after": embargo_end(k, now, rehearsal_embargo_s)}

@@ -28,7 +28,8 @@ class Backend:
         self.engine = db.make_engine(config.database)
         self.limiter = RateLimiter(clock)
         self.verification = VerificationService(config, self.engine, clock, self.limiter)
-        self.publisher = Publisher(self.engine, clock, self.verification.certificate_public_key)
+        self.publisher = Publisher(self.engine, clock, self.verification.certificate_public_key,
+                                   rehearsal_embargo_s=config.rehearsal_embargo_s)
         self.exports = ExportJob(config, self.engine, clock)
         #: the export signing public key the agents trust (base64 SubjectPublicKeyInfo)
         self.public_key_b64 = self.exports.public_key_b64

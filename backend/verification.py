@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.clock import Clock
+from agent.errors import UserError
 
 from . import certificate, db
 from .config import BackendConfig
@@ -70,6 +71,16 @@ def _no_account_hash() -> str:
     return hash_password(secrets.token_urlsafe(16))
 
 
+def _check_password(password: str) -> None:
+    if len(password) < MIN_PASSWORD_LEN:
+        raise ApiError(Code.WEAK_PASSWORD, f"passwords need at least {MIN_PASSWORD_LEN} characters")
+
+
+def _check_name(name: str, what: str) -> None:
+    if not (1 <= len(name) <= 64) or not name.isprintable() or name.strip() != name:
+        raise UserError(f"a {what} has 1 to 64 printable characters without spaces around them")
+
+
 def _is_code_shape(code: object) -> bool:
     return isinstance(code, str) and ((len(code) == SHORT_CODE_DIGITS and code.isdigit())
                                       or len(code) == LONG_CODE_LEN)
@@ -92,19 +103,68 @@ class VerificationService:
 
     # -- accounts -------------------------------------------------------------------
     def add_user(self, username: str, password: str, health_authority: str = "default") -> None:
-        if len(password) < MIN_PASSWORD_LEN:
-            raise ApiError(Code.WEAK_PASSWORD, f"passwords need at least {MIN_PASSWORD_LEN} characters")
+        _check_name(username, "user name")
+        _check_password(password)
+        try:
+            with self.engine.begin() as c:
+                c.execute(sa.insert(db.users).values(username=username, password_hash=hash_password(password),
+                                                     health_authority=health_authority))
+        except sa.exc.IntegrityError:
+            raise UserError(f"a user named {username!r} exists already (`ctagent backend user passwd {username}` "
+                            "changes the password)") from None
+
+    def users(self) -> list[tuple[str, str]]:
+        """(user name, health authority) of every physician account, by name."""
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(db.users.c.username, db.users.c.health_authority)
+                             .order_by(db.users.c.username)).fetchall()
+        return [(r.username, r.health_authority) for r in rows]
+
+    def set_password(self, username: str, password: str) -> None:
+        """A new password; the account's open sessions end."""
+        _check_password(password)
         with self.engine.begin() as c:
-            c.execute(sa.insert(db.users).values(username=username, password_hash=hash_password(password),
-                                                 health_authority=health_authority))
+            uid = self._user_id(c, username)
+            c.execute(sa.update(db.users).where(db.users.c.id == uid).values(password_hash=hash_password(password)))
+            c.execute(sa.delete(db.sessions).where(db.sessions.c.user_id == uid))
+
+    def remove_user(self, username: str) -> None:
+        """The account and its sessions; codes it issued stay valid until they expire."""
+        with self.engine.begin() as c:
+            uid = self._user_id(c, username)
+            c.execute(sa.delete(db.sessions).where(db.sessions.c.user_id == uid))
+            c.execute(sa.delete(db.users).where(db.users.c.id == uid))
+
+    @staticmethod
+    def _user_id(c: sa.Connection, username: str) -> int:
+        uid = c.execute(sa.select(db.users.c.id).where(db.users.c.username == username)).scalar()
+        if uid is None:
+            raise UserError(f"there is no user named {username!r} (`ctagent backend user list` shows them)")
+        return int(uid)
 
     def add_api_key(self, name: str, health_authority: str = "default") -> str:
-        """A new lab API key (shown once; only its HMAC is stored)."""
+        """A new lab API key (shown once; only its HMAC is stored). Names are unique, so
+        that a key can be revoked by its name."""
+        _check_name(name, "API key name")
         key = secrets.token_urlsafe(32)
         with self.engine.begin() as c:
+            if c.execute(sa.select(db.api_keys.c.name).where(db.api_keys.c.name == name)).first():
+                raise UserError(f"an API key named {name!r} exists already (remove it first to replace it)")
             c.execute(sa.insert(db.api_keys).values(key_hash=self._h(key), name=name,
                                                     health_authority=health_authority))
         return key
+
+    def api_keys(self) -> list[tuple[str, str]]:
+        """(name, health authority) of every API key, by name (the keys are not kept)."""
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(db.api_keys.c.name, db.api_keys.c.health_authority)
+                             .order_by(db.api_keys.c.name)).fetchall()
+        return [(r.name, r.health_authority) for r in rows]
+
+    def remove_api_key(self, name: str) -> None:
+        with self.engine.begin() as c:
+            if c.execute(sa.delete(db.api_keys).where(db.api_keys.c.name == name)).rowcount == 0:
+                raise UserError(f"there is no API key named {name!r} (`ctagent backend api-key list` shows them)")
 
     def api_key_owner(self, key: str | None) -> str:
         if key:

@@ -29,6 +29,7 @@ def test_errors_are_one_sentence_without_traceback():
 def test_backend_code_export_and_public_key(tmp_path):
     import json
     base = ["backend", "--data-dir", str(tmp_path / "b")]
+    assert CliRunner().invoke(cli.main, base + ["init"]).exit_code == 0
     r = CliRunner().invoke(cli.main, base + ["code", "--json"])
     assert r.exit_code == 0, r.output
     assert len(json.loads(r.output)["code"]) == 8

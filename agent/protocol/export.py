@@ -12,6 +12,7 @@ Pure: bytes in, bytes or typed objects out. Every failure is an :class:`ExportEr
 from __future__ import annotations
 
 import base64
+import hashlib
 import enum
 import io
 import zipfile
@@ -151,6 +152,13 @@ def public_key_b64(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) 
     pub = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
     der = pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return base64.b64encode(der).decode()
+
+
+def key_fingerprint(public_key_b64: str) -> str:
+    """``SHA256:<base64>`` of the DER public key, as OpenSSH prints key fingerprints:
+    short enough to compare by eye between the backend's and a device's screen."""
+    digest = hashlib.sha256(base64.b64decode(public_key_b64)).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
 # --- building ----------------------------------------------------------------------
