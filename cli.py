@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,8 @@ from agent.modes import MODES
 DEFAULT_CONFIG = Path("~/.config/ctagent/ctagent.toml").expanduser()
 #: exit status of a bug (a user error exits 1, as click's own errors do)
 EXIT_BUG = 2
+#: the reader of stdout went away (128 + SIGPIPE, as a shell reports it)
+EXIT_BROKEN_PIPE = 141
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -34,6 +37,9 @@ def friendly_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except BrokenPipeError:  # `ctagent status | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
+            sys.exit(EXIT_BROKEN_PIPE)
         except UserError as e:
             if debug:
                 raise
@@ -56,6 +62,10 @@ def friendly_errors(fn: F) -> F:
 def main(ctx: click.Context, debug: bool, config_path: Path) -> None:
     """ctagent: a Bluetooth LE contact-tracing device agent."""
     ctx.obj = {"config_path": config_path}
+    if sys.stdin.isatty():  # a person is there: a passphrase store asks for its passphrase
+        from agent.app import PASSPHRASE_PROMPT
+
+        PASSPHRASE_PROMPT["prompt"] = _ask_passphrase
 
 
 def _config_path() -> Path:
@@ -103,28 +113,122 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 
 # -- the device ------------------------------------------------------------------------
 
+def _ask_passphrase(confirm: bool = False) -> str:
+    return str(click.prompt("store passphrase", hide_input=True, confirmation_prompt=confirm))
+
+
 @main.command()
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("~/.local/share/ctagent").expanduser(), show_default=True)
-@click.option("--key", type=click.Choice(["keyfile", "passphrase"]), default="keyfile", show_default=True,
-              help="Master key from a 0600 key file, or from $CTAGENT_PASSPHRASE (scrypt).")
-@click.option("--radio", type=click.Choice(list(RADIO_KINDS)), default="bluez", show_default=True)
-@click.option("--force", is_flag=True, help="Overwrite an existing configuration file.")
-@click.option("--device-model", default=None, help="This device's model (default: as the machine says).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the store goes [default: kept, else ~/.local/share/ctagent].")
+@click.option("--key", type=click.Choice(["keyfile", "passphrase"]), default=None,
+              help="Master key from a 0600 key file, or a passphrase (scrypt) [default: kept, else keyfile].")
+@click.option("--radio", type=click.Choice(list(RADIO_KINDS)), default=None, help="[default: kept, else bluez]")
+@click.option("--protocol", type=click.Choice(sorted(MODES)), default=None, help="[default: kept, else gaen]")
+@click.option("--backend-url", default=None, metavar="URL",
+              help="The backend to sync with; GAEN: its export signing key is fetched, shown and trusted.")
+@click.option("--trust-key", default=None, metavar="SHA256:...",
+              help="Trust the backend's key without asking when its fingerprint is this one (scripts).")
+@click.option("--force", is_flag=True, help="Rewrite an existing configuration; its other settings are kept.")
+@click.option("--device-model", default=None, help="This device's model [default: kept, else as the machine says].")
 @friendly_errors
-def init(data_dir: Path, key: str, radio: str, force: bool, device_model: str | None) -> None:
-    """Write a commented configuration and create the encrypted store."""
-    from agent.app import calibration, calibration_warning, init_device
+def init(data_dir: Path | None, key: str | None, radio: str | None, protocol: str | None, backend_url: str | None,
+         trust_key: str | None, force: bool, device_model: str | None) -> None:
+    """Write a commented configuration and create the encrypted store (or nothing, on error)."""
+    from agent.app import calibration, calibration_warning, fetch_backend_key, init_device
+    from agent.protocol.export import key_fingerprint
 
     path = _config_path()
-    cfg = init_device(path, data_dir=data_dir, key=key, radio=radio, force=force, device_model=device_model)
+    if path.exists() and not force:
+        raise UserError(f"{path} already exists (`--force` rewrites it and keeps its settings)")
+    settings: dict[str, dict[str, Any]] = {}
+    if protocol:
+        settings["agent"] = {"protocol": protocol}
+    if backend_url:
+        settings["sync"] = {"backend_url": backend_url}
+        if (protocol or DEFAULT_PROTOCOL) == "gaen":
+            key_b64 = fetch_backend_key(backend_url)
+            fingerprint = key_fingerprint(key_b64)
+            if trust_key is not None:
+                if trust_key != fingerprint:
+                    raise UserError(f"{backend_url} signs with the key {fingerprint}, not {trust_key}: nothing "
+                                    "written (check the backend's `ctagent backend public-key`)")
+            else:
+                click.echo(f"{backend_url} signs its export files with the key\n  {key_b64}\n  fingerprint "
+                           f"{fingerprint}\nCompare it with what the backend prints (`ctagent backend public-key`).")
+                if not sys.stdin.isatty():
+                    raise UserError("not trusted: nothing written (pass --trust-key FINGERPRINT in scripts)")
+                click.confirm("trust this key?", abort=True)
+            settings["sync"]["trusted_keys"] = [key_b64]
+    prompt = (lambda: _ask_passphrase(confirm=True)) if sys.stdin.isatty() else None
+    cfg = init_device(path, data_dir=data_dir, key=key, radio=radio, force=force, device_model=device_model,
+                      settings=settings, prompt=prompt)
     cal = calibration(cfg)
     click.echo(f"configuration: {path}\nstore: {cfg.db_path} (master key: "
-               f"{cfg.key_file if key == 'keyfile' else '$CTAGENT_PASSPHRASE'})\n"
+               f"{cfg.key_file if cfg.agent.key == 'keyfile' else 'a passphrase'})\n"
                f"device model: {cfg.agent.device_model} (calibration confidence {cal.confidence})")
+    if cfg.sync.backend_url:
+        click.echo(f"backend: {cfg.sync.backend_url} ({len(cfg.sync.trusted_keys)} trusted key(s))")
     warning = calibration_warning(cfg)
     if warning:
         click.echo(f"warning: {warning}", err=True)
+
+
+@main.group("config")
+def config_group() -> None:
+    """The configuration file: what it says, and whether it works."""
+
+
+@config_group.command("show")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def config_show(as_json: bool) -> None:
+    """Every setting as the agent uses it (file, environment and defaults; secrets hidden)."""
+    from agent.config import effective_settings
+
+    cfg = _cfg()
+    settings = effective_settings(cfg)
+    if as_json:
+        _echo_json({"source": cfg.source, **settings})
+        return
+    click.echo(f"# {cfg.source}, with the environment's overrides and the defaults")
+    for name, values in settings.items():
+        click.echo(f"\n[{name}]")
+        for k, v in values.items():
+            click.echo(f"{k} = {json.dumps(v)}")
+
+
+@config_group.command("check")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def config_check(as_json: bool) -> None:
+    """Check the configuration end to end: settings, store and key, calibration, backend."""
+    from agent.app import check_configuration
+
+    checks = check_configuration(_config_path())
+    if as_json:
+        _echo_json([{"check": c.name, "ok": c.ok, "detail": c.detail} for c in checks])
+    else:
+        for c in checks:
+            click.echo(f"[{'ok' if c.ok else '!!'}] {c.name}: {c.detail}")
+    if not all(c.ok for c in checks):
+        sys.exit(1)
+
+
+@main.command("rotate-master-key")
+@friendly_errors
+def rotate_master_key() -> None:
+    """Re-wrap the store's keys under a new master key (a new key file, or a new
+    passphrase asked for twice). Stop the daemon first."""
+    from agent.app import rotate_master_key as rotate
+
+    cfg = _cfg()
+    new = None
+    if cfg.agent.key == "passphrase":
+        if not sys.stdin.isatty():
+            raise UserError("a new passphrase is asked for in a terminal; run this command in one")
+        new = str(click.prompt("new store passphrase", hide_input=True, confirmation_prompt=True))
+    rotate(cfg, new_passphrase=new)
+    click.echo("master key rotated" + (f"; the new key file is {cfg.key_file}" if new is None else ""))
 
 
 @main.command()

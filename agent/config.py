@@ -4,8 +4,10 @@ Invalid settings are rejected at start with the file, the key and the reason."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,8 +29,11 @@ class AgentSection:
     #: or "robert" (centralized, StopCovid)
     protocol: str = DEFAULT_PROTOCOL
     data_dir: str = "~/.local/share/ctagent"
-    #: master key: "keyfile" (a 0600 file in data_dir) or "passphrase" (read from $CTAGENT_PASSPHRASE)
+    #: master key: "keyfile" (a 0600 file in data_dir) or "passphrase" (see agent.app.passphrase)
     key: str = "keyfile"
+    #: key = "passphrase": a 0600 file whose first line is the passphrase (else
+    #: $CTAGENT_PASSPHRASE, a systemd credential or a prompt)
+    passphrase_file: str = ""
     retention_days: int = 14
     #: this device's model, looked up in the calibration list (agent/exposure/calibration.csv);
     #: `ctagent init` writes the detected one
@@ -257,8 +262,11 @@ protocol = "gaen"
 # Where the encrypted store, its keyring and the master key file live.
 data_dir = "{data_dir}"
 # Master key: "keyfile" (a random key in data_dir/master.key, mode 0600) or
-# "passphrase" (read from the CTAGENT_PASSPHRASE environment variable; scrypt).
+# "passphrase" (scrypt), read from, in this order: $CTAGENT_PASSPHRASE, passphrase_file
+# (a 0600 file, its first line), the systemd credential "ctagent-passphrase"
+# (LoadCredential=), or asked for when a person runs the command in a terminal.
 key = "{key}"
+passphrase_file = ""
 # Days of encounters and own keys kept; older days are erased (crypto-erasure).
 retention_days = 14
 # This device's model, for its RSSI correction and TX power (agent/exposure/calibration.csv).
@@ -313,3 +321,54 @@ duration_threshold_min = 15.0
 attenuation_at_1m_db = 50.0
 path_loss_exponent = 2.5
 '''
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a TOML basic string is a JSON string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+def render_config(settings: dict[str, dict[str, Any]], *, data_dir: str, key: str, radio: str,
+                  device_model: str) -> str:
+    """The commented template with ``settings`` (section -> key -> value) written into it:
+    a setting of the template is replaced where it stands, any other is added at the end
+    of its section, so the comments stay next to the values."""
+    text = TEMPLATE.format(data_dir=data_dir, key=key, radio=radio, device_model=device_model.replace('"', "'"))
+    sections = re.split(r"(?m)^(?=\[\w+\]\n)", text)
+    out = []
+    for part in sections:
+        m = re.match(r"\[(\w+)\]\n", part)
+        values = settings.get(m.group(1), {}) if m else {}
+        for k, v in values.items():
+            line = f"{k} = {_toml_value(v)}"
+            part, n = re.subn(rf"(?m)^{re.escape(k)} = .*$", lambda _m, line=line: line, part, count=1)
+            if n == 0:
+                part = part.rstrip("\n") + f"\n{line}\n" + ("\n" if part.endswith("\n\n") else "")
+        out.append(part)
+    return "".join(out)
+
+
+def settings_of(path: Path) -> dict[str, dict[str, Any]]:
+    """The settings a configuration file sets itself (no defaults, no environment)."""
+    doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    return {name: dict(values) for name, values in doc.items() if isinstance(values, dict)}
+
+
+def effective_settings(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Every setting as the agent uses it (file, environment and defaults), secrets hidden."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in _SECTIONS:
+        section = getattr(cfg, name)
+        out[name] = {f.name: getattr(section, f.name) for f in fields(section)}
+    out["proximity"] = {f.name: (list(v) if isinstance(v := getattr(cfg.proximity, f.name), tuple) else v)
+                        for f in fields(cfg.proximity)}
+    if out["sync"]["robert_api_key"]:
+        out["sync"]["robert_api_key"] = "(set, hidden)"
+    return out
