@@ -128,11 +128,13 @@ def _ask_passphrase(confirm: bool = False) -> str:
               help="The backend to sync with; GAEN: its export signing key is fetched, shown and trusted.")
 @click.option("--trust-key", default=None, metavar="SHA256:...",
               help="Trust the backend's key without asking when its fingerprint is this one (scripts).")
+@click.option("--set", "assignments", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Any other setting (repeat), e.g. --set sync.interval_s=600; VALUE is TOML, else a string.")
 @click.option("--force", is_flag=True, help="Rewrite an existing configuration; its other settings are kept.")
 @click.option("--device-model", default=None, help="This device's model [default: kept, else as the machine says].")
 @friendly_errors
 def init(data_dir: Path | None, key: str | None, radio: str | None, protocol: str | None, backend_url: str | None,
-         trust_key: str | None, force: bool, device_model: str | None) -> None:
+         trust_key: str | None, assignments: tuple[str, ...], force: bool, device_model: str | None) -> None:
     """Write a commented configuration and create the encrypted store (or nothing, on error)."""
     from agent.app import calibration, calibration_warning, fetch_backend_key, init_device
     from agent.protocol.export import key_fingerprint
@@ -140,11 +142,16 @@ def init(data_dir: Path | None, key: str | None, radio: str | None, protocol: st
     path = _config_path()
     if path.exists() and not force:
         raise UserError(f"{path} already exists (`--force` rewrites it and keeps its settings)")
+    from agent.config import parse_assignment
+
     settings: dict[str, dict[str, Any]] = {}
+    for text in assignments:
+        section, key_name, value = parse_assignment(text)
+        settings.setdefault(section, {})[key_name] = value
     if protocol:
-        settings["agent"] = {"protocol": protocol}
+        settings.setdefault("agent", {})["protocol"] = protocol
     if backend_url:
-        settings["sync"] = {"backend_url": backend_url}
+        settings.setdefault("sync", {})["backend_url"] = backend_url
         if (protocol or DEFAULT_PROTOCOL) == "gaen":
             key_b64 = fetch_backend_key(backend_url)
             fingerprint = key_fingerprint(key_b64)
@@ -642,6 +649,38 @@ def eval_cmd(input_path: Path, rule: str, distance_threshold: float, duration_th
                   f"{r.close_minutes_estimated:.1f}", str(r.minutes_observed), str(r.samples),
                   {0: "default", 1: "low", 2: "medium", 3: "high"}.get(r.receiver_confidence, "?"))
     Console(width=max(100, Console().width)).print(t)
+
+
+@main.command("sim-medium")
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The Unix socket the devices' [radio] sim_medium names.")
+@click.option("--scenario", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help='JSON: {"devices": {"alice": {"position": [0, 0], "carriage": "hand", "room": 0}, ...}}')
+@click.option("--position", "positions", multiple=True, metavar="NAME=X,Y",
+              help="A device and where it stands, in metres (repeat; adds to --scenario).")
+@click.option("--tick", "tick_s", type=click.FloatRange(0.05, 60), default=1.0, show_default=True,
+              help="Seconds between deliveries.")
+@click.option("--seed", default=0, show_default=True)
+@friendly_errors
+def sim_medium(socket_path: Path, scenario: Path | None, positions: tuple[str, ...], tick_s: float, seed: int) -> None:
+    """A simulated medium for several `ctagent run --radio sim` on this machine (until Ctrl-C)."""
+    import asyncio
+    import contextlib
+
+    from agent.ble.sim.shared import MediumService, check_placements, load_scenario, parse_position
+    from agent.clock import RealClock
+    from agent.logs import setup_logging
+
+    placements = load_scenario(scenario) if scenario else {}
+    placements.update(parse_position(p) for p in positions)
+    check_placements(placements, "--position")
+    if len(placements) < 2:
+        raise UserError("a medium needs at least two devices: give --scenario or --position NAME=X,Y twice")
+    setup_logging("INFO")
+    click.echo(f"simulated medium on {socket_path}: " + ", ".join(
+        f"{n} at ({p.x:g}, {p.y:g}) m" for n, p in sorted(placements.items())), err=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(MediumService(placements, clock=RealClock(), tick_s=tick_s, seed=seed).serve(socket_path))
 
 
 # -- backend -------------------------------------------------------------------------

@@ -163,7 +163,7 @@ def fetch_backend_key(backend_url: str, *, timeout_s: float = 10.0) -> str:
     from .protocol.export import ExportError, load_public_key
     from .sync.http import JsonHttp
 
-    client = JsonHttp(backend_url, what="the backend", clock=RealClock(), retries=1, timeout_s=timeout_s)
+    client = JsonHttp(backend_url, what="the backend", clock=RealClock(), timeout_s=timeout_s)
     try:
         r = client.request("GET", "/v1/public-key")
     finally:
@@ -311,7 +311,8 @@ def build_daemon(cfg: Config, *, radio_kind: str, clock: Clock) -> Daemon:
         radio = open_radio(radio_kind, RadioRequest(
             clock=clock, service_uuid16=mode.service_uuid16, adapter=cfg.radio.adapter,
             gatt_status=cfg.radio.gatt_status, tx_power_dbm=cal.tx_power, rx_correction_db=cal.rssi_correction,
-            sim_peers=cfg.radio.sim_peers, sim_seed=cfg.radio.sim_seed, simulated_peer=mode.simulated_peer))
+            sim_peers=cfg.radio.sim_peers, sim_seed=cfg.radio.sim_seed, simulated_peer=mode.simulated_peer,
+            sim_medium=cfg.radio.sim_medium, sim_name=cfg.radio.sim_name))
     except BaseException:
         store.close()
         raise

@@ -59,6 +59,10 @@ class RadioSection:
     #: attempts to start the radio (with back-off 1, 2, 4, ... s) before `run` gives up
     #: with exit status 3 so that systemd restarts it
     start_attempts: int = 5
+    #: kind = "sim" on a medium shared with other processes (`ctagent sim-medium --socket
+    #: PATH`): its socket, and this device's name in the medium's scenario
+    sim_medium: str = ""
+    sim_name: str = ""
 
 
 @dataclass
@@ -192,6 +196,9 @@ def _validate(cfg: Config) -> None:
             ("radio", "start_attempts", cfg.radio.start_attempts, 1, 100)):
         if not low <= value <= high:
             raise ConfigError(f"{src}: [{section}] {key}: must be between {low:g} and {high:g}, not {value!r}")
+    if cfg.radio.sim_medium and not cfg.radio.sim_name:
+        raise ConfigError(f"{src}: [radio] sim_name: a device on a shared medium (sim_medium) needs its name "
+                          "in the medium's scenario")
     for key in ("backend_url", "index_url", "export_base_url"):
         url = getattr(cfg.sync, key)
         if url and not url.startswith(("http://", "https://")):
@@ -290,6 +297,11 @@ duty_cycle = ""
 # Attempts to start the radio (back-off 1, 2, 4, ... s) before `ctagent run` exits with
 # status 3, so that systemd (Restart=on-failure) tries again.
 start_attempts = 5
+# kind = "sim" only: hear other `ctagent run` processes of this machine instead of virtual
+# peers, on the medium that `ctagent sim-medium --socket PATH` runs; sim_name is this
+# device's name in the medium's scenario.
+sim_medium = ""
+sim_name = ""
 
 [sync]
 # The backend (empty: no sync). Its export signing public key must be trusted below
@@ -352,6 +364,10 @@ def render_config(settings: dict[str, dict[str, Any]], *, data_dir: str, key: st
             if n == 0:
                 part = part.rstrip("\n") + f"\n{line}\n" + ("\n" if part.endswith("\n\n") else "")
         out.append(part)
+    seen = set(re.findall(r"(?m)^\[(\w+)\]$", text))
+    for name, values in settings.items():  # a section the template does not have
+        if name not in seen and values:
+            out.append(f"\n[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()))
     return "".join(out)
 
 
@@ -372,3 +388,18 @@ def effective_settings(cfg: Config) -> dict[str, dict[str, Any]]:
     if out["sync"]["robert_api_key"]:
         out["sync"]["robert_api_key"] = "(set, hidden)"
     return out
+
+
+def parse_assignment(text: str) -> tuple[str, str, Any]:
+    """``sync.interval_s=600`` -> ("sync", "interval_s", 600): the value is read as TOML
+    (numbers, booleans, quoted strings, lists), else taken as a plain string. The
+    setting's name and type are checked when the configuration is loaded."""
+    name, sep, raw = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise ConfigError(f"--set {text!r}: write SECTION.KEY=VALUE, e.g. sync.interval_s=600")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key, value

@@ -118,6 +118,10 @@ class RadioRequest:
     sim_peers: int = 5
     sim_seed: int = 0
     simulated_peer: Callable[[random.Random, int], SimulatedPeer] | None = None
+    #: the simulated radio on a medium shared across processes (``agent.ble.sim.shared``):
+    #: its socket and this device's name there; empty: private virtual peers
+    sim_medium: str = ""
+    sim_name: str = ""
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """The simulated radio: ``medium`` (path loss, body and wall loss, shadowing, fading,
-many devices in one process) and ``radio`` (advertiser and scanner of one device among
-virtual peers)."""
+many devices in one process), ``radio`` (advertiser and scanner of one device among
+virtual peers) and ``shared`` (one medium for several processes on one machine)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from ...errors import ConfigError
 from ..base import Radio, RadioRequest
@@ -11,6 +13,14 @@ from .radio import SimAdvertiser, SimScanner
 
 
 def open_radio(request: RadioRequest) -> Radio:
+    if request.sim_medium:
+        from ...protocol.payload import uuid128
+        from .shared import MediumLink, SharedMediumAdvertiser, SharedMediumScanner
+
+        link = MediumLink(Path(request.sim_medium).expanduser(), request.sim_name, tx_power=request.tx_power_dbm,
+                          rx_correction=request.rx_correction_db)
+        return Radio(SharedMediumAdvertiser(link, request.clock, uuid128(request.service_uuid16)),
+                     SharedMediumScanner(link, request.clock), MemoryStatusService() if request.gatt_status else None)
     if request.simulated_peer is None:
         raise ConfigError("the simulated radio needs the protocol family's simulated peers")
     scanner = SimScanner(request.clock, peer_factory=request.simulated_peer, peers=request.sim_peers,
