@@ -267,6 +267,9 @@ def status(as_json: bool) -> None:
     cal = calibration(cfg)
     out["calibration"] = {"model": cal.model, "confidence": cal.confidence, "rssi_correction": cal.rssi_correction,
                           "tx_power": cal.tx_power, "warning": calibration_warning(cfg)}
+    from agent.timesync import probe
+
+    out["clock"] = probe(_now()).to_json()
     if as_json:
         _echo_json(out)
         return
@@ -285,6 +288,9 @@ def _render_status(out: dict[str, Any]) -> None:
     cal = out["calibration"]
     click.echo(f"calibration  {cal['model']} (confidence {cal['confidence']})" if not cal["warning"] else
                f"calibration  default calibration: {cal['warning']}")
+    from agent.timesync import ClockState
+
+    click.echo(f"clock        {ClockState.from_json(out['clock']).describe()}")
     d = out["daemon"]
     f = d["figures"]
     if d["running"]:
@@ -293,6 +299,8 @@ def _render_status(out: dict[str, Any]) -> None:
         r = d["radio"]
         click.echo(f"radio        advertising {'yes' if r['advertising'] else 'NO'}, scanning "
                    f"{'yes' if r['scanning'] else 'NO'}, {r['samples_last_minute']} sample(s) in the last minute")
+        if f.get("clock_problem"):
+            click.echo(f"clock        the daemon says: {f['clock_problem']}")
         for task, info in sorted((f.get("failing") or {}).items()):
             click.echo(f"failing      {task}: {info['error']} ({info['failures']} failure(s), since "
                        f"{ago(f['now'] - info['since'])} before these figures)")
@@ -511,15 +519,23 @@ def purge(yes: bool) -> None:
 
 @main.command()
 @click.option("--adapter", default="hci0", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def doctor(adapter: str) -> None:
-    """Check Bluetooth hardware, BlueZ and permissions; say what to fix."""
-    from agent.ble.bluez.doctor import doctor as check
+def doctor(adapter: str, as_json: bool) -> None:
+    """Check the clock, Bluetooth hardware, BlueZ and permissions; say what to fix."""
+    from agent.ble.bluez.doctor import Check
+    from agent.ble.bluez.doctor import doctor as check_radio
+    from agent.timesync import doctor_check, probe
 
-    ok, checks = check(adapter)
-    for c in checks:
-        click.echo(f"[{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}")
-    if not ok:
+    clock_ok, clock_detail = doctor_check(probe(_now()))
+    radio_ok, radio_checks = check_radio(adapter)
+    checks = [Check("clock", clock_ok, clock_detail), *radio_checks]
+    if as_json:
+        _echo_json({"ok": clock_ok and radio_ok, "checks": [c._asdict() for c in checks]})
+    else:
+        for c in checks:
+            click.echo(f"[{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}")
+    if not (clock_ok and radio_ok):
         sys.exit(1)
 
 

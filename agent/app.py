@@ -30,6 +30,8 @@ from .files import write_private_file
 from .modes import mode_class
 from .modes.base import DeviceContext, ProtocolMode
 from .store import KeyFile, MasterKeySource, Passphrase, Store, create_key_file
+from .timesync import ClockGuard
+from .timesync import probe as probe_clock
 
 log = logging.getLogger("ctagent.app")
 
@@ -303,7 +305,7 @@ def open_mode(cfg: Config, store: Store, clock: Clock | None = None, *, rng: ran
         raise ConfigError(f"{cfg.source}: {e}") from None
 
 
-def build_daemon(cfg: Config, *, radio_kind: str, clock: Clock) -> Daemon:
+def build_daemon(cfg: Config, *, radio_kind: str, clock: Clock, clock_guard: ClockGuard | None = None) -> Daemon:
     store = open_store(cfg, clock)
     try:
         mode = open_mode(cfg, store, clock)
@@ -319,7 +321,7 @@ def build_daemon(cfg: Config, *, radio_kind: str, clock: Clock) -> Daemon:
     return Daemon(mode, radio, clock=clock, status_path=cfg.data_dir / "status.json",
                   flush_interval_s=cfg.agent.flush_interval_s, on_exposure=cfg.notify.on_exposure,
                   duty_cycle=parse_duty_cycle(cfg.radio.duty_cycle), rng=random.SystemRandom(),
-                  radio_start_attempts=cfg.radio.start_attempts)
+                  radio_start_attempts=cfg.radio.start_attempts, clock_guard=clock_guard)
 
 
 def run_daemon(cfg: Config, *, radio_kind: str) -> int:
@@ -327,4 +329,6 @@ def run_daemon(cfg: Config, *, radio_kind: str) -> int:
     if warning:
         log.warning("%s", warning)
     clock = RealClock()
-    return asyncio.run(build_daemon(cfg, radio_kind=radio_kind, clock=clock).run())
+    guard = ClockGuard(probe_clock, cfg.agent.clock_check, cfg.agent.clock_sync_wait_s,  # type: ignore[arg-type]
+                       cfg.agent.max_clock_error_s)
+    return asyncio.run(build_daemon(cfg, radio_kind=radio_kind, clock=clock, clock_guard=guard).run())
