@@ -87,3 +87,165 @@ def backend_units_publish():
             "hmacKey": base64.b64encode(hmac_key).decode()}
     v = validate_publish(body, CertificateClaims("j", tek_hmac(hmac_key, keys), symptom_onset_interval=onset), now)
     return v.keys, v.symptom_onset_interval
+
+
+# -- the two HMAC forms ----------------------------------------------------------------------
+
+def google_hmacs(keys, secret: bytes) -> list[str]:
+    """pkg/verification/utils.go CalculateAllAllowedExposureKeyHMAC, line by line: sort by
+    the base64 key, "%s.%d.%d.%d" (and "%s.%d.%d" while every risk is 0), join with ","."""
+    import hashlib
+    import hmac
+
+    keys = sorted(keys, key=lambda k: base64.b64encode(k.key_data).decode())
+    per_key = [f"{base64.b64encode(k.key_data).decode()}.{k.rolling_start_interval_number}.{k.rolling_period}."
+               f"{k.transmission_risk_level}" for k in keys]
+    alt = [f"{base64.b64encode(k.key_data).decode()}.{k.rolling_start_interval_number}.{k.rolling_period}"
+           for k in keys]
+    out = [hmac.new(secret, ",".join(per_key).encode(), hashlib.sha256).digest()]
+    if all(k.transmission_risk_level == 0 for k in keys):
+        out.append(hmac.new(secret, ",".join(alt).encode(), hashlib.sha256).digest())
+    return [base64.b64encode(m).decode() for m in out]
+
+
+def publish_validation(keys, tekmac: str, secret: bytes = b"s" * 32):
+    from backend.certificate import CertificateClaims
+    from backend.publish import validate_publish
+
+    now = dt.datetime(2024, 10, 5, 12, tzinfo=dt.UTC).timestamp()
+    body = {"temporaryExposureKeys": [{"key": base64.b64encode(k.key_data).decode(),
+                                       "rollingStartNumber": k.rolling_start_interval_number,
+                                       "rollingPeriod": k.rolling_period,
+                                       "transmissionRisk": k.transmission_risk_level} for k in keys],
+            "hmacKey": base64.b64encode(secret).decode()}
+    return validate_publish(body, CertificateClaims("j", tekmac), now)
+
+
+@pytest.mark.parametrize("form", [0, 1], ids=["key.rsin.rp.tr", "key.rsin.rp"])
+def test_both_hmac_forms_publish_keys_of_risk_0(form):
+    from agent.protocol.gaen import TemporaryExposureKey
+
+    keys = [TemporaryExposureKey(bytes([i + 7]) * 16, D - i * DAY, DAY, 0) for i in range(3)]
+    assert len(publish_validation(keys, google_hmacs(keys, b"s" * 32)[form]).keys) == 3
+
+
+def test_the_3_field_form_is_refused_once_a_risk_is_not_0():
+    from agent.protocol.gaen import TemporaryExposureKey
+    from backend.errors import ApiError, Code
+
+    keys = [TemporaryExposureKey(b"\x07" * 16, D, DAY, 0), TemporaryExposureKey(b"\x08" * 16, D - DAY, DAY, 3)]
+    assert len(google_hmacs(keys, b"s" * 32)) == 1  # Google computes no 3-field form here either
+    three_fields = google_hmacs([TemporaryExposureKey(k.key_data, k.rolling_start_interval_number, DAY, 0)
+                                 for k in keys], b"s" * 32)[1]
+    with pytest.raises(ApiError) as e:
+        publish_validation(keys, three_fields)
+    assert e.value.code is Code.HMAC_MISMATCH
+    assert len(publish_validation(keys, google_hmacs(keys, b"s" * 32)[0]).keys) == 2
+
+
+# -- certificates of an outside verification server -------------------------------------------
+
+OUTSIDE_ISSUER, OUTSIDE_AUDIENCE = "gov.example.verification", "gov.example.keyserver"
+
+
+def outside_certificate(private_key, tekmac: str, now: float, **claims) -> str:
+    """A certificate exactly as the verification server signs it
+    (pkg/controller/certapi/certificate.go HandleCertificate): reportType,
+    symptomOnsetInterval when the code had a date, tekmac, aud, iss, iat, exp (+15 min),
+    nbf (-1 s), the key id in ``kid``; no ``jti``. trisk and testDateInterval as
+    pkg/api/v1 VerificationClaims allows them."""
+    import jwt
+
+    body = {"reportType": "confirmed", "symptomOnsetInterval": 0, "testDateInterval": 0, "trisk": [],
+            "tekmac": tekmac, "aud": OUTSIDE_AUDIENCE, "iss": OUTSIDE_ISSUER, "iat": int(now),
+            "exp": int(now) + 15 * 60, "nbf": int(now) - 1, **claims}
+    return jwt.encode(body, private_key, algorithm="ES256", headers={"kid": "v1"})
+
+
+@pytest.fixture
+def outside(tmp_path, clock):
+    """A backend trusting an outside verification server, served over HTTP."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from backend import Backend, BackendConfig
+    from backend.server import BackgroundServer
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = tmp_path / "verifier.pem"
+    pem.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    b = Backend(BackendConfig(tmp_path / "b", outside_verifiers=((OUTSIDE_ISSUER, OUTSIDE_AUDIENCE, str(pem)),)),
+                clock=clock)
+    with BackgroundServer(b) as srv:
+        yield b, srv, key
+    b.engine.dispose()
+
+
+def android_publish(keys, cert, secret: bytes):
+    from . import official_clients as app
+
+    return app.body_bytes(app.publish_body(keys, cert, base64.b64encode(secret).decode()))
+
+
+@pytest.mark.integration
+def test_an_outside_verification_servers_certificate_publishes_keys(outside, clock):
+    import httpx
+    import sqlalchemy as sa
+
+    from agent.protocol.gaen import TemporaryExposureKey
+    from backend import db
+
+    backend, srv, key = outside
+    today = gaen.rolling_start_for_day(clock.t)
+    keys = [TemporaryExposureKey(bytes([0x50 + i]) * 16, today - (i + 1) * DAY, DAY, 0) for i in range(2)]
+    secret = b"q" * 32
+    cert = outside_certificate(key, google_hmacs(keys, secret)[1], clock.t, reportType="likely",
+                               symptomOnsetInterval=today - 2 * DAY)
+    r = httpx.post(srv.url + "/v1/publish", content=android_publish(keys, cert, secret))
+    assert r.status_code == 200, r.text
+    first = r.json()
+    assert first["insertedExposures"] == 2
+    again = httpx.post(srv.url + "/v1/publish", content=android_publish(keys, cert, secret)).json()
+    assert {**again, "padding": ""} == {**first, "padding": ""}  # a retry: the first answer
+    with backend.engine.connect() as c:
+        rows = c.execute(sa.select(db.exposures).order_by(db.exposures.c.rolling_start)).fetchall()
+    assert [(r.report_type, r.days_since_onset, r.health_authority) for r in rows] == [
+        (2, 0, OUTSIDE_ISSUER), (2, 1, OUTSIDE_ISSUER)]
+    # another certificate of that server for other keys is a new publish
+    more = [TemporaryExposureKey(b"\x60" * 16, today - 3 * DAY, DAY, 0)]
+    r = httpx.post(srv.url + "/v1/publish", content=android_publish(
+        more, outside_certificate(key, google_hmacs(more, secret)[0], clock.t), secret))
+    assert r.status_code == 200 and r.json()["insertedExposures"] == 1
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("change", "code"), [
+    ({"iss": "someone.else"}, "certificate_invalid"),
+    ({"aud": "another.keyserver"}, "certificate_invalid"),
+    ({"reportType": "negative"}, "certificate_invalid"),
+    ({"nbf": 10**10}, "certificate_invalid"),
+    ({"exp": 1}, "certificate_expired"),
+])
+def test_an_outside_certificate_is_checked_as_the_key_server_checks_it(outside, clock, change, code):
+    import httpx
+
+    from agent.protocol.gaen import TemporaryExposureKey
+
+    _, srv, key = outside
+    keys = [TemporaryExposureKey(b"\x61" * 16, gaen.rolling_start_for_day(clock.t) - DAY, DAY, 0)]
+    cert = outside_certificate(key, google_hmacs(keys, b"q" * 32)[0], clock.t, **change)
+    r = httpx.post(srv.url + "/v1/publish", content=android_publish(keys, cert, b"q" * 32))
+    assert r.status_code == 400 and r.json()["code"] == code
+
+
+def test_serve_refuses_an_outside_verifier_key_it_cannot_read(tmp_path):
+    from click.testing import CliRunner
+
+    import cli
+
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a key")
+    r = CliRunner().invoke(cli.main, ["backend", "--data-dir", str(tmp_path / "b"), "serve", "--trust-verifier",
+                                      OUTSIDE_ISSUER, OUTSIDE_AUDIENCE, str(bad)])
+    assert r.exit_code == 1 and "is not a PEM public key" in r.output
