@@ -249,3 +249,35 @@ def test_serve_refuses_an_outside_verifier_key_it_cannot_read(tmp_path):
     r = CliRunner().invoke(cli.main, ["backend", "--data-dir", str(tmp_path / "b"), "serve", "--trust-verifier",
                                       OUTSIDE_ISSUER, OUTSIDE_AUDIENCE, str(bad)])
     assert r.exit_code == 1 and "is not a PEM public key" in r.output
+
+
+# -- export.proto -----------------------------------------------------------------------------
+
+def test_export_proto_numbers_what_google_numbers_and_reserves_what_it_reserves():
+    """internal/pb/export/export.proto: SignatureInfo reserves 1 and 2 (app_bundle_id,
+    android_package); TemporaryExposureKey fields 1-6; variant_of_concern is field 8."""
+    from agent.protocol import export_pb2 as pb
+
+    key = pb.TemporaryExposureKey.DESCRIPTOR
+    assert {f.name: f.number for f in key.fields} == {
+        "key_data": 1, "transmission_risk_level": 2, "rolling_start_interval_number": 3, "rolling_period": 4,
+        "report_type": 5, "days_since_onset_of_symptoms": 6, "variant_of_concern": 8}
+    info = pb.SignatureInfo.DESCRIPTOR
+    assert [f.number for f in info.fields] == [3, 4, 5]
+    assert "app_bundle_id" not in info.fields_by_name and "android_package" not in info.fields_by_name
+
+
+def test_a_key_with_a_variant_of_concern_reads_and_writes_as_field_8():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from agent.protocol import export
+    from agent.protocol.export import DiagnosisKey, ReportType, VariantOfConcern
+
+    k = DiagnosisKey(b"\x01" * 16, D, DAY, 0, ReportType.CONFIRMED_TEST, 0, VariantOfConcern.TYPE_2)
+    blob = export.build_export_bin([k], start_timestamp=0, end_timestamp=1, region="XX")
+    assert b"\x40\x02" in blob  # tag (8 << 3 | varint), value 2
+    assert export.parse_export_bin(blob).keys[0].variant_of_concern is VariantOfConcern.TYPE_2
+    signing = ec.generate_private_key(ec.SECP256R1())
+    zipped = export.build_export([k], signing_key=signing, start_timestamp=0, end_timestamp=1, region="XX")
+    parsed = export.parse_export(zipped, trusted_keys=[export.public_key_b64(signing)])
+    assert parsed.keys[0].variant_of_concern is VariantOfConcern.TYPE_2
