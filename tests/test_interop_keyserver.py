@@ -281,3 +281,127 @@ def test_a_key_with_a_variant_of_concern_reads_and_writes_as_field_8():
     zipped = export.build_export([k], signing_key=signing, start_timestamp=0, end_timestamp=1, region="XX")
     parsed = export.parse_export(zipped, trusted_keys=[export.public_key_b64(signing)])
     assert parsed.keys[0].variant_of_concern is VariantOfConcern.TYPE_2
+
+
+# -- export files: padding and batches --------------------------------------------------------
+
+def real_uploads(now: float, rng, people: int = 40) -> list[dict]:
+    """Rows as declarations leave them: each person uploads the keys of 7-14 whole UTC
+    days (risk 0, period 144, as the agent and the Android app upload), of a confirmed or
+    likely test, with days since an onset 0-5 days ago (or none)."""
+    today = gaen.rolling_start_for_day(now)
+    rows = []
+    for _ in range(people):
+        report = rng.choice((1, 1, 1, 2))
+        onset_days_ago = rng.choice((None, 0, 1, 2, 3, 4, 5))
+        for d in range(1, rng.randint(7, 14) + 1):
+            rows.append({"key_data": rng.randbytes(16), "rolling_start": today - d * DAY, "rolling_period": DAY,
+                         "transmission_risk": 0, "report_type": report,
+                         "days_since_onset": None if onset_days_ago is None else onset_days_ago - d,
+                         "health_authority": "x", "received_at": now, "export_after": 0.0})
+    return rows
+
+
+def features(keys, now: float):
+    """One-hot of every field an observer sees: start day, period, risk, report type,
+    days since onset (or none); key bytes are uniformly random in both classes."""
+    import numpy as np
+
+    today = gaen.rolling_start_for_day(now)
+    cols = []
+    for k in keys:
+        row = [0.0] * (16 + 2 + 9 + 6 + 31)
+        row[min(15, max(0, (today - k.rolling_start_interval_number) // DAY))] = 1
+        row[16 + (k.rolling_period == DAY)] = 1
+        row[18 + k.transmission_risk_level] = 1
+        row[27 + int(k.report_type)] = 1
+        dso = k.days_since_onset_of_symptoms
+        row[33 + (30 if dso is None else dso + 15)] = 1
+        cols.append(row)
+    return np.array(cols)
+
+
+def logistic_regression_accuracy(x, y, rng_seed: int = 0) -> float:
+    """Held-out accuracy (half the keys) of an L2 logistic regression fitted on the other half."""
+    import numpy as np
+
+    order = np.random.default_rng(rng_seed).permutation(len(y))
+    train, test = order[: len(y) // 2], order[len(y) // 2:]
+    xb = np.hstack([x, np.ones((len(y), 1))])
+    w = np.zeros(xb.shape[1])
+    for _ in range(2000):
+        p = 1 / (1 + np.exp(-xb[train] @ w))
+        w -= 0.5 * (xb[train].T @ (p - y[train]) / len(train) + 1e-3 * w)
+    predicted = (1 / (1 + np.exp(-xb[test] @ w))) > 0.5
+    return float((predicted == y[test]).mean())
+
+
+@pytest.mark.integration
+def test_padding_keys_cannot_be_told_from_real_ones(tmp_path, clock):
+    """An export padded to twice its real keys: a classifier on every field the file shows
+    does no better than chance on held-out keys. Before, padding had risk 1-8 and no days
+    since onset while real keys had risk 0: "risk == 0" picked out the real keys exactly."""
+    import random
+
+    import numpy as np
+    import sqlalchemy as sa
+
+    from agent.protocol import export
+    from backend import Backend, BackendConfig, db
+    from backend.exports import ExportJob
+
+    rng = random.Random(12)
+    backend = Backend(BackendConfig(tmp_path / "b", export_min_keys=0), clock=clock)
+    rows = real_uploads(clock.t, rng)
+    with backend.engine.begin() as c:
+        c.execute(sa.insert(db.exposures), rows)
+    backend.config.export_min_keys = 2 * len(rows)
+    job = ExportJob(backend.config, backend.engine, clock, rng=random.Random(3))
+    names = job.run()
+    assert len(names) == 1
+    parsed = export.parse_export((backend.config.exports_dir / names[0]).read_bytes(),
+                                 trusted_keys=[backend.public_key_b64])
+    real = {r["key_data"] for r in rows}
+    y = np.array([k.key_data in real for k in parsed.keys], dtype=float)
+    assert y.sum() == len(rows) and len(y) == 2 * len(rows)
+    x = features(parsed.keys, clock.t)
+    accuracy = logistic_regression_accuracy(x, y)
+    # chance is 0.5; with ~430 held-out keys one standard deviation is 0.024: 4 of them
+    assert accuracy < 0.6, accuracy
+    # the tell of before: risk 0 is every key now, real or not
+    assert {k.transmission_risk_level for k in parsed.keys} == {0}
+    # and no combination of fields appears among padding that no real key has
+    real_fields = {(k.rolling_start_interval_number, k.rolling_period, k.report_type, k.days_since_onset_of_symptoms)
+                   for k in parsed.keys if k.key_data in real}
+    assert {(k.rolling_start_interval_number, k.rolling_period, k.report_type, k.days_since_onset_of_symptoms)
+            for k in parsed.keys} == real_fields
+    backend.engine.dispose()
+
+
+@pytest.mark.integration
+def test_every_export_file_is_a_batch_of_its_own(tmp_path, clock):
+    """Google's export worker writes each file as batch 1 of 1 ("to avoid a device side
+    issue"; the Android verifier wants every file of a batch in one call)."""
+    import random
+
+    import sqlalchemy as sa
+
+    from agent.protocol import export
+    from backend import Backend, BackendConfig, db
+
+    backend = Backend(BackendConfig(tmp_path / "b", export_min_keys=0, export_max_keys=100), clock=clock)
+    rows = real_uploads(clock.t, random.Random(5), people=30)
+    with backend.engine.begin() as c:
+        c.execute(sa.insert(db.exposures), rows)
+    names = backend.exports.run()
+    assert len(names) == -(-len(rows) // 100) > 1
+    seen = set()
+    for name in names:
+        blob = (backend.config.exports_dir / name).read_bytes()
+        parsed = export.parse_export(blob, trusted_keys=[backend.public_key_b64])
+        assert (parsed.batch_num, parsed.batch_size) == (1, 1)
+        seen |= {k.key_data for k in parsed.keys}
+    assert seen == {r["key_data"] for r in rows}
+    index = (backend.config.exports_dir / "index.txt").read_text().split()
+    assert index == names
+    backend.engine.dispose()
