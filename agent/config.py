@@ -80,6 +80,12 @@ class SyncSection:
     jitter_s: float = 1800.0
     #: ROBERT: the X-API-Key the server requires for registration, if any
     robert_api_key: str = ""
+    #: ROBERT: the server's ECDH public key (base64); robert-server does not send it
+    #: (ctagent's server does, and is trusted when this is empty)
+    robert_server_public_key: str = ""
+    #: ROBERT: a captcha solved for robert-server's /register (solution and id)
+    robert_captcha: str = ""
+    robert_captcha_id: str = ""
     #: the largest export file downloaded (a real 500,000-key file is about 15 MB);
     #: agent.sync.keyserver.DEFAULT_MAX_EXPORT_BYTES (a test keeps them equal)
     max_export_bytes: int = 32 * 2**20
@@ -334,6 +340,12 @@ interval_s = 14400
 jitter_s = 1800
 # ROBERT only: the key the server requires to register (its replacement for a captcha).
 robert_api_key = ""
+# ROBERT only: the server's public key (base64), which robert-server does not send at
+# registration (ctagent's server does: empty trusts it), and for robert-server a captcha
+# solved out of band (its /captcha service) for /register.
+robert_server_public_key = ""
+robert_captcha = ""
+robert_captcha_id = ""
 # The largest export file downloaded (bytes); a real 500,000-key file is about 15 MB.
 max_export_bytes = 33554432
 # Where the key server's index.txt and export files are, when not under backend_url/exports/

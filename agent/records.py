@@ -95,8 +95,9 @@ class DeclareResult:
 
     #: keys (GAEN) or HELLOs (ROBERT) sent
     sent: int
-    #: keys the key server inserted, or HELLOs the ROBERT server verified
-    accepted: int
+    #: keys the key server inserted, or HELLOs the ROBERT server verified (None: the
+    #: server did not say, as robert-server does not)
+    accepted: int | None
     #: one sentence for the user
     summary: str
     #: ROBERT: HELLOs the server could not verify

@@ -104,6 +104,10 @@ class DeviceContext:
     export_base_url: str = ""
     #: a key the server requires to register, if any
     api_key: str = ""
+    #: ROBERT: the server's ECDH public key (base64 SubjectPublicKeyInfo) when the server
+    #: does not send it, and the (solution, id) of a captcha solved for registration
+    server_public_key: str = ""
+    captcha: tuple[str, str] = ("", "")
     #: randomness for schedules and jitter; key material comes from ``random_bytes``
     rng: random.Random = field(default_factory=random.SystemRandom)
     random_bytes: Callable[[int], bytes] = os.urandom
