@@ -832,11 +832,14 @@ def backend_serve(ctx, host, port, protocol, register_api_key, trusted_proxies, 
 @backend.command("code")
 @_backend_location
 @click.option("--test-type", type=click.Choice(["confirmed", "likely"]), default="confirmed", show_default=True)
+@click.option("--format", "code_format", type=click.Choice(["digits", "robert"]), default="digits", show_default=True,
+              help="digits: 8 digits and a 16-character long code; robert: 6 characters and a UUID, the formats "
+                   "the TousAntiCovid app accepts.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def backend_code(test_type, as_json):
+def backend_code(test_type, code_format, as_json):
     """Issue a verification code (as a lab system would)."""
-    c = _backend().verification.issue_code("cli", test_type=test_type)
+    c = _backend().verification.issue_code("cli", test_type=test_type, code_format=code_format)
     click.echo(json.dumps(c) if as_json else f"code {c['code']} (15 min)   long code {c['longCode']} (24 h)")
 
 
