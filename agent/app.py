@@ -300,7 +300,7 @@ def open_mode(cfg: Config, store: Store, clock: Clock | None = None, *, rng: ran
         captcha=(cfg.sync.robert_captcha, cfg.sync.robert_captcha_id),
         rng=rng or random.SystemRandom(), sync_interval_s=cfg.sync.interval_s, sync_jitter_s=cfg.sync.jitter_s,
         max_export_bytes=cfg.sync.max_export_bytes, index_url=cfg.sync.index_url,
-        export_base_url=cfg.sync.export_base_url)
+        export_base_url=cfg.sync.export_base_url, chaff_interval_s=cfg.sync.chaff_interval_s)
     try:
         return mode_class(cfg.agent.protocol)(ctx)
     except ConfigError as e:

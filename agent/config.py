@@ -86,6 +86,10 @@ class SyncSection:
     #: ROBERT: a captcha solved for robert-server's /register (solution and id)
     robert_captcha: str = ""
     robert_captcha_id: str = ""
+    #: GAEN: on average, seconds between two chaff declarations (X-Chaff requests shaped
+    #: like a declaration's, at random times); 0, the default: none. The Android app sends
+    #: about one in two days (172800)
+    chaff_interval_s: float = 0.0
     #: the largest export file downloaded (a real 500,000-key file is about 15 MB);
     #: agent.sync.keyserver.DEFAULT_MAX_EXPORT_BYTES (a test keeps them equal)
     max_export_bytes: int = 32 * 2**20
@@ -211,6 +215,7 @@ def _validate(cfg: Config) -> None:
             ("sync", "interval_s", cfg.sync.interval_s, 1e-3, 30 * 86400),
             ("sync", "jitter_s", cfg.sync.jitter_s, 0, 30 * 86400),
             ("sync", "max_export_bytes", cfg.sync.max_export_bytes, 1, 2**40),
+            ("sync", "chaff_interval_s", cfg.sync.chaff_interval_s, 0, 365 * 86400),
             ("radio", "sim_peers", cfg.radio.sim_peers, 0, 1000),
             ("radio", "start_attempts", cfg.radio.start_attempts, 1, 100)):
         if not low <= value <= high:
@@ -346,6 +351,11 @@ robert_api_key = ""
 robert_server_public_key = ""
 robert_captcha = ""
 robert_captcha_id = ""
+# GAEN only: cover traffic. On average every chaff_interval_s seconds, at random times, the
+# daemon sends the requests of a declaration marked as chaff (X-Chaff: 1), so that a real
+# declaration cannot be told on the wire. 0 (the default): none; the Android reference
+# app sends about one in two days (172800).
+chaff_interval_s = 0
 # The largest export file downloaded (bytes); a real 500,000-key file is about 15 MB.
 max_export_bytes = 33554432
 # Where the key server's index.txt and export files are, when not under backend_url/exports/

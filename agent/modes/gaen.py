@@ -21,7 +21,7 @@ from ..protocol.schedule import IdSchedule, Rotation
 from ..records import DeclareResult
 from ..sync.keyserver import KeyServerClient, LastSync, SyncResult
 from ..ble.base import SimulatedPeer
-from .base import Broadcast, CheckResult, DeviceContext, ProtocolMode, ServerSchedule
+from .base import Broadcast, CheckResult, CoverTraffic, DeviceContext, ProtocolMode, ServerSchedule
 
 log = logging.getLogger("ctagent.gaen")
 
@@ -29,6 +29,8 @@ log = logging.getLogger("ctagent.gaen")
 UPLOAD_DAYS = 14
 #: The first sync after start waits up to this long (jittered), the later ones [sync] interval_s.
 FIRST_SYNC_MAX_DELAY_S = 60.0
+#: chaff is considered every 4 hours, as the Android app's UploadCoverTrafficWorker
+CHAFF_TICK_S = 4 * 3600.0
 
 
 class GaenMode(ProtocolMode[ENPayload]):
@@ -55,6 +57,8 @@ class GaenMode(ProtocolMode[ENPayload]):
                                         ctx.sync_jitter_s)
         #: what the last exposure check computed (keys skipped, derived, RPIs, candidates)
         self.last_match = MatchStats()
+        self._cover = (CoverTraffic(CHAFF_TICK_S, min(1.0, CHAFF_TICK_S / ctx.chaff_interval_s))
+                       if self.client is not None and ctx.chaff_interval_s > 0 else None)
 
     # -- advertising ------------------------------------------------------------------
     def broadcast(self, now: float) -> Broadcast:
@@ -105,6 +109,13 @@ class GaenMode(ProtocolMode[ENPayload]):
     @property
     def server_schedule(self) -> ServerSchedule | None:
         return self._schedule if self.client is not None else None
+
+    @property
+    def cover_traffic(self) -> CoverTraffic | None:
+        return self._cover
+
+    def send_chaff(self, now: float, user_delay_s: float) -> int:
+        return self._client().send_chaff(user_delay_s)
 
     def sync(self, now: float, progress: Callable[[int, int], None] | None = None
              ) -> tuple[SyncResult, list[ExposureDecision]]:

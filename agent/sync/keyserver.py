@@ -37,7 +37,7 @@ from ..protocol.gaen import TemporaryExposureKey
 from ..protocol.verification import tek_hmac
 from ..records import DeclareResult
 from ..store import Store
-from .http import JsonHttp
+from .http import JsonHttp, json_bytes
 
 log = logging.getLogger("ctagent.sync")
 
@@ -46,6 +46,27 @@ MAX_REMEMBERED_FILES = 2000
 #: The largest export file a device downloads, the same cap as on its content: a real
 #: 500,000-key file is about 15 MB.
 DEFAULT_MAX_EXPORT_BYTES = export.DEFAULT_MAX_UNCOMPRESSED
+
+
+#: Every request of a declaration is padded to this many bytes, as the Android reference
+#: app pads its own (``Padding.TARGET_PAYLOAD_SIZE_BYTES``): a real declaration, chaff and
+#: the official app's requests are the same size on the wire.
+PADDED_REQUEST_BYTES = 5000
+#: the header that marks cover traffic (the Android app's ``ApiConstants.CHAFF_HEADER``)
+CHAFF_HEADERS = {"X-Chaff": "1"}
+
+
+def padded(body: dict[str, Any], target: int = PADDED_REQUEST_BYTES) -> dict[str, Any]:
+    """``body`` with a ``padding`` of random base64 that brings it to ``target`` bytes as
+    sent, or just over it; a body of ``target`` bytes or more gets none (Padding.addPadding)."""
+    if len(json_bytes(body)) >= target:
+        return body
+    n = max(1, (target - len(json_bytes({**body, "padding": ""}))) * 3 // 4)
+    while True:
+        out = {**body, "padding": base64.b64encode(secrets.token_bytes(n)).decode()}
+        if len(json_bytes(out)) >= target:
+            return out
+        n += 1
 
 
 # -- state kept in the store ----------------------------------------------------------------
@@ -258,11 +279,12 @@ class KeyServerClient:
         if pending is None:
             if not teks:
                 raise UserError("there are no keys of the last 14 days to upload")
-            token = self.transport.post_json("/api/verify", {"code": code})["token"]
+            token = self.transport.post_json("/api/verify", padded({"code": code}))["token"]
             hmac_key = secrets.token_bytes(32)
             keys = [TemporaryExposureKey(t.key_data, t.rolling_start_interval_number, t.rolling_period, 0)
                     for t in teks]
-            cert = self.transport.post_json("/api/certificate", {"token": token, "ekeyhmac": tek_hmac(hmac_key, keys)})
+            cert = self.transport.post_json("/api/certificate",
+                                            padded({"token": token, "ekeyhmac": tek_hmac(hmac_key, keys)}))
             pending = PendingDeclaration(cert["certificate"], base64.b64encode(hmac_key).decode(),
                                          tuple(t.rolling_start_interval_number for t in teks))
             store.state.put(pending)
@@ -278,10 +300,9 @@ class KeyServerClient:
                                        "rollingPeriod": t.rolling_period, "transmissionRisk": 0} for t in chosen],
             "healthAuthorityID": "ctagent", "verificationPayload": pending.certificate,
             "hmacKey": pending.hmac_key_b64,
-            "padding": base64.b64encode(secrets.token_bytes(self.rng.randint(16, 512))).decode(),
         }
         try:
-            resp = self.transport.post_json("/v1/publish", body)
+            resp = self.transport.post_json("/v1/publish", padded(body))
         except BackendRejected:
             store.state.clear(PendingDeclaration)  # refused: a retry with this certificate cannot succeed
             raise
@@ -289,3 +310,30 @@ class KeyServerClient:
         store.state.put(Declared(now, len(chosen)))
         inserted = int(resp["insertedExposures"])
         return DeclareResult(sent=len(chosen), accepted=inserted, summary=f"published: {inserted} key(s)")
+
+    # -- cover traffic --------------------------------------------------------------------
+    def send_chaff(self, user_delay_s: float = 0.0) -> int:
+        """A declaration's requests as chaff (``X-Chaff: 1``): /api/verify, then after
+        ``user_delay_s`` /api/certificate, then /v1/publish, each padded as a real one and
+        with fields of the real lengths (a code, a token, an HMAC, 14 keys, a certificate),
+        as the Android app's UploadCoverTrafficWorker sends them. The answers are not read;
+        a failure is no one's concern. How many requests got an answer."""
+        def chaff(path: str, body: dict[str, Any]) -> bool:
+            try:
+                r = self.transport.request("POST", path, content=json_bytes(padded(body)),
+                                           headers={"content-type": "application/json", **CHAFF_HEADERS})
+                return r.status_code < 500
+            except BackendUnreachable:
+                return False
+        fake_keys = [{"key": base64.b64encode(secrets.token_bytes(16)).decode(),
+                      "rollingStartNumber": 2_650_847, "rollingPeriod": 144, "transmissionRisk": 0}
+                     for _ in range(14)]
+        sent = int(chaff("/api/verify", {"code": f"{secrets.randbelow(10**8):08d}"}))
+        self.clock.sleep_blocking(user_delay_s)
+        sent += chaff("/api/certificate", {"token": secrets.token_urlsafe(32),
+                                           "ekeyhmac": base64.b64encode(secrets.token_bytes(32)).decode()})
+        sent += chaff("/v1/publish", {"temporaryExposureKeys": fake_keys, "healthAuthorityID": "ctagent",
+                                      "verificationPayload": secrets.token_urlsafe(400),
+                                      "hmacKey": base64.b64encode(secrets.token_bytes(32)).decode()})
+        log.info("sync: cover traffic sent requests=%d", sent)
+        return sent
