@@ -69,6 +69,9 @@ class ChaffTracker:
         self.rng = rng or random.SystemRandom()
         self.served: dict[str, collections.deque[Served]] = collections.defaultdict(
             lambda: collections.deque(maxlen=TRACKED))
+        #: how late chaff answers end after their target, on average (waking up and
+        #: answering take time of their own): taken off the next waits
+        self.overshoot_s = 0.0
 
     def record(self, path: str, seconds: float, body_bytes: int) -> None:
         self.served[path].append(Served(seconds, body_bytes))
@@ -128,9 +131,12 @@ class ChaffMiddleware:
         model = self.tracker.model(path)
         body = self.tracker.body(path, None if model is None else model.body_bytes)
         if model is not None:
-            wait = model.seconds - (self.tracker.timer() - start)
+            wait = model.seconds - (self.tracker.timer() - start) - self.tracker.overshoot_s
             if wait > 0:
                 await self.tracker.sleep(wait)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+        if model is not None:
+            late = (self.tracker.timer() - start) - model.seconds
+            self.tracker.overshoot_s = max(0.0, 0.8 * self.tracker.overshoot_s + 0.2 * late)
