@@ -388,6 +388,12 @@ class ModelledController(Controller):
             rssi=rssi, periodic_advertising_interval=0, direct_address_type=0, direct_address=hci.Address.ANY,
             data=data)]))
 
+    def send_hci_packet(self, packet: hci.HCI_Packet) -> None:
+        # as bumble's, without formatting every packet for a debug log nobody reads
+        # (a third of the time of a busy link)
+        if self.host:
+            asyncio.get_running_loop().call_soon(self.host.on_packet, bytes(packet))
+
     def on_ll_advertising_pdu(self, packet: ll.AdvertisingPdu) -> None:
         # the link sends advertising events through transmit(); only connection
         # requests (CONNECT_IND) still come this way
@@ -407,8 +413,8 @@ class ModelledController(Controller):
         self.le_scan_enable = False
         return super().on_hci_reset_command(command)
 
-    def close(self) -> None:
-        """Stop transmitting and leave the link."""
+    def detach(self) -> None:
+        """Stop transmitting and leave the link (a controller unplugged)."""
         for key in list(self._tx_timers):
             self._cancel(key)
         if self in self.link.order:

@@ -156,7 +156,7 @@ async def serve(specs: list[ControllerSpec], *, seed: int = 0, duration: float |
     finally:
         vhci_log.removeHandler(catcher)
         for c in controllers:
-            c.close()
+            c.detach()
         for t in transports:
             with contextlib.suppress(Exception):
                 await t.close()
