@@ -510,13 +510,39 @@ def purge(yes: bool) -> None:
 
 
 @main.command()
-@click.option("--adapter", default="hci0", show_default=True)
+@click.option("--adapter", default="hci0", show_default=True, help="The BlueZ adapter (--radio bluez).")
+@click.option("--radio", type=click.Choice(["bluez", "bumble"]), default=None,
+              help="[default: bumble when the configuration says so, else bluez]")
+@click.option("--transport", default=None, help="The controller's bumble transport (--radio bumble) "
+              "[default: the configuration's bumble_transport].")
 @friendly_errors
-def doctor(adapter: str) -> None:
-    """Check Bluetooth hardware, BlueZ and permissions; say what to fix."""
-    from agent.ble.bluez.doctor import doctor as check
+def doctor(adapter: str, radio: str | None, transport: str | None) -> None:
+    """Check Bluetooth hardware, BlueZ (or a bumble controller) and permissions; say what to fix."""
+    from agent.errors import UserError
 
-    ok, checks = check(adapter)
+    try:
+        cfg = _cfg()
+    except UserError:
+        cfg = None  # doctor also runs before `ctagent init`
+    radio = radio or ("bumble" if cfg is not None and cfg.radio.kind == "bumble" else "bluez")
+    if radio == "bumble":
+        from agent.ble.bumble import transport_problem
+        from agent.errors import ConfigError
+
+        transport = transport or (cfg.radio.bumble_transport if cfg is not None else "")
+        if not transport:
+            raise ConfigError("name the controller: ctagent doctor --radio bumble --transport usb:0")
+        if problem := transport_problem(transport):
+            raise ConfigError(f"--transport {problem}")
+        try:
+            from agent.ble.bumble.doctor import doctor as check_bumble
+        except ImportError:
+            raise ConfigError("the bumble radio needs bumble: pip install 'ctagent[bumble]'") from None
+        ok, checks = check_bumble(transport)
+    else:
+        from agent.ble.bluez.doctor import doctor as check
+
+        ok, checks = check(adapter)
     for c in checks:
         click.echo(f"[{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}")
     if not ok:

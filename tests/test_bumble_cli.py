@@ -112,3 +112,26 @@ def test_run_without_the_controller_says_which_transport_and_exits_3(tmp_path: P
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 3, r.stderr
     assert "bumble.TransportUnavailable" in r.stderr and "tcp-client:127.0.0.1" in r.stderr
+
+
+@pytest.mark.integration
+def test_doctor_on_a_bumble_controller(tmp_path: Path) -> None:
+    port = free_port()
+    controllers = subprocess.Popen(
+        [sys.executable, "-m", "agent.ble.bumble.vhci", "pi3=0,0:legacy", "--duration", "30",
+         "--transport", f"pi3=tcp-server:127.0.0.1:{port}"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert controllers.stdout is not None
+        while json.loads(controllers.stdout.readline()) != {"ready": True}:
+            pass
+        r = CliRunner().invoke(cli.main, ["doctor", "--radio", "bumble", "--transport", f"tcp-client:127.0.0.1:{port}"],
+                               env={"CTAGENT_CONFIG": str(tmp_path / "none.toml")})
+    finally:
+        controllers.send_signal(signal.SIGTERM)
+        controllers.communicate(timeout=10)
+    assert r.exit_code == 0, r.output
+    assert "[ok] transport tcp-client" in r.output and "Bluetooth 4.1" in r.output
+    assert "[ok] rotation while scanning" in r.output and "scanning off" in r.output
+    r = CliRunner().invoke(cli.main, ["doctor", "--radio", "bumble", "--transport", "usb"],
+                           env={"CTAGENT_CONFIG": str(tmp_path / "none.toml")})
+    assert r.exit_code == 1 and "usb:0" in r.output

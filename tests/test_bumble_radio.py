@@ -269,3 +269,24 @@ async def test_service_data_too_long_for_legacy_advertising_is_refused_at_once()
     with pytest.raises(RadioError) as e:
         await a.advertiser.start(bytes(24), nrpa(1))
     assert e.value.name == "bumble.InvalidLength"
+
+
+async def test_doctor_checks_a_legacy_controller_and_what_it_hears() -> None:
+    from agent.ble.bumble.doctor import check
+
+    air = Air()
+    neighbour = Agent(air, "neighbour", 2.0)
+    await neighbour.advertiser.start(payload(7), nrpa(7))
+    air.place("dut", 0.0, legacy=True)
+    ok, checks = await check("link:dut", opener=air.open, listen_s=3)
+    assert ok, checks
+    lines = {c.name: c.detail for c in checks}
+    assert "Bluetooth 4.1 controller by Broadcom" in lines["transport link:dut"]
+    assert "legacy advertising only" in lines["transport link:dut"]
+    assert "scanning off" in lines["rotation while scanning"]
+    assert "from 1 devices" in lines["scanning"]
+    assert air.controllers["dut"].refused_address_changes == 0
+    air.unplugged.add("dut")
+    ok, checks = await check("link:dut", opener=air.open)
+    assert not ok and "No such device" in checks[-1].detail
+    await neighbour.stop()

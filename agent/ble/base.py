@@ -10,7 +10,7 @@ import abc
 import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..clock import Clock
 
@@ -26,6 +26,14 @@ class RadioHealth:
     def error(self, name: str) -> None:
         """Remember an error name (the last ten)."""
         self.errors = (self.errors + [name])[-10:]
+
+
+class Check(NamedTuple):
+    """One line of ``ctagent doctor``: what was checked, whether it is fine, what to do."""
+
+    name: str
+    ok: bool
+    detail: str
 
 
 @dataclass(frozen=True)
