@@ -129,6 +129,7 @@ class HciSession:
         self.scan = False
         self.adv_set: AdvertisingSet | None = None
         self.legacy_advertising = False
+        self.legacy_parameters_set = False
         self.scanning = False
         self.on_report: Callable[[Any], None] | None = None
         self.rotation_gaps: list[float] = []  # seconds without advertising per rotation
@@ -165,6 +166,7 @@ class HciSession:
         supports = device.supports_le_extended_advertising
         self.extended = bool(supports) if self.force_legacy is None else (bool(supports) and not self.force_legacy)
         self.adv_set, self.legacy_advertising, self.scanning = None, False, False
+        self.legacy_parameters_set = False
         self.opens += 1
         self._watch = asyncio.ensure_future(self._watch_transport(transport))
         log.info("bumble: HCI transport opened controller=%s", "extended" if self.extended else "legacy-only")
@@ -295,12 +297,14 @@ class HciSession:
         else:
             async with self._scan_paused():  # the controller refuses the address while it scans
                 await self.device.send_sync_command(hci.HCI_LE_Set_Random_Address_Command(random_address=address))
-            await self.device.send_sync_command(hci.HCI_LE_Set_Advertising_Parameters_Command(
-                advertising_interval_min=round(ADV_INTERVAL_MS[0] / 0.625),
-                advertising_interval_max=round(ADV_INTERVAL_MS[1] / 0.625),
-                advertising_type=hci.HCI_LE_Set_Advertising_Parameters_Command.AdvertisingType.ADV_NONCONN_IND,
-                own_address_type=hci.OwnAddressType.RANDOM, peer_address_type=0, peer_address=hci.Address.ANY,
-                advertising_channel_map=7, advertising_filter_policy=0))
+            if not self.legacy_parameters_set:  # they stay until a reset
+                await self.device.send_sync_command(hci.HCI_LE_Set_Advertising_Parameters_Command(
+                    advertising_interval_min=round(ADV_INTERVAL_MS[0] / 0.625),
+                    advertising_interval_max=round(ADV_INTERVAL_MS[1] / 0.625),
+                    advertising_type=hci.HCI_LE_Set_Advertising_Parameters_Command.AdvertisingType.ADV_NONCONN_IND,
+                    own_address_type=hci.OwnAddressType.RANDOM, peer_address_type=0, peer_address=hci.Address.ANY,
+                    advertising_channel_map=7, advertising_filter_policy=0))
+                self.legacy_parameters_set = True
             await self.device.send_sync_command(hci.HCI_LE_Set_Advertising_Data_Command(advertising_data=data))
             await self.device.send_sync_command(hci.HCI_LE_Set_Advertising_Enable_Command(advertising_enable=1))
             self.legacy_advertising = True

@@ -109,8 +109,11 @@ class _HciIndex(logging.Handler):
 
 
 async def serve(specs: list[ControllerSpec], *, seed: int = 0, duration: float | None = None,
-                snoop_dir: Path | None = None, stop: asyncio.Event | None = None) -> dict[str, int]:
-    """Attach the controllers and run until ``stop`` is set or ``duration`` passes."""
+                snoop_dir: Path | None = None, stop: asyncio.Event | None = None,
+                announce: bool = True) -> dict[str, int]:
+    """Attach the controllers and run until ``stop`` is set or ``duration`` passes;
+    ``announce``: print the JSON lines."""
+    say = print if announce else (lambda *args, **kw: None)
     from bumble.snoop import BtSnooper
     from bumble.transport import open_transport
     from bumble.transport.common import SnoopingTransport
@@ -147,10 +150,10 @@ async def serve(specs: list[ControllerSpec], *, seed: int = 0, duration: float |
                     if catcher.index is not None:
                         break
                     await asyncio.sleep(0.02)
-            print(json.dumps({"name": spec.name, "kind": "legacy" if spec.legacy else "extended",
+            say(json.dumps({"name": spec.name, "kind": "legacy" if spec.legacy else "extended",
                               "public_address": controllers[-1].public_address.to_string(False),
                               "transport": spec.transport, "hci_index": catcher.index}), flush=True)
-        print(json.dumps({"ready": True}), flush=True)
+        say(json.dumps({"ready": True}), flush=True)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), duration)
     finally:
@@ -161,7 +164,7 @@ async def serve(specs: list[ControllerSpec], *, seed: int = 0, duration: float |
             with contextlib.suppress(Exception):
                 await t.close()
     result = {"transmitted": link.transmitted, "delivered": link.delivered}
-    print(json.dumps(result), flush=True)
+    say(json.dumps(result), flush=True)
     return result
 
 
