@@ -184,3 +184,34 @@ async def test_scan_window_limits_what_is_heard() -> None:
     await legacy_advertise(db, EN_DATA, "01:00:00:00:00:01")
     await asyncio.sleep(60)
     assert 30 < len(heard) < 90  # a quarter of ~230
+
+
+def test_the_vhci_runner_reads_its_controllers_and_rejects_mistakes(tmp_path) -> None:
+    from agent.ble.bumble.vhci import main, parse_specs
+    from agent.errors import InputFileError
+
+    scenario = tmp_path / "s.json"
+    scenario.write_text('{"devices": {"carol": {"position": [3, 4], "carriage": "pocket", "room": 1}}}')
+
+    def specs(*argv: str):
+        import argparse
+
+        ns = argparse.Namespace(controllers=[], scenario=None, transport=[], tx_power_dbm=[], rx_correction_db=[])
+        for a in argv:
+            if a.startswith("--scenario="):
+                ns.scenario = a.split("=", 1)[1]
+            elif a.startswith("--transport="):
+                ns.transport.append(a.split("=", 1)[1])
+            else:
+                ns.controllers.append(a)
+        return parse_specs(ns)
+
+    got = specs("alice=0,0", "bob=1.5,-2:legacy", "carol", f"--scenario={scenario}", "--transport=bob=tcp-server:_:9")
+    assert [(s.name, s.placement.x, s.placement.y, s.legacy, s.transport) for s in got] == [
+        ("alice", 0, 0, False, "vhci"), ("bob", 1.5, -2, True, "tcp-server:_:9"), ("carol", 3, 4, False, "vhci")]
+    assert got[2].placement.carriage == "pocket" and got[2].placement.room == 1
+    for bad, why in ((("alice=0",), "NAME=X,Y"), (("alice",), "no position"), (("a=0,0", "a=1,1"), "own name"),
+                     (("a=0,0", "--transport=b=usb:0"), "NAME=VALUE"), (("a=1e999,0",), "finite")):
+        with pytest.raises(InputFileError, match=why):
+            specs(*bad)
+    assert main(["x=1,2,3"]) == 2
