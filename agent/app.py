@@ -298,7 +298,7 @@ def open_mode(cfg: Config, store: Store, clock: Clock | None = None, *, rng: ran
         backend_url=cfg.sync.backend_url, trusted_keys=tuple(cfg.sync.trusted_keys), api_key=cfg.sync.robert_api_key,
         rng=rng or random.SystemRandom(), sync_interval_s=cfg.sync.interval_s, sync_jitter_s=cfg.sync.jitter_s,
         max_export_bytes=cfg.sync.max_export_bytes, index_url=cfg.sync.index_url,
-        export_base_url=cfg.sync.export_base_url)
+        export_base_url=cfg.sync.export_base_url, http_timeout_s=cfg.sync.timeout_s)
     try:
         return mode_class(cfg.agent.protocol)(ctx)
     except ConfigError as e:
@@ -309,6 +309,9 @@ def build_daemon(cfg: Config, *, radio_kind: str, clock: Clock, clock_guard: Clo
     store = open_store(cfg, clock)
     try:
         mode = open_mode(cfg, store, clock)
+        refusal = mode.refuse_to_run()
+        if refusal:
+            raise UserError(refusal)
         cal = mode.ctx.calibration
         radio = open_radio(radio_kind, RadioRequest(
             clock=clock, service_uuid16=mode.service_uuid16, adapter=cfg.radio.adapter,

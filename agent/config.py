@@ -87,6 +87,10 @@ class SyncSection:
     #: than <backend_url>/exports/ (a CDN, a region folder)
     index_url: str = ""
     export_base_url: str = ""
+    #: seconds a server call may take, retries included, before the backend counts as
+    #: unreachable (each read waits at most this long too; a slow download that keeps
+    #: receiving goes on)
+    timeout_s: float = 10.0
 
 
 @dataclass
@@ -205,6 +209,7 @@ def _validate(cfg: Config) -> None:
             ("sync", "interval_s", cfg.sync.interval_s, 1e-3, 30 * 86400),
             ("sync", "jitter_s", cfg.sync.jitter_s, 0, 30 * 86400),
             ("sync", "max_export_bytes", cfg.sync.max_export_bytes, 1, 2**40),
+            ("sync", "timeout_s", cfg.sync.timeout_s, 0.1, 600),
             ("radio", "sim_peers", cfg.radio.sim_peers, 0, 1000),
             ("radio", "start_attempts", cfg.radio.start_attempts, 1, 100)):
         if not low <= value <= high:
@@ -340,6 +345,8 @@ max_export_bytes = 33554432
 # (a CDN: index_url = "https://cdn.example.org/XX/index.txt", export_base_url = "https://cdn.example.org/").
 index_url = ""
 export_base_url = ""
+# Seconds a call to the server may take, retries included, before it counts as unreachable.
+timeout_s = 10
 
 [notify]
 # Command run on exposure (e.g. light an LED). It receives CTAGENT_EXPOSURE_DATE and
