@@ -317,7 +317,8 @@ def build_daemon(cfg: Config, *, radio_kind: str, clock: Clock, clock_guard: Clo
             clock=clock, service_uuid16=mode.service_uuid16, adapter=cfg.radio.adapter,
             gatt_status=cfg.radio.gatt_status, tx_power_dbm=cal.tx_power, rx_correction_db=cal.rssi_correction,
             sim_peers=cfg.radio.sim_peers, sim_seed=cfg.radio.sim_seed, simulated_peer=mode.simulated_peer,
-            sim_medium=cfg.radio.sim_medium, sim_name=cfg.radio.sim_name))
+            sim_medium=cfg.radio.sim_medium, sim_name=cfg.radio.sim_name,
+            bumble_transport=cfg.radio.bumble_transport, bumble_snoop=cfg.radio.bumble_snoop))
     except BaseException:
         store.close()
         raise

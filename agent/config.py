@@ -51,7 +51,8 @@ class AgentSection:
 
 @dataclass
 class RadioSection:
-    #: "bluez" (a real adapter) or "sim" (the simulated medium with virtual peers)
+    #: "bluez" (a real adapter through BlueZ), "bumble" (a dedicated HCI controller,
+    #: bumble_transport) or "sim" (the simulated medium with virtual peers)
     kind: str = "sim"
     adapter: str = "hci0"
     #: peers around this device when kind = "sim"
@@ -69,6 +70,11 @@ class RadioSection:
     #: PATH`): its socket, and this device's name in the medium's scenario
     sim_medium: str = ""
     sim_name: str = ""
+    #: kind = "bumble": the controller's bumble transport moniker ("usb:0",
+    #: "serial:/dev/ttyACM0,1000000", "tcp-client:127.0.0.1:9001"), and a btsnoop file
+    #: of its HCI traffic (empty: none; it holds identifiers: written 0600)
+    bumble_transport: str = ""
+    bumble_snoop: str = ""
 
 
 @dataclass
@@ -214,6 +220,18 @@ def _validate(cfg: Config) -> None:
             ("radio", "start_attempts", cfg.radio.start_attempts, 1, 100)):
         if not low <= value <= high:
             raise ConfigError(f"{src}: [{section}] {key}: must be between {low:g} and {high:g}, not {value!r}")
+    if cfg.radio.kind == "bumble":
+        from .ble.bumble import transport_problem
+
+        if not cfg.radio.bumble_transport:
+            raise ConfigError(f"{src}: [radio] bumble_transport: the bumble radio needs its controller's transport, "
+                              "e.g. \"usb:0\" or \"serial:/dev/ttyACM0,1000000\" (see hardware/bumble.md)")
+        problem = transport_problem(cfg.radio.bumble_transport)
+        if problem:
+            raise ConfigError(f"{src}: [radio] bumble_transport: {problem}")
+        if cfg.radio.gatt_status:
+            raise ConfigError(f"{src}: [radio] gatt_status: the bumble radio has no GATT status service; "
+                              "set gatt_status = false or use kind = \"bluez\"")
     if cfg.radio.sim_medium and not cfg.radio.sim_name:
         raise ConfigError(f"{src}: [radio] sim_name: a device on a shared medium (sim_medium) needs its name "
                           "in the medium's scenario")
@@ -310,7 +328,8 @@ clock_sync_wait_s = 300
 max_clock_error_s = 60
 
 [radio]
-# "bluez" for a real adapter, "sim" for the simulated medium with virtual peers.
+# "bluez" for a real adapter, "bumble" for a dedicated USB/UART controller (below),
+# "sim" for the simulated medium with virtual peers.
 kind = "{radio}"
 adapter = "hci0"
 sim_peers = 5
@@ -328,6 +347,11 @@ start_attempts = 5
 # device's name in the medium's scenario.
 sim_medium = ""
 sim_name = ""
+# kind = "bumble" only: a dedicated HCI controller driven by our own host instead of BlueZ
+# (hardware/bumble.md): its transport ("usb:0", "serial:/dev/ttyACM0,1000000"), and a
+# btsnoop file of its HCI traffic for debugging (empty: none).
+bumble_transport = ""
+bumble_snoop = ""
 
 [sync]
 # The backend (empty: no sync). Its export signing public key must be trusted below

@@ -1,7 +1,8 @@
 """The radio's face: an :class:`Advertiser` and a :class:`Scanner` (each can pause and
 resume, for the duty cycle), an optional :class:`StatusService` (the GATT status for a
 companion device), and what a backend is given to build them (:class:`RadioRequest`).
-Backends: ``sim`` (the simulated medium), ``bluez`` (BlueZ over D-Bus + bleak)."""
+Backends: ``sim`` (the simulated medium), ``bluez`` (BlueZ over D-Bus + bleak), ``bumble``
+(our own host on a USB/UART HCI controller)."""
 
 from __future__ import annotations
 
@@ -122,6 +123,9 @@ class RadioRequest:
     #: its socket and this device's name there; empty: private virtual peers
     sim_medium: str = ""
     sim_name: str = ""
+    #: the bumble radio: its HCI transport moniker, and a btsnoop file to write (empty: none)
+    bumble_transport: str = ""
+    bumble_snoop: str = ""
 
 
 @dataclass
