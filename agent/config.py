@@ -41,6 +41,12 @@ class AgentSection:
     #: extra calibration lists (Google EN format)
     calibration_files: list[str] = field(default_factory=list)
     flush_interval_s: float = 60.0
+    #: advertise only with a right clock (agent.timesync): "auto" (never with a clock
+    #: before the build date; wait for a running time service up to clock_sync_wait_s),
+    #: "strict" (only synchronised, error within max_clock_error_s) or "off"
+    clock_check: str = "auto"
+    clock_sync_wait_s: float = 300.0
+    max_clock_error_s: float = 60.0
 
 
 @dataclass
@@ -87,6 +93,10 @@ class SyncSection:
     #: than <backend_url>/exports/ (a CDN, a region folder)
     index_url: str = ""
     export_base_url: str = ""
+    #: seconds a server call may take, retries included, before the backend counts as
+    #: unreachable (each read waits at most this long too; a slow download that keeps
+    #: receiving goes on)
+    timeout_s: float = 10.0
 
 
 @dataclass
@@ -190,14 +200,22 @@ def _validate(cfg: Config) -> None:
         parse_duty_cycle(cfg.radio.duty_cycle)
     except ValueError:
         raise ConfigError(f"{src}: [radio] duty_cycle: must be 'ADVERTISE_S,SCAN_S', e.g. \"20,10\"") from None
+    from .timesync import CLOCK_POLICIES
+
+    if cfg.agent.clock_check not in CLOCK_POLICIES:
+        raise ConfigError(f"{src}: [agent] clock_check: must be one of {', '.join(map(repr, CLOCK_POLICIES))}, "
+                          f"not {cfg.agent.clock_check!r}")
     if cfg.agent.key not in ("keyfile", "passphrase"):
         raise ConfigError(f"{src}: [agent] key: must be 'keyfile' or 'passphrase'")
     for section, key, value, low, high in (
             ("agent", "retention_days", cfg.agent.retention_days, 1, 3650),
             ("agent", "flush_interval_s", cfg.agent.flush_interval_s, 1e-3, 7 * 86400),
+            ("agent", "clock_sync_wait_s", cfg.agent.clock_sync_wait_s, 0, 7 * 86400),
+            ("agent", "max_clock_error_s", cfg.agent.max_clock_error_s, 1e-3, 86400),
             ("sync", "interval_s", cfg.sync.interval_s, 1e-3, 30 * 86400),
             ("sync", "jitter_s", cfg.sync.jitter_s, 0, 30 * 86400),
             ("sync", "max_export_bytes", cfg.sync.max_export_bytes, 1, 2**40),
+            ("sync", "timeout_s", cfg.sync.timeout_s, 0.1, 600),
             ("radio", "sim_peers", cfg.radio.sim_peers, 0, 1000),
             ("radio", "start_attempts", cfg.radio.start_attempts, 1, 100)):
         if not low <= value <= high:
@@ -300,6 +318,14 @@ device_model = "{device_model}"
 calibration_files = []
 # Seconds between writes of aggregated sightings to the store (a power cut loses at most this).
 flush_interval_s = 60
+# A Raspberry Pi has no real-time clock: advertise only with a right one. "auto": never
+# with a clock before this version's build date; while a time service (systemd-timesyncd,
+# chrony) has not synchronised it, wait up to clock_sync_wait_s seconds, then go on with
+# a warning. "strict": only once synchronised with an error within max_clock_error_s
+# seconds. "off": no check. The clock's state is recorded either way (`ctagent status`).
+clock_check = "auto"
+clock_sync_wait_s = 300
+max_clock_error_s = 60
 
 [radio]
 # "bluez" for a real adapter, "bumble" for a dedicated USB/UART controller (below),
@@ -343,6 +369,8 @@ max_export_bytes = 33554432
 # (a CDN: index_url = "https://cdn.example.org/XX/index.txt", export_base_url = "https://cdn.example.org/").
 index_url = ""
 export_base_url = ""
+# Seconds a call to the server may take, retries included, before it counts as unreachable.
+timeout_s = 10
 
 [notify]
 # Command run on exposure (e.g. light an LED). It receives CTAGENT_EXPOSURE_DATE and

@@ -100,6 +100,19 @@ def symptom_onset(certified: int | None, requested: object, now: float) -> int |
     return None
 
 
+def days_between_intervals(onset: int, key_start: int) -> int:
+    """Days from the symptom onset to a key's first interval, both rounded down to their UTC
+    day first: a key of the onset's day is day 0 whatever the hour of either. The key
+    server rounds the onset down to the start of its UTC day (google/exposure-notifications-
+    server ``pkg/api/v1`` VerificationClaims.SymptomOnsetInterval, Publish.SymptomOnsetInterval:
+    "Will be rounded down to the start of the UTC day provided"); the whole-day difference
+    is its ``DaysBetweenIntervals`` (``internal/publish/model/exposure_model.go``) as issue 12
+    describes it: no stored version of that file has it, the stored ones round the distance
+    to the nearest day (``DaysFromSymptomOnset``), which agrees for keys starting at UTC
+    midnight (every key the agent and the official apps upload)."""
+    return key_start // gaen.TEK_ROLLING_PERIOD - onset // gaen.TEK_ROLLING_PERIOD
+
+
 def _int_field(k: Mapping[str, Any], name: str, default: int | None, i: int) -> int:
     value = k.get(name, default)
     if not isinstance(value, int) or isinstance(value, bool):
@@ -133,9 +146,7 @@ def validate_publish(request: Mapping[str, Any], claims: CertificateClaims, now:
             raise ApiError(Code.KEY_TOO_OLD, f"key {i} is older than {MAX_KEY_AGE_DAYS} days")
         if rs > now_enin:
             raise ApiError(Code.KEY_IN_FUTURE, f"key {i} starts in the future")
-        # days since onset: rounded down as before (the key server rounds partial days
-        # away from zero, ``DaysBetweenIntervals``; aligning them is a separate change)
-        dso = None if onset is None else int((rs - onset) // gaen.TEK_ROLLING_PERIOD)
+        dso = None if onset is None else days_between_intervals(onset, rs)
         key = DiagnosisKey(data, rs, rp, tr, report_type, dso)
         keys.append(key)
         if dso is not None and abs(dso) > MAX_ONSET_DAYS:

@@ -49,7 +49,7 @@ from backend.ratelimit import (
     LoginBackoff,
     RateLimiter,
 )
-from backend.web import onset_interval
+from backend.verification import date_interval as onset_interval
 
 NOW = 20_000 * DAY_SECONDS + 9 * 3600  # 09:00 UTC
 TODAY = gaen.rolling_start_for_day(NOW)

@@ -48,11 +48,11 @@ _EXAMPLES = {"usb": "usb:0", "serial": "serial:/dev/ttyACM0,1000000", "tcp-clien
 
 
 def open_radio(request: RadioRequest) -> Radio:
-    try:
-        from .radio import BumbleAdvertiser, BumbleScanner, HciSession
-    except ImportError as e:
-        raise ConfigError(f"the bumble radio needs bumble ({e.name} is missing): "
-                          "pip install 'ctagent[bumble]'") from None
+    from ...extras import require
+
+    require("bumble", what="the bumble radio")
+    from .radio import BumbleAdvertiser, BumbleScanner, HciSession
+
     if not request.bumble_transport:
         raise ConfigError("[radio] bumble_transport: the bumble radio needs a transport moniker, e.g. \"usb:0\"")
     if problem := transport_problem(request.bumble_transport):
