@@ -155,6 +155,17 @@ async def test_every_rotation_while_scanning_changes_address_and_payload_togethe
     await listener.start_scanning()
     await rotating.start_scanning()  # the rotating agent scans too: the case real chips refuse
     await rotating.advertiser.start(payload(0), nrpa(0))
+    # EN Bluetooth Specification v1.2: 200-270 ms, in 0.625 ms units
+    c = air.controllers["rot"]
+    if legacy:
+        assert (c.le_legacy_advertiser.advertising_interval_min, c.le_legacy_advertiser.advertising_interval_max,
+                c.le_legacy_advertiser.advertising_type) == (320, 432, 3)  # ADV_NONCONN_IND
+    else:
+        (adv_set,) = c.advertising_sets.values()
+        assert adv_set.parameters is not None
+        assert (adv_set.parameters.primary_advertising_interval_min,
+                adv_set.parameters.primary_advertising_interval_max) == (320, 432)
+        assert adv_set.parameters.advertising_event_properties == 0x10  # legacy PDUs, non-connectable
     for i in range(1, 12):
         await asyncio.sleep(5)
         await rotating.advertiser.rotate(payload(i), nrpa(i))
