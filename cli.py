@@ -939,10 +939,15 @@ def backend_init(as_json: bool) -> None:
               envvar="CTAGENT_BACKEND_REHEARSAL_EMBARGO",
               help="REHEARSALS ONLY: export a key this many seconds after its upload, even while it is still "
                    "broadcast (default: not before its day ended, as the key server does).")
+@click.option("--trust-verifier", "outside_verifiers", type=(str, str, click.Path(dir_okay=False, exists=True)),
+              multiple=True, metavar="ISSUER AUDIENCE PUBLIC_KEY.pem",
+              help="Also publish keys with the certificates of this outside verification server (e.g. Google's "
+                   "exposure-notifications-verification-server): its issuer (iss), the audience (aud) it writes "
+                   "for this key server, and its ECDSA P-256 public key. Repeat for several.")
 @click.pass_context
 @friendly_errors
 def backend_serve(ctx, host, port, protocol, register_api_key, trusted_proxies, secure_cookies, export_period_s,
-                  rehearsal_embargo_s):
+                  rehearsal_embargo_s, outside_verifiers):
     """Serve the API, the physicians' page and the export files; run the export job."""
     import uvicorn
 
@@ -951,7 +956,8 @@ def backend_serve(ctx, host, port, protocol, register_api_key, trusted_proxies, 
     from backend.server import UVICORN_OPTIONS
 
     b = _backend(create=True, trusted_proxies=tuple(trusted_proxies), secure_cookies=secure_cookies,
-                 export_period_s=export_period_s, rehearsal_embargo_s=rehearsal_embargo_s)
+                 export_period_s=export_period_s, rehearsal_embargo_s=rehearsal_embargo_s,
+                 outside_verifiers=tuple(outside_verifiers))
     click.echo(f"backend in {b.config.data_dir}")
     if rehearsal_embargo_s is not None:
         click.echo(f"REHEARSAL: keys are exported {rehearsal_embargo_s:g} s after their upload, while still "
