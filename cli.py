@@ -438,7 +438,8 @@ def encounters(as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--explain", is_flag=True, help="Windows, distances and minutes behind each decision.")
+@click.option("--explain", is_flag=True, help="Windows, distances and minutes behind each decision (with the hmm "
+              "rule: each minute's posterior P(near) and the evidence behind it).")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def exposures(explain: bool, as_json: bool) -> None:
@@ -465,7 +466,18 @@ def exposures(explain: bool, as_json: bool) -> None:
                 click.echo(f"  decided by the {e.protocol} server{risk}; the device keeps no per-window detail")
             for w in e.windows:
                 click.echo(f"  window {iso_time(w.start)}: attenuation {w.attenuation_db} dB, ~{w.distance_m} m, "
-                           f"counted {w.minutes} min{' (gap filled)' if w.filled else ''}")
+                           + (_hmm_evidence(w) if w.posterior_near is not None else "")
+                           + f"counted {w.minutes} min{' (gap filled)' if w.filled else ''}")
+
+
+def _hmm_evidence(w: Any) -> str:
+    """What the hmm rule saw in a window and the posterior it gave it."""
+    seen = []
+    if w.stronger is not None:
+        seen.append(f"{w.stronger} of {w.heard} heard stronger")
+    if w.relative_db is not None:
+        seen.append(f"{w.relative_db:+.1f} dB vs recent median")
+    return f"P(near) {w.posterior_near:.2f}" + (f" ({', '.join(seen)})" if seen else "") + ", "
 
 
 @main.command()
@@ -761,7 +773,8 @@ def calibration_list(search: str, as_json: bool) -> None:
 @main.command("eval")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="CSV: pair,timestamp,rssi,tx_power[,receiver_model,transmitter_model]")
-@click.option("--rule", type=click.Choice(["distance", "buckets"]), default="distance", show_default=True)
+@click.option("--rule", type=click.Choice(["distance", "buckets", "hmm"]), default="distance", show_default=True,
+              help="hmm: without a minute context in the file, on attenuation and each pair's own recent median.")
 @click.option("--distance-threshold", type=float, default=1.0, show_default=True, help="metres")
 @click.option("--duration-threshold", type=float, default=15.0, show_default=True, help="minutes")
 @click.option("--calibration", "calibration_files", multiple=True, type=click.Path(exists=True, path_type=Path),

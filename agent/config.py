@@ -379,6 +379,7 @@ on_exposure = ""
 
 [proximity]
 # The 15-minute / 1-metre rule; see docs/proximity.md for the defaults and why.
+# rule: "distance", "buckets" or "hmm" (a near/far model over the day's minutes).
 rule = "distance"
 distance_threshold_m = 1.0
 duration_threshold_min = 15.0
