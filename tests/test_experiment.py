@@ -132,3 +132,39 @@ def test_research_rows_are_encrypted_with_their_own_retention(tmp_path):
     assert store.research.count_by_kind() == {}
     assert json.loads(json.dumps(store.keyring.days())) == []
     store.close()
+
+
+@pytest.mark.integration
+def test_rehearsal_demo_bundles_analysed_give_the_demos_own_confusion_matrix(tmp_path):
+    """Set-up, run, collect, analyse on one machine: the demo's devices record research
+    data and hand over their bundles and the truth; the analysis (DuckDB, the agent's rule
+    code on the research log, offline resolution from the TEKs) must reach, for every
+    device hearing person 0, the decision the device itself reached by matching person
+    0's published keys, and the truth the demo computed."""
+    from agent.demo import run_demo
+    from agent.experiment.analyze import analyze
+    from agent.experiment.report import write_report
+
+    demo = run_demo(devices=6, days=1, seed=5, out_dir=tmp_path, log=lambda m: None, png=False,
+                    research_dir=tmp_path / "experiment")
+    a = analyze(tmp_path / "experiment")
+    assert all(d.offset_source == "beacon rotations" and abs(d.offset_s) < 1 for d in a.devices)
+    assert all(d.resolved == d.sightings > 0 for d in a.devices)  # every sighting resolved to its sender
+    person0 = [r for r in a.pair_days if r["transmitter"] == "device-00"]
+    decided = {r["receiver"]: r["rule_exposed"] for r in person0}
+    truly = {r["receiver"]: r["truly_exposed"] for r in person0}
+    confusion = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
+    for rx in decided:
+        confusion[("t" if decided[rx] == truly[rx] else "f") + ("p" if decided[rx] else "n")] += 1
+    assert confusion == {"tp": demo.tp, "fp": demo.fp, "fn": demo.fn, "tn": demo.tn}
+    for row in demo.rows:  # device by device, and the minutes the device counted
+        label = f"device-{row.device:02d}"
+        assert (decided[label], truly[label]) == (row.notified, row.truly_exposed)
+        if row.notified:
+            assert max(r["rule_minutes"] for r in person0 if r["receiver"] == label) == \
+                pytest.approx(row.minutes_counted, abs=0.05)
+    index = write_report(a, tmp_path / "report", source="rehearsal", generated_at=0)
+    page = index.read_text()
+    assert page.count("data:image/png;base64,") == 5 and "Precision, recall, F1" in page
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["metrics"]["rule"]["tp"] + summary["metrics"]["rule"]["fn"] > 0

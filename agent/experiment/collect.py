@@ -134,3 +134,19 @@ def collect(store: Store, mode: ProtocolMode[Any], out: Path, *, experiment_id: 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def collect_device(cfg: Any, out: Path, now: float) -> Manifest:
+    """``ctagent experiment collect``: this device's bundle (the store opened read-only,
+    beside a running daemon)."""
+    from ..app import open_mode, open_store
+
+    ex = cfg.experiment
+    if not ex.id:
+        raise UserError(f"{cfg.source}: no experiment configured ([experiment] id); "
+                        "`ctagent experiment join ID --label NAME --consent` sets one up")
+    with open_store(cfg, read_only=True) as store:
+        mode = open_mode(cfg, store)
+        return collect(store, mode, out, experiment_id=ex.id, device_label=ex.device_label,
+                       device_model=cfg.agent.device_model, consent_at=ex.consent_at, carriage=ex.carriage,
+                       data_dir=cfg.data_dir, now=now)

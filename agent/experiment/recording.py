@@ -152,6 +152,10 @@ class ResearchRecorder:
         self._records.append((t, idx, max(-127, min(127, rssi)),
                               NO_TX_POWER if tx_power is None else max(-127, min(127, tx_power))))
 
+    def restart(self, t: float) -> None:
+        """The device was off until ``t`` (a gap between windows); call after a flush."""
+        self._window_start = t
+
     def advertised(self, t: float, address: str, payload: bytes, new_identity: bool) -> None:
         self._broadcasts.append((t, address, payload.hex(), new_identity))
 
