@@ -11,7 +11,8 @@ setup(
             "agent.exposure._fastmatch",
             sources=["agent/exposure/_native/fastmatch.c"],
             libraries=["crypto"],
-            extra_compile_args=["-O3", "-Wno-deprecated-declarations"],
+            extra_compile_args=["-O3", "-pthread", "-Wno-deprecated-declarations"],
+            extra_link_args=["-pthread"],
             optional=True,
         )
     ]

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -95,6 +97,80 @@ class DiagnosisKey(TemporaryExposureKey):
         dso = self.days_since_onset_of_symptoms
         if dso is not None and not INT32_MIN <= dso <= INT32_MAX:
             raise ExportFormatError("days_since_onset_of_symptoms is not a 32-bit integer")
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class PackedKeys:
+    """Diagnosis keys as arrays, no object per key (a million keys take 27 MB): what the
+    export parser produces and the matcher reads. ``key(i)`` is the i-th as a record."""
+
+    key_data: bytes  # n x 16 bytes
+    rolling_start: npt.NDArray[np.uint32]
+    rolling_period: npt.NDArray[np.uint16]
+    transmission_risk: npt.NDArray[np.int32]
+    report_type: npt.NDArray[np.uint8]
+    days_since_onset: npt.NDArray[np.int32]
+    has_days_since_onset: npt.NDArray[np.bool_]
+
+    def __len__(self) -> int:
+        return len(self.rolling_start)
+
+    def __repr__(self) -> str:  # never print key material
+        return f"PackedKeys({len(self)} keys)"
+
+    def key(self, i: int) -> DiagnosisKey:
+        return DiagnosisKey(
+            self.key_data[16 * i : 16 * i + 16], int(self.rolling_start[i]), int(self.rolling_period[i]),
+            int(self.transmission_risk[i]), ReportType(int(self.report_type[i])),
+            int(self.days_since_onset[i]) if self.has_days_since_onset[i] else None)
+
+    def keys(self) -> list[DiagnosisKey]:
+        """Every key as a record: for small inputs and tests, never on the hot path."""
+        return [self.key(i) for i in range(len(self))]
+
+    @classmethod
+    def empty(cls) -> PackedKeys:
+        return cls.from_keys(())
+
+    @classmethod
+    def from_keys(cls, keys: Iterable[DiagnosisKey]) -> PackedKeys:
+        ks = list(keys)
+        for k in ks:
+            k.validate()
+        return cls(
+            b"".join(k.key_data for k in ks),
+            np.fromiter((k.rolling_start_interval_number for k in ks), np.uint32, len(ks)),
+            np.fromiter((k.rolling_period for k in ks), np.uint16, len(ks)),
+            np.fromiter((k.transmission_risk_level for k in ks), np.int32, len(ks)),
+            np.fromiter((int(k.report_type) for k in ks), np.uint8, len(ks)),
+            np.fromiter((k.days_since_onset_of_symptoms or 0 for k in ks), np.int32, len(ks)),
+            np.fromiter((k.days_since_onset_of_symptoms is not None for k in ks), np.bool_, len(ks)),
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[PackedKeys]) -> PackedKeys:
+        if not parts:
+            return cls.empty()
+        return cls(b"".join(p.key_data for p in parts), np.concatenate([p.rolling_start for p in parts]),
+                   np.concatenate([p.rolling_period for p in parts]),
+                   np.concatenate([p.transmission_risk for p in parts]),
+                   np.concatenate([p.report_type for p in parts]),
+                   np.concatenate([p.days_since_onset for p in parts]),
+                   np.concatenate([p.has_days_since_onset for p in parts]))
+
+    def take(self, positions: npt.NDArray[np.intp]) -> PackedKeys:
+        """The keys at ``positions``, in that order."""
+        raw = np.frombuffer(self.key_data, np.uint8).reshape(-1, 16)
+        return PackedKeys(raw[positions].tobytes(), self.rolling_start[positions], self.rolling_period[positions],
+                          self.transmission_risk[positions], self.report_type[positions],
+                          self.days_since_onset[positions], self.has_days_since_onset[positions])
+
+    def span(self, start: int, stop: int) -> PackedKeys:
+        """Keys ``start`` to ``stop`` - 1, without copying the arrays."""
+        return PackedKeys(self.key_data[16 * start : 16 * stop], self.rolling_start[start:stop],
+                          self.rolling_period[start:stop], self.transmission_risk[start:stop],
+                          self.report_type[start:stop], self.days_since_onset[start:stop],
+                          self.has_days_since_onset[start:stop])
 
 
 @dataclass(frozen=True)
