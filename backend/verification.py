@@ -259,8 +259,9 @@ class VerificationService:
     # -- codes ----------------------------------------------------------------------
     def issue_code(self, issued_by: str, *, test_type: str = "confirmed",
                    symptom_onset_interval: int | None = None) -> dict:
-        if test_type not in certificate.TEST_TYPES:
-            raise ApiError(Code.BAD_TEST_TYPE, f"test type must be one of {', '.join(certificate.TEST_TYPES)}")
+        if test_type not in certificate.ISSUABLE_TEST_TYPES:
+            raise ApiError(Code.BAD_TEST_TYPE,
+                           f"test type must be one of {', '.join(certificate.ISSUABLE_TEST_TYPES)}")
         now = self.clock.now()
         symptom_onset_interval = symptom_onset_interval or None  # 0: none, as in the API
         if symptom_onset_interval is not None and not onset_plausible(symptom_onset_interval, now):

@@ -76,11 +76,15 @@ class GaenMode(ProtocolMode[ENPayload]):
         self.aggregator.add_raw(t, payload.rpi, payload.aem, rssi, tx_power)
 
     def flush(self, now: float, *, final: bool = False) -> int:
+        minutes = self.aggregator.completed_minutes(now, final=final)  # before flush forgets closed encounters
         batch = self.aggregator.flush(now, final=final)
         try:
-            return self.store.encounters.write(batch)
+            written = self.store.encounters.write(batch)
+            self.store.heard_minutes.add(minutes)
+            return written
         except StoreError:
-            self.aggregator.requeue(batch)  # written at the next flush
+            self.aggregator.requeue(batch)  # written at the next flush (encounters are rewritten in place)
+            self.aggregator.requeue_minutes(minutes)
             raise
 
     # -- exposure ---------------------------------------------------------------------
@@ -91,7 +95,9 @@ class GaenMode(ProtocolMode[ENPayload]):
         st = MatchStats()
         matches = match_keys(keys, index, workers=self.ctx.match_workers, stats=st)
         self.last_match = st
-        decisions = decide_matches(matches, self.config, self.calibration)
+        # the hmm rule also reads what was heard each minute, of every identifier
+        heard = self.store.heard_minutes.read(since_day=since) if self.config.rule == "hmm" else None
+        decisions = decide_matches(matches, self.config, self.calibration, heard=heard)
         for d in decisions:
             if d.exposed and self.store.exposures.add(d.to_exposure(now)):
                 log.info("exposure found: day=%d minutes=%.1f", d.day.day, d.day.minutes)
@@ -163,6 +169,10 @@ class GaenMode(ProtocolMode[ENPayload]):
     def last_server_success(self) -> float | None:
         last = self.store.state.get(LastSync)
         return last.at if last else None
+
+    def own_identifiers(self) -> list[tuple[str, bytes, int, int]]:
+        """Own TEKs: the analysis derives every RPI (and opens every AEM) from them."""
+        return [("tek", k.key_data, k.rolling_start_interval_number, k.rolling_period) for k in self.store.teks.all()]
 
     # -- simulation -------------------------------------------------------------------
     @classmethod
