@@ -134,12 +134,12 @@ def _optional_int(value: Any) -> int | None:
 class RobertClient:
     def __init__(self, base_url: str, *, clock: Clock, http: httpx.Client | None = None,
                  rng: random.Random | None = None, retries: int = 3, api_key: str | None = None,
-                 captcha: tuple[str, str] = ("", "")) -> None:
+                 captcha: tuple[str, str] = ("", ""), timeout_s: float = 10.0) -> None:
         """``captcha``: (solution, id) sent on register, as robert-server requires them."""
         self.api_key = api_key
         self.captcha = captcha
         self.transport = JsonHttp(base_url, what="the ROBERT server", clock=clock, http=http, retries=retries,
-                                  backoff_s=0.5, rng=rng)
+                                  backoff_s=0.5, rng=rng, timeout_s=timeout_s)
 
     def close(self) -> None:
         self.transport.close()
