@@ -144,8 +144,13 @@ def test_our_client_reads_robert_servers_status_and_report(against_robert_server
     check = phone.check(clock.t)
     assert check.exposed is True
     assert [e.protocol for e in phone.store.exposures.all()] == ["robert"]
+    other = mode(double.public_key_b64, "other")
+    other.prepare(clock.t)
+    phone.record(clock.t, phone.decode({robert.ROBERT_SERVICE_UUID: other.broadcast(clock.t).service_data}), -50)
     result = phone.declare("ABC123", clock.t)  # robert-server answers success only
-    assert result.accepted is None and "accepted the report" in result.summary
+    assert result.sent == 1 and result.accepted is None and "accepted the report" in result.summary
+    path, body = double.requests[-1]
+    assert path == "/report" and set(body) == {"token", "contacts"} and len(body["contacts"]) == 1
 
 
 # -- our server against robert-server's shapes ------------------------------------------------
