@@ -184,10 +184,10 @@ def fit_minutes(episodes: Sequence[Episode], cfg: ProximityConfig):
                     yield ep.dataset, near, ev.bins, None
 
 
-def fit_model(episodes: Sequence[Episode], cfg: ProximityConfig, *, note: str = "") -> HmmModel:
-    eps = [e for e in episodes if e.fit]
+def fit_model(minutes: Sequence[tuple], *, note: str = "") -> HmmModel:
+    """The model fitted on ``minutes`` (:func:`fit_minutes`), with how and on what."""
     sets: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for ds, near, _, _ in fit_minutes(eps, cfg):
+    for ds, near, _, _ in minutes:
         sets[ds][0 if near else 1] += 1
     meta = {"on": {ds: {"near_minutes": v[0], "far_minutes": v[1]} for ds, v in sorted(sets.items())},
             "method": "class-conditional bin frequencies, +1 per bin, averaged over data sets; stationary near share "
@@ -196,15 +196,12 @@ def fit_model(episodes: Sequence[Episode], cfg: ProximityConfig, *, note: str = 
                       "per pair) and relative signal only (its attenuation is on Google's scale)",
             "near_definition_m": NEAR_M, "command": "python -m benchmarks.eval_proximity --fit agent/exposure/"
                                                      "hmm_model.json", "note": note}
-    return fit(fit_minutes(eps, cfg), template=TEMPLATE, dwell_near_minutes=DWELL_NEAR_MIN, fitted=meta)
+    return fit(minutes, template=TEMPLATE, dwell_near_minutes=DWELL_NEAR_MIN, fitted=meta)
 
 
-def lodo_models(episodes: Sequence[Episode], cfg: ProximityConfig) -> dict[str, HmmModel]:
+def lodo_models(minutes: Sequence[tuple], datasets: Sequence[str]) -> dict[str, HmmModel]:
     """Per data set, the model fitted on every other set (never on itself)."""
-    out = {}
-    for ds in sorted({e.dataset for e in episodes}):
-        out[ds] = fit_model([e for e in episodes if family(e.dataset) != family(ds)], cfg)
-    return out
+    return {ds: fit_model([m for m in minutes if family(m[0]) != family(ds)]) for ds in sorted(set(datasets))}
 
 
 # -- scoring -----------------------------------------------------------------------------------
@@ -491,11 +488,12 @@ def run(data: Path, *, png: Path | None = None, fit_path: Path | None = None, co
     t0 = time.perf_counter()
     eps = episodes if episodes is not None else load_all(data, a1m=cfg.attenuation_at_1m_db)
     loaded = time.perf_counter() - t0
+    minutes = list(fit_minutes(eps, cfg))
     if fit_path is not None:
-        model = fit_model(eps, cfg, note=f"fitted {dt.date.today().isoformat()} on {data.name}")
+        model = fit_model(minutes, note=f"fitted {dt.date.today().isoformat()} on {data.name}")
         fit_path.write_text(json.dumps(model.to_json(), indent=1) + "\n")
         console.print(f"model fitted on every set written to {fit_path}")
-    models = lodo_models(eps, cfg)
+    models = lodo_models(minutes, [e.dataset for e in eps])
     rules = all_rules()
     reference = rules[0].name
     scored = score_all(eps, rules, models)
