@@ -25,7 +25,8 @@ from agent.errors import ConfigError
 from agent.exposure.aggregate import MINUTE_GRACE_S, Aggregator
 from agent.exposure.calibration import DeviceCalibration
 from agent.exposure.hmm import Emission, HmmModel, bundled_model, fit, posterior_near
-from agent.exposure.minutes import HeardMinute, merge, pack, recent_medians, stronger_counts, summarise, unpack
+from agent.exposure.minutes import (HeardMinute, heard_from_arrays, merge, pack, recent_medians, stronger_counts,
+                                    summarise, unpack)
 from agent.exposure.rule import ProximityConfig, WindowObservation, decide, decide_peers
 from agent.modes.base import DeviceContext
 from agent.modes.gaen import GaenMode
@@ -264,6 +265,9 @@ def test_aggregator_summarises_every_identifier_per_completed_minute():
     agg.requeue_minutes([second])
     assert agg.completed_minutes(m0 * 60 + 130) == [second]
     assert summarise([], 0, 10) == []
+    # the same from recorded minutes (field experiments): one row per identifier and minute
+    rows = heard_from_arrays(np.array([m0, m0, m0, m0 + 1]), np.array([-70.2, -49.6, -60.0, -40.0]))
+    assert rows == {m0: first, m0 + 1: second}
 
 
 def test_store_keeps_heard_minutes_encrypted_per_day(tmp_path):

@@ -8,7 +8,8 @@ only name a few peers, so the device keeps, for every minute, a small summary of
 heard: a :class:`HeardMinute` (the count of identifiers and their mean RSSI, strongest
 first). No identifier is kept in it.
 
-:func:`summarise` builds them from the aggregator's open encounters; :func:`pack` /
+:func:`summarise` builds them from the aggregator's open encounters (and
+:func:`heard_from_arrays` from recorded minutes); :func:`pack` /
 :func:`unpack` are the compact form the store encrypts (one row per day and flush:
 about 9 bytes a minute plus one byte per identifier heard, at most
 :data:`MAX_KEPT`).
@@ -72,6 +73,23 @@ def summarise(encounters: Iterable[Encounter], first_minute: int, end_minute: in
     for minute in sorted(by_minute):
         values = sorted(by_minute[minute], reverse=True)
         out.append(HeardMinute(minute, len(values), tuple(values[:MAX_KEPT])))
+    return out
+
+
+def heard_from_arrays(minutes: np.ndarray, rssi_dbm: np.ndarray) -> dict[int, HeardMinute]:
+    """The receiver's minutes from one row per (identifier, minute heard): the Unix minute
+    and that identifier's mean RSSI in it (power-domain mean, as the aggregator's
+    windows). What :func:`summarise` makes on the device, for recorded data (field
+    experiments) where the identifiers' minutes come as arrays."""
+    minutes = np.asarray(minutes, dtype=np.int64)
+    values = np.rint(np.asarray(rssi_dbm, dtype=float)).astype(np.int64)
+    order = np.lexsort((-values, minutes))
+    minutes, values = minutes[order], values[order]
+    cuts = np.flatnonzero(np.diff(minutes)) + 1
+    out = {}
+    for m, v in zip(np.split(minutes, cuts), np.split(values, cuts)):
+        if len(m):
+            out[int(m[0])] = HeardMinute(int(m[0]), len(v), tuple(v[:MAX_KEPT].tolist()))
     return out
 
 
