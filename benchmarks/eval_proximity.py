@@ -535,14 +535,25 @@ def run(data: Path, *, png: Path | None = None, fit_path: Path | None = None, co
             "models": {k: m.to_json() for k, m in models.items()}}
 
 
+def default_data() -> Path | None:
+    """``shared/data`` beside the checkout or beside one of its parents (worktrees nest)."""
+    for parent in Path(__file__).resolve().parents[1:]:
+        if (parent / "shared" / "data").is_dir():
+            return parent / "shared" / "data"
+    return None
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    ap.add_argument("--data", type=Path, default=default_data(),
+                    help="the measurement sets (default: the nearest shared/data above the checkout)")
     ap.add_argument("--png", type=Path, default=Path("docs/proximity.png"))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--fit", type=Path, default=None, metavar="PATH",
                     help="also write the hmm model fitted on every set (what ctagent ships) to PATH")
     a = ap.parse_args(argv)
+    if a.data is None or not (a.data / "README.md").exists():
+        ap.error(f"no measurement sets at {a.data}: give --data (the folder of ../shared/data)")
     res = run(a.data, png=a.png, fit_path=a.fit)
     if a.json:
         a.json.write_text(json.dumps(res, indent=1))

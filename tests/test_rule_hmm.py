@@ -138,6 +138,21 @@ def test_more_near_evidence_never_lowers_the_expected_minutes(atts, k, stronger_
 
 # --- the rule ------------------------------------------------------------------------------
 
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.floats(35, 75)), min_size=1, max_size=30), st.randoms(use_true_random=False),
+       st.sampled_from(["hmm", "distance", "buckets"]))
+def test_order_and_duplicates_do_not_matter(atts, rnd, rule):
+    """Windows in any order, and a window given twice with a weaker copy, decide alike."""
+    cfg = ProximityConfig(rule=rule)
+    ws = windows(atts)
+    shuffled = ws + [WindowObservation(w.start, 60.0, 1, w.mean_attenuation_db + 9, w.min_attenuation_db + 9)
+                     for w in ws[::3]]
+    rnd.shuffle(shuffled)
+    a, b = decide(ws, cfg, model=MODEL), decide(shuffled, cfg, model=MODEL)
+    assert [(d.day, d.minutes, d.exposed) for d in a] == [(d.day, d.minutes, d.exposed) for d in b]
+    assert [w.to_json() for d in a for w in d.windows] == [w.to_json() for d in b for w in d.windows]
+
+
 def test_near_day_exposes_far_day_does_not_and_explains():
     near = decide(windows([46.0] * 25), HMM, model=MODEL)
     (d,) = near

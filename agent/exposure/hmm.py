@@ -187,35 +187,36 @@ def posterior_near(gaps: np.ndarray, e_near: np.ndarray, e_far: np.ndarray, near
     Shorter sequences are padded at the end with gap 0 and likelihoods 1 (no time, no
     evidence), which changes nothing before them.
     """
-    gaps, e_near, e_far = (np.atleast_2d(np.asarray(x, dtype=float)) for x in (gaps, e_near, e_far))
-    n_seq, n = gaps.shape
-    post = np.empty((n_seq, n))
+    # time-major copies: each step's column is contiguous
+    gaps, e_near, e_far = (np.ascontiguousarray(np.atleast_2d(np.asarray(x, dtype=float)).T)
+                           for x in (gaps, e_near, e_far))
+    n, n_seq = gaps.shape
     if n == 0:
-        return post
+        return np.empty((n_seq, 0))
     pi = far_to_near / (near_to_far + far_to_near)
     el = (1.0 - near_to_far - far_to_near) ** gaps  # L per step
+    to_near_from_far = pi * (1.0 - el)
+    to_far_from_near = (1.0 - pi) * (1.0 - el)
     # forward: filtered P(near_t | evidence up to t)
-    filt = np.empty((n_seq, n))
-    q = np.full(n_seq, pi)
+    filt = np.empty((n, n_seq))
+    q = np.full(n_seq, pi)  # the first step starts from the stationary share
     for t in range(n):
-        pred = q if t == 0 else pi + (q - pi) * el[:, t]  # the first step: the stationary share
-        num = pred * e_near[:, t]
-        q = num / (num + (1.0 - pred) * e_far[:, t])
-        filt[:, t] = q
-    # backward: normalised P(evidence after t | state_t), combined with the filter
-    post[:, -1] = filt[:, -1]
+        pred = q if t == 0 else pi + (q - pi) * el[t]
+        num = pred * e_near[t]
+        q = num / (num + (1.0 - pred) * e_far[t])
+        filt[t] = q
+    # backward: normalised P(evidence after t | state_t)
+    bnear = np.empty((n, n_seq))
+    bnear[-1] = 0.5
     bn = np.full(n_seq, 0.5)
-    bf = np.full(n_seq, 0.5)
     for t in range(n - 2, -1, -1):
-        un, uf = e_near[:, t + 1] * bn, e_far[:, t + 1] * bf
-        to_near_from_far = pi * (1.0 - el[:, t + 1])
-        to_far_from_near = (1.0 - pi) * (1.0 - el[:, t + 1])
-        nbn = (1.0 - to_far_from_near) * un + to_far_from_near * uf
-        nbf = to_near_from_far * un + (1.0 - to_near_from_far) * uf
-        s = nbn + nbf
-        bn, bf = nbn / s, nbf / s
-        a, b = filt[:, t] * bn, (1.0 - filt[:, t]) * bf
-        post[:, t] = a / (a + b)
+        un, uf = e_near[t + 1] * bn, e_far[t + 1] * (1.0 - bn)
+        d = un - uf
+        nbn = un - to_far_from_near[t + 1] * d
+        bn = nbn / (nbn + uf + to_near_from_far[t + 1] * d)
+        bnear[t] = bn
+    a = filt * bnear
+    post: np.ndarray = (a / (a + (1.0 - filt) * (1.0 - bnear))).T
     return post
 
 

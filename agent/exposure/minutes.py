@@ -129,8 +129,8 @@ def merge(minutes: Iterable[HeardMinute]) -> dict[int, HeardMinute]:
     return out
 
 
-#: RSSI values (dBm) as the minute summaries keep them: int8, and at most +20 (valid_rssi)
-_LOWEST, _BINS = -128, 160
+#: RSSI values (dBm) as the minute summaries keep them: int8
+_LOWEST = -128
 _ROW = 256  # key stride per minute: room for every int8 value
 
 
@@ -169,8 +169,12 @@ def recent_medians(heard: Mapping[int, HeardMinute], minutes: np.ndarray, span_m
     per_row = [heard[m].rssi for m in rows]
     lengths = np.fromiter(map(len, per_row), dtype=np.int64, count=len(rows))
     values = np.fromiter(itertools.chain.from_iterable(per_row), dtype=np.int64, count=int(lengths.sum()))
-    cells = np.repeat(np.arange(1, len(rows) + 1), lengths) * _BINS + np.clip(values - _LOWEST, 0, _BINS - 1)
-    hist = np.bincount(cells, minlength=(len(rows) + 1) * _BINS).reshape(len(rows) + 1, _BINS)
+    if not len(values):
+        return np.full(len(inv), np.nan)
+    low = int(values.min())
+    bins = int(values.max()) - low + 1  # only the values heard: fewer bins to sum
+    cells = np.repeat(np.arange(1, len(rows) + 1), lengths) * bins + (values - low)
+    hist = np.bincount(cells, minlength=(len(rows) + 1) * bins).reshape(len(rows) + 1, bins)
     running = np.cumsum(hist, axis=0)  # row r: minutes rows[:r]
     rows_arr = np.asarray(rows, dtype=np.int64)
     first = np.searchsorted(rows_arr, uniq - span_minutes + 1, side="left")
@@ -181,5 +185,5 @@ def recent_medians(heard: Mapping[int, HeardMinute], minutes: np.ndarray, span_m
     k_lo, k_hi = (n + 1) // 2, n // 2 + 1  # the two middle order statistics (the same one when n is odd)
     v_lo = np.argmax(cum >= k_lo[:, None], axis=1)
     v_hi = np.argmax(cum >= k_hi[:, None], axis=1)
-    med = (v_lo + v_hi) / 2.0 + _LOWEST
+    med = (v_lo + v_hi) / 2.0 + low
     return np.where(n >= min_values, med, np.nan)[inv]

@@ -217,7 +217,8 @@ def decide_peers(peers: Mapping[K, Sequence[WindowObservation]], config: Proximi
       the peer's TX power - (RSSI + the receiver's correction); ``rssi_dbm`` = the RSSI
       as measured). Windows are ``duration_s`` long (1 minute in the daemon); two
       windows of a peer with the same start count once (the stronger); up to
-      ``gap_fill_windows`` missing windows between two are filled with the weaker one.
+      ``gap_fill_windows`` missing windows between two are filled with the weaker one
+      (here: a window's own ``filled`` flag is not read, every window given was heard).
     - ``config``: ``config.rule`` selects the rule ("distance", "buckets", "hmm"); every
       other figure of the rule is a setting of :class:`ProximityConfig`.
     - ``heard``: for the "hmm" rule, the receiver's minutes of everything it heard, by
@@ -255,34 +256,34 @@ def decide_peers(peers: Mapping[K, Sequence[WindowObservation]], config: Proximi
     return out
 
 
-_COLUMNS = ("start", "duration_s", "samples", "mean_attenuation_db", "min_attenuation_db")
-
-
 class _Windows:
     """Every window of every peer as arrays: de-duplicated, gaps filled, sorted by peer
-    and time, grouped by (peer, UTC day)."""
+    and time, grouped by (peer, UTC day). Only the columns the rule needs are read from
+    the records (reading is most of the cost); explanations read the rest when asked."""
 
     def __init__(self, peers: Mapping[Any, Sequence[WindowObservation]], keys: list[Any],
-                 config: ProximityConfig) -> None:
-        windows = [o for k in keys for o in peers[k]]
+                 config: ProximityConfig, *, every_column: bool = False) -> None:
+        self.windows = windows = [o for k in keys for o in peers[k]]
         n = len(windows)
-        a = np.empty((n, 8))
+        a = np.full((n, 7), math.nan)  # peer, start, duration, source index, mean, min attenuation, RSSI
+
+        def column(name: str) -> np.ndarray:
+            return np.fromiter(map(attrgetter(name), windows), dtype=float, count=n)
         a[:, 0] = np.repeat(np.arange(len(keys)), [len(peers[k]) for k in keys])
-        for col, name in enumerate(_COLUMNS, start=1):  # column by column: the fastest way out of the records
-            a[:, col] = np.fromiter(map(attrgetter(name), windows), dtype=float, count=n)
-        a[:, 6] = np.array([o.rssi_dbm for o in windows], dtype=float)  # None -> NaN
-        a[:, 7] = np.fromiter(map(attrgetter("filled"), windows), dtype=float, count=n)
-        # sort by peer, start, then mean attenuation: the first of equal starts is the stronger
-        a = a[np.lexsort((a[:, 4], a[:, 1], a[:, 0]))]
-        if len(a) > 1:
-            keep = np.ones(len(a), dtype=bool)
-            keep[1:] = (a[1:, 0] != a[:-1, 0]) | (a[1:, 1] != a[:-1, 1])
-            a = a[keep]
+        a[:, 1], a[:, 2], a[:, 3], a[:, 4] = column("start"), column("duration_s"), np.arange(n), \
+            column("mean_attenuation_db")
+        if every_column or config.window_attenuation == "min":
+            a[:, 5] = column("min_attenuation_db")
+        if every_column or config.rule == "hmm":
+            a[:, 6] = np.array([o.rssi_dbm for o in windows], dtype=float)  # None -> NaN
+        a = _sorted_unique(a)
         a = _fill_gaps(a, config.gap_fill_windows)
         self.peer = a[:, 0].astype(np.int64)
-        self.start, self.dur, self.samples = a[:, 1], a[:, 2], a[:, 3].astype(np.int64)
+        self.start, self.dur = a[:, 1], a[:, 2]
+        #: index of the record in ``windows``; -1: a filled gap
+        self.source = a[:, 3].astype(np.int64)
+        self.filled = self.source < 0
         self.mean_att, self.min_att, self.rssi = a[:, 4], a[:, 5], a[:, 6]
-        self.filled = a[:, 7].astype(bool)
         self.day = np.floor_divide(self.start, DAY_SECONDS).astype(np.int64)
         new = np.ones(len(a), dtype=bool)
         new[1:] = (self.peer[1:] != self.peer[:-1]) | (self.day[1:] != self.day[:-1])
@@ -292,11 +293,29 @@ class _Windows:
         self.distance = 10.0 ** ((self.att - pl.attenuation_at_1m_db) / (10.0 * pl.exponent))
         self.bucket = np.searchsorted(np.asarray(config.bucket_thresholds_db, dtype=float), self.att, side="left")
 
+    def samples(self, i: int) -> int:
+        s = int(self.source[i])
+        return 0 if s < 0 else self.windows[s].samples
+
+
+def _sorted_unique(a: np.ndarray) -> np.ndarray:
+    """Rows sorted by peer and start; of two with the same peer and start, the stronger
+    (lower mean attenuation) only. Records usually come in order: then nothing moves."""
+    if len(a) < 2:
+        return a
+    dp, ds = np.diff(a[:, 0]), np.diff(a[:, 1])
+    if np.all((dp > 0) | ((dp == 0) & (ds > 0))):
+        return a
+    a = a[np.lexsort((a[:, 4], a[:, 1], a[:, 0]))]
+    keep = np.ones(len(a), dtype=bool)
+    keep[1:] = (a[1:, 0] != a[:-1, 0]) | (a[1:, 1] != a[:-1, 1])
+    return a[keep]
+
 
 def _fill_gaps(a: np.ndarray, max_gap: int) -> np.ndarray:
     """Rows (sorted, de-duplicated) plus up to ``max_gap`` filled windows between two of
     the same peer: ``missing = round(gap / duration) - 1``; a filled window takes the
-    weaker neighbour's attenuation (conservative), no samples, no RSSI."""
+    weaker neighbour's attenuation (conservative), no source record, no RSSI."""
     if len(a) < 2 or max_gap <= 0:
         return a
     same = a[1:, 0] == a[:-1, 0]
@@ -306,15 +325,14 @@ def _fill_gaps(a: np.ndarray, max_gap: int) -> np.ndarray:
         return a
     src = np.repeat(np.arange(len(k)), k)  # the window before each filled one
     step = np.arange(len(src)) - np.repeat(np.cumsum(k) - k, k) + 1
-    f = np.empty((len(src), 8))
+    f = np.empty((len(src), a.shape[1]))
     f[:, 0] = a[src, 0]
     f[:, 1] = a[src, 1] + step * a[src, 2]
     f[:, 2] = a[src, 2]
-    f[:, 3] = 0
+    f[:, 3] = -1
     f[:, 4] = np.maximum(a[src, 4], a[src + 1, 4])
     f[:, 5] = np.maximum(a[src, 5], a[src + 1, 5])
     f[:, 6] = math.nan
-    f[:, 7] = 1
     out = np.concatenate([a, f])
     return out[np.lexsort((out[:, 1], out[:, 0]))]
 
@@ -381,7 +399,7 @@ class _LazyWindows(Sequence[WindowDecision]):
             items = []
             for i in range(lo, hi):
                 d: dict[str, Any] = {
-                    "start": float(w.start[i]), "samples": int(w.samples[i]), "filled": bool(w.filled[i]),
+                    "start": float(w.start[i]), "samples": w.samples(i), "filled": bool(w.filled[i]),
                     "attenuation_db": round(float(w.att[i]), 1), "distance_m": round(float(w.distance[i]), 2),
                     "minutes": round(float(counted[i]), 3)}
                 if config.rule == "buckets":
@@ -439,13 +457,13 @@ def hmm_evidence(observations: Sequence[WindowObservation], config: ProximityCon
     gap filling, in time order): what :func:`decide_peers` feeds the model, and what the
     model is fitted on."""
     model = model or bundled_model()
-    w = _Windows({0: observations}, [0], config)
+    w = _Windows({0: observations}, [0], config, every_column=True)
     if not len(w.start):
         return []
     ev = _Evidence(w, config, heard or {}, model)
     out = []
     for i in range(len(w.start)):
-        o = WindowObservation(float(w.start[i]), float(w.dur[i]), int(w.samples[i]), float(w.mean_att[i]),
+        o = WindowObservation(float(w.start[i]), float(w.dur[i]), w.samples(i), float(w.mean_att[i]),
                               float(w.min_att[i]), bool(w.filled[i]),
                               None if math.isnan(w.rssi[i]) else float(w.rssi[i]))
         if o.filled:
