@@ -813,6 +813,138 @@ def eval_cmd(input_path: Path, rule: str, distance_threshold: float, duration_th
     Console(width=max(100, Console().width)).print(t)
 
 
+@main.group()
+def experiment() -> None:
+    """Field experiments: join, mark, collect (on a device); analyze, import, export."""
+
+
+@experiment.command("join")
+@click.argument("experiment_id")
+@click.option("--label", "device_label", required=True, help="This device's name in the experiment.")
+@click.option("--consent", is_flag=True, help="The carrier consents to research recording (its time is recorded).")
+@click.option("--carriage", default="", help="How the device is carried (hand, pocket, bag, ...), if fixed.")
+@click.option("--retention-days", type=click.IntRange(1, 3650), default=None, help="Days research data is kept.")
+@friendly_errors
+def experiment_join(experiment_id: str, device_label: str, consent: bool, carriage: str,
+                    retention_days: int | None) -> None:
+    """Turn research recording on for an experiment (takes effect at the next `ctagent run`)."""
+    from agent.app import init_device
+    from agent.experiment.collect import utc_iso
+
+    if not consent:
+        raise UserError("research recording needs the carrier's consent: add --consent once they have given it")
+    settings: dict[str, Any] = {"id": experiment_id, "device_label": device_label, "consent_at": utc_iso(_now()),
+                                "carriage": carriage}
+    if retention_days is not None:
+        settings["retention_days"] = retention_days
+    _cfg()  # a configuration must exist (and be valid) first
+    cfg = init_device(_config_path(), data_dir=None, key=None, radio=None, force=True,
+                      settings={"experiment": settings})
+    click.echo(f"experiment {cfg.experiment.id}: this device records as {cfg.experiment.device_label} "
+               f"(consent {cfg.experiment.consent_at}); restart `ctagent run` for it to take effect")
+
+
+@experiment.command("mark")
+@click.argument("marker")
+@friendly_errors
+def experiment_mark(marker: str) -> None:
+    """Log a sync marker (a clap, a button press) at this device's time now."""
+    from agent.experiment.collect import add_marker
+
+    cfg = _cfg()
+    t = _now()
+    add_marker(cfg.data_dir, t, marker)
+    click.echo(f"marker {marker!r} at {t:.3f}")
+
+
+@experiment.command("collect")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="A new folder for this device's research bundle.")
+@click.option("--consent", is_flag=True, help="The carrier consents to handing over its keys and research log.")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def experiment_collect(out_dir: Path, consent: bool, as_json: bool) -> None:
+    """This device's research bundle: own keys (TEKs / EBIDs) and research log, as Parquet."""
+    from agent.experiment.collect import collect_device
+
+    if not consent:
+        raise UserError("a research bundle holds this device's keys: add --consent once the carrier agreed")
+    m = collect_device(_cfg(), out_dir, _now())
+    if as_json:
+        _echo_json({"bundle": str(out_dir), **m.to_json()})
+        return
+    rows = m.tables["sightings.parquet"]["rows"]
+    click.echo(f"{out_dir}: {rows:,} sightings, {m.tables['own_ids.parquet']['rows']} own identifier(s), "
+               f"experiment {m.experiment_id}, device {m.device_label}")
+
+
+@experiment.command("analyze")
+@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--truth", "truth_paths", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Ground truth CSV (pair intervals, position traces or sync markers); repeat. Also read: "
+                   "BUNDLE_DIR/truth/*.csv.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The report folder [default: BUNDLE_DIR/report].")
+@click.option("--crowd-rank", type=click.IntRange(1, 100), default=4, show_default=True,
+              help="The crowd-context rule counts a minute only for the N strongest transmitters heard.")
+@click.option("--memory-limit", default="3GB", show_default=True, help="The analysis engine's memory limit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary's metrics as JSON.")
+@friendly_errors
+def experiment_analyze(bundle_dir: Path, truth_paths: tuple[Path, ...], out_dir: Path | None, crowd_rank: int,
+                       memory_limit: str, as_json: bool) -> None:
+    """Analyse an experiment folder (or one bundle): report folder with HTML and JSON."""
+    from agent.experiment.analyze import analyze
+    from agent.experiment.report import write_report
+
+    a = analyze(bundle_dir, list(truth_paths), crowd_rank=crowd_rank, memory_limit=memory_limit)
+    out = out_dir or bundle_dir / "report"
+    index = write_report(a, out, source=str(bundle_dir), generated_at=_now())
+    if as_json:
+        _echo_json({"report": str(index), "metrics": a.metrics, "devices": len(a.devices)})
+        return
+    click.echo(f"{len(a.devices)} device(s), {sum(d.sightings for d in a.devices):,} sightings; report: {index}")
+    for name, mt in a.metrics.items() if a.has_truth else []:
+        click.echo(f"  {name:7s} TP {mt['tp']} FP {mt['fp']} FN {mt['fn']} TN {mt['tn']}  precision "
+                   f"{mt['precision']}  recall {mt['recall']}  F1 {mt['f1']}")
+
+
+@experiment.command("import-dp3t")
+@click.argument("sqlite_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@friendly_errors
+def experiment_import_dp3t(sqlite_file: Path, out_dir: Path) -> None:
+    """A DP-3T bt-measurements `results` table -> an experiment folder (bundles + truth)."""
+    from agent.experiment.interchange import import_dp3t
+
+    n = import_dp3t(sqlite_file, out_dir, now=_now())
+    click.echo(f"{out_dir}: {n:,} sightings imported")
+
+
+@experiment.command("export-dp3t")
+@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--truth", "truth_paths", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@friendly_errors
+def experiment_export_dp3t(bundle_dir: Path, out_file: Path, truth_paths: tuple[Path, ...]) -> None:
+    """An experiment folder -> DP-3T bt-measurements `results` table (SQLite)."""
+    from agent.experiment.interchange import export_dp3t
+
+    n = export_dp3t(bundle_dir, out_file, list(truth_paths))
+    click.echo(f"{out_file}: {n:,} rows")
+
+
+@experiment.command("import-csv")
+@click.argument("csv_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@friendly_errors
+def experiment_import_csv(csv_file: Path, out_dir: Path) -> None:
+    """The plain sightings CSV of `ctagent eval` -> an experiment folder."""
+    from agent.experiment.interchange import import_eval_csv
+
+    n = import_eval_csv(csv_file, out_dir, now=_now())
+    click.echo(f"{out_dir}: {n:,} sightings imported")
+
+
 @main.command("sim-medium")
 @click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The Unix socket the devices' [radio] sim_medium names.")

@@ -256,7 +256,7 @@ def open_store(cfg: Config, clock: Clock | None = None, *, read_only: bool = Fal
         raise StoreError(f"no store at {cfg.db_path}; run `ctagent init` first")
     prompt = prompt or PASSPHRASE_PROMPT.get("prompt")
     options: dict[str, Any] = {"clock": clock or RealClock(), "retention_days": cfg.agent.retention_days,
-                               "read_only": read_only}
+                               "read_only": read_only, "research_retention_days": cfg.experiment.retention_days}
     pending = _pending_key_file(cfg)
     if cfg.agent.key == "keyfile" and pending.exists():  # a rotation was cut short: which key opens it?
         try:
@@ -322,10 +322,16 @@ def build_daemon(cfg: Config, *, radio_kind: str, clock: Clock, clock_guard: Clo
     except BaseException:
         store.close()
         raise
+    research = None
+    if cfg.experiment.id:
+        from .experiment.recording import RadioFacts, ResearchRecorder
+
+        research = ResearchRecorder(store, started_at=clock.now())
+        store.state.put(RadioFacts(radio_kind, radio.advertising_interval_s, radio.scan_duty))
     return Daemon(mode, radio, clock=clock, status_path=cfg.data_dir / "status.json",
                   flush_interval_s=cfg.agent.flush_interval_s, on_exposure=cfg.notify.on_exposure,
                   duty_cycle=parse_duty_cycle(cfg.radio.duty_cycle), rng=random.SystemRandom(),
-                  radio_start_attempts=cfg.radio.start_attempts, clock_guard=clock_guard)
+                  radio_start_attempts=cfg.radio.start_attempts, clock_guard=clock_guard, research=research)
 
 
 def run_daemon(cfg: Config, *, radio_kind: str) -> int:

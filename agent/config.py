@@ -107,11 +107,29 @@ class NotifySection:
 
 
 @dataclass
+class ExperimentSection:
+    """Research recording for a field experiment (``agent.experiment``): off while ``id``
+    is empty. ``ctagent experiment join`` fills it in, with the time of consent."""
+
+    #: the experiment's id (letters, digits, "-", "_", "."); empty: no research recording
+    id: str = ""
+    #: this device's name in the experiment (the analysis' rows and columns)
+    device_label: str = ""
+    #: when the carrier consented to research recording (ISO 8601, UTC)
+    consent_at: str = ""
+    #: days of research recording kept in the store (its own retention, crypto-erased)
+    retention_days: int = 14
+    #: how the device is carried, when the protocol fixes it ("hand", "pocket", "bag", ...)
+    carriage: str = ""
+
+
+@dataclass
 class Config:
     agent: AgentSection = field(default_factory=AgentSection)
     radio: RadioSection = field(default_factory=RadioSection)
     sync: SyncSection = field(default_factory=SyncSection)
     notify: NotifySection = field(default_factory=NotifySection)
+    experiment: ExperimentSection = field(default_factory=ExperimentSection)
     proximity: ProximityConfig = field(default_factory=ProximityConfig)
     source: str = "<defaults>"
 
@@ -128,7 +146,8 @@ class Config:
         return self.data_dir / "master.key"
 
 
-_SECTIONS = {"agent": AgentSection, "radio": RadioSection, "sync": SyncSection, "notify": NotifySection}
+_SECTIONS = {"agent": AgentSection, "radio": RadioSection, "sync": SyncSection, "notify": NotifySection,
+             "experiment": ExperimentSection}
 
 
 def _coerce(src: str, section: str, key: str, value: Any, typ: Any) -> Any:
@@ -217,7 +236,8 @@ def _validate(cfg: Config) -> None:
             ("sync", "max_export_bytes", cfg.sync.max_export_bytes, 1, 2**40),
             ("sync", "timeout_s", cfg.sync.timeout_s, 0.1, 600),
             ("radio", "sim_peers", cfg.radio.sim_peers, 0, 1000),
-            ("radio", "start_attempts", cfg.radio.start_attempts, 1, 100)):
+            ("radio", "start_attempts", cfg.radio.start_attempts, 1, 100),
+            ("experiment", "retention_days", cfg.experiment.retention_days, 1, 3650)):
         if not low <= value <= high:
             raise ConfigError(f"{src}: [{section}] {key}: must be between {low:g} and {high:g}, not {value!r}")
     if cfg.radio.kind == "bumble":
@@ -235,6 +255,7 @@ def _validate(cfg: Config) -> None:
     if cfg.radio.sim_medium and not cfg.radio.sim_name:
         raise ConfigError(f"{src}: [radio] sim_name: a device on a shared medium (sim_medium) needs its name "
                           "in the medium's scenario")
+    _validate_experiment(cfg)
     for key in ("backend_url", "index_url", "export_base_url"):
         url = getattr(cfg.sync, key)
         if url and not url.startswith(("http://", "https://")):
@@ -244,6 +265,27 @@ def _validate(cfg: Config) -> None:
             load_public_key(k)
         except ExportError as e:
             raise ConfigError(f"{src}: [sync] trusted_keys: {e}") from None
+
+
+#: an experiment id or device label: what a file name may hold
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _validate_experiment(cfg: Config) -> None:
+    import datetime as dt
+
+    ex, src = cfg.experiment, cfg.source
+    if not ex.id:
+        return
+    for key in ("id", "device_label"):
+        if not EXPERIMENT_NAME.fullmatch(getattr(ex, key)):
+            raise ConfigError(f"{src}: [experiment] {key}: 1-64 letters, digits, '.', '-' or '_' are needed "
+                              f"for research recording, not {getattr(ex, key)!r}")
+    try:
+        dt.datetime.fromisoformat(ex.consent_at.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"{src}: [experiment] consent_at: research recording needs the time the carrier "
+                          "consented (ISO 8601; `ctagent experiment join --consent` records it)") from None
 
 
 def load_config(path: Path | None, env: dict[str, str] | None = None) -> Config:
@@ -376,6 +418,16 @@ timeout_s = 10
 # Command run on exposure (e.g. light an LED). It receives CTAGENT_EXPOSURE_DATE and
 # CTAGENT_EXPOSURE_MINUTES in its environment, never an identifier.
 on_exposure = ""
+
+[experiment]
+# Research recording for a field experiment: every advertisement heard, this device's
+# broadcasts, radio outages and clock state, encrypted, under their own retention. Off
+# while id is empty; `ctagent experiment join ID --label NAME --consent` sets it up.
+id = ""
+device_label = ""
+consent_at = ""
+retention_days = 14
+carriage = ""
 
 [proximity]
 # The 15-minute / 1-metre rule; see docs/proximity.md for the defaults and why.

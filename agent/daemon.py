@@ -23,19 +23,23 @@ import random
 import shlex
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from .ble.base import Radio
+from .ble.base import Radio, RadioEvents
 from .ble.duty_cycle import duty_cycle
 from .ble.status import status_bytes
 from .clock import Clock, iso_date
 from .errors import BackendUnreachable, UserError
 from .files import write_private_file
 from .modes.base import CheckResult, ProtocolMode
-from .timesync import ClockGuard, ClockState
+from .timesync import ClockGuard, ClockState, unchecked_clock
+from .protocol.payload import find_service_data
+
+if TYPE_CHECKING:
+    from .experiment.recording import ResearchRecorder
 
 log = logging.getLogger("ctagent.daemon")
 
@@ -74,13 +78,22 @@ class Daemon:
     def __init__(self, mode: ProtocolMode[Any], radio: Radio, *, clock: Clock, status_path: Path | None = None,
                  flush_interval_s: float = 60.0, on_exposure: str = "",
                  duty_cycle: tuple[float, float] | None = None, rng: random.Random | None = None,
-                 radio_start_attempts: int = 5, clock_guard: ClockGuard | None = None) -> None:
+                 radio_start_attempts: int = 5, clock_guard: ClockGuard | None = None,
+                 research: ResearchRecorder | None = None) -> None:
         self.mode = mode
         self.store = mode.store
         self.clock = clock
         self.advertiser = radio.advertiser
         self.scanner = radio.scanner
         self.status_service = radio.status_service
+        #: radio outages (scan or advertising failing, stalls, duty-cycle pauses)
+        self.radio_events = RadioEvents()
+        self.scanner.events = self.radio_events
+        #: research recording (an experiment's opt-in); it keeps the clock's state with
+        #: every flush (the last one _watch_clock read)
+        self.research = research
+        if research is not None:
+            research.events = self.radio_events  # one record of the radio's outages
         self.status_path = status_path
         self.flush_interval_s = flush_interval_s
         self.on_exposure = on_exposure
@@ -121,6 +134,8 @@ class Daemon:
     def _ok(self, name: str) -> None:
         """``name`` just worked: no longer failing."""
         self.ever_ok.add(name)
+        if name in RADIO_TASKS:
+            self.radio_events.up(f"{name}_failed", self.clock.now())
         if self.failing.pop(name, None) is not None:
             log.info("task=%s works again", name)
 
@@ -137,6 +152,8 @@ class Daemon:
                 info = self.failing.setdefault(name, {"since": self.clock.now(), "failures": 0})
                 info["failures"] += 1
                 info["error"] = f"{type(e).__name__}: {e}"
+                if name in RADIO_TASKS:
+                    self.radio_events.down(f"{name}_failed", info["since"], type(e).__name__)
                 log.error("task=%s failed error=\"%s\" restart_in=%.0fs", name, info["error"], delay)
                 if name in RADIO_TASKS and name not in self.ever_ok and info["failures"] >= self.radio_start_attempts:
                     self.radio_down.add(name)
@@ -221,15 +238,22 @@ class Daemon:
                 self.rotations += 1
             else:
                 await self.advertiser.update(b.service_data)
+            if self.research is not None:
+                self.research.advertised(self.clock.now(), b.address, b.service_data, b.new_identity)
             self._ok("advertise")
             await self.clock.sleep(max(0.0, b.next_at - self.clock.now()))
 
     async def _scan(self) -> None:
         decode, record = self.mode.decode, self.mode.record
         await self._clock_ok.wait()  # times stored from a wrong clock are wrong for good
+        research, uuid16 = self.research, self.mode.service_uuid16
         async for raw in self.scanner.sightings():
             if "scan" in self.failing:
                 self._ok("scan")
+            if research is not None:
+                data = find_service_data(cast(Mapping[object, object], raw.service_data), uuid16)
+                if data is not None:
+                    research.heard(raw.t, raw.address, raw.rssi, raw.tx_power, data)
             payload = decode(raw.service_data)
             if payload is None:
                 self.bad_payloads += 1
@@ -240,7 +264,10 @@ class Daemon:
                 return
 
     def _flush(self, *, final: bool = False) -> None:
-        self.rows_written += self.mode.flush(self.clock.now(), final=final)
+        now = self.clock.now()
+        self.rows_written += self.mode.flush(now, final=final)
+        if self.research is not None:
+            self.research.flush(now, self.clock_state or unchecked_clock(now))
 
     async def _flush_loop(self) -> None:
         while not self._stop.is_set():
@@ -319,7 +346,7 @@ class Daemon:
         assert self.duty_cycle is not None
         await self._clock_ok.wait()
         await duty_cycle(self.advertiser, self.scanner, advertise_s=self.duty_cycle[0], scan_s=self.duty_cycle[1],
-                         clock=self.clock, stop=self._stop)
+                         clock=self.clock, stop=self._stop, events=self.radio_events)
 
     # -- status -------------------------------------------------------------------------
     def _mode(self) -> str:
@@ -350,6 +377,7 @@ class Daemon:
             "exposure_days": sorted(self.notified_days), "protocol_status": self.mode.status_fields(),
             "advertiser": asdict(self.advertiser.health()), "scanner": asdict(self.scanner.health()),
             "clock": self.clock_state.to_json() if self.clock_state else None, "clock_problem": self.clock_problem,
+            "research": None if self.research is None else {"recorded": self.research.recorded},
         }
 
     def _update_status_service(self) -> None:

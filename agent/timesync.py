@@ -70,6 +70,16 @@ class ClockState:
         return "NOT synchronised, and no time service runs here"
 
 
+def simulated_clock(now: float) -> ClockState:
+    """A simulated device's clock: the virtual clock, right by construction."""
+    return ClockState(now, True, True, "sim", 0.0, 0.0)
+
+
+def unchecked_clock(now: float) -> ClockState:
+    """The state recorded where nothing reads the clock (a daemon without a guard)."""
+    return ClockState(now, now >= NOT_BEFORE, None, "unchecked")
+
+
 @dataclass(frozen=True)
 class ClockVerdict:
     #: the radios may start (advertise and scan) with this clock
@@ -181,7 +191,7 @@ def _chrony(run: Runner) -> tuple[bool, float, float] | None:
         offset, delay, dispersion = float(fields[4]), float(fields[10]), float(fields[11])
     except ValueError:
         return None
-    synced = fields[13].strip() != "Not synchronised"
+    synced = fields[13].strip() != "Not synchronised" and fields[2].strip() not in ("", "0")
     # chrony's own bound on the error: |offset| + root delay / 2 + root dispersion
     return synced, abs(offset) + delay / 2 + dispersion, offset
 

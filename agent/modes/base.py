@@ -218,6 +218,12 @@ class ProtocolMode(abc.ABC, Generic[P]):
         """When the server last answered a periodic call, as kept in the store."""
         return None
 
+    # -- research ---------------------------------------------------------------------
+    def own_identifiers(self) -> list[tuple[str, bytes, int, int]]:
+        """This device's identifiers for a research bundle, handed over with consent so
+        that analysis can tell which device sent what: ``(kind, id, start, period)``."""
+        return []
+
     # -- simulation ---------------------------------------------------------------------
     @classmethod
     @abc.abstractmethod

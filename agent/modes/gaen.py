@@ -170,6 +170,10 @@ class GaenMode(ProtocolMode[ENPayload]):
         last = self.store.state.get(LastSync)
         return last.at if last else None
 
+    def own_identifiers(self) -> list[tuple[str, bytes, int, int]]:
+        """Own TEKs: the analysis derives every RPI (and opens every AEM) from them."""
+        return [("tek", k.key_data, k.rolling_start_interval_number, k.rolling_period) for k in self.store.teks.all()]
+
     # -- simulation -------------------------------------------------------------------
     @classmethod
     def simulated_peer(cls, rng: random.Random, tx_power_dbm: int) -> SimulatedPeer:

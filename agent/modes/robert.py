@@ -236,6 +236,12 @@ class RobertMode(ProtocolMode[bytes]):
         st = self.store.state.get(RobertStatus)
         return st.at if st else None
 
+    def own_identifiers(self) -> list[tuple[str, bytes, int, int]]:
+        """The EBIDs of the epochs the registration holds (the research log's broadcasts
+        have those of the epochs already gone)."""
+        reg = self.registration
+        return [] if reg is None else [("ebid", ebid, epoch, 1) for epoch, (ebid, _) in sorted(reg.tuples.items())]
+
     # -- simulation -------------------------------------------------------------------------
     @classmethod
     def simulated_peer(cls, rng: random.Random, tx_power_dbm: int) -> SimulatedPeer:

@@ -6,6 +6,8 @@
 - :class:`HelloTable`: ROBERT HELLOs heard, packed per flush.
 - :class:`HeardMinuteTable`: what was heard each minute, of every identifier
   (:class:`~agent.exposure.minutes.HeardMinute`), packed per day and flush.
+- :class:`ResearchTable`: research recording's batches (``agent.experiment.recording``
+  packs them), under their own key slots and retention.
 - :class:`StateTable`: small state records; a record type says whether it is sensitive
   (encrypted in the persistent key slot) or not (clear, e.g. which export files were
   processed).
@@ -26,7 +28,7 @@ from ..exposure.encounter import Encounter
 from ..exposure.minutes import HeardMinute
 from ..protocol.gaen import TemporaryExposureKey
 from ..records import Exposure
-from .core import PERSISTENT_DAY, EncryptedRows
+from .core import PERSISTENT_DAY, RESEARCH_SLOT, EncryptedRows
 
 log = logging.getLogger("ctagent.store")
 
@@ -212,6 +214,35 @@ class HeardMinuteTable:
                 self._rows.stats.corrupt_rows += 1
                 log.warning("row skipped: undecodable heard-minute batch (id=%d)", row_id)
         return heard_minutes.merge(found)
+
+
+class ResearchTable:
+    """Batches of research recording: ``kind`` (clear: which batch, never an identifier)
+    and the packed batch, sealed under the day's research key slot. Several batches go
+    in one transaction (one flush)."""
+
+    def __init__(self, rows: EncryptedRows) -> None:
+        self._rows = rows
+
+    def add(self, batches: Iterable[tuple[str, int, bytes]]) -> int:
+        """``(kind, UTC day, packed batch)`` each; returns the rows written."""
+        rows = []
+        for kind, day, plain in batches:
+            row_id = self._rows.new_id("research")
+            slot = RESEARCH_SLOT + day
+            rows.append((row_id, slot, kind, self._rows.seal("research", row_id, slot, plain)))
+        if rows:
+            with self._rows.transaction() as c:
+                c.executemany("INSERT INTO research (id, day, kind, blob) VALUES (?, ?, ?, ?)", rows)
+        return len(rows)
+
+    def read(self, kind: str) -> Iterator[tuple[int, bytes]]:
+        """``(UTC day, packed batch)`` of every readable batch of ``kind``, in write order."""
+        for _, slot, plain in self._rows.rows("research", "WHERE kind = ?", (kind,)):
+            yield slot - RESEARCH_SLOT, plain
+
+    def count_by_kind(self) -> dict[str, int]:
+        return dict(self._rows.conn.execute("SELECT kind, COUNT(*) FROM research GROUP BY kind ORDER BY kind"))
 
 
 class StateRecord(Protocol):
