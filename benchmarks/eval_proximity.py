@@ -11,7 +11,9 @@ notifies when its counted minutes, scaled from the episode's L minutes to 30
 (x 30 / L), reach its threshold (15 minutes: half the contact). NIST episodes are 30
 minutes long, so nothing is scaled there; the Dublin tram rows (about 15 minutes) are
 doubled. Truth: the transmitter within 1 m (the H0H1 sessions: the label "kept within
-6 ft"; the tram also with a 2 m truth, the definition its paper used).
+6 ft"; the tram also with a 2 m truth, the definition its paper used). Google's calibration
+lists (also in ../shared/data) are calibration, not measurements at distances: nothing to
+score.
 
 Fitting: the "hmm" tables are fitted leave-one-data-set-out: the model that decides on
 a set never saw it (``hmm.fit``: class-conditional frequencies of each feature's bins,
