@@ -608,6 +608,43 @@ def calibration_list(search: str, as_json: bool) -> None:
            [[e.model, e.oem, e.rssi_correction, e.tx_power, e.confidence] for e in entries])
 
 
+@calibration.command("fit")
+@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--distance", "distance_m", type=click.FloatRange(0.05, 100), default=None,
+              help="Every pair was this far apart, in metres (a dedicated session, e.g. 1.0); else --truth.")
+@click.option("--truth", "truth_paths", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Ground truth CSV giving the distances (pair intervals or position traces).")
+@click.option("--reference", default=None, help="The device label that keeps its calibration [default: the one "
+              "with the highest calibration confidence].")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the calibration list here (Google's format; load it with [agent] calibration_files).")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def calibration_fit(bundle_dir: Path, distance_m: float | None, truth_paths: tuple[Path, ...], reference: str | None,
+                    out_file: Path | None, as_json: bool) -> None:
+    """Fit each device's RX correction and TX power from research bundles at known distances."""
+    from agent.experiment.analyze import analyze
+    from agent.experiment.calibrate import fit_calibration
+
+    fit = fit_calibration(analyze(bundle_dir, list(truth_paths)), distance_m=distance_m, reference=reference)
+    if out_file is not None:
+        out_file.write_text(fit.to_csv())
+    if as_json:
+        from dataclasses import asdict
+
+        _echo_json({"reference": fit.reference, "residual_db": fit.residual_db, "observations": fit.observations,
+                    "devices": [asdict(d) for d in fit.devices], "list": str(out_file) if out_file else None})
+        return
+    _table(f"Calibration fit: {fit.observations} minutes, reference {fit.reference}, residual {fit.residual_db} dB",
+           ["device", "model", "RSSI correction (dB)", "± se", "TX power (dBm)", "± se", "minutes rx/tx"],
+           [[d.label, d.model, d.rssi_correction, d.rssi_correction_se, d.tx_power, d.tx_power_se,
+             f"{d.minutes_rx}/{d.minutes_tx}"] for d in fit.devices])
+    if out_file is not None:
+        click.echo(f"calibration list: {out_file} (add it to [agent] calibration_files)")
+    else:
+        click.echo(fit.to_csv(), nl=False)
+
+
 @main.command("eval")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="CSV: pair,timestamp,rssi,tx_power[,receiver_model,transmitter_model]")

@@ -81,6 +81,9 @@ class Minutes:
     att: np.ndarray
     att_min: np.ndarray
     rssi: np.ndarray
+    #: the arithmetic mean of the minute's RSSI in dBm (calibration fits on it: unbiased
+    #: for noise in dB, where the power mean leans to the strongest packets)
+    rssi_db: np.ndarray
     true_start: np.ndarray  # the minute's start on true time
     #: the transmitter's rank among all the receiver heard that minute (1: strongest)
     rank: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -252,7 +255,7 @@ def _minutes(con: Any, devices: list[Device]) -> Minutes:
     # it), strongest RSSI
     got = con.execute("""
         SELECT rx, tx, ident, floor(t / 60)::BIGINT AS minute, count(*) AS n,
-               10 * log10(avg(pow(10, rssi / 10))) AS rssi_mean, max(rssi) AS rssi_max,
+               10 * log10(avg(pow(10, rssi / 10))) AS rssi_mean, max(rssi) AS rssi_max, avg(rssi) AS rssi_db,
                any_value(tx_power) AS tx_power, avg(tx_field) AS tx_field
         FROM sr GROUP BY ALL ORDER BY rx, tx, minute""").fetchnumpy()
     counts = con.execute("SELECT rx, count(*) FROM s GROUP BY rx").fetchall()
@@ -279,7 +282,8 @@ def _minutes(con: Any, devices: list[Device]) -> Minutes:
     keep = _strongest_per_key(rx, tx, minute, att)
     offsets = np.array([d.offset_s for d in devices])
     true_start = minute[keep] * 60 - offsets[rx[keep]]
-    return Minutes(rx[keep], tx[keep], minute[keep], n[keep], att[keep], att_min[keep], mean[keep], true_start)
+    return Minutes(rx[keep], tx[keep], minute[keep], n[keep], att[keep], att_min[keep], mean[keep],
+                   np.asarray(got["rssi_db"], dtype=float)[keep], true_start)
 
 
 def _filled(x: Any) -> np.ndarray:

@@ -119,7 +119,7 @@ def import_dp3t(path: Path, out: Path, *, now: float) -> int:
     for (a, b), pts in by_pair.items():
         pts.sort()
         for (t, d), (t_next, _) in zip(pts, pts[1:] + [(pts[-1][0] + TRUTH_HOLD_S, 0.0)]):
-            truth.append((a, b, t, t + min(max(t_next - t, 1.0), TRUTH_HOLD_S), d))
+            truth.append((a, b, t, t + min(t_next - t, TRUTH_HOLD_S), d))
     return _write_experiment(out, samples, models, source=str(path), now=now, truth=truth)
 
 
