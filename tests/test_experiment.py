@@ -14,7 +14,6 @@ from agent.clock import VirtualClock
 from agent.daemon import Daemon
 from agent.errors import InputFileError
 from agent.experiment.bundle import TABLES, verify_bundle
-from agent.experiment.clockstate import ClockState, FixedClockState, parse_chrony_tracking, parse_timedatectl
 from agent.experiment.collect import collect
 from agent.experiment.parquet import Column, write_table
 from agent.experiment.recording import ResearchRecorder
@@ -22,6 +21,7 @@ from agent.exposure.calibration import DeviceCalibration
 from agent.modes.base import DeviceContext
 from agent.modes.gaen import GaenMode
 from agent.store import Store
+from agent.timesync import ClockState, ClockGuard
 
 from .helpers import DAY, MIDNIGHT, fast_passphrase
 
@@ -52,16 +52,6 @@ def test_parquet_writer_read_back_by_duckdb(tmp_path):
     assert db.execute(f"SELECT count(*) FROM '{empty}'").fetchone() == (0,)
 
 
-def test_clock_state_parsers():
-    line = "A29FC87B,ntp.example,3,1700000000.5,0.000123,-0.0001,0.0002,-1.2,0.001,0.02,0.004,0.002,64.2,Normal"
-    assert parse_chrony_tracking(line) == ClockState(True, "chrony", 0.000123, 0.004)
-    assert parse_chrony_tracking("7F7F0101,,0,0,0,0,0,0,0,0,0,0,0,Not synchronised").synchronized is False
-    assert parse_chrony_tracking("garbage") is None
-    assert parse_timedatectl("NTP=yes\nNTPSynchronized=yes\n", "ServerName=time.example\n") == \
-        ClockState(True, "timesyncd")
-    assert parse_timedatectl("NTPSynchronized=no\n", None) == ClockState(False, "")
-
-
 async def test_daemon_records_research_and_collect_writes_a_verified_bundle(tmp_path):
     clock = VirtualClock(MIDNIGHT + 9 * 3600)
     store = Store.create(tmp_path / "agent.db", fast_passphrase(), clock=clock, research_retention_days=2)
@@ -69,9 +59,9 @@ async def test_daemon_records_research_and_collect_writes_a_verified_bundle(tmp_
     mode = GaenMode(DeviceContext(store=store, clock=clock, calibration=PI, rng=rng, random_bytes=rng.randbytes))
     scanner = SimScanner(clock, peer_factory=GaenMode.simulated_peer, peers=3, seed=2, tick_s=4)
     research = ResearchRecorder(store, started_at=clock.now())
+    guard = ClockGuard(lambda now: ClockState(now, True, False, "chrony", 0.5, 0.25, "chrony"), "off")
     daemon = Daemon(mode, Radio(SimAdvertiser(clock), scanner), clock=clock, rng=random.Random(3),
-                    flush_interval_s=60, duty_cycle=(20.0, 10.0), research=research,
-                    clock_state=FixedClockState(ClockState(False, "sim", 0.25, 0.5)))
+                    flush_interval_s=60, duty_cycle=(20.0, 10.0), research=research, clock_guard=guard)
     run = asyncio.create_task(daemon.run(install_signals=False))
     await clock.run_until(MIDNIGHT + 9 * 3600 + 1800)
     daemon.stop()
@@ -104,7 +94,7 @@ async def test_daemon_records_research_and_collect_writes_a_verified_bundle(tmp_
     paused = q("SELECT sum(\"end\" - start) FROM '{b}/radio_down.parquet' WHERE kind = 'scan_paused'")[0][0]
     assert paused == pytest.approx(span - scanning, abs=1)
     assert q("SELECT DISTINCT clock_synchronized, clock_source, clock_offset_s FROM '{b}/windows.parquet'") == \
-        [(False, "sim", 0.25)]
+        [(False, "chrony", 0.25)]
     with pytest.raises(InputFileError, match="not empty"):
         collect(Store.open(tmp_path / "agent.db", fast_passphrase(), clock=clock, read_only=True), mode, out,
                 experiment_id="e", device_label="d", device_model="m", consent_at="", now=0)
@@ -120,7 +110,7 @@ def test_research_rows_are_encrypted_with_their_own_retention(tmp_path):
     rec = ResearchRecorder(store, started_at=clock.now())
     payload = bytes(range(20))
     rec.heard(clock.now(), "11:22:33:44:55:66", -60, None, payload)
-    rec.flush(clock.now() + 60, ClockState(True, "sim"))
+    rec.flush(clock.now() + 60, ClockState(clock.now(), True, True, "sim"))
     assert store.research.count_by_kind() == {"sightings": 1, "window": 1}
     store.close()
     raw = (tmp_path / "agent.db").read_bytes() + (tmp_path / "agent.db-wal").read_bytes() \

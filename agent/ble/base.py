@@ -1,7 +1,8 @@
 """The radio's face: an :class:`Advertiser` and a :class:`Scanner` (each can pause and
 resume, for the duty cycle), an optional :class:`StatusService` (the GATT status for a
 companion device), and what a backend is given to build them (:class:`RadioRequest`).
-Backends: ``sim`` (the simulated medium), ``bluez`` (BlueZ over D-Bus + bleak)."""
+Backends: ``sim`` (the simulated medium), ``bluez`` (BlueZ over D-Bus + bleak), ``bumble``
+(our own host on a USB/UART HCI controller)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import abc
 import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..clock import Clock
 
@@ -25,6 +26,14 @@ class RadioHealth:
     def error(self, name: str) -> None:
         """Remember an error name (the last ten)."""
         self.errors = (self.errors + [name])[-10:]
+
+
+class Check(NamedTuple):
+    """One line of ``ctagent doctor``: what was checked, whether it is fine, what to do."""
+
+    name: str
+    ok: bool
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -170,6 +179,9 @@ class RadioRequest:
     #: its socket and this device's name there; empty: private virtual peers
     sim_medium: str = ""
     sim_name: str = ""
+    #: the bumble radio: its HCI transport moniker, and a btsnoop file to write (empty: none)
+    bumble_transport: str = ""
+    bumble_snoop: str = ""
 
 
 @dataclass

@@ -23,7 +23,7 @@ from ..modes import mode_class
 from .fleet import EXPORT_MIN_KEYS, Fleet
 from .plot import plot
 from .scenario import ACTIVE, DAY0, SCENARIOS, Scenario
-from .score import DemoResult, DemoRow, result_json, score
+from .score import DemoResult, DemoRow, score
 from .simulate import simulate
 
 #: the test result comes in the evening of the last day
@@ -96,4 +96,4 @@ def _declare_and_check(fleet: Fleet, days: int, log: Callable[[str], None],
             progress("checking with the server", i / (len(modes) - 1))
 
 
-__all__ = ["DemoResult", "DemoRow", "result_json", "run_demo"]
+__all__ = ["DemoResult", "DemoRow", "run_demo"]

@@ -12,12 +12,10 @@ from typing import Any
 import numpy as np
 
 from ..protocol.payload import uuid128
-from ..experiment.clockstate import FixedClockState
+from ..timesync import simulated_clock
 from .fleet import Fleet
 from .scenario import Scenario
 
-#: the simulated devices' clocks are the virtual clock: synchronised, no offset
-SIMULATED_CLOCK = FixedClockState()
 #: seconds of simulated time between writes to the stores (the daemon's flush interval)
 FLUSH_EVERY_S = 60.0
 #: research batches are written less often (each write is a durable transaction: the
@@ -120,7 +118,7 @@ def simulate(fleet: Fleet, scenario: Scenario, rng: random.Random, *, tick_s: fl
                     m.flush(t)
                 if t >= next_research_flush:
                     for r in research:
-                        r.flush(t, SIMULATED_CLOCK.read())
+                        r.flush(t, simulated_clock(t))
                     next_research_flush = t + RESEARCH_FLUSH_S
                 next_flush = t + FLUSH_EVERY_S
             done_ticks += 1
@@ -129,7 +127,7 @@ def simulate(fleet: Fleet, scenario: Scenario, rng: random.Random, *, tick_s: fl
         for m in modes:
             m.flush(end, final=True)
         for r in research:
-            r.flush(t, SIMULATED_CLOCK.read())
+            r.flush(t, simulated_clock(t))
     if progress:
         progress("simulating", 1.0)
     return trace

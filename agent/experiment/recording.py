@@ -29,7 +29,7 @@ import numpy as np
 from ..ble.base import ADVERTISE_DOWN, SCAN_DOWN, RadioDown, RadioEvents
 from ..clock import utc_day
 from ..store import Store
-from .clockstate import ClockState
+from ..timesync import ClockState
 
 #: one sighting in a packed batch: receiver time, index of its advertisement, RSSI,
 #: TX Power Level field (-128: absent)
@@ -96,7 +96,7 @@ class FlushWindow:
         return cls(float(d["start"]), float(d["end"]), float(d["scanning_s"]), float(d["advertising_s"]),
                    int(d["received"]), tuple(RadioDown(**x) for x in d["down"]),
                    tuple((float(b[0]), str(b[1]), str(b[2]), bool(b[3])) for b in d["broadcasts"]),
-                   ClockState(**d["clock"]))
+                   ClockState.from_json(d["clock"]))
 
 
 def _covered(intervals: list[tuple[float, float]], start: float, end: float) -> float:

@@ -72,12 +72,24 @@ class ReportType(enum.IntEnum):
     REVOKED = 5
 
 
+class VariantOfConcern(enum.IntEnum):
+    """``TemporaryExposureKey.variant_of_concern`` (field 8): what each type means is the
+    health authority's to define (Apple ENVariantOfConcernType)."""
+
+    UNKNOWN = 0
+    TYPE_1 = 1
+    TYPE_2 = 2
+    TYPE_3 = 3
+    TYPE_4 = 4
+
+
 @dataclass(frozen=True, slots=True, repr=False)
 class DiagnosisKey(TemporaryExposureKey):
     """A TEK as published by a key server: with its report type and days since onset."""
 
     report_type: ReportType = ReportType.UNKNOWN
     days_since_onset_of_symptoms: int | None = None
+    variant_of_concern: VariantOfConcern = VariantOfConcern.UNKNOWN
 
     def __repr__(self) -> str:  # never print key material
         return (f"DiagnosisKey(rolling_start_interval_number={self.rolling_start_interval_number}, "
@@ -102,8 +114,6 @@ class SignatureInfo:
     verification_key_version: str = ""
     verification_key_id: str = ""
     signature_algorithm: str = ECDSA_SHA256_OID
-    android_package: str = ""
-    app_bundle_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -173,6 +183,8 @@ def _key_to_pb(k: DiagnosisKey, out: Any) -> None:
         out.report_type = int(k.report_type)
     if k.days_since_onset_of_symptoms is not None:
         out.days_since_onset_of_symptoms = k.days_since_onset_of_symptoms
+    if k.variant_of_concern != VariantOfConcern.UNKNOWN:
+        out.variant_of_concern = int(k.variant_of_concern)
 
 
 def _info_to_pb(info: SignatureInfo, out: Any) -> None:
@@ -262,6 +274,10 @@ def _key_from_pb(k: Any) -> DiagnosisKey:
         rt = ReportType(k.report_type)
     except ValueError:
         raise ExportFormatError(f"unknown report_type {k.report_type}") from None
+    try:
+        voc = VariantOfConcern(k.variant_of_concern)
+    except ValueError:
+        raise ExportFormatError(f"unknown variant_of_concern {k.variant_of_concern}") from None
     key = DiagnosisKey(
         key_data=bytes(k.key_data),
         rolling_start_interval_number=k.rolling_start_interval_number,
@@ -271,6 +287,7 @@ def _key_from_pb(k: Any) -> DiagnosisKey:
         days_since_onset_of_symptoms=(
             k.days_since_onset_of_symptoms if k.HasField("days_since_onset_of_symptoms") else None
         ),
+        variant_of_concern=voc,
     )
     key.validate()
     return key
@@ -281,8 +298,6 @@ def _info_from_pb(i: Any) -> SignatureInfo:
         verification_key_version=i.verification_key_version,
         verification_key_id=i.verification_key_id,
         signature_algorithm=i.signature_algorithm,
-        android_package=i.android_package,
-        app_bundle_id=i.app_bundle_id,
     )
 
 

@@ -37,7 +37,7 @@ from .lock import StoreLock, lock_path
 
 log = logging.getLogger("ctagent.store")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 DEFAULT_RETENTION_DAYS = 14
 #: Key slot of long-lived secrets (a ROBERT registration, a pending declaration): never
 #: reached by retention, erased with the keyring by purge.
@@ -46,7 +46,7 @@ PERSISTENT_DAY = 2**31 - 1
 #: ``RESEARCH_SLOT + day``: its own day keys, so that its own retention can keep them
 #: longer or shorter than the agent's (far below PERSISTENT_DAY, far above any real day).
 RESEARCH_SLOT = 2**30
-ENCRYPTED_TABLES = ("teks", "encounters", "exposures", "hellos", "secrets")
+ENCRYPTED_TABLES = ("teks", "encounters", "exposures", "hellos", "secrets", "heard_minutes")
 
 
 def keyring_path(db_path: Path) -> Path:
@@ -87,8 +87,9 @@ def _table(db: sqlite_utils.Database, name: str) -> Table:
 
 
 def _encrypted_table(db: sqlite_utils.Database, name: str) -> None:
-    _table(db, name).create({"id": int, "day": int, "blob": bytes}, pk="id", not_null={"day", "blob"})
-    _table(db, name).create_index(["day"])
+    _table(db, name).create({"id": int, "day": int, "blob": bytes}, pk="id", not_null={"day", "blob"},
+                            if_not_exists=True)
+    _table(db, name).create_index(["day"], if_not_exists=True)
 
 
 def _migrate_to_1(db: sqlite_utils.Database) -> None:
@@ -111,6 +112,12 @@ def _migrate_to_3(db: sqlite_utils.Database) -> None:
 
 
 def _migrate_to_4(db: sqlite_utils.Database) -> None:
+    """What the receiver heard each minute, of every identifier (the ``hmm`` rule's minute
+    context): a new table, so existing stores only gain it."""
+    _encrypted_table(db, "heard_minutes")
+
+
+def _migrate_to_5(db: sqlite_utils.Database) -> None:
     """Research recording: batches of raw sightings and the radio's and clock's state,
     sealed under their own key slots (``RESEARCH_SLOT + day``); ``kind`` says which
     batch it is (no identifier)."""
@@ -120,7 +127,8 @@ def _migrate_to_4(db: sqlite_utils.Database) -> None:
 
 #: version -> migration bringing the schema from version-1 to version
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_to_1, 2: _migrate_to_2,
-                                                                   3: _migrate_to_3, 4: _migrate_to_4}
+                                                                   3: _migrate_to_3, 4: _migrate_to_4,
+                                                                   5: _migrate_to_5}
 
 
 # -- the encrypted-row core ---------------------------------------------------------------
@@ -221,11 +229,13 @@ class Store:
     """Open with :meth:`create` or :meth:`open`; close with :meth:`close` (or ``with``).
 
     Tables: ``teks`` (own keys), ``encounters``, ``exposures``, ``hellos`` (ROBERT),
-    ``state`` (sync progress in clear, sensitive state encrypted: chosen by its type)."""
+    ``heard_minutes`` (what was heard each minute, for the ``hmm`` rule), ``state`` (sync
+    progress in clear, sensitive state encrypted: chosen by its type)."""
 
     def __init__(self, path: Path, keyring: Keyring, db: sqlite_utils.Database, *, clock: Clock,
                  retention_days: int, lock: StoreLock | None, research_retention_days: int | None = None) -> None:
-        from .tables import EncounterTable, ExposureTable, HelloTable, ResearchTable, StateTable, TekTable
+        from .tables import (EncounterTable, ExposureTable, HeardMinuteTable, HelloTable, ResearchTable, StateTable,
+                             TekTable)
 
         self.path = Path(path)
         #: held while open for writing; None: opened read-only
@@ -241,6 +251,7 @@ class Store:
         self.encounters = EncounterTable(self.rows)
         self.exposures = ExposureTable(self.rows)
         self.hellos = HelloTable(self.rows)
+        self.heard_minutes = HeardMinuteTable(self.rows)
         self.state = StateTable(self.rows)
         self.research = ResearchTable(self.rows)
         #: days of research recording kept ([experiment] retention_days; default: the agent's)

@@ -4,6 +4,8 @@
 - :class:`EncounterTable`: what was heard, as :class:`~agent.exposure.encounter.Encounter`.
 - :class:`ExposureTable`: :class:`~agent.records.Exposure`, unique per family, day and key.
 - :class:`HelloTable`: ROBERT HELLOs heard, packed per flush.
+- :class:`HeardMinuteTable`: what was heard each minute, of every identifier
+  (:class:`~agent.exposure.minutes.HeardMinute`), packed per day and flush.
 - :class:`ResearchTable`: research recording's batches (``agent.experiment.recording``
   packs them), under their own key slots and retention.
 - :class:`StateTable`: small state records; a record type says whether it is sensitive
@@ -21,7 +23,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
 
 from ..clock import utc_day
+from ..exposure import minutes as heard_minutes
 from ..exposure.encounter import Encounter
+from ..exposure.minutes import HeardMinute
 from ..protocol.gaen import TemporaryExposureKey
 from ..records import Exposure
 from .core import PERSISTENT_DAY, RESEARCH_SLOT, EncryptedRows
@@ -171,6 +175,45 @@ class HelloTable:
     def clear(self) -> None:
         with self._rows.transaction() as c:
             c.execute("DELETE FROM hellos")
+
+
+class HeardMinuteTable:
+    """One encrypted row per day and call (a flush) holding that call's minutes."""
+
+    def __init__(self, rows: EncryptedRows) -> None:
+        self._rows = rows
+
+    def add(self, minutes: Iterable[HeardMinute]) -> int:
+        by_day: dict[int, list[HeardMinute]] = {}
+        for m in minutes:
+            by_day.setdefault(m.day, []).append(m)
+        rows = []
+        for day, ms in by_day.items():
+            row_id = self._rows.new_id("heard_minutes")
+            rows.append((row_id, day, self._rows.seal("heard_minutes", row_id, day, heard_minutes.pack(ms))))
+        if rows:
+            with self._rows.transaction() as c:
+                c.executemany("INSERT INTO heard_minutes (id, day, blob) VALUES (?, ?, ?)", rows)
+        return sum(len(ms) for ms in by_day.values())
+
+    def read(self, *, since_day: int | None = None, until_day: int | None = None) -> dict[int, HeardMinute]:
+        """By Unix minute (a minute written twice keeps the record that heard more)."""
+        clauses, params = [], []
+        if since_day is not None:
+            clauses.append("day >= ?")
+            params.append(since_day)
+        if until_day is not None:
+            clauses.append("day <= ?")
+            params.append(until_day)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        found: list[HeardMinute] = []
+        for row_id, _, plain in self._rows.rows("heard_minutes", where, tuple(params)):
+            try:
+                found.extend(heard_minutes.unpack(plain))
+            except (ValueError, struct.error):
+                self._rows.stats.corrupt_rows += 1
+                log.warning("row skipped: undecodable heard-minute batch (id=%d)", row_id)
+        return heard_minutes.merge(found)
 
 
 class ResearchTable:
