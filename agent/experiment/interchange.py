@@ -149,7 +149,7 @@ def import_eval_csv(path: Path, out: Path, *, now: float) -> int:
 def export_dp3t(experiment: Path, out_file: Path, truth_paths: list[Path]) -> int:
     """Every resolved sighting (true time) with both devices' models and the true
     distance where the truth has one, as DP-3T's ``results`` table."""
-    from .analyze import _clock_offsets, _resolve, duckdb_module, load_devices
+    from .analyze import _aggregate, _clock_offsets, _resolve, duckdb_module, load_devices
     from .bundle import bundle_folders
     from .truth import load_truth, truth_files
 
@@ -164,12 +164,14 @@ def export_dp3t(experiment: Path, out_file: Path, truth_paths: list[Path]) -> in
     with tempfile.TemporaryDirectory(prefix="ctagent-export-") as work:
         con = duckdb.connect(config={"temp_directory": work})
         _resolve(con, devices, {d.label: d for d in devices}, Path(work))
+        _aggregate(con)
         _clock_offsets(con, devices, markers)
         offsets = np.array([d.offset_s for d in devices])
         dev_tx = np.array([d.tx_power for d in devices])
         out = sqlite3.connect(out_file)
         out.execute(RESULTS_TABLE)
-        cur = con.execute("SELECT rx, tx, t, rssi, coalesce(tx_power, tx_field) AS p FROM sr ORDER BY rx, tx, t")
+        cur = con.execute("SELECT rx, tx, t, rssi, coalesce(tx_power, tx_field) AS p FROM sr WHERE tx IS NOT NULL "
+                          "ORDER BY rx, tx, t")
         while True:
             chunk = cur.fetchmany(200_000)
             if not chunk:
