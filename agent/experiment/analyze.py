@@ -35,7 +35,6 @@ from .parquet import Column, write_table
 from .resolve import beacon_offsets, identifier_map, marker_offsets, resolve_advert
 from .truth import Marker, PairTruth, load_truth, truth_files
 
-EXTRA_HINT = "the analysis needs DuckDB: install the experiment extra (pip install 'ctagent[experiment]')"
 #: a minute counts in the crowd-context rule only when the transmitter is among this many
 #: strongest heard by the receiver that minute
 DEFAULT_CROWD_RANK = 4
@@ -44,10 +43,11 @@ RSSI_VALID = (-126, 20)
 
 
 def duckdb_module() -> Any:
-    try:
-        import duckdb
-    except ImportError:
-        raise UserError(EXTRA_HINT) from None
+    from ..extras import require
+
+    require("experiment", "plots", what="the analysis of field experiments", install="experiment")
+    import duckdb
+
     return duckdb
 
 
