@@ -259,15 +259,20 @@ def _clock_offsets(con: Any, devices: list[Device], markers: list[Marker]) -> No
 
 
 def _aggregate(con: Any) -> None:
-    """The one pass over the sightings: per receiver, transmitter, identity and minute
-    (receiver clock), as the agent's Encounter windows are: count, power-mean RSSI,
-    strongest RSSI; and the first and last time heard (for the clock offsets)."""
-    con.execute("""
+    """The one pass over the sightings: per receiver, advert and minute (receiver clock),
+    as the agent's Encounter windows are: count, power-mean RSSI, strongest RSSI; and the
+    first and last time heard (for the clock offsets). Only then joined with the small
+    table of resolved adverts (a join of minutes, not of sightings)."""
+    con.execute(f"""
         CREATE TABLE mins AS
-        SELECT rx, tx, ident, floor(t / 60)::BIGINT AS minute, count(*) AS n,
-               10 * log10(avg(pow(10, rssi / 10))) AS rssi_mean, max(rssi) AS rssi_max, avg(rssi) AS rssi_db,
-               any_value(tx_power) AS tx_power, avg(tx_field) AS tx_field, min(t) AS t_first, max(t) AS t_last
-        FROM sr GROUP BY ALL""")
+        WITH per_advert AS (
+            SELECT rx, advert, floor(t / 60)::BIGINT AS minute, count(*) AS n,
+                   10 * log10(avg(pow(10, rssi / 10))) AS rssi_mean, max(rssi) AS rssi_max, avg(rssi) AS rssi_db,
+                   avg(tx_field) AS tx_field, min(t) AS t_first, max(t) AS t_last
+            FROM s WHERE rssi BETWEEN {RSSI_VALID[0]} AND {RSSI_VALID[1]}
+            GROUP BY rx, advert, minute)
+        SELECT p.*, res.tx, res.tx_power, coalesce(res.ident, -1 - p.advert) AS ident
+        FROM per_advert p LEFT JOIN res USING (rx, advert)""")
 
 
 def _heard(con: Any, n: int) -> list[dict[int, HeardMinute]]:
