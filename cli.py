@@ -915,6 +915,27 @@ def experiment_collect(out_dir: Path, consent: bool, as_json: bool) -> None:
                f"experiment {m.experiment_id}, device {m.device_label}")
 
 
+@experiment.command("verify")
+@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def experiment_verify(bundle_dir: Path, as_json: bool) -> None:
+    """Check every bundle's files against its manifest (sizes, SHA-256); no analysis engine needed."""
+    from agent.experiment.bundle import bundle_folders, verify_bundle
+
+    found = []
+    for folder in bundle_folders(bundle_dir):
+        m = verify_bundle(folder)
+        found.append({"folder": str(folder), "device_label": m.device_label, "experiment_id": m.experiment_id,
+                      "collected_at": m.collected_at, "sightings": m.tables["sightings.parquet"]["rows"]})
+    if as_json:
+        _echo_json({"ok": True, "bundles": found})
+        return
+    for b in found:
+        click.echo(f"ok {b['device_label']}: {b['sightings']:,} sightings, collected {b['collected_at']} "
+                   f"({b['folder']})")
+
+
 @experiment.command("analyze")
 @click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--truth", "truth_paths", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),

@@ -300,3 +300,18 @@ def test_cli_experiment_join_mark_collect_analyze_and_calibration_fit(synthetic,
     assert (tmp_path / "list.csv").read_text().startswith("oem,device,model,rssi_correction,tx,calibration_confidence")
     r = runner.invoke(main, ["calibration", "fit", str(tmp_path / "b")])
     assert r.exit_code == 1 and "known distances" in r.output
+
+
+def test_robert_hellos_resolve_to_their_sender_by_ebid():
+    from agent.experiment.resolve import identifier_map, resolve_advert
+    from agent.protocol import robert
+
+    ebid_a, ebid_b = bytes(range(8)), bytes(range(8, 16))
+    hello = robert.build_hello(b"\1" * 32, b"\7", ebid_b, robert.ntp_seconds(1_700_000_000))
+    ids = identifier_map([("robert", [("ebid", ebid_a, 100, 1)], []),
+                          ("robert", [], [robert.service_data(robert.build_hello(b"\2" * 32, b"\7", ebid_b, 0), 5)])])
+    got = resolve_advert("robert", robert.service_data(hello, -7), ids)
+    assert got is not None and (got.tx, got.tx_power, got.ident) == (1, -7.0, ebid_b)  # from b's own broadcasts
+    assert resolve_advert("robert", robert.service_data(robert.build_hello(b"\1" * 32, b"\7", ebid_a, 0), 3),
+                          ids).tx == 0  # from a's handed-over EBIDs
+    assert resolve_advert("robert", b"\0" * 18, ids) is None
