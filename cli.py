@@ -691,9 +691,13 @@ def doctor(adapter: str, radio: str | None, transport: str | None, as_json: bool
               help="The protocol family: gaen (Exposure Notification, decentralized), robert (centralized).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
               show_default=True, help="Where the PNG figure goes.")
+@click.option("--research", "research_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Rehearse a field experiment: every device's research bundle and the ground truth go here "
+                   "(then `ctagent experiment analyze DIR`).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
 @friendly_errors
-def demo(scenario: str, devices: int, days: int, seed: int, protocol: str, out_dir: Path, as_json: bool) -> None:
+def demo(scenario: str, devices: int, days: int, seed: int, protocol: str, out_dir: Path, research_dir: Path | None,
+         as_json: bool) -> None:
     """A simulated field experiment end to end, no Bluetooth needed."""
     from agent.extras import require
 
@@ -714,7 +718,8 @@ def demo(scenario: str, devices: int, days: int, seed: int, protocol: str, out_d
             prog.update(tasks[stage], completed=frac)
 
         res = run_demo(devices=devices, days=days, seed=seed, scenario=scenario, protocol=protocol, out_dir=out_dir,
-                       log=(lambda m: None) if as_json else console.print, progress=progress)
+                       log=(lambda m: None) if as_json else console.print, progress=progress,
+                       research_dir=research_dir)
     if as_json:
         _echo_json(res.to_json())
         return
