@@ -89,7 +89,8 @@ class Daemon:
         #: radio outages (scan or advertising failing, stalls, duty-cycle pauses)
         self.radio_events = RadioEvents()
         self.scanner.events = self.radio_events
-        #: research recording (an experiment's opt-in): with every flush, the clock's last state
+        #: research recording (an experiment's opt-in); it keeps the clock's state with
+        #: every flush (the last one _watch_clock read)
         self.research = research
         if research is not None:
             research.events = self.radio_events  # one record of the radio's outages
@@ -244,8 +245,8 @@ class Daemon:
 
     async def _scan(self) -> None:
         decode, record = self.mode.decode, self.mode.record
-        research, uuid16 = self.research, self.mode.service_uuid16
         await self._clock_ok.wait()  # times stored from a wrong clock are wrong for good
+        research, uuid16 = self.research, self.mode.service_uuid16
         async for raw in self.scanner.sightings():
             if "scan" in self.failing:
                 self._ok("scan")
@@ -265,7 +266,7 @@ class Daemon:
     def _flush(self, *, final: bool = False) -> None:
         now = self.clock.now()
         self.rows_written += self.mode.flush(now, final=final)
-        if self.research is not None:  # the clock as last read
+        if self.research is not None:
             self.research.flush(now, self.clock_state or unchecked_clock(now))
 
     async def _flush_loop(self) -> None:

@@ -191,7 +191,7 @@ def _chrony(run: Runner) -> tuple[bool, float, float] | None:
         offset, delay, dispersion = float(fields[4]), float(fields[10]), float(fields[11])
     except ValueError:
         return None
-    synced = fields[13].strip() != "Not synchronised"
+    synced = fields[13].strip() != "Not synchronised" and fields[2].strip() not in ("", "0")
     # chrony's own bound on the error: |offset| + root delay / 2 + root dispersion
     return synced, abs(offset) + delay / 2 + dispersion, offset
 

@@ -14,6 +14,7 @@ from agent.clock import VirtualClock
 from agent.daemon import Daemon
 from agent.errors import InputFileError
 from agent.experiment.bundle import TABLES, verify_bundle
+from agent.timesync import ClockGuard, ClockState
 from agent.experiment.collect import collect
 from agent.experiment.parquet import Column, write_table
 from agent.experiment.recording import ResearchRecorder
@@ -21,7 +22,6 @@ from agent.exposure.calibration import DeviceCalibration
 from agent.modes.base import DeviceContext
 from agent.modes.gaen import GaenMode
 from agent.store import Store
-from agent.timesync import ClockState, ClockGuard
 
 from .helpers import DAY, MIDNIGHT, fast_passphrase
 
@@ -59,9 +59,9 @@ async def test_daemon_records_research_and_collect_writes_a_verified_bundle(tmp_
     mode = GaenMode(DeviceContext(store=store, clock=clock, calibration=PI, rng=rng, random_bytes=rng.randbytes))
     scanner = SimScanner(clock, peer_factory=GaenMode.simulated_peer, peers=3, seed=2, tick_s=4)
     research = ResearchRecorder(store, started_at=clock.now())
-    guard = ClockGuard(lambda now: ClockState(now, True, False, "chrony", 0.5, 0.25, "chrony"), "off")
     daemon = Daemon(mode, Radio(SimAdvertiser(clock), scanner), clock=clock, rng=random.Random(3),
-                    flush_interval_s=60, duty_cycle=(20.0, 10.0), research=research, clock_guard=guard)
+                    flush_interval_s=60, duty_cycle=(20.0, 10.0), research=research,
+                    clock_guard=ClockGuard(lambda now: ClockState(now, True, False, "sim", 0.5, 0.25), policy="off"))
     run = asyncio.create_task(daemon.run(install_signals=False))
     await clock.run_until(MIDNIGHT + 9 * 3600 + 1800)
     daemon.stop()
@@ -94,7 +94,7 @@ async def test_daemon_records_research_and_collect_writes_a_verified_bundle(tmp_
     paused = q("SELECT sum(\"end\" - start) FROM '{b}/radio_down.parquet' WHERE kind = 'scan_paused'")[0][0]
     assert paused == pytest.approx(span - scanning, abs=1)
     assert q("SELECT DISTINCT clock_synchronized, clock_source, clock_offset_s FROM '{b}/windows.parquet'") == \
-        [(False, "chrony", 0.25)]
+        [(False, "sim", 0.25)]
     with pytest.raises(InputFileError, match="not empty"):
         collect(Store.open(tmp_path / "agent.db", fast_passphrase(), clock=clock, read_only=True), mode, out,
                 experiment_id="e", device_label="d", device_model="m", consent_at="", now=0)

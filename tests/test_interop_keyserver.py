@@ -277,6 +277,8 @@ def test_a_key_with_a_variant_of_concern_reads_and_writes_as_field_8():
     blob = export.build_export_bin([k], start_timestamp=0, end_timestamp=1, region="XX")
     assert b"\x40\x02" in blob  # tag (8 << 3 | varint), value 2
     assert export.parse_export_bin(blob).keys[0].variant_of_concern is VariantOfConcern.TYPE_2
+    for native in (True, False):  # the C reader and the protobuf runtime alike
+        assert export.parse_export_bin_packed(blob, native=native).keys.key(0).variant_of_concern == 2
     signing = ec.generate_private_key(ec.SECP256R1())
     zipped = export.build_export([k], signing_key=signing, start_timestamp=0, end_timestamp=1, region="XX")
     parsed = export.parse_export(zipped, trusted_keys=[export.public_key_b64(signing)])

@@ -127,8 +127,7 @@ def _migrate_to_5(db: sqlite_utils.Database) -> None:
 
 #: version -> migration bringing the schema from version-1 to version
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_to_1, 2: _migrate_to_2,
-                                                                   3: _migrate_to_3, 4: _migrate_to_4,
-                                                                   5: _migrate_to_5}
+                                                                   3: _migrate_to_3, 4: _migrate_to_4, 5: _migrate_to_5}
 
 
 # -- the encrypted-row core ---------------------------------------------------------------
