@@ -942,7 +942,7 @@ def experiment_verify(bundle_dir: Path, as_json: bool) -> None:
 
 
 @experiment.command("analyze")
-@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("bundle_dir", type=click.Path(exists=True, path_type=Path))
 @click.option("--truth", "truth_paths", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Ground truth CSV (pair intervals, position traces or sync markers); repeat. Also read: "
                    "BUNDLE_DIR/truth/*.csv.")
@@ -955,12 +955,21 @@ def experiment_verify(bundle_dir: Path, as_json: bool) -> None:
 @friendly_errors
 def experiment_analyze(bundle_dir: Path, truth_paths: tuple[Path, ...], out_dir: Path | None, crowd_rank: int,
                        memory_limit: str, as_json: bool) -> None:
-    """Analyse an experiment folder (or one bundle): report folder with HTML and JSON."""
+    """Analyse an experiment folder (or one bundle, or a DP-3T `results` SQLite file, or an
+    `eval` sightings CSV): a report folder with HTML and JSON."""
+    import tempfile
+
     from agent.experiment.analyze import analyze
+    from agent.experiment.interchange import import_published
     from agent.experiment.report import write_report
 
-    a = analyze(bundle_dir, list(truth_paths), crowd_rank=crowd_rank, memory_limit=memory_limit)
-    out = out_dir or bundle_dir / "report"
+    with tempfile.TemporaryDirectory(prefix="ctagent-import-") as tmp:
+        source = bundle_dir
+        if bundle_dir.is_file():  # a published data set: imported on the fly, analysed unchanged
+            source = import_published(bundle_dir, Path(tmp) / "experiment", now=_now())
+        a = analyze(source, list(truth_paths), crowd_rank=crowd_rank, memory_limit=memory_limit)
+    out = out_dir or (bundle_dir.with_name(bundle_dir.name + ".report") if bundle_dir.is_file()
+                      else bundle_dir / "report")
     index = write_report(a, out, source=str(bundle_dir), generated_at=_now())
     if as_json:
         _echo_json({"report": str(index), "metrics": a.metrics, "devices": len(a.devices)})

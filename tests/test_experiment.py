@@ -315,3 +315,19 @@ def test_robert_hellos_resolve_to_their_sender_by_ebid():
     assert resolve_advert("robert", robert.service_data(robert.build_hello(b"\1" * 32, b"\7", ebid_a, 0), 3),
                           ids).tx == 0  # from a's handed-over EBIDs
     assert resolve_advert("robert", b"\0" * 18, ids) is None
+
+
+def test_analyze_reads_a_published_dp3t_file_unchanged(synthetic, tmp_path):
+    from click.testing import CliRunner
+
+    from agent.experiment.interchange import export_dp3t
+    from cli import main
+
+    folder, truth = synthetic
+    export_dp3t(folder, tmp_path / "scenario.sqlite", [])
+    r = CliRunner().invoke(main, ["experiment", "analyze", str(tmp_path / "scenario.sqlite"), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert doc["devices"] == 4 and doc["report"] == str(tmp_path / "scenario.sqlite.report" / "index.html")
+    summary = json.loads((tmp_path / "scenario.sqlite.report" / "summary.json").read_text())
+    assert sum(d["resolved"] for d in summary["devices"]) == truth.sightings and summary["has_truth"]

@@ -146,6 +146,18 @@ def import_eval_csv(path: Path, out: Path, *, now: float) -> int:
     return _write_experiment(out, samples, models, source=str(path), now=now, truth=[])
 
 
+def import_published(path: Path, out: Path, *, now: float) -> Path:
+    """A published data set given as one file, by its content: DP-3T's SQLite ``results``
+    or the ``eval`` sightings CSV. Returns the experiment folder written."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"SQLite format 3"):
+        import_dp3t(path, out, now=now)
+    else:
+        import_eval_csv(path, out, now=now)
+    return out
+
+
 def export_dp3t(experiment: Path, out_file: Path, truth_paths: list[Path]) -> int:
     """Every resolved sighting (true time) with both devices' models and the true
     distance where the truth has one, as DP-3T's ``results`` table."""
