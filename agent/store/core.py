@@ -37,12 +37,12 @@ from .lock import StoreLock, lock_path
 
 log = logging.getLogger("ctagent.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DEFAULT_RETENTION_DAYS = 14
 #: Key slot of long-lived secrets (a ROBERT registration, a pending declaration): never
 #: reached by retention, erased with the keyring by purge.
 PERSISTENT_DAY = 2**31 - 1
-ENCRYPTED_TABLES = ("teks", "encounters", "exposures", "hellos", "secrets")
+ENCRYPTED_TABLES = ("teks", "encounters", "exposures", "hellos", "secrets", "encounter_index")
 
 
 def keyring_path(db_path: Path) -> Path:
@@ -106,9 +106,17 @@ def _migrate_to_3(db: sqlite_utils.Database) -> None:
     db.conn.execute("CREATE UNIQUE INDEX exposures_uid ON exposures (uid)")
 
 
+def _migrate_to_4(db: sqlite_utils.Database) -> None:
+    """What matching reads of the encounters (RPI, first and last interval, row id),
+    packed per day and flush into one encrypted row: read and decrypted in bulk. The
+    rows of older encounters are indexed on the first open with the keys
+    (``EncounterTable.index_unindexed``)."""
+    _encrypted_table(db, "encounter_index")
+
+
 #: version -> migration bringing the schema from version-1 to version
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_to_1, 2: _migrate_to_2,
-                                                                   3: _migrate_to_3}
+                                                                   3: _migrate_to_3, 4: _migrate_to_4}
 
 
 # -- the encrypted-row core ---------------------------------------------------------------
@@ -310,6 +318,7 @@ class Store:
             store.exposures.backfill()
             store.state.encrypt_legacy_clear_values()
             store.apply_retention()
+            store.encounters.index_unindexed()
         return store
 
     @staticmethod
@@ -385,6 +394,7 @@ class Store:
             # old page images leave the WAL too (they were already useless without the key)
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             log.info("retention: erased %d day(s) older than %d days", len(days), self.retention_days)
+        self.encounters.compact_index(before_day=self.today())
         self.last_retention_day = self.today()
         return sorted(days)
 
