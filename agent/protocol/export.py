@@ -80,12 +80,24 @@ class ReportType(enum.IntEnum):
     REVOKED = 5
 
 
+class VariantOfConcern(enum.IntEnum):
+    """``TemporaryExposureKey.variant_of_concern`` (field 8): what each type means is the
+    health authority's to define (Apple ENVariantOfConcernType)."""
+
+    UNKNOWN = 0
+    TYPE_1 = 1
+    TYPE_2 = 2
+    TYPE_3 = 3
+    TYPE_4 = 4
+
+
 @dataclass(frozen=True, slots=True, repr=False)
 class DiagnosisKey(TemporaryExposureKey):
     """A TEK as published by a key server: with its report type and days since onset."""
 
     report_type: ReportType = ReportType.UNKNOWN
     days_since_onset_of_symptoms: int | None = None
+    variant_of_concern: VariantOfConcern = VariantOfConcern.UNKNOWN
 
     def __repr__(self) -> str:  # never print key material
         return (f"DiagnosisKey(rolling_start_interval_number={self.rolling_start_interval_number}, "
@@ -117,6 +129,7 @@ class PackedKeys:
     report_type: npt.NDArray[np.uint8]
     days_since_onset: npt.NDArray[np.int32]
     has_days_since_onset: npt.NDArray[np.bool_]
+    variant_of_concern: npt.NDArray[np.uint8]
 
     def __len__(self) -> int:
         return len(self.rolling_start)
@@ -128,7 +141,8 @@ class PackedKeys:
         return DiagnosisKey(
             self.key_data[16 * i : 16 * i + 16], int(self.rolling_start[i]), int(self.rolling_period[i]),
             int(self.transmission_risk[i]), ReportType(int(self.report_type[i])),
-            int(self.days_since_onset[i]) if self.has_days_since_onset[i] else None)
+            int(self.days_since_onset[i]) if self.has_days_since_onset[i] else None,
+            VariantOfConcern(int(self.variant_of_concern[i])))
 
     def keys(self) -> list[DiagnosisKey]:
         """Every key as a record: for small inputs and tests, never on the hot path."""
@@ -151,6 +165,7 @@ class PackedKeys:
             np.fromiter((int(k.report_type) for k in ks), np.uint8, len(ks)),
             np.fromiter((k.days_since_onset_of_symptoms or 0 for k in ks), np.int32, len(ks)),
             np.fromiter((k.days_since_onset_of_symptoms is not None for k in ks), np.bool_, len(ks)),
+            np.fromiter((int(k.variant_of_concern) for k in ks), np.uint8, len(ks)),
         )
 
     @classmethod
@@ -162,21 +177,23 @@ class PackedKeys:
                    np.concatenate([p.transmission_risk for p in parts]),
                    np.concatenate([p.report_type for p in parts]),
                    np.concatenate([p.days_since_onset for p in parts]),
-                   np.concatenate([p.has_days_since_onset for p in parts]))
+                   np.concatenate([p.has_days_since_onset for p in parts]),
+                   np.concatenate([p.variant_of_concern for p in parts]))
 
     def take(self, positions: npt.NDArray[np.intp]) -> PackedKeys:
         """The keys at ``positions``, in that order."""
         raw = np.frombuffer(self.key_data, np.uint8).reshape(-1, 16)
         return PackedKeys(raw[positions].tobytes(), self.rolling_start[positions], self.rolling_period[positions],
                           self.transmission_risk[positions], self.report_type[positions],
-                          self.days_since_onset[positions], self.has_days_since_onset[positions])
+                          self.days_since_onset[positions], self.has_days_since_onset[positions],
+                          self.variant_of_concern[positions])
 
     def span(self, start: int, stop: int) -> PackedKeys:
         """Keys ``start`` to ``stop`` - 1, without copying the arrays."""
         return PackedKeys(self.key_data[16 * start : 16 * stop], self.rolling_start[start:stop],
                           self.rolling_period[start:stop], self.transmission_risk[start:stop],
                           self.report_type[start:stop], self.days_since_onset[start:stop],
-                          self.has_days_since_onset[start:stop])
+                          self.has_days_since_onset[start:stop], self.variant_of_concern[start:stop])
 
 
 @dataclass(frozen=True)
@@ -184,8 +201,6 @@ class SignatureInfo:
     verification_key_version: str = ""
     verification_key_id: str = ""
     signature_algorithm: str = ECDSA_SHA256_OID
-    android_package: str = ""
-    app_bundle_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -289,15 +304,18 @@ def _encode_keys_python(keys: PackedKeys, field: int) -> bytes:
     tag = bytes([field << 3 | 2])
     out = []
     kd = keys.key_data
-    for i, (risk, start, period, report, dso, has) in enumerate(zip(
+    for i, (risk, start, period, report, dso, has, variant) in enumerate(zip(
             keys.transmission_risk.tolist(), keys.rolling_start.tolist(), keys.rolling_period.tolist(),
-            keys.report_type.tolist(), keys.days_since_onset.tolist(), keys.has_days_since_onset.tolist())):
+            keys.report_type.tolist(), keys.days_since_onset.tolist(), keys.has_days_since_onset.tolist(),
+            keys.variant_of_concern.tolist())):
         body = b"\x0a\x10" + kd[16 * i : 16 * i + 16] + b"\x10" + _varint(risk) + b"\x18" + _varint(start) + \
             b"\x20" + _varint(period)
         if report:
             body += b"\x28" + _varint(report)
         if has:
             body += b"\x30" + _varint((dso << 1) ^ (dso >> 31))
+        if variant:
+            body += b"\x40" + _varint(variant)
         out.append(tag + _varint(len(body)) + body)
     return b"".join(out)
 
@@ -310,7 +328,8 @@ def encode_keys(keys: PackedKeys, *, field: int = 7, native: bool = True) -> byt
         return bytes(_fastexport.encode(field, len(keys), keys.key_data, keys.rolling_start.astype("<u4"),
                                         keys.rolling_period.astype("<u2"), keys.transmission_risk.astype("<i4"),
                                         keys.report_type.astype(np.uint8), keys.days_since_onset.astype("<i4"),
-                                        keys.has_days_since_onset.astype(np.uint8)))
+                                        keys.has_days_since_onset.astype(np.uint8),
+                                        keys.variant_of_concern.astype(np.uint8)))
     return _encode_keys_python(keys, field)
 
 
@@ -429,8 +448,6 @@ def _info_from_pb(i: Any) -> SignatureInfo:
         verification_key_version=i.verification_key_version,
         verification_key_id=i.verification_key_id,
         signature_algorithm=i.signature_algorithm,
-        android_package=i.android_package,
-        app_bundle_id=i.app_bundle_id,
     )
 
 
@@ -440,10 +457,11 @@ def _text(value: str | bytes) -> str:
 
 
 def _packed_from_arrays(raw: tuple[Any, ...]) -> PackedKeys:
-    n, key_data, start, period, risk, report, dso, has_dso = raw
+    n, key_data, start, period, risk, report, dso, has_dso, variant = raw
     return PackedKeys(key_data, np.frombuffer(start, "<u4", n), np.frombuffer(period, "<u2", n),
                       np.frombuffer(risk, "<i4", n), np.frombuffer(report, np.uint8, n),
-                      np.frombuffer(dso, "<i4", n), np.frombuffer(has_dso, np.bool_, n))
+                      np.frombuffer(dso, "<i4", n), np.frombuffer(has_dso, np.bool_, n),
+                      np.frombuffer(variant, np.uint8, n))
 
 
 def _first_invalid(keys: Any) -> str | None:
@@ -465,7 +483,8 @@ def _packed_from_pb(keys: Any) -> PackedKeys:
         np.fromiter([k.transmission_risk_level for k in keys], np.int32, n),
         np.fromiter([k.report_type for k in keys], np.uint8, n),
         np.fromiter([k.days_since_onset_of_symptoms for k in keys], np.int32, n),
-        np.fromiter([k.HasField("days_since_onset_of_symptoms") for k in keys], np.bool_, n))
+        np.fromiter([k.HasField("days_since_onset_of_symptoms") for k in keys], np.bool_, n),
+        np.fromiter([k.variant_of_concern for k in keys], np.uint8, n))
 
 
 def _parse_protobuf(body: bytes | memoryview) -> PackedExport:

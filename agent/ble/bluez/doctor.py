@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import NamedTuple
 
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
@@ -17,16 +16,11 @@ from dbus_fast.aio import MessageBus
 from ...clock import RealClock
 from ...errors import RadioError
 from ...protocol.payload import EN_SERVICE_UUID16
+from ..base import Check
 from . import defs
 from .advertiser import BluezAdvertiser
 
 MIN_BLUEZ = (5, 50)
-
-
-class Check(NamedTuple):
-    name: str
-    ok: bool
-    detail: str
 
 
 def doctor(adapter: str = "hci0") -> tuple[bool, list[Check]]:

@@ -81,10 +81,11 @@ typedef struct {
     uint8_t *report;
     int32_t *dso;
     uint8_t *has_dso;
+    uint8_t *variant;
 } keys_t;
 
 static void keys_free(keys_t *k) {
-    free(k->key_data); free(k->start); free(k->period); free(k->risk); free(k->report); free(k->dso); free(k->has_dso);
+    free(k->key_data); free(k->start); free(k->period); free(k->risk); free(k->report); free(k->dso); free(k->has_dso); free(k->variant);
     memset(k, 0, sizeof *k);
 }
 
@@ -93,7 +94,7 @@ static int keys_grow(keys_t *k, size_t want) {
     size_t cap = k->cap ? k->cap : 1024;
     while (cap < want) cap *= 2;
 #define GROW(f, sz) do { void *q = realloc(k->f, cap * (sz)); if (!q) return -1; k->f = q; } while (0)
-    GROW(key_data, 16); GROW(start, 4); GROW(period, 2); GROW(risk, 4); GROW(report, 1); GROW(dso, 4); GROW(has_dso, 1);
+    GROW(key_data, 16); GROW(start, 4); GROW(period, 2); GROW(risk, 4); GROW(report, 1); GROW(dso, 4); GROW(has_dso, 1); GROW(variant, 1);
 #undef GROW
     k->cap = cap;
     return 0;
@@ -111,13 +112,13 @@ static int parse_key(const uint8_t *buf, size_t len, keys_t *k, perr *err) {
     const uint8_t *kd = NULL;
     uint64_t kdlen = 0, v;
     int32_t risk = 0, start = 0, period = 144, dso = 0;
-    uint8_t report = 0, has_dso = 0;
+    uint8_t report = 0, has_dso = 0, variant = 0;
     while (r.p < r.end) {
         uint64_t t;
         if (varint(&r, &t) || t > 0xffffffffu || (t >> 3) == 0) goto bad;
         uint32_t tag = (uint32_t)t, field = tag >> 3, wt = tag & 7;
         if (field == 1 && wt == 2) { if (bytes_field(&r, &kd, &kdlen)) goto bad; }
-        else if (field >= 2 && field <= 6 && wt == 0) {
+        else if (((field >= 2 && field <= 6) || field == 8) && wt == 0) {
             if (varint(&r, &v)) goto bad;
             int32_t i32 = (int32_t)(uint32_t)v;
             switch (field) {
@@ -126,6 +127,7 @@ static int parse_key(const uint8_t *buf, size_t len, keys_t *k, perr *err) {
             case 4: period = i32; break;
             case 5: if (i32 >= 0 && i32 <= 5) report = (uint8_t)i32; break;   /* closed enum: else unknown */
             case 6: { uint32_t u = (uint32_t)v; dso = (int32_t)((u >> 1) ^ (0u - (u & 1))); has_dso = 1; break; }
+            case 8: if (i32 >= 0 && i32 <= 4) variant = (uint8_t)i32; break;  /* closed enum, as report_type */
             }
         } else if (skip_field(&r, tag, 1)) goto bad;
     }
@@ -136,7 +138,7 @@ static int parse_key(const uint8_t *buf, size_t len, keys_t *k, perr *err) {
     size_t i = k->n++;
     memcpy(k->key_data + 16 * i, kd, 16);
     k->start[i] = (uint32_t)start; k->period[i] = (uint16_t)period; k->risk[i] = risk; k->report[i] = report;
-    k->dso[i] = dso; k->has_dso[i] = has_dso;
+    k->dso[i] = dso; k->has_dso[i] = has_dso; k->variant[i] = variant;
     return 0;
 bad:
     err->msg = "export.bin protobuf is truncated or malformed";
@@ -145,17 +147,17 @@ bad:
 
 static PyObject *keys_tuple(const keys_t *k) {
 #define BUF(f) (k->f ? (const char *)k->f : "")   /* y# of NULL is None, not b"" */
-    return Py_BuildValue("(ny#y#y#y#y#y#y#)", (Py_ssize_t)k->n, BUF(key_data), (Py_ssize_t)(16 * k->n),
+    return Py_BuildValue("(ny#y#y#y#y#y#y#y#)", (Py_ssize_t)k->n, BUF(key_data), (Py_ssize_t)(16 * k->n),
                          BUF(start), (Py_ssize_t)(4 * k->n), BUF(period), (Py_ssize_t)(2 * k->n), BUF(risk),
                          (Py_ssize_t)(4 * k->n), BUF(report), (Py_ssize_t)k->n, BUF(dso), (Py_ssize_t)(4 * k->n),
-                         BUF(has_dso), (Py_ssize_t)k->n);
+                         BUF(has_dso), (Py_ssize_t)k->n, BUF(variant), (Py_ssize_t)k->n);
 #undef BUF
 }
 
 /* parse(buf) -> (start_ts, end_ts, region bytes, batch_num, batch_size, [signature_info bytes],
  *                keys, revised_keys, first invalid key's message or None, same for revised);
  *                keys = (n, key_data, start u32, period u16, risk i32, report u8, dso i32,
- *                has_dso u8), the valid keys only. ValueError(message) when malformed. */
+ *                has_dso u8, variant_of_concern u8), the valid keys only. ValueError(message) when malformed. */
 static PyObject *parse(PyObject *mod, PyObject *arg) {
     Py_buffer b;
     if (!PyArg_Parse(arg, "y*", &b)) return NULL;
@@ -234,27 +236,27 @@ static uint8_t *put_varint(uint8_t *o, uint64_t v) {
     return o;
 }
 
-/* encode(field, n, key_data, start u32, period u16, risk i32, report u8, dso i32, has_dso u8)
+/* encode(field, n, key_data, start u32, period u16, risk i32, report u8, dso i32, has_dso u8, variant u8)
  * -> the keys as repeated ``field`` (7: keys, 8: revised_keys) of a TemporaryExposureKeyExport,
  * byte for byte what the protobuf runtime writes: key_data, transmission_risk_level,
  * rolling_start_interval_number and rolling_period always, report_type unless UNKNOWN,
- * days_since_onset_of_symptoms when present, in field order. */
+ * days_since_onset_of_symptoms when present, variant_of_concern unless UNKNOWN, in field order. */
 static PyObject *encode(PyObject *mod, PyObject *args) {
     int field;
     Py_ssize_t n;
-    Py_buffer kd, st, pe, ri, re, ds, hd;
-    if (!PyArg_ParseTuple(args, "iny*y*y*y*y*y*y*", &field, &n, &kd, &st, &pe, &ri, &re, &ds, &hd)) return NULL;
+    Py_buffer kd, st, pe, ri, re, ds, hd, va;
+    if (!PyArg_ParseTuple(args, "iny*y*y*y*y*y*y*y*", &field, &n, &kd, &st, &pe, &ri, &re, &ds, &hd, &va)) return NULL;
     PyObject *out = NULL;
     if (n < 0 || field < 1 || field > 15 || kd.len != 16 * n || st.len != 4 * n || pe.len != 2 * n || ri.len != 4 * n ||
-        re.len != n || ds.len != 4 * n || hd.len != n) {
+        re.len != n || ds.len != 4 * n || hd.len != n || va.len != n) {
         PyErr_SetString(PyExc_ValueError, "inconsistent key arrays");
         goto done;
     }
-    /* per key at most: 2+16 key, 1+10 risk, 1+5 start, 1+5 period, 1+10 report, 1+5 dso, 2 header bytes */
+    /* per key at most: 2+16 key, 1+10 risk, 1+5 start, 1+3 period, 1+2 report, 1+5 dso, 1+2 variant, 2 header bytes */
     out = PyBytes_FromStringAndSize(NULL, n * 64);
     if (!out) goto done;
     uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
-    const uint8_t *k = kd.buf, *rep = re.buf, *has = hd.buf;
+    const uint8_t *k = kd.buf, *rep = re.buf, *has = hd.buf, *var = va.buf;
     const uint32_t *start = st.buf;
     const uint16_t *period = pe.buf;
     const int32_t *risk = ri.buf, *dso = ds.buf;
@@ -266,6 +268,7 @@ static PyObject *encode(PyObject *mod, PyObject *args) {
         *b++ = 0x20; b = put_varint(b, period[i]);
         if (rep[i]) { *b++ = 0x28; b = put_varint(b, rep[i]); }
         if (has[i]) { uint32_t z = ((uint32_t)dso[i] << 1) ^ (uint32_t)(dso[i] >> 31); *b++ = 0x30; b = put_varint(b, z); }
+        if (var[i]) { *b++ = 0x40; b = put_varint(b, var[i]); }
         *o++ = (uint8_t)(field << 3 | 2);
         o = put_varint(o, (uint64_t)(b - body));
         memcpy(o, body, (size_t)(b - body));
@@ -274,7 +277,7 @@ static PyObject *encode(PyObject *mod, PyObject *args) {
     if (_PyBytes_Resize(&out, (Py_ssize_t)(o - (uint8_t *)PyBytes_AS_STRING(out)))) out = NULL;
 done:
     PyBuffer_Release(&kd); PyBuffer_Release(&st); PyBuffer_Release(&pe); PyBuffer_Release(&ri);
-    PyBuffer_Release(&re); PyBuffer_Release(&ds); PyBuffer_Release(&hd);
+    PyBuffer_Release(&re); PyBuffer_Release(&ds); PyBuffer_Release(&hd); PyBuffer_Release(&va);
     return out;
 }
 
