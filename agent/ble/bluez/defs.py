@@ -11,6 +11,8 @@ ADVERTISEMENT = "org.bluez.LEAdvertisement1"
 DBUS = "org.freedesktop.DBus"
 DBUS_PATH = "/org/freedesktop/DBus"
 PROPERTIES = "org.freedesktop.DBus.Properties"
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
 #: where our own objects live: outside /org/bluez, which bleak watches
 OBJECT_ROOT = "/ctagent"
 

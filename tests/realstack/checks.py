@@ -1,0 +1,261 @@
+"""The checks run inside the real-stack VM (guest.sh starts one process per Privacy mode):
+each operation is done once on the legacy pair (hci0 advertises, hci1 listens) and once on
+the extended pair (hci2, hci3), and recorded as an observation: what BlueZ answered, and
+the wall-clock window in which it happened, so that the host can read what went on air
+from the btmon trace (``btsnoop.py``) of that window. Python is 15-20x slower in the VM:
+few, short steps; the host does the analysis.
+
+Run: ``python -m tests.realstack.checks --privacy off --out DIR`` (inside the VM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from agent.ble.bluez import defs
+from agent.ble.bluez.advertisement import Advertisement, broadcast_properties
+
+#: kind -> (advertiser, listener), found by find_pairs()
+PAIRS: dict[str, tuple[str, str]] = {}
+EN = "FD6F"
+
+
+def en_data(i: int) -> bytes:
+    """A recognisable 20-byte payload: RPI of byte i, AEM 40 i 00 00."""
+    return bytes([i]) * 16 + bytes([0x40, i, 0, 0])
+
+
+class Stack:
+    """Raw D-Bus calls to bluetoothd, and our advertisement objects."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        self.bus = bus
+        self.seq = 0
+        self.objects: dict[str, Advertisement] = {}
+        bus.add_message_handler(self._handle)
+
+    def _handle(self, msg: Message) -> Message | bool | None:
+        obj = self.objects.get(msg.path or "")
+        return obj.handle(msg) if obj is not None else None
+
+    async def call(self, path: str, iface: str, member: str, sig: str = "", body: list[Any] | None = None) -> Any:
+        r = await self.bus.call(Message(destination=defs.BLUEZ, path=path, interface=iface, member=member,
+                                        signature=sig, body=body or []))
+        if r.message_type == MessageType.ERROR:
+            raise BluezError(r.error_name or "", str(r.body[0]) if r.body else "")
+        return r.body
+
+    async def register(self, hci: str, props: dict[str, Variant]) -> str:
+        self.seq += 1
+        path = f"/realstack/adv{self.seq}"
+        self.objects[path] = Advertisement(path, props)
+        try:
+            await self.call(defs.adapter_path(hci), defs.ADVERTISING_MANAGER, "RegisterAdvertisement", "oa{sv}",
+                            [path, {}])
+        except BluezError:
+            del self.objects[path]
+            raise
+        return path
+
+    async def unregister(self, hci: str, path: str) -> None:
+        try:
+            await self.call(defs.adapter_path(hci), defs.ADVERTISING_MANAGER, "UnregisterAdvertisement", "o", [path])
+        finally:
+            self.objects.pop(path, None)
+
+    def update(self, path: str, service_data: bytes) -> None:
+        self.bus.send(self.objects[path].changed("ServiceData", Variant("a{sv}", {EN: Variant("ay", service_data)})))
+
+    async def prop(self, hci: str, iface: str, name: str) -> Any:
+        (v,) = await self.call(defs.adapter_path(hci), defs.PROPERTIES, "Get", "ss", [iface, name])
+        return v.value
+
+    async def active(self, hci: str) -> int:
+        return int(await self.prop(hci, defs.ADVERTISING_MANAGER, "ActiveInstances"))
+
+    async def discovery(self, hci: str, on: bool) -> None:
+        if on:
+            await self.call(defs.adapter_path(hci), defs.ADAPTER, "SetDiscoveryFilter", "a{sv}",
+                            [{"Transport": Variant("s", "le"), "DuplicateData": Variant("b", True)}])
+        for _ in range(20):  # bluetoothd answers InProgress while the previous change completes
+            try:
+                await self.call(defs.adapter_path(hci), defs.ADAPTER, "StartDiscovery" if on else "StopDiscovery")
+                return
+            except BluezError as e:
+                if e.name != "org.bluez.Error.InProgress":
+                    raise
+                await asyncio.sleep(0.2)
+
+
+class BluezError(Exception):
+    def __init__(self, name: str, text: str) -> None:
+        super().__init__(f"{name}: {text}")
+        self.name, self.text = name, text
+
+
+class Recorder:
+    def __init__(self, privacy: str) -> None:
+        self.privacy = privacy
+        self.observations: list[dict[str, Any]] = []
+
+    async def run(self, kind: str, op: str, fn: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        t0 = time.time()
+        try:
+            details = await asyncio.wait_for(fn(), 60)
+            error = None
+        except BluezError as e:
+            details, error = {}, e.name + ": " + e.text
+        except Exception as e:  # recorded, the host test says what failed
+            details, error = {"traceback": traceback.format_exc()[-1500:]}, f"{type(e).__name__}: {e}"
+        self.observations.append({"kind": kind, "privacy": self.privacy, "op": op, "t0": t0, "t1": time.time(),
+                                  "error": error, **details})
+        print(f"{time.time():.1f} {kind} {op} error={error}", flush=True)
+
+
+async def raw_checks(st: Stack, rec: Recorder, kind: str) -> None:
+    """What BlueZ does with plain registrations: the table's rows."""
+    adv, rx = PAIRS[kind]
+
+    async def caps() -> dict[str, Any]:
+        out = {}
+        for name in ("SupportedInstances", "SupportedSecondaryChannels", "SupportedIncludes", "SupportedFeatures"):
+            try:
+                out[name] = await st.prop(adv, defs.ADVERTISING_MANAGER, name)
+            except BluezError as e:
+                out[name] = e.name
+        try:
+            cap = await st.prop(adv, defs.ADVERTISING_MANAGER, "SupportedCapabilities")
+            out["SupportedCapabilities"] = {k: v.value for k, v in cap.items()}
+        except BluezError as e:
+            out["SupportedCapabilities"] = e.name
+        return {"caps": out}
+
+    async def register_once(props: dict[str, Variant], hold_s: float = 0.8) -> dict[str, Any]:
+        path = await st.register(adv, props)
+        await asyncio.sleep(hold_s)
+        active = await st.active(adv)
+        await st.unregister(adv, path)
+        return {"active": active}
+
+    await rec.run(kind, "caps", caps)
+    await st.discovery(rx, True)  # the listener hears the plain frame (btvirt: one report per enable)
+    await rec.run(kind, "register", lambda: register_once(broadcast_properties(EN, en_data(1))))
+    await st.discovery(rx, False)  # btvirt's listener dies on some long reports: the rest is read off the sender
+    await rec.run(kind, "register-discoverable",
+                  lambda: register_once(broadcast_properties(EN, en_data(2), discoverable=True)))
+    await rec.run(kind, "register-peripheral-discoverable",
+                  lambda: register_once(broadcast_properties(EN, en_data(3), discoverable=True, kind="peripheral")))
+    await rec.run(kind, "interval-200-270",
+                  lambda: register_once(broadcast_properties(EN, en_data(4), interval_ms=(200, 270))))
+    for n in (21, 22, 23, 24):
+        await rec.run(kind, f"service-data-{n}",
+                      lambda n=n: register_once(broadcast_properties(EN, bytes([n]) * n), 0.3))
+
+    async def instances() -> dict[str, Any]:
+        paths, errors = [], []
+        for i in range(7):
+            try:
+                paths.append(await st.register(adv, broadcast_properties(EN, en_data(10 + i))))
+            except BluezError as e:
+                errors.append({"n": i + 1, "error": f"{e.name}: {e.text}"})
+                break
+        await asyncio.sleep(2.5)  # the kernel cycles instances (2 s each)
+        active = await st.active(adv)
+        for p in paths:
+            await st.unregister(adv, p)
+        return {"registered": len(paths), "active": active, "errors": errors}
+
+    await rec.run(kind, "instances", instances)
+
+    async def rotate_while_scanning(discoverable: bool) -> dict[str, Any]:
+        await st.discovery(adv, True)
+        steps = []
+        path = None
+        try:
+            for i in range(3):
+                t = time.time()
+                try:
+                    if path:
+                        await st.unregister(adv, path)
+                        path = None
+                    path = await st.register(adv, broadcast_properties(EN, en_data(20 + i), discoverable=discoverable))
+                    steps.append({"t": t, "payload": 20 + i, "error": None})
+                except BluezError as e:
+                    steps.append({"t": t, "payload": 20 + i, "error": f"{e.name}: {e.text}"})
+                await asyncio.sleep(0.8)
+            active = await st.active(adv)
+        finally:
+            if path:
+                await st.unregister(adv, path)
+            await st.discovery(adv, False)
+        return {"steps": steps, "active": active}
+
+    await st.discovery(rx, True)
+    await rec.run(kind, "rotate-while-scanning", lambda: rotate_while_scanning(False))
+
+    async def update(scanning: bool) -> dict[str, Any]:
+        path = await st.register(adv, broadcast_properties(EN, en_data(30)))
+        if scanning:
+            await st.discovery(adv, True)
+        try:
+            await asyncio.sleep(0.8)
+            steps = []
+            for i in (31, 32):
+                steps.append({"t": time.time(), "payload": i})
+                st.update(path, en_data(i))
+                await asyncio.sleep(0.8)
+            active = await st.active(adv)
+        finally:
+            if scanning:
+                await st.discovery(adv, False)
+            await st.unregister(adv, path)
+        return {"steps": steps, "active": active}
+
+    await rec.run(kind, "update", lambda: update(False))
+    await rec.run(kind, "update-while-scanning", lambda: update(True))
+    await st.discovery(rx, False)
+
+
+async def find_pairs(st: Stack) -> dict[str, tuple[str, str]]:
+    """Adapters by kind: extended advertising iff BlueZ offers secondary channels."""
+    (objects,) = await st.call("/", defs.OBJECT_MANAGER, "GetManagedObjects")
+    kinds: dict[str, list[str]] = {"legacy": [], "extended": []}
+    for path in sorted(objects):
+        mgr = objects[path].get(defs.ADVERTISING_MANAGER)
+        if mgr is not None:
+            channels = mgr.get("SupportedSecondaryChannels")
+            kinds["extended" if channels is not None and channels.value else "legacy"].append(path.rsplit("/", 1)[1])
+    return {k: (v[0], v[1]) for k, v in kinds.items() if len(v) >= 2}
+
+
+async def main(privacy: str, out: Path) -> None:
+    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+    st = Stack(bus)
+    PAIRS.update(await find_pairs(st))
+    print("pairs", PAIRS, flush=True)
+    rec = Recorder(privacy)
+    t0 = time.time()
+    for kind in PAIRS:
+        await raw_checks(st, rec, kind)
+    (out / f"observations-{privacy}.json").write_text(json.dumps(
+        {"privacy": privacy, "pairs": PAIRS, "seconds": time.time() - t0, "observations": rec.observations},
+        indent=1))
+    bus.disconnect()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--privacy", required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    asyncio.run(main(a.privacy, a.out))
