@@ -15,8 +15,10 @@ def open_radio(request: RadioRequest) -> Radio:
         from .gatt import GattStatusService
 
         status = GattStatusService(request.adapter)
-    return Radio(BluezAdvertiser(request.adapter, clock=request.clock, service_uuid16=request.service_uuid16),
-                 BluezScanner(request.adapter, clock=request.clock, service_uuid16=request.service_uuid16), status)
+    scanner = BluezScanner(request.adapter, clock=request.clock, service_uuid16=request.service_uuid16)
+    advertiser = BluezAdvertiser(request.adapter, clock=request.clock, service_uuid16=request.service_uuid16,
+                                 pause_scanning=scanner.quiet)
+    return Radio(advertiser, scanner, status)
 
 
 __all__ = ["BluezAdvertiser", "BluezScanner", "open_radio"]

@@ -6,6 +6,7 @@ when it stops delivering."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -37,6 +38,8 @@ class BluezScanner(Scanner):
         self._recent: list[float] = []
         self._paused = False
         self.restarts = 0
+        #: seconds without scanning for each quiet() (a legacy controller's address change)
+        self.quiet_gaps: list[float] = []
 
     def health(self) -> RadioHealth:
         now = self.clock.now()
@@ -86,6 +89,28 @@ class BluezScanner(Scanner):
         if self._paused:
             await self._start()
             self._paused = False
+
+    @contextlib.asynccontextmanager
+    async def quiet(self) -> AsyncIterator[None]:
+        """No scanning inside the block: a legacy (Bluetooth 4.x) controller refuses a new
+        random address while it scans, so the advertiser re-registers in here. The gap is
+        measured (``quiet_gaps``). A scan another program holds on the adapter stays on."""
+        if self._paused or self._stopped or self._scanner is None:
+            yield
+            return
+        self._paused = True  # the stall watcher leaves us alone meanwhile
+        t0 = self.clock.now()
+        await self._stop_bleak()
+        try:
+            yield
+        finally:
+            try:
+                await self._start()
+            except Exception as e:  # the stall watcher tries again
+                self._health.error(type(e).__name__)
+                log.warning("scanning did not restart after an address change: %s", type(e).__name__)
+            self._paused = False
+            self.quiet_gaps = (self.quiet_gaps + [self.clock.now() - t0])[-100:]
 
     async def _watch(self) -> None:
         """Scans can stop silently: restart with back-off when nothing arrives for stall_s."""
