@@ -104,11 +104,18 @@ class BluezScanner(Scanner):
         try:
             yield
         finally:
-            try:
-                await self._start()
-            except Exception as e:  # the stall watcher tries again
-                self._health.error(type(e).__name__)
-                log.warning("scanning did not restart after an address change: %s", type(e).__name__)
+            delay = 0.05
+            for attempt in range(6):  # bluetoothd answers InProgress while the stop completes
+                try:
+                    await self._start()
+                    break
+                except Exception as e:  # after the last try, the stall watcher tries again
+                    if attempt == 5:
+                        self._health.error(type(e).__name__)
+                        log.warning("scanning did not restart after an address change: %s", type(e).__name__)
+                    else:
+                        await self.clock.sleep(delay)
+                        delay *= 2
             self._paused = False
             self.quiet_gaps = (self.quiet_gaps + [self.clock.now() - t0])[-100:]
 
