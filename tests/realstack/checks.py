@@ -290,6 +290,25 @@ async def agent_checks(rec: Recorder, kind: str, main_conf: Path) -> None:
 
     await rec.run(kind, "doctor", run_doctor)
 
+    async def gatt_beside_en() -> dict[str, Any]:
+        """bless's status service (its own connectable advertisement) next to our broadcast."""
+        from agent.ble.bluez import BluezAdvertiser
+        from agent.ble.bluez.gatt import GattStatusService
+
+        en = BluezAdvertiser(adv, clock=RealClock(), service_uuid16=EN_SERVICE_UUID16)
+        svc = GattStatusService(adv)
+        try:
+            await en.start(en_data(60), "")
+            await svc.start()
+            await asyncio.sleep(2.5)  # a legacy controller cycles its instances every 2 s
+            st = Stack(en.bus)  # type: ignore[arg-type]
+            return {"active": await st.active(adv), "en_advertising": en.health().advertising}
+        finally:
+            await svc.stop()
+            await en.stop()
+
+    await rec.run(kind, "gatt-beside-en", gatt_beside_en)
+
 
 async def too_long(rec: Recorder) -> None:
     """Over-long service data is refused before BlueZ sees it, without retries."""

@@ -315,3 +315,19 @@ def test_fake_bluetoothd_answers_as_the_real_one(stack: dict[str, Run], privacy:
     real_answers, fake_answers = _answers(run, run.observations, True), _answers(run, fake, False)
     real_answers = {k: v for k, v in real_answers.items() if k in fake_answers}
     assert fake_answers == real_answers
+
+
+@both
+def test_gatt_status_service_beside_the_broadcast(stack: dict[str, Run], kind: str, privacy: str) -> None:
+    """bless registers a connectable advertisement of its own: both go on air (a legacy
+    controller time-shares them, each instance with its own address)."""
+    run = stack[privacy]
+    o = run.op(kind, "gatt-beside-en")
+    assert o["error"] is None and o["active"] == 2 and o["en_advertising"], o
+    air = run.on_air(kind, "gatt-beside-en")
+    pdus = {a.pdu for a in air}
+    assert pdus == {"ADV_NONCONN_IND", "ADV_IND"}
+    en = {a.address for a in air if a.pdu == "ADV_NONCONN_IND"}
+    gatt = {a.address for a in air if a.pdu == "ADV_IND"}
+    if not (kind == "legacy" and privacy == "device"):
+        assert not en & gatt  # the status service does not link the broadcast's address

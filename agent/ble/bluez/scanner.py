@@ -112,7 +112,8 @@ class BluezScanner(Scanner):
                 except Exception as e:  # after the last try, the stall watcher tries again
                     if attempt == 5:
                         self._health.error(type(e).__name__)
-                        log.warning("scanning did not restart after an address change: %s", type(e).__name__)
+                        log.warning("scanning did not restart after an address change: %s: %s", type(e).__name__,
+                                    str(e)[:120])
                     else:
                         await self.clock.sleep(delay)
                         delay *= 2
