@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -30,9 +31,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def friendly_errors(fn: F) -> F:
+    """A :class:`UserError` is one sentence (exit 1), anything else a bug (exit 2); with
+    ``--json`` the error is a JSON object on stdout instead: ``{"error": {"kind": "user" |
+    "bug", "message": ...}}``, so that a script reads one document whatever happens."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(click.get_current_context().find_root().params.get("debug"))
+        as_json = bool(kwargs.get("as_json"))
         try:
             return fn(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
@@ -43,17 +48,35 @@ def friendly_errors(fn: F) -> F:
         except UserError as e:
             if debug:
                 raise
+            if as_json:
+                _echo_json({"error": {"kind": "user", "message": str(e)}})
+                sys.exit(1)
             raise click.ClickException(str(e)) from None
         except Exception as e:  # anything else is a bug: say so, briefly
             if debug:
                 raise
-            click.echo(f"Error: internal error ({type(e).__name__}: {e}); this is a bug in ctagent. "
-                       "Run with --debug for the traceback.", err=True)
+            message = f"internal error ({type(e).__name__}: {e}); this is a bug in ctagent"
+            if as_json:
+                _echo_json({"error": {"kind": "bug", "message": message}})
+            else:
+                click.echo(f"Error: {message}. Run with --debug for the traceback.", err=True)
             sys.exit(EXIT_BUG)
     return wrapper  # type: ignore[return-value]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class CtagentGroup(click.Group):
+    """``--debug`` anywhere on the line (``ctagent status --debug`` as ``ctagent --debug
+    status``), but not after ``--``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--debug" in args:
+            end = args.index("--") if "--" in args else len(args)
+            if "--debug" in args[:end]:
+                args = ["--debug", *(a for i, a in enumerate(args) if not (a == "--debug" and i < end))]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=CtagentGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ctagent")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_CONFIG,
@@ -85,8 +108,38 @@ def _now() -> float:
     return RealClock().now()
 
 
+#: keys whose numbers are times (Unix seconds inside): printed as ISO 8601 UTC
+TIME_KEYS = frozenset({"now", "at", "since", "last_sync", "last_rotation", "start", "end", "first_seen",
+                       "last_seen"})
+
+
+def json_ready(value: Any, key: str = "") -> Any:
+    """One JSON style for every command: times as ISO 8601 UTC strings (``TIME_KEYS`` and
+    keys ending in ``_at``), NaN and infinities as null (valid JSON)."""
+    from agent.clock import iso_time
+
+    if isinstance(value, dict):
+        return {k: json_ready(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v, key) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if (isinstance(value, int | float) and not isinstance(value, bool)
+            and (key in TIME_KEYS or key.endswith("_at"))):
+        return iso_time(value)
+    return value
+
+
 def _echo_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=1, default=str))
+    click.echo(json.dumps(json_ready(obj), indent=1, default=str, allow_nan=False))
+
+
+def _say(data: dict[str, Any], sentence: str, as_json: bool) -> None:
+    """A command's outcome: ``data`` as JSON with --json, else the sentence."""
+    if as_json:
+        _echo_json(data)
+    else:
+        click.echo(sentence)
 
 
 def _progress(*columns: Any, disable: bool = False) -> Any:
@@ -132,9 +185,11 @@ def _ask_passphrase(confirm: bool = False) -> str:
               help="Any other setting (repeat), e.g. --set sync.interval_s=600; VALUE is TOML, else a string.")
 @click.option("--force", is_flag=True, help="Rewrite an existing configuration; its other settings are kept.")
 @click.option("--device-model", default=None, help="This device's model [default: kept, else as the machine says].")
+@click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def init(data_dir: Path | None, key: str | None, radio: str | None, protocol: str | None, backend_url: str | None,
-         trust_key: str | None, assignments: tuple[str, ...], force: bool, device_model: str | None) -> None:
+         trust_key: str | None, assignments: tuple[str, ...], force: bool, device_model: str | None,
+         as_json: bool) -> None:
     """Write a commented configuration and create the encrypted store (or nothing, on error)."""
     from agent.app import calibration, calibration_warning, fetch_backend_key, init_device
     from agent.protocol.export import key_fingerprint
@@ -161,7 +216,8 @@ def init(data_dir: Path | None, key: str | None, radio: str | None, protocol: st
                                     "written (check the backend's `ctagent backend public-key`)")
             else:
                 click.echo(f"{backend_url} signs its export files with the key\n  {key_b64}\n  fingerprint "
-                           f"{fingerprint}\nCompare it with what the backend prints (`ctagent backend public-key`).")
+                           f"{fingerprint}\nCompare it with what the backend prints (`ctagent backend public-key`).",
+                           err=as_json)
                 if not sys.stdin.isatty():
                     raise UserError("not trusted: nothing written (pass --trust-key FINGERPRINT in scripts)")
                 click.confirm("trust this key?", abort=True)
@@ -170,12 +226,18 @@ def init(data_dir: Path | None, key: str | None, radio: str | None, protocol: st
     cfg = init_device(path, data_dir=data_dir, key=key, radio=radio, force=force, device_model=device_model,
                       settings=settings, prompt=prompt)
     cal = calibration(cfg)
+    warning = calibration_warning(cfg)
+    if as_json:
+        _echo_json({"configuration": str(path), "store": str(cfg.db_path), "master_key": cfg.agent.key,
+                    "device_model": cfg.agent.device_model, "calibration_confidence": cal.confidence,
+                    "calibration_warning": warning, "backend_url": cfg.sync.backend_url or None,
+                    "trusted_keys": len(cfg.sync.trusted_keys)})
+        return
     click.echo(f"configuration: {path}\nstore: {cfg.db_path} (master key: "
                f"{cfg.key_file if cfg.agent.key == 'keyfile' else 'a passphrase'})\n"
                f"device model: {cfg.agent.device_model} (calibration confidence {cal.confidence})")
     if cfg.sync.backend_url:
         click.echo(f"backend: {cfg.sync.backend_url} ({len(cfg.sync.trusted_keys)} trusted key(s))")
-    warning = calibration_warning(cfg)
     if warning:
         click.echo(f"warning: {warning}", err=True)
 
@@ -240,7 +302,8 @@ def rotate_master_key() -> None:
 
 @main.command()
 @click.option("--radio", type=click.Choice(list(RADIO_KINDS)), default=None, help="Override [radio] kind.")
-@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING"]), default="INFO", show_default=True)
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING"], case_sensitive=False), default="INFO",
+              show_default=True)
 @friendly_errors
 def run(radio: str | None, log_level: str) -> None:
     """Run the agent: advertise, scan, store, sync, notify (until SIGTERM). Exits 3 when
@@ -267,6 +330,9 @@ def status(as_json: bool) -> None:
     cal = calibration(cfg)
     out["calibration"] = {"model": cal.model, "confidence": cal.confidence, "rssi_correction": cal.rssi_correction,
                           "tx_power": cal.tx_power, "warning": calibration_warning(cfg)}
+    from agent.timesync import probe
+
+    out["clock"] = probe(_now()).to_json()
     if as_json:
         _echo_json(out)
         return
@@ -277,14 +343,24 @@ def _render_status(out: dict[str, Any]) -> None:
     from agent.reports import ago
 
     exposure = "EXPOSED on " + ", ".join(out["exposed_days"]) if out["exposed_days"] else "no exposure found"
+    from agent.clock import iso_time
+
+    last = f"{ago(_now() - out['last_sync'])}" if out["last_sync"] else "never"
     click.echo(f"store        {out['store']}\nprotocol     {out['protocol']}\n"
-               f"encounters   {out['encounters']} over {out['days_stored']} day(s)\n"
+               f"heard        {out['identifiers_heard']} identifier(s) over {out['days_stored']} day(s)\n"
                + (f"own keys     {out['own_keys']}\n" if "own_keys" in out else "")
-               + f"last sync    {ago(_now() - out['last_sync']) if out['last_sync'] else 'never'}\n"
+               + (f"registered   {'yes' if out['registered'] else 'NO'}"
+                  + (f" (left the server {iso_time(out['left_at'])}: `ctagent register` joins again)"
+                     if out.get("left_at") else "" if out["registered"] else ": `ctagent register`") + "\n"
+                  if "registered" in out else "")
+               + f"last {out['server_call']:<8}{last}\n"
                f"exposure     {exposure}")
     cal = out["calibration"]
     click.echo(f"calibration  {cal['model']} (confidence {cal['confidence']})" if not cal["warning"] else
                f"calibration  default calibration: {cal['warning']}")
+    from agent.timesync import ClockState
+
+    click.echo(f"clock        {ClockState.from_json(out['clock']).describe()}")
     d = out["daemon"]
     f = d["figures"]
     if d["running"]:
@@ -293,6 +369,8 @@ def _render_status(out: dict[str, Any]) -> None:
         r = d["radio"]
         click.echo(f"radio        advertising {'yes' if r['advertising'] else 'NO'}, scanning "
                    f"{'yes' if r['scanning'] else 'NO'}, {r['samples_last_minute']} sample(s) in the last minute")
+        if f.get("clock_problem"):
+            click.echo(f"clock        the daemon says: {f['clock_problem']}")
         for task, info in sorted((f.get("failing") or {}).items()):
             click.echo(f"failing      {task}: {info['error']} ({info['failures']} failure(s), since "
                        f"{ago(f['now'] - info['since'])} before these figures)")
@@ -307,8 +385,9 @@ def _render_status(out: dict[str, Any]) -> None:
 
 @main.command()
 @click.option("--timeout", "timeout_s", default=30.0, show_default=True, help="Seconds to wait for it to stop.")
+@click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def stop(timeout_s: float) -> None:
+def stop(timeout_s: float, as_json: bool) -> None:
     """Stop the running daemon (SIGTERM: it flushes and closes its store)."""
     import os
     import signal
@@ -322,13 +401,13 @@ def stop(timeout_s: float) -> None:
         if d["store_in_use_by"]:
             raise UserError(f"the store is in use by a ctagent command (pid {d['store_in_use_by']}), not by the "
                             "daemon; let it finish")
-        click.echo("the daemon is not running")
+        _say({"stopped": None, "was_running": False}, "the daemon is not running", as_json)
         return
     pid = d["pid"]
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
-        click.echo("the daemon is not running")
+        _say({"stopped": None, "was_running": False}, "the daemon is not running", as_json)
         return
     except PermissionError:
         raise UserError(f"not allowed to stop pid {pid}: run as its user (or `systemctl stop ctagent`)") from None
@@ -337,7 +416,7 @@ def stop(timeout_s: float) -> None:
         if time.monotonic() > deadline:
             raise UserError(f"the daemon (pid {pid}) did not stop within {timeout_s:g} s")
         time.sleep(0.1)
-    click.echo(f"stopped (pid {pid})")
+    _say({"stopped": pid, "was_running": True}, f"stopped (pid {pid})", as_json)
 
 
 @main.command()
@@ -345,26 +424,28 @@ def stop(timeout_s: float) -> None:
 @friendly_errors
 def encounters(as_json: bool) -> None:
     """Per-day summary of what was heard (nothing identifying)."""
-    from agent.app import open_store
-    from agent.reports import encounter_summary
+    from agent.app import open_mode, open_store
 
-    with open_store(_cfg(), read_only=True) as store:
-        rows = encounter_summary(store)
+    cfg = _cfg()
+    with open_store(cfg, read_only=True) as store:
+        rows = open_mode(cfg, store).heard_by_day()
     if as_json:
         _echo_json([r.to_json() for r in rows])
         return
-    _table("Encounters per day", ["date", "identifiers heard", "samples", "minutes observed"],
-           [[r.to_json()["date"], r.encounters, r.samples, r.windows] for r in rows])
+    _table("Heard per day (a peer counts once per identifier it had; identifiers rotate every 10-20 min)",
+           ["date", "identifiers", "samples", "identifier-minutes"],
+           [[r.to_json()["date"], r.identifiers, r.samples, r.identifier_minutes] for r in rows])
 
 
 @main.command()
-@click.option("--explain", is_flag=True, help="Windows, distances and minutes behind each decision.")
+@click.option("--explain", is_flag=True, help="Windows, distances and minutes behind each decision (with the hmm "
+              "rule: each minute's posterior P(near) and the evidence behind it).")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def exposures(explain: bool, as_json: bool) -> None:
     """Exposures found."""
     from agent.app import open_store
-    from agent.clock import iso_date
+    from agent.clock import iso_date, iso_time
 
     with open_store(_cfg(), read_only=True) as store:
         found = store.exposures.all()
@@ -384,8 +465,19 @@ def exposures(explain: bool, as_json: bool) -> None:
                 risk = "" if e.risk is None else f" (risk score {e.risk})"
                 click.echo(f"  decided by the {e.protocol} server{risk}; the device keeps no per-window detail")
             for w in e.windows:
-                click.echo(f"  window {w.start:.0f}: attenuation {w.attenuation_db} dB, ~{w.distance_m} m, "
-                           f"counted {w.minutes} min{' (gap filled)' if w.filled else ''}")
+                click.echo(f"  window {iso_time(w.start)}: attenuation {w.attenuation_db} dB, ~{w.distance_m} m, "
+                           + (_hmm_evidence(w) if w.posterior_near is not None else "")
+                           + f"counted {w.minutes} min{' (gap filled)' if w.filled else ''}")
+
+
+def _hmm_evidence(w: Any) -> str:
+    """What the hmm rule saw in a window and the posterior it gave it."""
+    seen = []
+    if w.stronger is not None:
+        seen.append(f"{w.stronger} of {w.heard} heard stronger")
+    if w.relative_db is not None:
+        seen.append(f"{w.relative_db:+.1f} dB vs recent median")
+    return f"P(near) {w.posterior_near:.2f}" + (f" ({', '.join(seen)})" if seen else "") + ", "
 
 
 @main.command()
@@ -403,9 +495,12 @@ def sync(as_json: bool) -> None:
             raise UserError(f"no backend configured: set [sync] backend_url in {cfg.source}")
         task = bar.add_task("calling the server", total=None)
         res = mode.check(_now(), progress=lambda done, total: bar.update(task, completed=done, total=total))
-    if as_json:
-        _echo_json({"offline": res.offline, "exposed": res.exposed, **res.details})
-    elif not res.offline:
+    if as_json:  # one document: the problem, if any, is in it
+        _echo_json({"offline": res.offline, "exposed": res.exposed, **res.details, "problem": res.problem})
+        if res.problem:
+            sys.exit(1)
+        return
+    if not res.offline:
         click.echo(res.message)
     if res.problem:  # a sync that did not do its whole job is not a success
         raise UserError(res.problem)
@@ -414,8 +509,9 @@ def sync(as_json: bool) -> None:
 @main.command()
 @click.option("--code", required=True, help="The verification code from the health authority.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def declare(code: str, yes: bool) -> None:
+def declare(code: str, yes: bool, as_json: bool) -> None:
     """You tested positive: upload what your protocol uploads (GAEN: your keys of the
     last 14 days; ROBERT: the HELLOs your device heard)."""
     from agent.app import open_mode, open_store
@@ -426,7 +522,12 @@ def declare(code: str, yes: bool) -> None:
         if not yes:
             click.confirm(mode.declare_prompt(_now()), abort=True)
         result = mode.declare(code, _now())
-    click.echo(result.summary)
+    _say({"sent": result.sent, "accepted": result.accepted, "dropped": result.dropped, "summary": result.summary,
+          "problem": result.problem}, result.summary, as_json)
+    if result.problem:  # the code is used up, and the declaration achieved nothing: say why, exit 1
+        if as_json:
+            sys.exit(1)
+        raise UserError(result.problem)
 
 
 def _account(store: Any, cfg: Any, command: str) -> Any:
@@ -440,9 +541,26 @@ def _account(store: Any, cfg: Any, command: str) -> Any:
 
 
 @main.command()
-@click.option("--yes", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def unregister(yes: bool) -> None:
+def register(as_json: bool) -> None:
+    """ROBERT mode: register with the server now (`ctagent run` does it too), also after
+    `ctagent unregister`."""
+    from agent.app import open_store
+
+    cfg = _cfg()
+    with open_store(cfg) as store:
+        account = _account(store, cfg, "register")
+        account.register()
+    _say({"registered": True}, "registered with the ROBERT server; `ctagent run` advertises its identifiers",
+         as_json)
+
+
+@main.command()
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def unregister(yes: bool, as_json: bool) -> None:
     """ROBERT mode: leave the server (it forgets this device and its exposures)."""
     from agent.app import open_store
 
@@ -452,19 +570,26 @@ def unregister(yes: bool) -> None:
         if not yes:
             click.confirm("Unregister this device from the server?", abort=True)
         account.unregister(_now())
-    click.echo("unregistered")
+    _say({"unregistered": True}, "unregistered: the server forgot this device; the daemon no longer advertises "
+         "or registers by itself (`ctagent register` joins again)", as_json)
 
 
 @main.command("delete-history")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def delete_history() -> None:
+def delete_history(yes: bool, as_json: bool) -> None:
     """ROBERT mode: ask the server to delete this device's exposure history."""
     from agent.app import open_store
 
     cfg = _cfg()
     with open_store(cfg, read_only=True) as store:
-        _account(store, cfg, "delete-history").delete_history(_now())
-    click.echo("exposure history deleted on the server")
+        account = _account(store, cfg, "delete-history")
+        if not yes:
+            click.confirm("Ask the server to delete this device's exposure history (what it knows of the "
+                          "people you met)? It cannot be undone.", abort=True)
+        account.delete_history(_now())
+    _say({"deleted": True}, "exposure history deleted on the server", as_json)
 
 
 @main.command("export")
@@ -494,8 +619,9 @@ def export_cmd(consent: bool, fmt: str, output: Path | None) -> None:
 
 @main.command()
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def purge(yes: bool) -> None:
+def purge(yes: bool, as_json: bool) -> None:
     """Erase the store: keys, encounters, exposures (cannot be undone)."""
     from agent.files import erase_file
     from agent.store import purge as purge_store
@@ -506,20 +632,53 @@ def purge(yes: bool) -> None:
     removed = purge_store(cfg.db_path)
     if erase_file(cfg.data_dir / "status.json"):
         removed.append(cfg.data_dir / "status.json")
-    click.echo(f"erased {len(removed)} file(s)")
+    _say({"erased": [str(p) for p in removed]}, f"erased {len(removed)} file(s)", as_json)
 
 
 @main.command()
-@click.option("--adapter", default="hci0", show_default=True)
+@click.option("--adapter", default="hci0", show_default=True, help="The BlueZ adapter (--radio bluez).")
+@click.option("--radio", type=click.Choice(["bluez", "bumble"]), default=None,
+              help="[default: bumble when the configuration says so, else bluez]")
+@click.option("--transport", default=None, help="The controller's bumble transport (--radio bumble) "
+              "[default: the configuration's bumble_transport].")
+@click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def doctor(adapter: str) -> None:
-    """Check Bluetooth hardware, BlueZ and permissions; say what to fix."""
-    from agent.ble.bluez.doctor import doctor as check
+def doctor(adapter: str, radio: str | None, transport: str | None, as_json: bool) -> None:
+    """Check the clock, Bluetooth hardware, BlueZ (or a bumble controller) and permissions; say what to fix."""
+    from agent.ble.base import Check
+    from agent.errors import ConfigError, UserError
+    from agent.timesync import doctor_check, probe
 
-    ok, checks = check(adapter)
-    for c in checks:
-        click.echo(f"[{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}")
-    if not ok:
+    try:
+        cfg = _cfg()
+    except UserError:
+        cfg = None  # doctor also runs before `ctagent init`
+    radio = radio or ("bumble" if cfg is not None and cfg.radio.kind == "bumble" else "bluez")
+    if radio == "bumble":
+        from agent.ble.bumble import transport_problem
+        from agent.extras import require
+
+        transport = transport or (cfg.radio.bumble_transport if cfg is not None else "")
+        if not transport:
+            raise ConfigError("name the controller: ctagent doctor --radio bumble --transport usb:0")
+        if problem := transport_problem(transport):
+            raise ConfigError(f"--transport {problem}")
+        require("bumble", what="the bumble radio")
+        from agent.ble.bumble.doctor import doctor as check_radio
+
+        radio_ok, radio_checks = check_radio(transport)
+    else:
+        from agent.ble.bluez.doctor import doctor as check_bluez
+
+        radio_ok, radio_checks = check_bluez(adapter)
+    clock_ok, clock_detail = doctor_check(probe(_now()))
+    checks = [Check("clock", clock_ok, clock_detail), *radio_checks]
+    if as_json:
+        _echo_json({"ok": clock_ok and radio_ok, "checks": [c._asdict() for c in checks]})
+    else:
+        for c in checks:
+            click.echo(f"[{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}")
+    if not (clock_ok and radio_ok):
         sys.exit(1)
 
 
@@ -536,10 +695,13 @@ def doctor(adapter: str) -> None:
 @friendly_errors
 def demo(scenario: str, devices: int, days: int, seed: int, protocol: str, out_dir: Path, as_json: bool) -> None:
     """A simulated field experiment end to end, no Bluetooth needed."""
+    from agent.extras import require
+
+    require("backend", "plots", what="`ctagent demo`", install="demo")
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from agent.demo import result_json, run_demo
+    from agent.demo import run_demo
 
     console = Console(stderr=as_json, width=max(Console().width, 120))
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
@@ -554,7 +716,7 @@ def demo(scenario: str, devices: int, days: int, seed: int, protocol: str, out_d
         res = run_demo(devices=devices, days=days, seed=seed, scenario=scenario, protocol=protocol, out_dir=out_dir,
                        log=(lambda m: None) if as_json else console.print, progress=progress)
     if as_json:
-        click.echo(result_json(res))
+        _echo_json(res.to_json())
         return
     _render_demo(res, console)
 
@@ -611,7 +773,8 @@ def calibration_list(search: str, as_json: bool) -> None:
 @main.command("eval")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="CSV: pair,timestamp,rssi,tx_power[,receiver_model,transmitter_model]")
-@click.option("--rule", type=click.Choice(["distance", "buckets"]), default="distance", show_default=True)
+@click.option("--rule", type=click.Choice(["distance", "buckets", "hmm"]), default="distance", show_default=True,
+              help="hmm: without a minute context in the file, on attenuation and each pair's own recent median.")
 @click.option("--distance-threshold", type=float, default=1.0, show_default=True, help="metres")
 @click.option("--duration-threshold", type=float, default=15.0, show_default=True, help="minutes")
 @click.option("--calibration", "calibration_files", multiple=True, type=click.Path(exists=True, path_type=Path),
@@ -633,9 +796,8 @@ def eval_cmd(input_path: Path, rule: str, distance_threshold: float, duration_th
         raise UserError(f"cannot read {input_path}: {e.strerror}") from None
     results = evaluate(read_sightings_csv(text, source=str(input_path)), cfg, cal)
     if as_json:
-        click.echo(json.dumps({"rule": rule, "distance_threshold_m": distance_threshold,
-                               "duration_threshold_min": duration_threshold,
-                               "pairs": [r.to_dict() for r in results]}, indent=1))
+        _echo_json({"rule": rule, "distance_threshold_m": distance_threshold,
+                    "duration_threshold_min": duration_threshold, "pairs": [r.to_dict() for r in results]})
         return
     from rich.console import Console
     from rich.table import Table
@@ -649,6 +811,138 @@ def eval_cmd(input_path: Path, rule: str, distance_threshold: float, duration_th
                   f"{r.close_minutes_estimated:.1f}", str(r.minutes_observed), str(r.samples),
                   {0: "default", 1: "low", 2: "medium", 3: "high"}.get(r.receiver_confidence, "?"))
     Console(width=max(100, Console().width)).print(t)
+
+
+@main.group()
+def experiment() -> None:
+    """Field experiments: join, mark, collect (on a device); analyze, import, export."""
+
+
+@experiment.command("join")
+@click.argument("experiment_id")
+@click.option("--label", "device_label", required=True, help="This device's name in the experiment.")
+@click.option("--consent", is_flag=True, help="The carrier consents to research recording (its time is recorded).")
+@click.option("--carriage", default="", help="How the device is carried (hand, pocket, bag, ...), if fixed.")
+@click.option("--retention-days", type=click.IntRange(1, 3650), default=None, help="Days research data is kept.")
+@friendly_errors
+def experiment_join(experiment_id: str, device_label: str, consent: bool, carriage: str,
+                    retention_days: int | None) -> None:
+    """Turn research recording on for an experiment (takes effect at the next `ctagent run`)."""
+    from agent.app import init_device
+    from agent.experiment.collect import utc_iso
+
+    if not consent:
+        raise UserError("research recording needs the carrier's consent: add --consent once they have given it")
+    settings: dict[str, Any] = {"id": experiment_id, "device_label": device_label, "consent_at": utc_iso(_now()),
+                                "carriage": carriage}
+    if retention_days is not None:
+        settings["retention_days"] = retention_days
+    _cfg()  # a configuration must exist (and be valid) first
+    cfg = init_device(_config_path(), data_dir=None, key=None, radio=None, force=True,
+                      settings={"experiment": settings})
+    click.echo(f"experiment {cfg.experiment.id}: this device records as {cfg.experiment.device_label} "
+               f"(consent {cfg.experiment.consent_at}); restart `ctagent run` for it to take effect")
+
+
+@experiment.command("mark")
+@click.argument("marker")
+@friendly_errors
+def experiment_mark(marker: str) -> None:
+    """Log a sync marker (a clap, a button press) at this device's time now."""
+    from agent.experiment.collect import add_marker
+
+    cfg = _cfg()
+    t = _now()
+    add_marker(cfg.data_dir, t, marker)
+    click.echo(f"marker {marker!r} at {t:.3f}")
+
+
+@experiment.command("collect")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="A new folder for this device's research bundle.")
+@click.option("--consent", is_flag=True, help="The carrier consents to handing over its keys and research log.")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def experiment_collect(out_dir: Path, consent: bool, as_json: bool) -> None:
+    """This device's research bundle: own keys (TEKs / EBIDs) and research log, as Parquet."""
+    from agent.experiment.collect import collect_device
+
+    if not consent:
+        raise UserError("a research bundle holds this device's keys: add --consent once the carrier agreed")
+    m = collect_device(_cfg(), out_dir, _now())
+    if as_json:
+        _echo_json({"bundle": str(out_dir), **m.to_json()})
+        return
+    rows = m.tables["sightings.parquet"]["rows"]
+    click.echo(f"{out_dir}: {rows:,} sightings, {m.tables['own_ids.parquet']['rows']} own identifier(s), "
+               f"experiment {m.experiment_id}, device {m.device_label}")
+
+
+@experiment.command("analyze")
+@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--truth", "truth_paths", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Ground truth CSV (pair intervals, position traces or sync markers); repeat. Also read: "
+                   "BUNDLE_DIR/truth/*.csv.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The report folder [default: BUNDLE_DIR/report].")
+@click.option("--crowd-rank", type=click.IntRange(1, 100), default=4, show_default=True,
+              help="The crowd-context rule counts a minute only for the N strongest transmitters heard.")
+@click.option("--memory-limit", default="3GB", show_default=True, help="The analysis engine's memory limit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary's metrics as JSON.")
+@friendly_errors
+def experiment_analyze(bundle_dir: Path, truth_paths: tuple[Path, ...], out_dir: Path | None, crowd_rank: int,
+                       memory_limit: str, as_json: bool) -> None:
+    """Analyse an experiment folder (or one bundle): report folder with HTML and JSON."""
+    from agent.experiment.analyze import analyze
+    from agent.experiment.report import write_report
+
+    a = analyze(bundle_dir, list(truth_paths), crowd_rank=crowd_rank, memory_limit=memory_limit)
+    out = out_dir or bundle_dir / "report"
+    index = write_report(a, out, source=str(bundle_dir), generated_at=_now())
+    if as_json:
+        _echo_json({"report": str(index), "metrics": a.metrics, "devices": len(a.devices)})
+        return
+    click.echo(f"{len(a.devices)} device(s), {sum(d.sightings for d in a.devices):,} sightings; report: {index}")
+    for name, mt in a.metrics.items() if a.has_truth else []:
+        click.echo(f"  {name:7s} TP {mt['tp']} FP {mt['fp']} FN {mt['fn']} TN {mt['tn']}  precision "
+                   f"{mt['precision']}  recall {mt['recall']}  F1 {mt['f1']}")
+
+
+@experiment.command("import-dp3t")
+@click.argument("sqlite_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@friendly_errors
+def experiment_import_dp3t(sqlite_file: Path, out_dir: Path) -> None:
+    """A DP-3T bt-measurements `results` table -> an experiment folder (bundles + truth)."""
+    from agent.experiment.interchange import import_dp3t
+
+    n = import_dp3t(sqlite_file, out_dir, now=_now())
+    click.echo(f"{out_dir}: {n:,} sightings imported")
+
+
+@experiment.command("export-dp3t")
+@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--truth", "truth_paths", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@friendly_errors
+def experiment_export_dp3t(bundle_dir: Path, out_file: Path, truth_paths: tuple[Path, ...]) -> None:
+    """An experiment folder -> DP-3T bt-measurements `results` table (SQLite)."""
+    from agent.experiment.interchange import export_dp3t
+
+    n = export_dp3t(bundle_dir, out_file, list(truth_paths))
+    click.echo(f"{out_file}: {n:,} rows")
+
+
+@experiment.command("import-csv")
+@click.argument("csv_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@friendly_errors
+def experiment_import_csv(csv_file: Path, out_dir: Path) -> None:
+    """The plain sightings CSV of `ctagent eval` -> an experiment folder."""
+    from agent.experiment.interchange import import_eval_csv
+
+    n = import_eval_csv(csv_file, out_dir, now=_now())
+    click.echo(f"{out_dir}: {n:,} sightings imported")
 
 
 @main.command("sim-medium")
@@ -702,7 +996,7 @@ def _backend_location(fn: F) -> F:
                           "$XDG_DATA_HOME/ctagent-backend, i.e. ~/.local/share/ctagent-backend].") ,
         click.option("--database", default=None, envvar="CTAGENT_BACKEND_DATABASE", callback=remember,
                      expose_value=False, help="SQLAlchemy URL (default: SQLite in the data folder; "
-                                              "postgresql://... needs the [backend] extra's psycopg)."),
+                                              "postgresql://... needs the [postgresql] extra)."),
         click.option("--region", default=None, callback=remember, expose_value=False,
                      help="The region the export files name [default: XX]."),
     ]
@@ -715,6 +1009,12 @@ def _backend_location(fn: F) -> F:
 @_backend_location
 def backend() -> None:
     """The reference backend: codes, publish, signed exports, physicians' page."""
+    from agent.extras import require
+
+    try:
+        require("backend", what="`ctagent backend`")
+    except UserError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def _backend_config(**settings: Any) -> Any:
@@ -747,11 +1047,18 @@ def _fingerprinted(public_key_b64: str) -> str:
 
 @backend.command("init")
 @_backend_location
+@click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def backend_init() -> None:
+def backend_init(as_json: bool) -> None:
     """Create a backend (keys, database) in the data folder; nothing if one is there."""
+    from agent.protocol.export import key_fingerprint
+
     existed = _backend_config().exists()
     b = _backend(create=True)
+    if as_json:
+        _echo_json({"data_dir": str(b.config.data_dir), "created": not existed, "public_key": b.public_key_b64,
+                    "fingerprint": key_fingerprint(b.public_key_b64)})
+        return
     click.echo(f"{'backend already in' if existed else 'new backend in'} {b.config.data_dir}")
     click.echo("export signing public key (give it to the devices): " + _fingerprinted(b.public_key_b64))
 
@@ -777,10 +1084,15 @@ def backend_init() -> None:
               envvar="CTAGENT_BACKEND_REHEARSAL_EMBARGO",
               help="REHEARSALS ONLY: export a key this many seconds after its upload, even while it is still "
                    "broadcast (default: not before its day ended, as the key server does).")
+@click.option("--trust-verifier", "outside_verifiers", type=(str, str, click.Path(dir_okay=False, exists=True)),
+              multiple=True, metavar="ISSUER AUDIENCE PUBLIC_KEY.pem",
+              help="Also publish keys with the certificates of this outside verification server (e.g. Google's "
+                   "exposure-notifications-verification-server): its issuer (iss), the audience (aud) it writes "
+                   "for this key server, and its ECDSA P-256 public key. Repeat for several.")
 @click.pass_context
 @friendly_errors
 def backend_serve(ctx, host, port, protocol, register_api_key, trusted_proxies, secure_cookies, export_period_s,
-                  rehearsal_embargo_s):
+                  rehearsal_embargo_s, outside_verifiers):
     """Serve the API, the physicians' page and the export files; run the export job."""
     import uvicorn
 
@@ -789,7 +1101,8 @@ def backend_serve(ctx, host, port, protocol, register_api_key, trusted_proxies, 
     from backend.server import UVICORN_OPTIONS
 
     b = _backend(create=True, trusted_proxies=tuple(trusted_proxies), secure_cookies=secure_cookies,
-                 export_period_s=export_period_s, rehearsal_embargo_s=rehearsal_embargo_s)
+                 export_period_s=export_period_s, rehearsal_embargo_s=rehearsal_embargo_s,
+                 outside_verifiers=tuple(outside_verifiers))
     click.echo(f"backend in {b.config.data_dir}")
     if rehearsal_embargo_s is not None:
         click.echo(f"REHEARSAL: keys are exported {rehearsal_embargo_s:g} s after their upload, while still "
@@ -815,7 +1128,10 @@ def backend_serve(ctx, host, port, protocol, register_api_key, trusted_proxies, 
 def backend_code(test_type, as_json):
     """Issue a verification code (as a lab system would)."""
     c = _backend().verification.issue_code("cli", test_type=test_type)
-    click.echo(json.dumps(c) if as_json else f"code {c['code']} (15 min)   long code {c['longCode']} (24 h)")
+    if as_json:
+        _echo_json(c)
+    else:
+        click.echo(f"code {c['code']} (15 min)   long code {c['longCode']} (24 h)")
 
 
 @backend.command("export")
@@ -843,12 +1159,16 @@ def backend_export(as_json):
 
 @backend.command("public-key")
 @_backend_location
+@click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def backend_public_key():
+def backend_public_key(as_json):
     """Print the export signing public key (base64 SubjectPublicKeyInfo; its fingerprint on stderr)."""
     from agent.protocol.export import key_fingerprint
 
     key = _backend().public_key_b64
+    if as_json:
+        _echo_json({"public_key": key, "fingerprint": key_fingerprint(key)})
+        return
     click.echo(key)  # alone on stdout: scripts capture it
     click.echo(f"fingerprint {key_fingerprint(key)}", err=True)
 

@@ -30,6 +30,8 @@ from .files import write_private_file
 from .modes import mode_class
 from .modes.base import DeviceContext, ProtocolMode
 from .store import KeyFile, MasterKeySource, Passphrase, Store, create_key_file
+from .timesync import ClockGuard
+from .timesync import probe as probe_clock
 
 log = logging.getLogger("ctagent.app")
 
@@ -254,7 +256,7 @@ def open_store(cfg: Config, clock: Clock | None = None, *, read_only: bool = Fal
         raise StoreError(f"no store at {cfg.db_path}; run `ctagent init` first")
     prompt = prompt or PASSPHRASE_PROMPT.get("prompt")
     options: dict[str, Any] = {"clock": clock or RealClock(), "retention_days": cfg.agent.retention_days,
-                               "read_only": read_only}
+                               "read_only": read_only, "research_retention_days": cfg.experiment.retention_days}
     pending = _pending_key_file(cfg)
     if cfg.agent.key == "keyfile" and pending.exists():  # a rotation was cut short: which key opens it?
         try:
@@ -296,30 +298,40 @@ def open_mode(cfg: Config, store: Store, clock: Clock | None = None, *, rng: ran
         backend_url=cfg.sync.backend_url, trusted_keys=tuple(cfg.sync.trusted_keys), api_key=cfg.sync.robert_api_key,
         rng=rng or random.SystemRandom(), sync_interval_s=cfg.sync.interval_s, sync_jitter_s=cfg.sync.jitter_s,
         max_export_bytes=cfg.sync.max_export_bytes, index_url=cfg.sync.index_url,
-        export_base_url=cfg.sync.export_base_url)
+        export_base_url=cfg.sync.export_base_url, http_timeout_s=cfg.sync.timeout_s)
     try:
         return mode_class(cfg.agent.protocol)(ctx)
     except ConfigError as e:
         raise ConfigError(f"{cfg.source}: {e}") from None
 
 
-def build_daemon(cfg: Config, *, radio_kind: str, clock: Clock) -> Daemon:
+def build_daemon(cfg: Config, *, radio_kind: str, clock: Clock, clock_guard: ClockGuard | None = None) -> Daemon:
     store = open_store(cfg, clock)
     try:
         mode = open_mode(cfg, store, clock)
+        refusal = mode.refuse_to_run()
+        if refusal:
+            raise UserError(refusal)
         cal = mode.ctx.calibration
         radio = open_radio(radio_kind, RadioRequest(
             clock=clock, service_uuid16=mode.service_uuid16, adapter=cfg.radio.adapter,
             gatt_status=cfg.radio.gatt_status, tx_power_dbm=cal.tx_power, rx_correction_db=cal.rssi_correction,
             sim_peers=cfg.radio.sim_peers, sim_seed=cfg.radio.sim_seed, simulated_peer=mode.simulated_peer,
-            sim_medium=cfg.radio.sim_medium, sim_name=cfg.radio.sim_name))
+            sim_medium=cfg.radio.sim_medium, sim_name=cfg.radio.sim_name,
+            bumble_transport=cfg.radio.bumble_transport, bumble_snoop=cfg.radio.bumble_snoop))
     except BaseException:
         store.close()
         raise
+    research = None
+    if cfg.experiment.id:
+        from .experiment.recording import RadioFacts, ResearchRecorder
+
+        research = ResearchRecorder(store, started_at=clock.now())
+        store.state.put(RadioFacts(radio_kind, radio.advertising_interval_s, radio.scan_duty))
     return Daemon(mode, radio, clock=clock, status_path=cfg.data_dir / "status.json",
                   flush_interval_s=cfg.agent.flush_interval_s, on_exposure=cfg.notify.on_exposure,
                   duty_cycle=parse_duty_cycle(cfg.radio.duty_cycle), rng=random.SystemRandom(),
-                  radio_start_attempts=cfg.radio.start_attempts)
+                  radio_start_attempts=cfg.radio.start_attempts, clock_guard=clock_guard, research=research)
 
 
 def run_daemon(cfg: Config, *, radio_kind: str) -> int:
@@ -327,4 +339,6 @@ def run_daemon(cfg: Config, *, radio_kind: str) -> int:
     if warning:
         log.warning("%s", warning)
     clock = RealClock()
-    return asyncio.run(build_daemon(cfg, radio_kind=radio_kind, clock=clock).run())
+    guard = ClockGuard(probe_clock, cfg.agent.clock_check, cfg.agent.clock_sync_wait_s,  # type: ignore[arg-type]
+                       cfg.agent.max_clock_error_s)
+    return asyncio.run(build_daemon(cfg, radio_kind=radio_kind, clock=clock, clock_guard=guard).run())

@@ -41,11 +41,18 @@ class AgentSection:
     #: extra calibration lists (Google EN format)
     calibration_files: list[str] = field(default_factory=list)
     flush_interval_s: float = 60.0
+    #: advertise only with a right clock (agent.timesync): "auto" (never with a clock
+    #: before the build date; wait for a running time service up to clock_sync_wait_s),
+    #: "strict" (only synchronised, error within max_clock_error_s) or "off"
+    clock_check: str = "auto"
+    clock_sync_wait_s: float = 300.0
+    max_clock_error_s: float = 60.0
 
 
 @dataclass
 class RadioSection:
-    #: "bluez" (a real adapter) or "sim" (the simulated medium with virtual peers)
+    #: "bluez" (a real adapter through BlueZ), "bumble" (a dedicated HCI controller,
+    #: bumble_transport) or "sim" (the simulated medium with virtual peers)
     kind: str = "sim"
     adapter: str = "hci0"
     #: peers around this device when kind = "sim"
@@ -63,6 +70,11 @@ class RadioSection:
     #: PATH`): its socket, and this device's name in the medium's scenario
     sim_medium: str = ""
     sim_name: str = ""
+    #: kind = "bumble": the controller's bumble transport moniker ("usb:0",
+    #: "serial:/dev/ttyACM0,1000000", "tcp-client:127.0.0.1:9001"), and a btsnoop file
+    #: of its HCI traffic (empty: none; it holds identifiers: written 0600)
+    bumble_transport: str = ""
+    bumble_snoop: str = ""
 
 
 @dataclass
@@ -81,6 +93,10 @@ class SyncSection:
     #: than <backend_url>/exports/ (a CDN, a region folder)
     index_url: str = ""
     export_base_url: str = ""
+    #: seconds a server call may take, retries included, before the backend counts as
+    #: unreachable (each read waits at most this long too; a slow download that keeps
+    #: receiving goes on)
+    timeout_s: float = 10.0
 
 
 @dataclass
@@ -91,11 +107,29 @@ class NotifySection:
 
 
 @dataclass
+class ExperimentSection:
+    """Research recording for a field experiment (``agent.experiment``): off while ``id``
+    is empty. ``ctagent experiment join`` fills it in, with the time of consent."""
+
+    #: the experiment's id (letters, digits, "-", "_", "."); empty: no research recording
+    id: str = ""
+    #: this device's name in the experiment (the analysis' rows and columns)
+    device_label: str = ""
+    #: when the carrier consented to research recording (ISO 8601, UTC)
+    consent_at: str = ""
+    #: days of research recording kept in the store (its own retention, crypto-erased)
+    retention_days: int = 14
+    #: how the device is carried, when the protocol fixes it ("hand", "pocket", "bag", ...)
+    carriage: str = ""
+
+
+@dataclass
 class Config:
     agent: AgentSection = field(default_factory=AgentSection)
     radio: RadioSection = field(default_factory=RadioSection)
     sync: SyncSection = field(default_factory=SyncSection)
     notify: NotifySection = field(default_factory=NotifySection)
+    experiment: ExperimentSection = field(default_factory=ExperimentSection)
     proximity: ProximityConfig = field(default_factory=ProximityConfig)
     source: str = "<defaults>"
 
@@ -112,7 +146,8 @@ class Config:
         return self.data_dir / "master.key"
 
 
-_SECTIONS = {"agent": AgentSection, "radio": RadioSection, "sync": SyncSection, "notify": NotifySection}
+_SECTIONS = {"agent": AgentSection, "radio": RadioSection, "sync": SyncSection, "notify": NotifySection,
+             "experiment": ExperimentSection}
 
 
 def _coerce(src: str, section: str, key: str, value: Any, typ: Any) -> Any:
@@ -184,21 +219,43 @@ def _validate(cfg: Config) -> None:
         parse_duty_cycle(cfg.radio.duty_cycle)
     except ValueError:
         raise ConfigError(f"{src}: [radio] duty_cycle: must be 'ADVERTISE_S,SCAN_S', e.g. \"20,10\"") from None
+    from .timesync import CLOCK_POLICIES
+
+    if cfg.agent.clock_check not in CLOCK_POLICIES:
+        raise ConfigError(f"{src}: [agent] clock_check: must be one of {', '.join(map(repr, CLOCK_POLICIES))}, "
+                          f"not {cfg.agent.clock_check!r}")
     if cfg.agent.key not in ("keyfile", "passphrase"):
         raise ConfigError(f"{src}: [agent] key: must be 'keyfile' or 'passphrase'")
     for section, key, value, low, high in (
             ("agent", "retention_days", cfg.agent.retention_days, 1, 3650),
             ("agent", "flush_interval_s", cfg.agent.flush_interval_s, 1e-3, 7 * 86400),
+            ("agent", "clock_sync_wait_s", cfg.agent.clock_sync_wait_s, 0, 7 * 86400),
+            ("agent", "max_clock_error_s", cfg.agent.max_clock_error_s, 1e-3, 86400),
             ("sync", "interval_s", cfg.sync.interval_s, 1e-3, 30 * 86400),
             ("sync", "jitter_s", cfg.sync.jitter_s, 0, 30 * 86400),
             ("sync", "max_export_bytes", cfg.sync.max_export_bytes, 1, 2**40),
+            ("sync", "timeout_s", cfg.sync.timeout_s, 0.1, 600),
             ("radio", "sim_peers", cfg.radio.sim_peers, 0, 1000),
-            ("radio", "start_attempts", cfg.radio.start_attempts, 1, 100)):
+            ("radio", "start_attempts", cfg.radio.start_attempts, 1, 100),
+            ("experiment", "retention_days", cfg.experiment.retention_days, 1, 3650)):
         if not low <= value <= high:
             raise ConfigError(f"{src}: [{section}] {key}: must be between {low:g} and {high:g}, not {value!r}")
+    if cfg.radio.kind == "bumble":
+        from .ble.bumble import transport_problem
+
+        if not cfg.radio.bumble_transport:
+            raise ConfigError(f"{src}: [radio] bumble_transport: the bumble radio needs its controller's transport, "
+                              "e.g. \"usb:0\" or \"serial:/dev/ttyACM0,1000000\" (see hardware/bumble.md)")
+        problem = transport_problem(cfg.radio.bumble_transport)
+        if problem:
+            raise ConfigError(f"{src}: [radio] bumble_transport: {problem}")
+        if cfg.radio.gatt_status:
+            raise ConfigError(f"{src}: [radio] gatt_status: the bumble radio has no GATT status service; "
+                              "set gatt_status = false or use kind = \"bluez\"")
     if cfg.radio.sim_medium and not cfg.radio.sim_name:
         raise ConfigError(f"{src}: [radio] sim_name: a device on a shared medium (sim_medium) needs its name "
                           "in the medium's scenario")
+    _validate_experiment(cfg)
     for key in ("backend_url", "index_url", "export_base_url"):
         url = getattr(cfg.sync, key)
         if url and not url.startswith(("http://", "https://")):
@@ -208,6 +265,27 @@ def _validate(cfg: Config) -> None:
             load_public_key(k)
         except ExportError as e:
             raise ConfigError(f"{src}: [sync] trusted_keys: {e}") from None
+
+
+#: an experiment id or device label: what a file name may hold
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _validate_experiment(cfg: Config) -> None:
+    import datetime as dt
+
+    ex, src = cfg.experiment, cfg.source
+    if not ex.id:
+        return
+    for key in ("id", "device_label"):
+        if not EXPERIMENT_NAME.fullmatch(getattr(ex, key)):
+            raise ConfigError(f"{src}: [experiment] {key}: 1-64 letters, digits, '.', '-' or '_' are needed "
+                              f"for research recording, not {getattr(ex, key)!r}")
+    try:
+        dt.datetime.fromisoformat(ex.consent_at.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"{src}: [experiment] consent_at: research recording needs the time the carrier "
+                          "consented (ISO 8601; `ctagent experiment join --consent` records it)") from None
 
 
 def load_config(path: Path | None, env: dict[str, str] | None = None) -> Config:
@@ -282,9 +360,18 @@ device_model = "{device_model}"
 calibration_files = []
 # Seconds between writes of aggregated sightings to the store (a power cut loses at most this).
 flush_interval_s = 60
+# A Raspberry Pi has no real-time clock: advertise only with a right one. "auto": never
+# with a clock before this version's build date; while a time service (systemd-timesyncd,
+# chrony) has not synchronised it, wait up to clock_sync_wait_s seconds, then go on with
+# a warning. "strict": only once synchronised with an error within max_clock_error_s
+# seconds. "off": no check. The clock's state is recorded either way (`ctagent status`).
+clock_check = "auto"
+clock_sync_wait_s = 300
+max_clock_error_s = 60
 
 [radio]
-# "bluez" for a real adapter, "sim" for the simulated medium with virtual peers.
+# "bluez" for a real adapter, "bumble" for a dedicated USB/UART controller (below),
+# "sim" for the simulated medium with virtual peers.
 kind = "{radio}"
 adapter = "hci0"
 sim_peers = 5
@@ -302,6 +389,11 @@ start_attempts = 5
 # device's name in the medium's scenario.
 sim_medium = ""
 sim_name = ""
+# kind = "bumble" only: a dedicated HCI controller driven by our own host instead of BlueZ
+# (hardware/bumble.md): its transport ("usb:0", "serial:/dev/ttyACM0,1000000"), and a
+# btsnoop file of its HCI traffic for debugging (empty: none).
+bumble_transport = ""
+bumble_snoop = ""
 
 [sync]
 # The backend (empty: no sync). Its export signing public key must be trusted below
@@ -319,14 +411,27 @@ max_export_bytes = 33554432
 # (a CDN: index_url = "https://cdn.example.org/XX/index.txt", export_base_url = "https://cdn.example.org/").
 index_url = ""
 export_base_url = ""
+# Seconds a call to the server may take, retries included, before it counts as unreachable.
+timeout_s = 10
 
 [notify]
 # Command run on exposure (e.g. light an LED). It receives CTAGENT_EXPOSURE_DATE and
 # CTAGENT_EXPOSURE_MINUTES in its environment, never an identifier.
 on_exposure = ""
 
+[experiment]
+# Research recording for a field experiment: every advertisement heard, this device's
+# broadcasts, radio outages and clock state, encrypted, under their own retention. Off
+# while id is empty; `ctagent experiment join ID --label NAME --consent` sets it up.
+id = ""
+device_label = ""
+consent_at = ""
+retention_days = 14
+carriage = ""
+
 [proximity]
 # The 15-minute / 1-metre rule; see docs/proximity.md for the defaults and why.
+# rule: "distance", "buckets" or "hmm" (a near/far model over the day's minutes).
 rule = "distance"
 distance_threshold_m = 1.0
 duration_threshold_min = 15.0

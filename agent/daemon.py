@@ -23,18 +23,23 @@ import random
 import shlex
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from .ble.base import Radio
+from .ble.base import Radio, RadioEvents
 from .ble.duty_cycle import duty_cycle
 from .ble.status import status_bytes
 from .clock import Clock, iso_date
 from .errors import BackendUnreachable, UserError
 from .files import write_private_file
 from .modes.base import CheckResult, ProtocolMode
+from .timesync import ClockGuard, ClockState, unchecked_clock
+from .protocol.payload import find_service_data
+
+if TYPE_CHECKING:
+    from .experiment.recording import ResearchRecorder
 
 log = logging.getLogger("ctagent.daemon")
 
@@ -48,6 +53,9 @@ READY_POLL_S = 0.2
 NOT_READY_RETRY_S = 5.0
 RETENTION_CHECK_S = 3600.0
 HOOK_TIMEOUT_S = 30.0
+#: how often the clock's state is read: while waiting for a right clock, and after
+CLOCK_WAIT_POLL_S = 5.0
+CLOCK_CHECK_S = 60.0
 
 
 def sd_notify(message: str) -> bool:
@@ -70,13 +78,22 @@ class Daemon:
     def __init__(self, mode: ProtocolMode[Any], radio: Radio, *, clock: Clock, status_path: Path | None = None,
                  flush_interval_s: float = 60.0, on_exposure: str = "",
                  duty_cycle: tuple[float, float] | None = None, rng: random.Random | None = None,
-                 radio_start_attempts: int = 5) -> None:
+                 radio_start_attempts: int = 5, clock_guard: ClockGuard | None = None,
+                 research: ResearchRecorder | None = None) -> None:
         self.mode = mode
         self.store = mode.store
         self.clock = clock
         self.advertiser = radio.advertiser
         self.scanner = radio.scanner
         self.status_service = radio.status_service
+        #: radio outages (scan or advertising failing, stalls, duty-cycle pauses)
+        self.radio_events = RadioEvents()
+        self.scanner.events = self.radio_events
+        #: research recording (an experiment's opt-in); it keeps the clock's state with
+        #: every flush (the last one _watch_clock read)
+        self.research = research
+        if research is not None:
+            research.events = self.radio_events  # one record of the radio's outages
         self.status_path = status_path
         self.flush_interval_s = flush_interval_s
         self.on_exposure = on_exposure
@@ -101,6 +118,14 @@ class Daemon:
         self.last_check: CheckResult | None = None
         self.notified_days: set[int] = set(self.store.exposures.days())
         self.hook_runs = 0
+        #: None: the clock is not checked (a simulated one); the radios wait for _clock_ok
+        self.clock_guard = clock_guard
+        self.clock_state: ClockState | None = None
+        #: what is wrong with the clock now (None: nothing), one sentence
+        self.clock_problem: str | None = None
+        self._clock_ok = asyncio.Event()
+        if clock_guard is None:
+            self._clock_ok.set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -109,6 +134,8 @@ class Daemon:
     def _ok(self, name: str) -> None:
         """``name`` just worked: no longer failing."""
         self.ever_ok.add(name)
+        if name in RADIO_TASKS:
+            self.radio_events.up(f"{name}_failed", self.clock.now())
         if self.failing.pop(name, None) is not None:
             log.info("task=%s works again", name)
 
@@ -125,6 +152,8 @@ class Daemon:
                 info = self.failing.setdefault(name, {"since": self.clock.now(), "failures": 0})
                 info["failures"] += 1
                 info["error"] = f"{type(e).__name__}: {e}"
+                if name in RADIO_TASKS:
+                    self.radio_events.down(f"{name}_failed", info["since"], type(e).__name__)
                 log.error("task=%s failed error=\"%s\" restart_in=%.0fs", name, info["error"], delay)
                 if name in RADIO_TASKS and name not in self.ever_ok and info["failures"] >= self.radio_start_attempts:
                     self.radio_down.add(name)
@@ -143,10 +172,40 @@ class Daemon:
         self.exit_code = EXIT_RADIO_DOWN
         self.stop()
 
+    async def _watch_clock(self) -> None:
+        """Read the clock's state (off the loop: it may ask chronyc or timedated), let the
+        radios start once it is right enough, and keep the state current for the status
+        and the flushes."""
+        guard = self.clock_guard
+        if guard is None:
+            return
+        while not self._stop.is_set():
+            now = self.clock.now()
+            self.clock_state = await self.clock.run_blocking(guard.probe, now)
+            verdict = guard.verdict(self.clock_state, now - self.started_at)
+            if verdict.reason != self.clock_problem:
+                if verdict.reason:
+                    (log.warning if verdict.ok else log.error)("clock: %s", verdict.reason)
+                elif self.clock_problem:
+                    log.info("clock: %s", self.clock_state.describe())
+                self.clock_problem = verdict.reason
+                if not verdict.ok:
+                    sd_notify(f"STATUS=waiting for the clock: {verdict.reason}"[:500])
+            if verdict.ok and not self._clock_ok.is_set():
+                self._clock_ok.set()
+            self._ok("clock")
+            await self.clock.sleep(CLOCK_CHECK_S if self._clock_ok.is_set() else CLOCK_WAIT_POLL_S)
+
     async def _announce_ready(self) -> None:
         """READY=1 once both radios run, or one runs and the other never came up (a
-        documented degraded mode); STATUS= says which."""
+        documented degraded mode); STATUS= says which. While the radios wait for a right
+        clock, READY=1 too (systemd would otherwise restart a daemon that only waits for
+        NTP), with STATUS= saying so."""
+        waiting_said = False
         while not self._stop.is_set():
+            if not self._clock_ok.is_set() and self.clock_problem and not waiting_said:
+                sd_notify(f"READY=1\nSTATUS=waiting for the clock: {self.clock_problem}"[:500])
+                waiting_said = True
             if self.advertiser.health().advertising:
                 self._ok("advertise")
             if self.scanner.health().scanning:
@@ -160,6 +219,7 @@ class Daemon:
             await self.clock.sleep(READY_POLL_S)
 
     async def _advertise(self) -> None:
+        await self._clock_ok.wait()
         on_air = False
         while not self._stop.is_set():
             b = self.mode.broadcast(self.clock.now())
@@ -178,14 +238,22 @@ class Daemon:
                 self.rotations += 1
             else:
                 await self.advertiser.update(b.service_data)
+            if self.research is not None:
+                self.research.advertised(self.clock.now(), b.address, b.service_data, b.new_identity)
             self._ok("advertise")
             await self.clock.sleep(max(0.0, b.next_at - self.clock.now()))
 
     async def _scan(self) -> None:
         decode, record = self.mode.decode, self.mode.record
+        await self._clock_ok.wait()  # times stored from a wrong clock are wrong for good
+        research, uuid16 = self.research, self.mode.service_uuid16
         async for raw in self.scanner.sightings():
             if "scan" in self.failing:
                 self._ok("scan")
+            if research is not None:
+                data = find_service_data(cast(Mapping[object, object], raw.service_data), uuid16)
+                if data is not None:
+                    research.heard(raw.t, raw.address, raw.rssi, raw.tx_power, data)
             payload = decode(raw.service_data)
             if payload is None:
                 self.bad_payloads += 1
@@ -196,7 +264,10 @@ class Daemon:
                 return
 
     def _flush(self, *, final: bool = False) -> None:
-        self.rows_written += self.mode.flush(self.clock.now(), final=final)
+        now = self.clock.now()
+        self.rows_written += self.mode.flush(now, final=final)
+        if self.research is not None:
+            self.research.flush(now, self.clock_state or unchecked_clock(now))
 
     async def _flush_loop(self) -> None:
         while not self._stop.is_set():
@@ -273,22 +344,27 @@ class Daemon:
 
     async def _duty_cycle(self) -> None:
         assert self.duty_cycle is not None
+        await self._clock_ok.wait()
         await duty_cycle(self.advertiser, self.scanner, advertise_s=self.duty_cycle[0], scan_s=self.duty_cycle[1],
-                         clock=self.clock, stop=self._stop)
+                         clock=self.clock, stop=self._stop, events=self.radio_events)
 
     # -- status -------------------------------------------------------------------------
     def _mode(self) -> str:
         """normal; scan only / advertise only / radio down (a radio task failing or never
         up); degraded (another task failing)."""
+        if not self._clock_ok.is_set():
+            return "waiting for clock"
         bad = {t for t in RADIO_TASKS if t in self.failing or t in self.radio_down}
         if bad == set(RADIO_TASKS):
             return "radio down"
         if bad:
             return "scan only" if "advertise" in bad else "advertise only"
-        return "degraded" if self.failing else "normal"
+        return "degraded" if self.failing or self.clock_problem else "normal"
 
     def _status_line(self) -> str:
         failing = "".join(f"; {t} failing: {info['error']}" for t, info in sorted(self.failing.items()))
+        if self.clock_problem:
+            failing += f"; clock: {self.clock_problem}"
         return f"{self._mode()}: rotations={self.rotations} sightings={self.sightings}{failing}"[:500]
 
     def status(self) -> dict[str, Any]:
@@ -300,6 +376,8 @@ class Daemon:
             "last_check": self.last_check.to_json() if self.last_check else None,
             "exposure_days": sorted(self.notified_days), "protocol_status": self.mode.status_fields(),
             "advertiser": asdict(self.advertiser.health()), "scanner": asdict(self.scanner.health()),
+            "clock": self.clock_state.to_json() if self.clock_state else None, "clock_problem": self.clock_problem,
+            "research": None if self.research is None else {"recorded": self.research.recorded},
         }
 
     def _update_status_service(self) -> None:
@@ -330,7 +408,7 @@ class Daemon:
                     pass
         jobs: dict[str, Callable[[], Awaitable[None]]] = {
             "flush": self._flush_loop, "retention": self._retention, "advertise": self._advertise,
-            "scan": self._scan, "prepare": self._prepare, "ready": self._announce_ready}
+            "scan": self._scan, "prepare": self._prepare, "ready": self._announce_ready, "clock": self._watch_clock}
         if self.mode.server_schedule is not None:
             jobs["server"] = self._server
         if self.status_service is not None:

@@ -90,6 +90,26 @@ def _opt_float(v: object) -> float | None:
 
 
 @dataclass(frozen=True)
+class DaySummary:
+    """What a device heard on one UTC day, nothing identifying."""
+
+    day: int
+    #: distinct identifiers heard (GAEN RPIs, ROBERT EBIDs): a peer counts once per
+    #: identifier it had that day (they rotate every 10 to 20 minutes)
+    identifiers: int
+    #: receptions kept (GAEN: samples in the per-minute windows; ROBERT: HELLOs)
+    samples: int
+    #: minutes with at least one reception, counted per identifier
+    identifier_minutes: int
+
+    def to_json(self) -> dict[str, Any]:
+        from .clock import iso_date
+
+        return {"date": iso_date(self.day), "identifiers": self.identifiers, "samples": self.samples,
+                "identifier_minutes": self.identifier_minutes}
+
+
+@dataclass(frozen=True)
 class DeclareResult:
     """What a declaration achieved (GAEN: keys published; ROBERT: HELLOs reported)."""
 
@@ -101,3 +121,6 @@ class DeclareResult:
     summary: str
     #: ROBERT: HELLOs the server could not verify
     dropped: int | None = None
+    #: one sentence when the declaration did not achieve what it is for (nothing the
+    #: server could use): the CLI then exits 1
+    problem: str | None = None

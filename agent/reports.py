@@ -9,7 +9,6 @@ import hmac
 import io
 import json
 import secrets
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +40,10 @@ def daemon_state(db_path: Path, status_file: Path, now: float) -> dict[str, Any]
 
 
 def status_report(store: Store, mode: ProtocolMode[Any], status_file: Path, now: float) -> dict[str, Any]:
-    by_day = store.encounters.count_by_day()
+    by_day = mode.identifiers_by_day()
     return {"store": str(store.path), "protocol": mode.name, "days_stored": len(by_day),
-            "encounters": sum(by_day.values()), "exposed_days": [iso_date(d) for d in store.exposures.days()],
-            "last_sync": mode.last_server_success(), **mode.status_fields(),
+            "identifiers_heard": sum(by_day.values()), "exposed_days": [iso_date(d) for d in store.exposures.days()],
+            "server_call": mode.server_call, "last_sync": mode.last_server_success(), **mode.status_fields(),
             "daemon": daemon_state(store.path, status_file, now)}
 
 
@@ -58,31 +57,6 @@ def ago(seconds: float) -> str:
     if s < 2 * 86400:
         return f"{s / 3600:.0f} h ago"
     return f"{s / 86400:.0f} days ago"
-
-
-@dataclass(frozen=True)
-class DaySummary:
-    day: int
-    #: distinct identifiers heard
-    encounters: int
-    samples: int
-    #: minutes with at least one sample, summed over identifiers
-    windows: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {"day": self.day, "date": iso_date(self.day), "encounters": self.encounters, "samples": self.samples,
-                "windows": self.windows}
-
-
-def encounter_summary(store: Store) -> list[DaySummary]:
-    """Per day: encounters (distinct RPIs heard), samples, minutes observed."""
-    days: dict[int, list[int]] = {}
-    for e in store.encounters.read():
-        d = days.setdefault(e.day, [0, 0, 0])
-        d[0] += 1
-        d[1] += e.sample_count
-        d[2] += len(e.windows)
-    return [DaySummary(k, *days[k]) for k in sorted(days)]
 
 
 def research_export(store: Store, fmt: str) -> str:

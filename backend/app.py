@@ -33,7 +33,7 @@ class _BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = MAX_REPORT_BODY if scope["path"] == REPORT_PATH else MAX_BODY
-        too_large = error_response(Code.BODY_TOO_LARGE, f"request body over {limit} bytes")
+        too_large = error_response(Code.BODY_TOO_LARGE, f"request body over {limit} bytes", scope["path"])
         length = Headers(scope=scope).get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             await too_large(scope, receive, send)
@@ -68,19 +68,19 @@ class _BodyLimit:
                 raise
 
 
-async def _api_error(_request: Request, exc: Exception):
+async def _api_error(request: Request, exc: Exception):
     assert isinstance(exc, ApiError)
-    return error_response(exc.code, exc.message)
+    return error_response(exc.code, exc.message, request.url.path)
 
 
-async def _validation_error(_request: Request, exc: Exception):
+async def _validation_error(request: Request, exc: Exception):
     assert isinstance(exc, RequestValidationError)
-    errs = exc.errors()
+    errs, path = exc.errors(), request.url.path
     if any(e.get("type") == "json_invalid" for e in errs):
-        return error_response(Code.UNPARSABLE_REQUEST, "the body is not valid JSON")
+        return error_response(Code.UNPARSABLE_REQUEST, "the body is not valid JSON", path)
     first = errs[0] if errs else {}
     where = ".".join(str(x) for x in first.get("loc", ())[1:])
-    return error_response(Code.INVALID_REQUEST, f"{where or 'body'}: {first.get('msg', 'invalid')}")
+    return error_response(Code.INVALID_REQUEST, f"{where or 'body'}: {first.get('msg', 'invalid')}", path)
 
 
 def create_app(backend: Backend, robert_server: RobertServer | None = None) -> FastAPI:

@@ -46,6 +46,9 @@ class BackendConfig:
     #: still being broadcast (None, the default: not before the end of its rolling
     #: period, as the key server does)
     rehearsal_embargo_s: float | None = None
+    #: outside verification servers whose certificates publish keys, beside the built-in
+    #: one: (issuer, audience, ECDSA P-256 public key as PEM text or a PEM file)
+    outside_verifiers: tuple[tuple[str, str, str], ...] = ()
 
     def exists(self) -> bool:
         """Whether ``data_dir`` already holds a backend (its keys)."""

@@ -128,6 +128,12 @@ def _without_row_values(ctx: sa.engine.ExceptionContext) -> None:
 def make_engine(url: str) -> sa.Engine:
     """The engine of ``url``. An error's text never holds SQL parameters or row values
     (keys, hashes, codes): errors go to logs."""
+    if url.startswith(("postgresql:", "postgres:")):  # SQLAlchemy's default driver would be psycopg2
+        url = "postgresql+psycopg:" + url.split(":", 1)[1]
+    if url.startswith("postgresql+psycopg:"):
+        from agent.extras import require
+
+        require("postgresql", what="a PostgreSQL database (--database postgresql://...)")
     kw: dict = {"hide_parameters": True}
     if url.startswith("sqlite"):
         kw["connect_args"] = {"check_same_thread": False, "timeout": 30}

@@ -1,11 +1,19 @@
 """Every error the backend sends to a client: one exception, :class:`ApiError`, and
 every code it may carry, each bound to its HTTP status.
 
-The wire body of an error is ``{"code": <code>, "error": <one sentence>}``. Codes shared
-with the public Exposure Notifications verification server keep its spelling
-(google/exposure-notifications-verification-server, ``pkg/api/api.go``:
-``unparsable_request``, ``code_invalid``, ``code_expired``, ``token_invalid``,
-``hmac_invalid``). No other backend module spells a code as a string.
+The wire body of an error has two styles, one per family of routes:
+
+- the verification server's routes (``/api/issue``, ``/api/verify``, ``/api/certificate``)
+  answer ``{"errorCode": <code>, "error": <one sentence>}``, the ``ErrorReturn`` of
+  google/exposure-notifications-verification-server ``pkg/api/api.go``: the official
+  Android app reads ``errorCode`` (``ApiConstants.VerifyV1.ERR_CODE``);
+- every other route (the key server's ``/v1/publish``, whose ``PublishResponse`` carries
+  ``code`` and ``error``; the ROBERT role; the page) answers ``{"code": ..., "error": ...}``.
+
+Codes shared with the public verification server keep its spelling (``unparsable_request``,
+``code_invalid``, ``code_expired``, ``token_invalid``, ``hmac_invalid``,
+``unsupported_test_type``, ``invalid_test_type``). No other backend module spells a code
+as a string.
 """
 
 from __future__ import annotations
@@ -27,6 +35,10 @@ class Code(enum.StrEnum):
     WEAK_PASSWORD = "weak_password"
     BAD_LOGIN = "bad_login"
     BAD_TEST_TYPE = "bad_test_type"
+    #: the code's test type is not among those the client accepts (``accept``)
+    UNSUPPORTED_TEST_TYPE = "unsupported_test_type"
+    #: the client's ``accept`` names a test type this server does not know
+    INVALID_TEST_TYPE = "invalid_test_type"
     #: a symptom onset in the future or too long ago (issuing a code)
     ONSET_INVALID = "onset_invalid"
     CODE_SPACE_EXHAUSTED = "code_space_exhausted"
@@ -68,6 +80,7 @@ _STATUS: dict[Code, HTTPStatus] = {
     Code.RATE_LIMITED: HTTPStatus.TOO_MANY_REQUESTS,
     Code.TOO_FREQUENT: HTTPStatus.TOO_MANY_REQUESTS,
     Code.UNAUTHORIZED: HTTPStatus.UNAUTHORIZED,
+    Code.UNSUPPORTED_TEST_TYPE: HTTPStatus.PRECONDITION_FAILED,  # as the verification server (docs/api.md)
     Code.BAD_LOGIN: HTTPStatus.UNAUTHORIZED,
     Code.BAD_MAC: HTTPStatus.UNAUTHORIZED,
     Code.CODE_SPACE_EXHAUSTED: HTTPStatus.SERVICE_UNAVAILABLE,
@@ -84,5 +97,11 @@ class ApiError(UserError):
         self.code, self.message = code, message
         self.status = int(code.status)
 
-    def body(self) -> dict[str, str]:
-        return {"code": self.code.value, "error": self.message}
+    def body(self, path: str = "") -> dict[str, str]:
+        """The wire body for a request to ``path`` (the style of its family of routes)."""
+        key = "errorCode" if path in VERIFICATION_API_PATHS else "code"
+        return {key: self.code.value, "error": self.message}
+
+
+#: the routes of the verification server's API: their errors are ``{errorCode, error}``
+VERIFICATION_API_PATHS = frozenset({"/api/issue", "/api/verify", "/api/certificate"})

@@ -2,10 +2,13 @@
 and ``index.txt``, the listing the agents poll.
 
 Pure parts: :func:`plan_batches` (which time window a run covers),
-:func:`padding_keys` (random keys that hide how few real ones there are; the key
-server pads the same way, google/exposure-notifications-server
-``internal/export/worker.go``), :func:`split_batches` and :func:`stored_key` (a stored
-row as a key that fits an export file, or the reason it does not). :class:`ExportJob`
+:func:`padding_keys` (random keys that hide how few real ones there are, as the key
+server pads, google/exposure-notifications-server ``internal/export/worker.go``; each
+copies every field but the key bytes from a real key of the same file, so no field
+tells them apart), :func:`split_batches` (files of at most ``export_max_keys`` keys,
+each its own batch "1 of 1", as Google writes them "to avoid a device side issue") and
+:func:`stored_key` (a stored row as a key that fits an export file, or the reason it
+does not). :class:`ExportJob`
 signs, writes each file atomically (a reader sees the whole file or none), records the
 batch and rewrites the index; one run at a time, whichever process runs it (a database
 lock, :func:`~backend.db.job_lock`), and every batch's files carry its id in their
@@ -15,6 +18,7 @@ aside (quarantined, one log line without key bytes), never the whole batch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -41,9 +45,6 @@ log = logging.getLogger("ctagent.backend")
 T = TypeVar("T")
 INDEX = "index.txt"
 _NO_FILES = "[]"
-#: padding keys look like keys of the last two weeks, with any transmission risk
-PADDING_MAX_AGE_DAYS = 13
-PADDING_MAX_RISK = 8
 #: how long a run waits for another one (another process) to finish before giving up
 EXPORT_LOCK_WAIT_S = 600
 #: rows marked exported per statement (PostgreSQL takes at most 65,535 parameters)
@@ -84,17 +85,19 @@ def plan_batches(last_end: int | None, now: float, period: int) -> BatchWindow |
 
 
 def split_batches(keys: Sequence[T], max_keys: int) -> list[Sequence[T]]:
-    """Files of at most ``max_keys`` keys each (batch_num 1..batch_size)."""
+    """Files of at most ``max_keys`` keys each; every file is a batch of its own (1 of 1)."""
     return [keys[i : i + max_keys] for i in range(0, len(keys), max_keys)]
 
 
-def padding_keys(n: int, now: float, rng: random.Random) -> list[DiagnosisKey]:
-    """``n`` random keys shaped like real uploads (whole days in the last two weeks)."""
-    today = gaen.rolling_start_for_day(now)
-    return [DiagnosisKey(rng.randbytes(gaen.KEY_LEN),
-                         today - rng.randint(1, PADDING_MAX_AGE_DAYS) * gaen.TEK_ROLLING_PERIOD,
-                         gaen.TEK_ROLLING_PERIOD, rng.randint(1, PADDING_MAX_RISK), ReportType.CONFIRMED_TEST)
-            for _ in range(n)]
+def padding_keys(n: int, real: Sequence[DiagnosisKey], rng: random.Random) -> list[DiagnosisKey]:
+    """``n`` keys that cannot be told from the ``real`` ones of the file: each is a real key
+    drawn at random with fresh random key bytes, so every field (start interval, rolling
+    period, transmission risk, report type, days since onset, variant), and every
+    combination of them, has the distribution of the real keys. Key bytes are uniformly
+    random in both (a TEK is 16 random bytes)."""
+    if n > 0 and not real:
+        raise ValueError("padding copies the real keys of its file: there are none")
+    return [dataclasses.replace(rng.choice(real), key_data=rng.randbytes(gaen.KEY_LEN)) for _ in range(n)]
 
 
 def stored_key(row: Any) -> DiagnosisKey:
@@ -166,7 +169,7 @@ class ExportJob:
             self.write_index(now)
             return []
         if len(keys) < cfg.export_min_keys:
-            keys += padding_keys(cfg.export_min_keys - len(keys), now, self.rng)
+            keys += padding_keys(cfg.export_min_keys - len(keys), keys, self.rng)
         self.rng.shuffle(keys)  # padding must not be told apart by position
         chunks = split_batches(keys, cfg.export_max_keys)
         with self.engine.begin() as c:  # the batch's id first: it names the files
@@ -177,9 +180,11 @@ class ExportJob:
         names: list[str] = []
         try:
             for i, chunk in enumerate(chunks, 1):
+                # batch 1 of 1 per file, as Google's export worker: the Android verifier wants
+                # every file of a batch in one call, and each file here stands alone
                 blob = export.build_export(chunk, signing_key=self.signing_key, start_timestamp=window.start,
                                            end_timestamp=window.end, region=cfg.region, key_id=cfg.key_id,
-                                           key_version=cfg.key_version, batch_num=i, batch_size=len(chunks))
+                                           key_version=cfg.key_version, batch_num=1, batch_size=1)
                 name = file_name(window, bid, i)
                 _write_atomic(cfg.exports_dir / name, blob)
                 names.append(name)

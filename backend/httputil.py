@@ -125,8 +125,9 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-def error_response(code: Code, message: str) -> JSONResponse:
-    return JSONResponse(ApiError(code, message).body(), status_code=int(code.status))
+def error_response(code: Code, message: str, path: str = "") -> JSONResponse:
+    """The error answer to a request for ``path``, in the style of its routes (errors.py)."""
+    return JSONResponse(ApiError(code, message).body(path), status_code=int(code.status))
 
 
 class CpuLane:

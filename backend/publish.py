@@ -25,12 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.clock import Clock
 from agent.protocol import gaen
 from agent.protocol.export import DiagnosisKey, ReportType
-from agent.protocol.verification import tek_hmac
+from agent.protocol.verification import accepted_tek_hmacs
 
 from . import certificate, db
 from .certificate import CertificateClaims
@@ -100,6 +99,19 @@ def symptom_onset(certified: int | None, requested: object, now: float) -> int |
     return None
 
 
+def days_between_intervals(onset: int, key_start: int) -> int:
+    """Days from the symptom onset to a key's first interval, both rounded down to their UTC
+    day first: a key of the onset's day is day 0 whatever the hour of either. The key
+    server rounds the onset down to the start of its UTC day (google/exposure-notifications-
+    server ``pkg/api/v1`` VerificationClaims.SymptomOnsetInterval, Publish.SymptomOnsetInterval:
+    "Will be rounded down to the start of the UTC day provided"); the whole-day difference
+    is its ``DaysBetweenIntervals`` (``internal/publish/model/exposure_model.go``) as issue 12
+    describes it: no stored version of that file has it, the stored ones round the distance
+    to the nearest day (``DaysFromSymptomOnset``), which agrees for keys starting at UTC
+    midnight (every key the agent and the official apps upload)."""
+    return key_start // gaen.TEK_ROLLING_PERIOD - onset // gaen.TEK_ROLLING_PERIOD
+
+
 def _int_field(k: Mapping[str, Any], name: str, default: int | None, i: int) -> int:
     value = k.get(name, default)
     if not isinstance(value, int) or isinstance(value, bool):
@@ -133,9 +145,7 @@ def validate_publish(request: Mapping[str, Any], claims: CertificateClaims, now:
             raise ApiError(Code.KEY_TOO_OLD, f"key {i} is older than {MAX_KEY_AGE_DAYS} days")
         if rs > now_enin:
             raise ApiError(Code.KEY_IN_FUTURE, f"key {i} starts in the future")
-        # days since onset: rounded down as before (the key server rounds partial days
-        # away from zero, ``DaysBetweenIntervals``; aligning them is a separate change)
-        dso = None if onset is None else int((rs - onset) // gaen.TEK_ROLLING_PERIOD)
+        dso = None if onset is None else days_between_intervals(onset, rs)
         key = DiagnosisKey(data, rs, rp, tr, report_type, dso)
         keys.append(key)
         if dso is not None and abs(dso) > MAX_ONSET_DAYS:
@@ -144,7 +154,8 @@ def validate_publish(request: Mapping[str, Any], claims: CertificateClaims, now:
             saved.append(key)
     if len({k.key_data for k in keys}) != len(keys):
         raise ApiError(Code.KEY_DUPLICATE, "the same key appears twice")
-    if not hmac.compare_digest(tek_hmac(hmac_key, keys), claims.tekmac):
+    # every form is compared, so the time taken does not say which one matched
+    if sum(hmac.compare_digest(m, claims.tekmac) for m in accepted_tek_hmacs(hmac_key, keys)) != 1:
         raise ApiError(Code.HMAC_MISMATCH, "the keys do not match the certificate's HMAC")
     ha = claims.health_authority
     return ValidatedPublish(claims.jti, tuple(saved), report_type, onset,
@@ -157,9 +168,10 @@ def check_key_count(keys: Sequence[object]) -> None:
 
 
 class Publisher:
-    def __init__(self, engine: sa.Engine, clock: Clock, certificate_key: ec.EllipticCurvePublicKey, *,
+    def __init__(self, engine: sa.Engine, clock: Clock, issuers: Sequence[certificate.TrustedIssuer], *,
                  rehearsal_embargo_s: float | None = None) -> None:
-        self.engine, self.clock, self.certificate_key = engine, clock, certificate_key
+        """``issuers``: the verification servers whose certificates are trusted."""
+        self.engine, self.clock, self.issuers = engine, clock, tuple(issuers)
         self.rehearsal_embargo_s = rehearsal_embargo_s
 
     def publish(self, request: Mapping[str, Any]) -> dict:
@@ -169,10 +181,12 @@ class Publisher:
         is stored already (another upload, even one at the same moment) is skipped."""
         now = self.clock.now()
         check_key_count(request["temporaryExposureKeys"])  # before any work on the certificate
-        claims = certificate.read(request["verificationPayload"], self.certificate_key, now)
+        claims = certificate.read(request["verificationPayload"], self.issuers, now)
         valid = validate_publish(request, claims, now)
         certs = db.certificates
         with self.engine.begin() as c:
+            if not claims.issued_here:  # an outside certificate: recorded at its first use
+                db.insert_new(c, certs, [{"jti": valid.jti}], "jti")
             # claim the certificate first: a second request with it waits here until the
             # first is stored (a row lock; SQLite's one writer), then answers as a retry
             claimed = c.execute(sa.update(certs).where(certs.c.jti == valid.jti, certs.c.used_at.is_(None))

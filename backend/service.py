@@ -7,6 +7,7 @@ from __future__ import annotations
 from agent.clock import Clock, RealClock
 
 from . import db
+from .certificate import AUDIENCE, ISSUER, TrustedIssuer, outside_issuer
 from .config import BackendConfig
 from .exports import ExportJob
 from .httputil import proxy_networks
@@ -28,8 +29,9 @@ class Backend:
         self.engine = db.make_engine(config.database)
         self.limiter = RateLimiter(clock)
         self.verification = VerificationService(config, self.engine, clock, self.limiter)
-        self.publisher = Publisher(self.engine, clock, self.verification.certificate_public_key,
-                                   rehearsal_embargo_s=config.rehearsal_embargo_s)
+        issuers = [TrustedIssuer(ISSUER, AUDIENCE, self.verification.certificate_public_key, builtin=True),
+                   *(outside_issuer(*v) for v in config.outside_verifiers)]
+        self.publisher = Publisher(self.engine, clock, issuers, rehearsal_embargo_s=config.rehearsal_embargo_s)
         self.exports = ExportJob(config, self.engine, clock)
         #: the export signing public key the agents trust (base64 SubjectPublicKeyInfo)
         self.public_key_b64 = self.exports.public_key_b64

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import functools
 import hashlib
 import hmac
@@ -27,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.clock import Clock
 from agent.errors import UserError
+from agent.protocol import gaen
 
 from . import certificate, db
 from .config import BackendConfig
@@ -48,6 +50,47 @@ LONG_CODE_LEN = 16
 #: no 0/o, 1/i/l: the long code is read aloud and typed
 _LONG_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"
 _DRAWS = 5  # attempts at a code that collides with no live one
+
+
+#: The ``accept`` values of the verification server's ``/api/verify``, in its hierarchy: a
+#: client accepting one accepts those before it (``pkg/api/api.go``, VerifyCodeRequest);
+#: ``user-report`` stands apart and may be added to any of them.
+ACCEPT_HIERARCHY = ("confirmed", "likely", "negative")
+USER_REPORT = "user-report"
+
+
+def accepted_test_types(accept: list[str] | None) -> frozenset[str] | None:
+    """The test types a client accepts, from its ``accept`` list; None (all, including
+    types added later) when it is omitted or empty, as the verification server reads it."""
+    if not accept:
+        return None
+    out: set[str] = set()
+    for name in accept:
+        if name in ACCEPT_HIERARCHY:
+            out.update(ACCEPT_HIERARCHY[: ACCEPT_HIERARCHY.index(name) + 1])
+        elif name == USER_REPORT:
+            out.add(name)
+        else:
+            raise ApiError(Code.INVALID_TEST_TYPE, f"unknown test type in accept: {name[:32]!r}")
+    return frozenset(out)
+
+
+def date_interval(date_text: str) -> int:
+    """The ENIntervalNumber of the start (UTC) of a ``YYYY-MM-DD`` day; ValueError if it is not one."""
+    if len(date_text) != 10:
+        raise ValueError("not YYYY-MM-DD")
+    d = dt.date.fromisoformat(date_text)
+    return gaen.en_interval_number(dt.datetime(d.year, d.month, d.day, tzinfo=dt.UTC).timestamp())
+
+
+def interval_date(interval: int) -> str:
+    """The ``YYYY-MM-DD`` UTC day an ENIntervalNumber falls in (``symptomDate`` of /api/verify)."""
+    return dt.datetime.fromtimestamp(interval * gaen.INTERVAL_SECONDS, dt.UTC).date().isoformat()
+
+
+def http_date(unix: float) -> str:
+    """RFC 1123 in UTC, as the verification server's ``expiresAt`` (Go's ``time.RFC1123``)."""
+    return dt.datetime.fromtimestamp(unix, dt.UTC).strftime("%a, %d %b %Y %H:%M:%S UTC")
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:
@@ -216,8 +259,9 @@ class VerificationService:
     # -- codes ----------------------------------------------------------------------
     def issue_code(self, issued_by: str, *, test_type: str = "confirmed",
                    symptom_onset_interval: int | None = None) -> dict:
-        if test_type not in certificate.TEST_TYPES:
-            raise ApiError(Code.BAD_TEST_TYPE, f"test type must be one of {', '.join(certificate.TEST_TYPES)}")
+        if test_type not in certificate.ISSUABLE_TEST_TYPES:
+            raise ApiError(Code.BAD_TEST_TYPE,
+                           f"test type must be one of {', '.join(certificate.ISSUABLE_TEST_TYPES)}")
         now = self.clock.now()
         symptom_onset_interval = symptom_onset_interval or None  # 0: none, as in the API
         if symptom_onset_interval is not None and not onset_plausible(symptom_onset_interval, now):
@@ -239,8 +283,12 @@ class VerificationService:
         else:
             raise ApiError(Code.CODE_SPACE_EXHAUSTED, "could not draw a unique code")
         log.info("code issued by=%s type=%s", issued_by, test_type)
-        return {"code": short, "expiresAt": int(now + SHORT_CODE_TTL), "longCode": long,
-                "longExpiresAt": int(now + LONG_CODE_TTL), "testType": test_type}
+        # the verification server's IssueCodeResponse (expiresAt as RFC 1123, the
+        # timestamps in Unix seconds), and the long code and test type beside it
+        return {"code": short, "expiresAt": http_date(now + SHORT_CODE_TTL),
+                "expiresAtTimestamp": int(now + SHORT_CODE_TTL), "longCode": long,
+                "longExpiresAt": http_date(now + LONG_CODE_TTL), "longExpiresAtTimestamp": int(now + LONG_CODE_TTL),
+                "testType": test_type}
 
     def _code_hash(self, code: object) -> str:
         if not isinstance(code, str) or not _is_code_shape(code):
@@ -283,15 +331,30 @@ class VerificationService:
             raise self._refusal(row)
         return row
 
-    def verify_code(self, code: str, client: str) -> dict:
-        """Trade a live, unused code for a token; the code can never be used again."""
+    def verify_code(self, code: str, client: str, accept: list[str] | None = None) -> dict:
+        """Trade a live, unused code for a token; the code can never be used again. The
+        answer is the verification server's VerifyCodeResponse: ``testtype``, ``token`` and,
+        when the code carries an onset, ``symptomDate``. A code of a test type the client
+        does not ``accept`` is refused (``unsupported_test_type``, 412) and stays unused."""
+        accepted = accepted_test_types(accept)
         self.limiter.check("verify", client, self.config.rate_verify_per_min)
         with self.engine.begin() as c:
-            row = self.claim_code(c, code)
+            try:
+                row = self.claim_code(c, code)
+            except ApiError as e:
+                if e.code is Code.CODE_USED:  # the verification server: "code invalid or used"
+                    raise ApiError(Code.CODE_INVALID, e.message) from None
+                raise
+            if accepted is not None and row.test_type not in accepted:
+                raise ApiError(Code.UNSUPPORTED_TEST_TYPE, f"the code is for a {row.test_type!r} test, which "
+                                                           "this app does not accept")  # rolls the claim back
             token = secrets.token_urlsafe(32)
             c.execute(sa.insert(db.tokens).values(token_hash=self._h(token), code_id=row.id,
                                                   expires_at=self.clock.now() + TOKEN_TTL))
-        return {"token": token, "testtype": row.test_type, "symptomOnsetInterval": row.symptom_onset_interval}
+        answer = {"testtype": row.test_type, "token": token}
+        if row.symptom_onset_interval:
+            answer["symptomDate"] = interval_date(row.symptom_onset_interval)
+        return answer
 
     def certificate(self, token: str, ekeyhmac: str) -> dict:
         """Trade a token, once, for a certificate binding the HMAC of the keys to upload."""
@@ -314,4 +377,4 @@ class VerificationService:
         cert = certificate.sign(self._cert_key, key_version=self.config.key_version, jti=jti, tekmac=ekeyhmac,
                                 test_type=row.test_type, symptom_onset_interval=row.symptom_onset_interval,
                                 health_authority=row.issued_by, now=now, ttl_s=CERT_TTL)
-        return {"certificate": cert, "error": ""}
+        return {"certificate": cert}

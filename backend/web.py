@@ -7,7 +7,6 @@ only their own style (Content-Security-Policy), and are never cached."""
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import hashlib
 import hmac
 import html
@@ -19,12 +18,10 @@ import qrcode.image.svg
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from agent.protocol import gaen
-
 from .errors import ApiError
 from .httputil import client_host, is_https
 from .service import Backend
-from .verification import LONG_CODE_TTL, SESSION_TTL, SHORT_CODE_TTL
+from .verification import LONG_CODE_TTL, SESSION_TTL, SHORT_CODE_TTL, date_interval
 
 SESSION_COOKIE = "ctagent_session"
 #: the sign-in form's pre-session cookie: the form's CSRF token is bound to it
@@ -67,13 +64,6 @@ def _qr_svg(text: str) -> str:
     buf = io.BytesIO()
     img.save(buf)
     return buf.getvalue().decode()
-
-
-def onset_interval(date_text: str) -> int:
-    """The ENIntervalNumber of the start of a ``YYYY-MM-DD`` day (UTC); ValueError if not a date."""
-    d = dt.date.fromisoformat(date_text)
-    start = dt.datetime(d.year, d.month, d.day, tzinfo=dt.UTC).timestamp()
-    return gaen.en_interval_number(start)
 
 
 def _duration(seconds: int) -> str:
@@ -151,7 +141,7 @@ def web_router(backend: Backend) -> APIRouter:
         if session is None or user is None or not hmac.compare_digest(csrf, verification.csrf_token(session)):
             return to_login()
         try:
-            onset_i = onset_interval(onset) if onset else None
+            onset_i = date_interval(onset) if onset else None
         except ValueError:
             return page("Issue a verification code", _error("The onset date is not a date."), 400)
         try:

@@ -72,19 +72,25 @@ def test_verify_certificate_publish_over_http(backend, live, clock):
     url = live.url
     onset = gaen.rolling_start_for_day(clock.t) - 2 * 144
     issued = backend.verification.issue_code("lab", test_type="likely", symptom_onset_interval=onset)
-    assert issued["expiresAt"] == int(clock.t) + 15 * 60 and issued["longExpiresAt"] == int(clock.t) + 86400
+    assert issued["expiresAtTimestamp"] == int(clock.t) + 15 * 60
+    assert issued["longExpiresAtTimestamp"] == int(clock.t) + 86400
+    assert issued["expiresAt"] == "Fri, 04 Oct 2024 09:15:00 UTC"  # RFC 1123, as the verification server
     r = api(url, "/api/verify", {"code": issued["code"], "accept": ["confirmed", "likely"]})
     assert r.status_code == 200
     v = r.json()
-    assert v["testtype"] == "likely" and v["symptomOnsetInterval"] == onset
+    assert v["testtype"] == "likely" and v["symptomDate"] == "2024-10-02" and "symptomOnsetInterval" not in v
     keys = keys_for(clock.t)
     r = api(url, "/api/certificate", {"token": v["token"], "ekeyhmac": tek_hmac(HMAC_KEY, keys)})
-    assert r.status_code == 200 and r.json()["error"] == ""
+    assert r.status_code == 200 and "errorCode" not in r.json()
     body = publish_body(keys, r.json()["certificate"])
     r = api(url, "/v1/publish", body)
     assert r.status_code == 200
-    assert r.json() == {"revisionToken": "", "insertedExposures": 2, "error": "", "code": ""}
-    assert api(url, "/v1/publish", body).json() == r.json()  # an identical retry: the same answer
+    answer = r.json()
+    assert 1024 <= len(base64.b64decode(answer.pop("padding"))) < 2048
+    assert answer == {"revisionToken": "", "insertedExposures": 2, "error": "", "code": ""}
+    retry = api(url, "/v1/publish", body).json()
+    retry.pop("padding")
+    assert retry == answer  # an identical retry: the same answer
     with backend.engine.connect() as c:
         rows = c.execute(sa.select(db.exposures).order_by(db.exposures.c.rolling_start)).fetchall()
     assert [r.report_type for r in rows] == [ReportType.CONFIRMED_CLINICAL_DIAGNOSIS] * 2
@@ -101,14 +107,14 @@ def test_token_and_certificate_negative_cases(backend, live, clock):
     url = live.url
     token = backend.verification.verify_code(backend.verification.issue_code("lab")["code"], "t")["token"]
     r = api(url, "/api/certificate", {"token": token, "ekeyhmac": base64.b64encode(b"short").decode()})
-    assert r.status_code == 400 and r.json()["code"] == "hmac_invalid"
+    assert r.status_code == 400 and r.json()["errorCode"] == "hmac_invalid"
     mac = tek_hmac(HMAC_KEY, keys_for(clock.t))
     assert api(url, "/api/certificate", {"token": token, "ekeyhmac": mac}).status_code == 200
     r = api(url, "/api/certificate", {"token": token, "ekeyhmac": mac})  # a token works once
-    assert r.status_code == 400 and r.json()["code"] == "token_invalid"
+    assert r.status_code == 400 and r.json()["errorCode"] == "token_invalid"
     late = backend.verification.verify_code(backend.verification.issue_code("lab")["code"], "t")["token"]
     clock.advance(11 * 60)
-    assert api(url, "/api/certificate", {"token": late, "ekeyhmac": mac}).json()["code"] == "token_invalid"
+    assert api(url, "/api/certificate", {"token": late, "ekeyhmac": mac}).json()["errorCode"] == "token_invalid"
 
     body = valid_publish(backend, clock.t)
     clock.advance(16 * 60)
@@ -120,25 +126,25 @@ def test_token_and_certificate_negative_cases(backend, live, clock):
     other = publish_body(keys_for(clock.t, seed=2), body["verificationPayload"])
     assert api(url, "/v1/publish", other).json()["code"] == "hmac_mismatch"
     r = api(url, "/api/issue", {"testType": "negative"}, headers={"X-API-Key": backend.verification.add_api_key("l")})
-    assert r.status_code == 400 and r.json()["code"] == "bad_test_type"
+    assert r.status_code == 400 and r.json()["errorCode"] == "bad_test_type"
 
 
 def test_negative_cases_each_clear_and_nothing_stored(backend, live, clock):
     url = live.url
     code = backend.verification.issue_code("lab")["code"]
     assert api(url, "/api/verify", {"code": code}).status_code == 200
-    r = api(url, "/api/verify", {"code": code})
-    assert r.status_code == 400 and r.json()["code"] == "code_used"
+    r = api(url, "/api/verify", {"code": code})  # used: "code_invalid" as the verification server says it
+    assert r.status_code == 400 and r.json() == {"errorCode": "code_invalid", "error": "the code was already used"}
     old = backend.verification.issue_code("lab")["code"]
     clock.advance(16 * 60)
     r = api(url, "/api/verify", {"code": old})
-    assert r.json()["code"] == "code_expired"
+    assert r.json()["errorCode"] == "code_expired"
     r = api(url, "/api/verify", {"code": "12345678"})
-    assert r.json()["code"] == "code_invalid"
+    assert r.json()["errorCode"] == "code_invalid"
     r = api(url, "/api/verify", raw=b'{"code": "1234')
-    assert r.status_code == 400 and r.json()["code"] == "unparsable_request"
+    assert r.status_code == 400 and r.json()["errorCode"] == "unparsable_request"
     r = api(url, "/api/verify", {"code": "12345678", "extra": 1})
-    assert r.status_code == 400 and r.json()["code"] == "invalid_request"
+    assert r.status_code == 400 and r.json()["errorCode"] == "invalid_request"
 
     body = valid_publish(backend, clock.t, tamper_hmac=True)
     r = api(url, "/v1/publish", body)
@@ -183,7 +189,7 @@ def test_keys_too_old_or_in_future(backend, live, clock):
 def test_lab_api_needs_key_and_rate_limits(backend, live):
     assert api(live.url, "/api/issue", {}).status_code == 401
     r = api(live.url, "/api/issue", {}, headers={"X-API-Key": "guess"})
-    assert r.status_code == 401 and r.json()["code"] == "unauthorized"
+    assert r.status_code == 401 and r.json()["errorCode"] == "unauthorized"
     key = backend.verification.add_api_key("lab-1")
     r = api(live.url, "/api/issue", {"testType": "confirmed"}, headers={"X-API-Key": key})
     assert r.status_code == 200 and len(r.json()["code"]) == 8 and len(r.json()["longCode"]) == 16
@@ -195,14 +201,14 @@ def test_lab_api_needs_key_and_rate_limits(backend, live):
 def test_long_code_outlives_the_short_one(backend, live, clock):
     c = backend.verification.issue_code("lab")
     clock.advance(3600)
-    assert api(live.url, "/api/verify", {"code": c["code"]}).json()["code"] == "code_expired"
+    assert api(live.url, "/api/verify", {"code": c["code"]}).json()["errorCode"] == "code_expired"
     r = api(live.url, "/api/verify", {"code": c["longCode"].upper()})  # the long code is case-insensitive
     assert r.status_code == 200 and r.json()["token"]
     clock.advance(DAY_SECONDS)
     c = backend.verification.issue_code("lab")
     assert api(live.url, "/api/verify", {"code": c["longCode"]}).status_code == 200
     r = api(live.url, "/api/verify", {"code": c["code"]})  # short and long are one code: used once
-    assert r.status_code == 400 and r.json()["code"] == "code_used"
+    assert r.status_code == 400 and r.json()["error"] == "the code was already used"
 
 
 # -- the physicians' page ----------------------------------------------------------------
@@ -235,7 +241,7 @@ def test_physician_signs_in_and_issues_a_code(backend, live, clock):
         code = re.search(r'id="code">(\d{8})<', r.text).group(1)
         assert re.search(r'id="long-code">([a-z0-9]{16})<', r.text)
     v = api(live.url, "/api/verify", {"code": code}).json()
-    assert v["testtype"] == "confirmed" and v["symptomOnsetInterval"] == gaen.rolling_start_for_day(1_727_740_800)
+    assert v["testtype"] == "confirmed" and v["symptomDate"] == "2024-10-01"
     # without the cookie: back to the login page
     r = httpx.post(live.url + "/issue", data={"csrf": csrf})
     assert r.status_code == 303 and r.headers["location"] == "/login"

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from agent.protocol import robert
 from backend import Backend, BackendConfig, db
-from backend.errors import Code
+from backend.errors import VERIFICATION_API_PATHS, Code
 from backend.robert import MAX_CONTACTS_PER_REPORT, MAX_HELLOS_PER_CONTACT, RobertConfig, RobertServer, contacts
 from backend.server import BackgroundServer
 
@@ -48,12 +48,14 @@ sqlite_only = pytest.mark.parametrize("world", ["sqlite"], indirect=True)
 
 
 def refused(r: httpx.Response, code: str | None = None, status: int | None = None) -> None:
-    """A 4xx with the ``{code, error}`` body (that code and status when given)."""
+    """A 4xx with the error body of its route (``{errorCode, error}`` on the verification
+    server's routes, ``{code, error}`` elsewhere), that code and status when given."""
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
     doc = r.json()
-    assert set(doc) == {"code", "error"} and doc["code"] in CODES and isinstance(doc["error"], str), doc
+    key = "errorCode" if r.request.url.path in VERIFICATION_API_PATHS else "code"
+    assert set(doc) == {key, "error"} and doc[key] in CODES and isinstance(doc["error"], str), doc
     if code is not None:
-        assert doc["code"] == code, doc
+        assert doc[key] == code, doc
     if status is not None:
         assert r.status_code == status, r.status_code
 

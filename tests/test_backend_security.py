@@ -258,7 +258,7 @@ def test_database_errors_never_log_key_bytes(backend, live, clock, monkeypatch):
     uploaded keys, in the server's log."""
     body, keys = prepared_publish(backend, clock.t)
     row = publish._row  # a row the database refuses (PostgreSQL's error quotes it whole: "Failing row contains")
-    monkeypatch.setattr(publish, "_row", lambda k, ha, now: {**row(k, ha, now), "health_authority": None})
+    monkeypatch.setattr(publish, "_row", lambda *a: {**row(*a), "health_authority": None})
     caught = logging.getLogger("uvicorn.error")
     records: list[str] = []
     handler = logging.Handler()

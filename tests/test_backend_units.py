@@ -49,7 +49,7 @@ from backend.ratelimit import (
     LoginBackoff,
     RateLimiter,
 )
-from backend.web import onset_interval
+from backend.verification import date_interval as onset_interval
 
 NOW = 20_000 * DAY_SECONDS + 9 * 3600  # 09:00 UTC
 TODAY = gaen.rolling_start_for_day(NOW)
@@ -306,19 +306,22 @@ def test_split_batches():
     assert file_name(BatchWindow(10, 20), 7, 2) == "10-20-7-00002.zip"  # the batch's id: unique per batch
 
 
-def test_padding_keys_look_like_real_uploads():
-    keys = padding_keys(500, NOW, random.Random(7))
+def test_padding_keys_copy_the_real_keys_but_their_bytes():
+    real = [export.DiagnosisKey(bytes([i]) * 16, TODAY - (i + 1) * 144, 144, 0, ReportType.CONFIRMED_TEST, i - 2)
+            for i in range(5)]
+    keys = padding_keys(500, real, random.Random(7))
     assert len(keys) == 500 and len({k.key_data for k in keys}) == 500
+    assert not {k.key_data for k in keys} & {k.key_data for k in real}
+    fields = {(k.rolling_start_interval_number, k.rolling_period, k.transmission_risk_level, k.report_type,
+               k.days_since_onset_of_symptoms) for k in real}
     for k in keys:
         k.validate()
-        assert len(k.key_data) == 16 and k.rolling_period == 144
-        assert TODAY - 13 * 144 <= k.rolling_start_interval_number <= TODAY - 144
-        assert k.rolling_start_interval_number % 144 == 0
-        assert 1 <= k.transmission_risk_level <= 8
-        assert k.report_type is ReportType.CONFIRMED_TEST and k.days_since_onset_of_symptoms is None
-    assert {k.day for k in keys} == {TODAY // 144 - d for d in range(1, 14)}
-    assert padding_keys(3, NOW, random.Random(7)) == keys[:3]  # the random source decides everything
-    assert padding_keys(0, NOW, random.Random(7)) == []
+        assert (k.rolling_start_interval_number, k.rolling_period, k.transmission_risk_level, k.report_type,
+                k.days_since_onset_of_symptoms) in fields
+    assert padding_keys(3, real, random.Random(7)) == keys[:3]  # the random source decides everything
+    assert padding_keys(0, [], random.Random(7)) == []
+    with pytest.raises(ValueError):
+        padding_keys(1, [], random.Random(7))
     # they survive an export file
     signing = ec.generate_private_key(ec.SECP256R1())
     blob = export.build_export(keys, signing_key=signing, start_timestamp=0, end_timestamp=1, region="XX")

@@ -26,7 +26,9 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def env(tmp_path):
     cfg = tmp_path / "ctagent.toml"
-    e = {"CTAGENT_CONFIG": str(cfg), "CTAGENT_AGENT_FLUSH_INTERVAL_S": "1"}
+    e = {"CTAGENT_CONFIG": str(cfg), "CTAGENT_AGENT_FLUSH_INTERVAL_S": "1",
+         # the machine's own clock state is not what these tests are about (tests/test_timesync.py)
+         "CTAGENT_AGENT_CLOCK_CHECK": "off"}
     r = CliRunner().invoke(cli.main, ["init", "--data-dir", str(tmp_path / "data"), "--radio", "sim"], env=e)
     assert r.exit_code == 0, r.output
     assert oct((tmp_path / "data" / "master.key").stat().st_mode & 0o777) == "0o600"
@@ -66,14 +68,14 @@ def test_run_sigterm_status_encounters_export_purge(env):
     assert r.exit_code == 0, r.output
     st = json.loads(r.output)
     figures = st["daemon"]["figures"]  # the daemon's last figures, from before it stopped
-    assert st["encounters"] >= 1 and st["own_keys"] == 1 and figures["rotations"] >= 1
+    assert st["identifiers_heard"] >= 1 and st["own_keys"] == 1 and figures["rotations"] >= 1
     assert figures["mode"] == "normal" and st["protocol"] == "gaen" and st["daemon"]["running"] is False
     r = invoke(e, "status")
     assert "no exposure found" in r.output
     r = invoke(e, "encounters", "--json")
     rows = json.loads(r.output)
     assert rows and rows[0]["samples"] > 0
-    assert "identifiers heard" in invoke(e, "encounters").output
+    assert "identifier-minutes" in invoke(e, "encounters").output
 
     r = invoke(e, "export", "--format", "json")
     assert r.exit_code == 1 and "consent" in r.output
@@ -218,16 +220,37 @@ def test_robert_mode_commands(env):
         run_until(e, tmp, lambda st: st.get("rotations", 0) >= 1 and st.get("sightings", 0) > 0,
                   "registration, a broadcast and HELLOs heard")
         assert daemon_status(tmp)["protocol"] == "robert"
+        st = json.loads(invoke(e, "status", "--json").output)
+        assert st["identifiers_heard"] >= 1 and st["registered"] is True and st["server_call"] == "risk status"
+        text = invoke(e, "status").output
+        assert "heard        " in text and "registered   yes" in text and "last risk status" in text
+        rows = json.loads(invoke(e, "encounters", "--json").output)
+        assert rows and rows[0]["samples"] >= rows[0]["identifiers"] >= 1  # the HELLOs, per day
         code = backend.verification.issue_code("lab")["code"]
         r = invoke(e, "declare", "--code", code)
         assert r.exit_code == 1 and "HELLO(s) your device heard" in r.output  # asks first
         r = invoke(e, "declare", "--code", code, "--yes")
-        assert r.exit_code == 0 and "HELLO(s) accepted" in r.output, r.output
-        assert "dropped" in r.output  # the sim peers' HELLOs were never issued by this server
+        # the sim peers' HELLOs were never issued by this server: none accepted, and why
+        assert r.exit_code == 1 and "0 HELLO(s) accepted" in r.output, r.output
+        assert "could verify none" in r.output and "did not register" in r.output
         r = invoke(e, "delete-history")
+        assert r.exit_code == 1 and "cannot be undone" in r.output  # asks first
+        r = invoke(e, "delete-history", "--yes")
         assert r.exit_code == 0, r.output
         r = invoke(e, "unregister", "--yes")
         assert r.exit_code == 0 and "unregistered" in r.output
+        text = invoke(e, "status").output
+        assert "registered   NO (left the server" in text and "`ctagent register` joins again" in text
+        proc = subprocess.run([sys.executable, "-m", "cli", "run"], env={**os.environ, **e}, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 1 and "left the ROBERT server" in proc.stderr, proc.stderr  # no silent re-join
+        assert "ctagent register" in proc.stderr
+        r = invoke(e, "register")
+        assert r.exit_code == 0 and "registered" in r.output, r.output
+        assert json.loads(invoke(e, "status", "--json").output)["registered"] is True
     r = invoke({k: v for k, v in e.items() if k not in ("CTAGENT_AGENT_PROTOCOL", "CTAGENT_SYNC_BACKEND_URL")},
                "unregister", "--yes")
+    assert r.exit_code == 1 and "ROBERT mode" in r.output
+    r = invoke({k: v for k, v in e.items() if k not in ("CTAGENT_AGENT_PROTOCOL", "CTAGENT_SYNC_BACKEND_URL")},
+               "register")
     assert r.exit_code == 1 and "ROBERT mode" in r.output

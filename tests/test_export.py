@@ -167,3 +167,87 @@ keys_strategy = st.lists(
 def test_round_trip_property(keys):
     b = export.build_export_bin(keys, start_timestamp=1, end_timestamp=2, region="XX")
     assert list(export.parse_export_bin(b).keys) == keys
+
+
+# --- the C parser against the protobuf runtime -----------------------------------------
+
+def _reading(body: bytes, native: bool):
+    """What a parser makes of ``body``: the header and the key arrays, or the error."""
+    try:
+        p = export.parse_export_bin_packed(export.HEADER + body, native=native)
+    except ExportFormatError as e:
+        return ("error", "malformed" if "malformed" in str(e) else str(e))
+    arrays = [(k.key_data, k.rolling_start.tolist(), k.rolling_period.tolist(), k.transmission_risk.tolist(),
+               k.report_type.tolist(), (k.days_since_onset * k.has_days_since_onset).tolist(),
+               k.has_days_since_onset.tolist()) for k in (p.keys, p.revised_keys)]
+    return (p.start_timestamp, p.end_timestamp, p.region, p.batch_num, p.batch_size, p.signature_infos, arrays)
+
+
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        if v:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+# pieces of the wire format a parser must read exactly as the runtime does: other wire
+# types for known fields, unknown fields and groups, 10-byte varints, int32 overflow, an
+# enum value outside the enum, a sint32, repeated scalars (the last wins), bad lengths
+_KEY_FIELDS = st.one_of(
+    st.builds(lambda b: b"\x0a" + _varint(len(b)) + b, st.binary(min_size=14, max_size=18)),
+    st.builds(lambda f, v: bytes([f << 3]) + _varint(v), st.integers(2, 6),
+              st.one_of(st.integers(0, 300), st.integers(0, 2**64 - 1), st.just(2**32 + 5), st.just(2**63))),
+    st.sampled_from([b"\x08\x01", b"\x11" + bytes(8), b"\x1d" + bytes(4), b"\x5b\x08\x01\x5c", b"\x3b\x3c",
+                     b"\x20\x00", b"\x20\x91\x01", b"\x28\x09", b"\x32\x01\x00",
+                     b"\x78\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"]),
+)
+
+
+def _key_message(parts):
+    body = b"".join(parts)
+    return b"\x3a" + _varint(len(body)) + body
+
+
+_GOOD_KEY = st.builds(lambda kd, rs, rp, extra: b"\x0a\x10" + kd + b"\x18" + _varint(rs) + b"\x20" + _varint(rp)
+                      + extra,
+                      st.binary(min_size=16, max_size=16), st.integers(0, 2**31 - 1), st.integers(1, 144),
+                      st.sampled_from([b"", b"\x10\x03", b"\x28\x01", b"\x30\x07", b"\x30\x08", b"\x28\x07"]))
+
+_TOP_FIELDS = st.one_of(
+    _GOOD_KEY.map(lambda b: b"\x3a" + _varint(len(b)) + b),
+    st.lists(_KEY_FIELDS, max_size=6).map(_key_message),
+    _GOOD_KEY.map(lambda b: b"\x42" + _varint(len(b)) + b),
+    st.builds(lambda v: b"\x09" + v.to_bytes(8, "little"), st.integers(0, 2**64 - 1)),
+    st.builds(lambda v: b"\x11" + v.to_bytes(8, "little"), st.integers(0, 2**64 - 1)),
+    st.builds(lambda b: b"\x1a" + _varint(len(b)) + b, st.binary(max_size=6)),
+    st.builds(lambda f, v: bytes([f << 3]) + _varint(v), st.sampled_from([4, 5, 9, 15]), st.integers(0, 2**64 - 1)),
+    st.sampled_from([b"\x32\x06\x22\x04ab12", b"\x32\x02\x08\x01", b"\x38\x01", b"\x0d\x00\x00\x00\x00",
+                     b"\x83\x01\x84\x01", b"\x0b", b"\x0c", b"\x07", b"\x3a\x05\x0a\x10", b"\x3a\x80\x80\x80\x80\x10"]),
+)
+
+
+@settings(max_examples=250, deadline=None)
+@given(st.lists(_TOP_FIELDS, max_size=8), st.data())
+def test_c_parser_reads_what_the_protobuf_runtime_reads(fields, data):
+    if export._fastexport is None:
+        pytest.skip("the C parser was not built")
+    body = b"".join(fields)
+    if body and data.draw(st.booleans()):  # and corrupted: cut, a byte changed
+        cut = data.draw(st.integers(0, len(body)))
+        body = body[:cut] + (bytes([data.draw(st.integers(0, 255))]) + body[cut + 1:] if data.draw(st.booleans())
+                             else b"")
+    assert _reading(body, True) == _reading(body, False)
+
+
+def test_c_parser_reads_the_real_files_like_the_runtime():
+    if export._fastexport is None:
+        pytest.skip("the C parser was not built")
+    for name in sorted(EXPECTED):
+        data = (FILES / name).read_bytes()
+        export_bin, _ = export.unzip_export(data) if data[:2] == b"PK" else (data, b"")
+        assert _reading(export_bin[16:], True) == _reading(export_bin[16:], False), name

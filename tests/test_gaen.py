@@ -75,7 +75,7 @@ def test_wrong_key_lengths_raise_typed_error(bad):
         gaen.rpi(bad, 1)
 
 
-@given(st.binary(min_size=16, max_size=16), st.binary(min_size=16, max_size=16), st.integers(-128, 127))
+@given(st.binary(min_size=16, max_size=16), st.binary(min_size=16, max_size=16), st.integers(-127, 127))
 def test_aem_round_trip(aemk, rpi_, tx):
     meta = gaen.metadata(tx)
     aem = gaen.encrypt_aem(aemk, rpi_, meta)
@@ -88,3 +88,12 @@ def test_batched_equals_single(tek, start, period):
     batched = gaen.rpis_for_key(tek, start, period)
     assert len(batched) == period
     assert batched[0] == gaen.rpi(rpik, start) and batched[-1] == gaen.rpi(rpik, start + period - 1)
+
+
+def test_metadata_transmit_power_is_minus_127_to_127():
+    """Bluetooth spec v1.2 "Metadata": byte 1 is the transmit power, -127..+127 dBm."""
+    assert gaen.Metadata.from_bytes(gaen.metadata(-127)).tx_power_dbm == -127
+    with pytest.raises(gaen.CryptoInputError):
+        gaen.metadata(-128)
+    with pytest.raises(gaen.MetadataError):
+        gaen.Metadata.from_bytes(bytes([0x40, 0x80, 0, 0]))  # version 1.0, -128 dBm

@@ -36,7 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def device(tmp_path):
     cfg = tmp_path / "ctagent.toml"
-    env = {"CTAGENT_CONFIG": str(cfg), "CTAGENT_AGENT_FLUSH_INTERVAL_S": "1"}
+    env = {"CTAGENT_CONFIG": str(cfg), "CTAGENT_AGENT_FLUSH_INTERVAL_S": "1",
+         # the machine's own clock state is not what these tests are about (tests/test_timesync.py)
+         "CTAGENT_AGENT_CLOCK_CHECK": "off"}
     r = CliRunner().invoke(cli.main, ["init", "--data-dir", str(tmp_path / "data"), "--radio", "sim"], env=env)
     assert r.exit_code == 0, r.output
     return env, tmp_path

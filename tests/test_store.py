@@ -296,6 +296,7 @@ def _legacy_database(path, clock, version):
                "tuples": {"7": ["22" * 8, "33"]}}
         legacy_row("secrets", 2**31 - 1, None,
                    json.dumps({"n": "robert.registration", "v": json.dumps(reg).encode().hex()}).encode())
+    s.conn.execute("DROP TABLE research")  # schema 4
     s.conn.execute("DROP INDEX exposures_uid")
     s.conn.execute("ALTER TABLE exposures DROP COLUMN uid")
     if version < 2:

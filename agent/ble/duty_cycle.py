@@ -10,23 +10,30 @@ from __future__ import annotations
 import asyncio
 
 from ..clock import Clock
-from .base import Advertiser, Scanner
+from .base import Advertiser, RadioEvents, Scanner
 
 
 async def duty_cycle(advertiser: Advertiser, scanner: Scanner, *, advertise_s: float, scan_s: float, clock: Clock,
-                     stop: asyncio.Event) -> None:
+                     stop: asyncio.Event, events: RadioEvents | None = None) -> None:
+    """``events``: the pauses, as radio-down intervals for research recording."""
+    events = events or RadioEvents()
     await scanner.pause()
+    events.down("scan_paused", clock.now(), "duty cycle")
     while not stop.is_set():
         await advertiser.resume()
+        events.up("advertise_paused", clock.now())
         await clock.sleep(advertise_s)
         if stop.is_set():
             break
         await advertiser.pause()
+        events.down("advertise_paused", clock.now(), "duty cycle")
         await scanner.resume()
+        events.up("scan_paused", clock.now())
         await clock.sleep(scan_s)
         if stop.is_set():
             break
         await scanner.pause()
+        events.down("scan_paused", clock.now(), "duty cycle")
 
 
 def parse_duty_cycle(text: str) -> tuple[float, float] | None:

@@ -23,7 +23,7 @@ from ..modes import mode_class
 from .fleet import EXPORT_MIN_KEYS, Fleet
 from .plot import plot
 from .scenario import ACTIVE, DAY0, SCENARIOS, Scenario
-from .score import DemoResult, DemoRow, result_json, score
+from .score import DemoResult, DemoRow, score
 from .simulate import simulate
 
 #: the test result comes in the evening of the last day
@@ -33,7 +33,10 @@ RESULT_AT_S = 19 * 3600
 def run_demo(*, devices: int = 24, days: int = 2, seed: int = 1, scenario: str = "office",
              protocol: str = DEFAULT_PROTOCOL, out_dir: Path | None = None, tick_s: float = 8.0,
              log: Callable[[str], None] = print, progress: Callable[[str, float], None] | None = None,
-             png: bool = True) -> DemoResult:
+             png: bool = True, research_dir: Path | None = None) -> DemoResult:
+    """``research_dir``: also rehearse a field experiment: every device records research
+    data, and its bundle plus the ground truth land there (an experiment folder for
+    ``ctagent experiment analyze``)."""
     mode_class(protocol)  # a clear error for an unknown family
     if devices < 4:
         raise UserError("the demo needs at least 4 devices")
@@ -46,7 +49,7 @@ def run_demo(*, devices: int = 24, days: int = 2, seed: int = 1, scenario: str =
     clock = ManualClock(DAY0 + ACTIVE[0])
     cfg = ProximityConfig()
     res = DemoResult(devices=devices, days=days, seed=seed, scenario=scenario, protocol=protocol)
-    with Fleet(protocol, devices, days, seed, rng, clock, cfg) as fleet:
+    with Fleet(protocol, devices, days, seed, rng, clock, cfg, research=research_dir is not None) as fleet:
         scen = Scenario(scenario, devices, days, rng)
         log(f"{devices} virtual devices, {days} day(s) of scenario '{scenario}' (seed {seed}), protocol {protocol}; "
             f"{len(scen.events)} situations with ground truth")
@@ -59,6 +62,9 @@ def run_demo(*, devices: int = 24, days: int = 2, seed: int = 1, scenario: str =
             "and address")
         _declare_and_check(fleet, days, log, progress)
         score(fleet, trace, cfg.duration_threshold_min, res)
+        if research_dir is not None:
+            fleet.write_research(Path(research_dir), trace.pair_truth, f"demo-{scenario}-seed{seed}")
+            log(f"research bundles and ground truth in {research_dir}")
     res.wall_s = time.perf_counter() - wall0
     if png:
         out = Path(out_dir) if out_dir else Path("demo-out")
@@ -90,4 +96,4 @@ def _declare_and_check(fleet: Fleet, days: int, log: Callable[[str], None],
             progress("checking with the server", i / (len(modes) - 1))
 
 
-__all__ = ["DemoResult", "DemoRow", "result_json", "run_demo"]
+__all__ = ["DemoResult", "DemoRow", "run_demo"]

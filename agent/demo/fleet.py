@@ -19,7 +19,9 @@ from ..exposure.rule import ProximityConfig
 from ..modes import mode_class
 from ..modes.base import DeviceContext, ProtocolMode
 from ..protocol.robert import EPOCH_SECONDS
+from ..experiment.recording import RadioFacts, ResearchRecorder
 from ..store import Passphrase, Store
+from .scenario import ACTIVE, DAY0
 
 #: the device models handed out in turn
 MODELS = ("Raspberry Pi 3 Model B", "Raspberry Pi Zero W", "Raspberry Pi 4 Model B")
@@ -34,7 +36,7 @@ class Fleet:
     """Use as a context manager: it owns a temporary folder, stores and a server."""
 
     def __init__(self, protocol: str, devices: int, days: int, seed: int, rng: random.Random, clock: ManualClock,
-                 proximity: ProximityConfig) -> None:
+                 proximity: ProximityConfig, *, research: bool = False) -> None:
         self.mode_cls = mode_class(protocol)
         self.clock = clock
         self.proximity = proximity
@@ -57,6 +59,36 @@ class Fleet:
         self._work = work
         self.modes: list[ProtocolMode[Any]] = []
         self.http: httpx.Client | None = None
+        #: research recording, one per device, when the demo rehearses an experiment
+        self.recorders: list[ResearchRecorder] = (
+            [ResearchRecorder(s, started_at=clock.now()) for s in self.stores] if research else [])
+        for store in self.stores if research else []:
+            cfg = MediumConfig()
+            store.state.put(RadioFacts("sim", sum(cfg.adv_interval_s) / 2, cfg.duty))
+
+    def label(self, i: int) -> str:
+        return self.sim_devices[i].name
+
+    def write_research(self, folder: Path, pair_truth: list[tuple[int, int, float, float, float]],
+                       experiment_id: str) -> list[Path]:
+        """Every device's research bundle (collected as a device collects its own) and the
+        ground truth, in an experiment folder."""
+        from ..experiment.collect import collect, utc_iso
+
+        folder.mkdir(parents=True, exist_ok=True)
+        out = []
+        now = self.clock.now()
+        for i, (store, mode) in enumerate(zip(self.stores, self.modes)):
+            target = folder / self.label(i)
+            collect(store, mode, target, experiment_id=experiment_id, device_label=self.label(i),
+                    device_model=self.calibrations[i].model, consent_at=utc_iso(DAY0 + ACTIVE[0]), now=now)
+            out.append(target)
+        truth = folder / "truth"
+        truth.mkdir(exist_ok=True)
+        lines = ["a,b,start,end,distance_m"] + [f"{self.label(a)},{self.label(b)},{s!r},{e!r},{d!r}"
+                                                for a, b, s, e, d in pair_truth]
+        (truth / "pairs.csv").write_text("\n".join(lines) + "\n")
+        return out
 
     def start_backend(self) -> str:
         """The embedded backend, both roles (key server and ROBERT), on the virtual clock."""

@@ -3,7 +3,6 @@ of person 0 on one day (the confusion matrix and one row per device)."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +73,3 @@ def score(fleet: Fleet, trace: Trace, threshold_min: float, result: DemoResult) 
         result.rows.append(row)
     return result
 
-
-def result_json(res: DemoResult) -> str:
-    return json.dumps(res.to_json(), indent=1)

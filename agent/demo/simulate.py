@@ -12,11 +12,15 @@ from typing import Any
 import numpy as np
 
 from ..protocol.payload import uuid128
+from ..timesync import simulated_clock
 from .fleet import Fleet
 from .scenario import Scenario
 
 #: seconds of simulated time between writes to the stores (the daemon's flush interval)
 FLUSH_EVERY_S = 60.0
+#: research batches are written less often (each write is a durable transaction: the
+#: demo's many stores on one disk would wait on them)
+RESEARCH_FLUSH_S = 600.0
 CARRIAGES = (("table", "pocket", "bag"), (0.6, 0.25, 0.15))  # hand/table 60 %, pocket 25 %, bag 15 %
 
 
@@ -33,6 +37,13 @@ class Trace:
     attenuation_from_p0: list[np.ndarray] = field(default_factory=list)
     sightings: int = 0
     rotations: int = 0
+    #: ground truth for research bundles (when the fleet records): every pair within
+    #: TRUTH_RANGE_M per tick, (a, b, start, end, distance_m)
+    pair_truth: list[tuple[int, int, float, float, float]] = field(default_factory=list)
+
+
+#: pairs farther apart than this are left out of the exported ground truth (no contact)
+TRUTH_RANGE_M = 5.0
 
 
 def simulate(fleet: Fleet, scenario: Scenario, rng: random.Random, *, tick_s: float, distance_m: float,
@@ -46,6 +57,8 @@ def simulate(fleet: Fleet, scenario: Scenario, rng: random.Random, *, tick_s: fl
     heard: dict[tuple[int, int], int] = {}
     trace = Trace(close_minutes=np.zeros((scenario.days, n)))
     records = [m.record for m in modes]
+    research = fleet.recorders
+    raw: list[tuple[str, bytes] | None] = [None] * n  # each transmitter's address and service data
 
     def deliver(rx: int, tx: int, ts: float, rssi: int) -> None:
         if limit is not None:
@@ -57,6 +70,9 @@ def simulate(fleet: Fleet, scenario: Scenario, rng: random.Random, *, tick_s: fl
         if payload is not None:
             records[rx](ts, payload, rssi)
             trace.sightings += 1
+            if research:
+                address, data = raw[tx]  # type: ignore[misc]
+                research[rx].heard(ts, address, rssi, None, data)
 
     total_ticks = scenario.days * int((scenario.active_span(0)[1] - scenario.active_span(0)[0]) / tick_s)
     done_ticks = 0
@@ -66,6 +82,9 @@ def simulate(fleet: Fleet, scenario: Scenario, rng: random.Random, *, tick_s: fl
         trace.carriages.append([dv.carriage for dv in fleet.sim_devices])
         t, end = scenario.active_span(day)
         next_flush = t + FLUSH_EVERY_S
+        next_research_flush = t + RESEARCH_FLUSH_S
+        for r in research:
+            r.restart(t)  # nights are not simulated: a gap, as a stopped device leaves
         active = np.ones(n, dtype=bool)
         while t < end:
             clock.t = t
@@ -77,12 +96,19 @@ def simulate(fleet: Fleet, scenario: Scenario, rng: random.Random, *, tick_s: fl
                         on_air[i], next_at[i] = None, t + tick_s
                         continue
                     on_air[i] = mode.decode({service_key: b.service_data})
+                    raw[i] = (b.address, b.service_data)
+                    if research:
+                        research[i].advertised(t, b.address, b.service_data, b.new_identity)
                     next_at[i] = b.next_at
                     trace.rotations += int(b.new_identity)
             pos, room = scenario.layout(t)
             pos += np.asarray(medium.rng.normal(0, 0.05, pos.shape))
             d = medium.tick(t, tick_s, pos, room, active, deliver)
             trace.close_minutes[day] += (d[:, 0] <= distance_m) * (tick_s / 60)
+            if research:
+                near_i, near_j = np.nonzero(np.triu(d <= TRUTH_RANGE_M, 1))
+                trace.pair_truth.extend((i, j, t, t + tick_s, float(d[i, j]))
+                                        for i, j in zip(near_i.tolist(), near_j.tolist()))
             trace.t.append(t)
             trace.distance_to_p0.append(d[:, 0].copy())
             trace.attenuation_from_p0.append(medium.last_attenuation[:, 0].copy())  # device i hearing person 0
@@ -90,12 +116,18 @@ def simulate(fleet: Fleet, scenario: Scenario, rng: random.Random, *, tick_s: fl
             if t >= next_flush:
                 for m in modes:
                     m.flush(t)
+                if t >= next_research_flush:
+                    for r in research:
+                        r.flush(t, simulated_clock(t))
+                    next_research_flush = t + RESEARCH_FLUSH_S
                 next_flush = t + FLUSH_EVERY_S
             done_ticks += 1
             if progress and done_ticks % 200 == 0:
                 progress("simulating", done_ticks / total_ticks)
         for m in modes:
             m.flush(end, final=True)
+        for r in research:
+            r.flush(t, simulated_clock(t))
     if progress:
         progress("simulating", 1.0)
     return trace

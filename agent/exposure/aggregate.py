@@ -4,6 +4,11 @@ The aggregator keeps one open :class:`Encounter` per RPI. ``flush(now)`` returns
 encounters changed since the last flush (for the store to insert or update) and forgets
 those not heard for ``close_after_s`` (an RPI lives 10-20 minutes, so a silent one is
 gone). Memory is bounded by the number of peers in range, not by time.
+
+``completed_minutes(now)``, called before ``flush``, returns what was heard in each
+minute that ended since the last call, of every identifier
+(:class:`~.minutes.HeardMinute`): the minute context that the ``hmm`` rule reads when
+keys arrive, days later, naming only a few of the identifiers.
 """
 
 from __future__ import annotations
@@ -11,6 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .encounter import Encounter, Sighting, valid_rssi
+from .minutes import MINUTE_S, HeardMinute, summarise
+
+#: A minute is summarised this long after it ended: a scanner delivers in batches.
+MINUTE_GRACE_S = 5.0
 
 
 @dataclass
@@ -28,6 +37,9 @@ class Aggregator:
         self._open: dict[bytes, Encounter] = {}
         self._dirty: set[bytes] = set()
         self.stats = AggregatorStats()
+        #: minutes before this one were summarised (None: none yet)
+        self._minutes_done: int | None = None
+        self._minutes_retry: list[HeardMinute] = []
 
     def __len__(self) -> int:
         return len(self._open)
@@ -46,6 +58,27 @@ class Aggregator:
         enc.add(t, rssi, tx_power)
         self._dirty.add(rpi)
         self.stats.accepted += 1
+
+    def completed_minutes(self, now: float, *, final: bool = False) -> list[HeardMinute]:
+        """The minutes that ended (plus ``MINUTE_GRACE_S``) since the last call, each
+        summarised over every identifier heard in it; ``final`` includes the minute in
+        progress (shutdown). Call it before :meth:`flush`, which forgets closed encounters.
+        Samples arriving for a minute already summarised are not added to its summary."""
+        if self.window_s != MINUTE_S:
+            raise ValueError("minute summaries need 1-minute windows")
+        end = int(now // MINUTE_S) + 1 if final else int((now - MINUTE_GRACE_S) // MINUTE_S)
+        start = self._minutes_done
+        if start is None:
+            firsts = [e.windows[0].index for e in self._open.values() if e.windows]
+            start = min(firsts) if firsts else end
+        out = self._minutes_retry + (summarise(self._open.values(), start, end) if end > start else [])
+        self._minutes_retry = []
+        self._minutes_done = max(start, end)
+        return out
+
+    def requeue_minutes(self, minutes: list[HeardMinute]) -> None:
+        """Take back minute summaries that could not be written: the next call returns them."""
+        self._minutes_retry = list(minutes) + self._minutes_retry
 
     def flush(self, now: float, *, final: bool = False) -> list[Encounter]:
         """Encounters changed since the last flush; closes (forgets) silent ones after."""

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from collections.abc import Mapping
+
 from ..protocol.export import DiagnosisKey
 from ..records import Exposure
 from .calibration import DeviceCalibration
 from .matching import KeyMatch
-from .rule import DayDecision, ProximityConfig, decide, observations_from_encounter
+from .minutes import HeardMinute
+from .rule import DayDecision, ProximityConfig, WindowObservation, decide_peers, observations_from_encounter
 
 
 @dataclass(frozen=True)
@@ -29,15 +32,15 @@ class ExposureDecision:
             days_since_onset=self.key.days_since_onset_of_symptoms, windows=self.day.windows)
 
 
-def decide_matches(matches: list[KeyMatch], config: ProximityConfig,
-                   receiver: DeviceCalibration) -> list[ExposureDecision]:
-    """TX power from each hit's decrypted AEM; the receiver's own RSSI correction."""
-    out = []
-    for m in matches:
-        obs = []
+def decide_matches(matches: list[KeyMatch], config: ProximityConfig, receiver: DeviceCalibration, *,
+                   heard: Mapping[int, HeardMinute] | None = None) -> list[ExposureDecision]:
+    """TX power from each hit's decrypted AEM; the receiver's own RSSI correction; one
+    peer per diagnosis key; ``heard``: the receiver's minutes (the hmm rule)."""
+    peers: dict[int, list[WindowObservation]] = {}
+    for i, m in enumerate(matches):
+        obs = peers[i] = []
         for h in m.hits:
             obs.extend(observations_from_encounter(h.encounter, tx_power_dbm=h.tx_power_dbm,
                                                    rx_correction_db=receiver.rssi_correction))
-        for d in decide(obs, config):
-            out.append(ExposureDecision(m.key, d))
-    return out
+    decided = decide_peers(peers, config, heard=heard)
+    return [ExposureDecision(m.key, d) for i, m in enumerate(matches) for d in decided[i]]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from ..errors import InputFileError
 from .calibration import CalibrationTable
 from .encounter import Encounter, valid_rssi
+from .minutes import merge, summarise
 from .rule import DayDecision, ProximityConfig, decide, observations_from_encounter
 
 REQUIRED = ("pair", "timestamp", "rssi", "tx_power")
@@ -123,8 +124,12 @@ def evaluate_pair(ps: PairSeries, config: ProximityConfig, calibration: Calibrat
     if enc is None:
         return PairResult(ps.pair, False, 0.0, 0.0, 0, 0, rx.confidence, [])
     obs = observations_from_encounter(enc, tx_power_dbm=tx_power, rx_correction_db=rx.rssi_correction)
-    days = decide(obs, config)
-    if config.rule == "distance":
+    # hmm: the file does not say what else the receiver heard; the pair's own minutes are
+    # its context (the relative signal then follows the pair's own recent median)
+    heard = (merge(summarise([enc], enc.windows[0].index, enc.windows[-1].index + 1))
+             if config.rule == "hmm" else None)
+    days = decide(obs, config, heard=heard)
+    if config.rule in ("distance", "hmm"):
         close = sum(d.minutes for d in days)
     else:  # the buckets rule weighs minutes; report the distance estimate too
         close = float(sum(w.minutes > 0 and w.distance_m <= config.distance_threshold_m

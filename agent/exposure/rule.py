@@ -1,13 +1,22 @@
 """The proximity rule, sans-I/O: scan windows -> attenuation -> distance -> minutes ->
 a decision per peer per UTC day, with an explanation.
 
-Two rules share one configuration:
+Three rules share one configuration (``[proximity] rule``):
 - ``distance`` (default): a window counts when its estimated distance is within
   ``distance_threshold_m``; exposure when the counted minutes of a peer on a day reach
   ``duration_threshold_min``.
 - ``buckets``: Exposure Notification v2 style: each window's minutes are weighted by
   the attenuation bucket it falls in; exposure when the weighted minutes reach the
   duration threshold.
+- ``hmm``: a two-state (near / far) hidden Markov model over the peer's minutes of the
+  day (:mod:`.hmm`), with evidence from the attenuation, the peer's rank among all
+  identifiers heard that minute and its signal relative to the receiver's recent
+  median (:mod:`.minutes`); exposure when the expected near minutes reach the duration
+  threshold.
+
+The one entry point for a receiver's day is :func:`decide_peers` (the daemon's
+exposure check and field-experiment analysis both call it); :func:`decide` is the same
+for one peer.
 
 Distance from attenuation: log-distance path loss referenced at 1 m,
 ``d = 10 ** ((A - A_1m) / (10 * n))``. Defaults and their justification (evaluation
@@ -16,18 +25,24 @@ on real measurements) are in docs/proximity.md.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from ..clock import utc_day
 from ..errors import ConfigError
 from .encounter import Encounter
+from .hmm import HmmModel, bundled_model, posterior_near
+from .minutes import HeardMinute, RecentMedian
 from .pathloss import LogDistancePathLoss
+
+RULES = ("distance", "buckets", "hmm")
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(frozen=True)
 class ProximityConfig:
-    #: "distance" or "buckets"
+    #: "distance", "buckets" or "hmm"
     rule: str = "distance"
     #: A window counts when its estimated distance is at most this (metres).
     distance_threshold_m: float = 1.0
@@ -51,8 +66,8 @@ class ProximityConfig:
     bucket_weights: tuple[float, ...] = (1.0, 0.5, 0.25, 0.0)
 
     def __post_init__(self) -> None:
-        if self.rule not in ("distance", "buckets"):
-            raise ConfigError(f"rule must be 'distance' or 'buckets', not {self.rule!r}")
+        if self.rule not in RULES:
+            raise ConfigError(f"rule must be one of {', '.join(map(repr, RULES))}, not {self.rule!r}")
         if self.window_attenuation not in ("mean", "min"):
             raise ConfigError("window_attenuation must be 'mean' or 'min'")
         for name in ("distance_threshold_m", "duration_threshold_min", "path_loss_exponent"):
@@ -104,6 +119,9 @@ class WindowObservation:
     mean_attenuation_db: float
     min_attenuation_db: float
     filled: bool = False  # a gap filled between two seen windows
+    #: The receiver's mean RSSI as measured (no correction): what the ``hmm`` rule
+    #: compares with the rest of the minute (:class:`~.minutes.HeardMinute`).
+    rssi_dbm: float | None = None
 
     @property
     def day(self) -> int:
@@ -117,7 +135,8 @@ def observations_from_encounter(enc: Encounter, *, tx_power_dbm: float,
     for w in enc.windows:
         mean = tx_power_dbm - (w.rssi_mean + rx_correction_db)
         mn = tx_power_dbm - (w.rssi_max + rx_correction_db)
-        out.append(WindowObservation(w.index * enc.window_s, enc.window_s, w.count, mean, mn))
+        out.append(WindowObservation(w.index * enc.window_s, enc.window_s, w.count, mean, mn,
+                                     rssi_dbm=w.rssi_mean))
     return out
 
 
@@ -134,19 +153,29 @@ class WindowDecision:
     #: the "buckets" rule only
     bucket: int | None = None
     weight: float | None = None
+    #: the "hmm" rule only: P(near) of this minute given the whole day's evidence ...
+    posterior_near: float | None = None
+    #: ... identifiers heard that minute, how many of them stronger than this peer ...
+    heard: int | None = None
+    stronger: int | None = None
+    #: ... and the peer's RSSI minus the receiver's recent median (dB)
+    relative_db: float | None = None
+
+    _OPTIONAL = ("bucket", "weight", "posterior_near", "heard", "stronger", "relative_db")
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"start": self.start, "samples": self.samples, "filled": self.filled,
                              "attenuation_db": self.attenuation_db, "distance_m": self.distance_m,
                              "minutes": self.minutes}
-        if self.bucket is not None:
-            d["bucket"], d["weight"] = self.bucket, self.weight
+        for k in self._OPTIONAL:
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k)
         return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> WindowDecision:
         return cls(float(d["start"]), int(d["samples"]), bool(d["filled"]), float(d["attenuation_db"]),
-                   float(d["distance_m"]), float(d["minutes"]), d.get("bucket"), d.get("weight"))
+                   float(d["distance_m"]), float(d["minutes"]), *(d.get(k) for k in cls._OPTIONAL))
 
 
 @dataclass(frozen=True)
@@ -184,13 +213,58 @@ def _fill_gaps(obs: list[WindowObservation], max_gap: int) -> list[WindowObserva
     return out
 
 
-def decide(observations: list[WindowObservation], config: ProximityConfig) -> list[DayDecision]:
-    """Decisions per UTC day for one peer (all windows of one diagnosis key, say)."""
-    obs = _fill_gaps(observations, config.gap_fill_windows)
+def decide(observations: Sequence[WindowObservation], config: ProximityConfig, *,
+           heard: Mapping[int, HeardMinute] | None = None, model: HmmModel | None = None) -> list[DayDecision]:
+    """Decisions per UTC day for one peer (all windows of one diagnosis key, say); the
+    arguments are those of :func:`decide_peers`."""
+    return decide_peers({0: observations}, config, heard=heard, model=model)[0]
+
+
+def decide_peers(peers: Mapping[K, Sequence[WindowObservation]], config: ProximityConfig, *,
+                 heard: Mapping[int, HeardMinute] | None = None,
+                 model: HmmModel | None = None) -> dict[K, list[DayDecision]]:
+    """The proximity rule over what one receiver heard: a decision per peer per UTC day.
+
+    This is the one API of the rule, for the daemon's exposure check and for
+    field-experiment analysis (the "on-device rule" column) alike; it is pure (numbers
+    in, records out) and deterministic.
+
+    - ``peers``: per peer (any hashable key: a diagnosis key, a transmitter's name), the
+      windows the receiver heard of it, in any order, any number of days
+      (:func:`observations_from_encounter` makes them from an encounter; attenuation =
+      the peer's TX power - (RSSI + the receiver's correction); ``rssi_dbm`` = the RSSI
+      as measured). Windows are ``duration_s`` long (1 minute in the daemon).
+    - ``config``: ``config.rule`` selects the rule ("distance", "buckets", "hmm"); every
+      other figure of the rule is a setting of :class:`ProximityConfig`.
+    - ``heard``: for the "hmm" rule, the receiver's minutes of everything it heard, by
+      Unix minute (:class:`~.minutes.HeardMinute`; the store's ``heard_minutes`` table,
+      or :func:`~.minutes.summarise` over the encounters of all identifiers). Without
+      it (or for a minute missing from it) the rank and relative evidence is left out
+      and the model decides on attenuation alone. The other rules ignore it.
+    - ``model``: the "hmm" rule's tables (default: the bundled ``hmm_model.json``).
+
+    Returns per peer its :class:`DayDecision` list, one per UTC day it was heard, in day
+    order; ``DayDecision.windows`` explain it minute by minute (``WindowDecision``; for
+    "hmm" with ``posterior_near``, ``heard``, ``stronger``, ``relative_db``).
+    """
+    if config.rule == "hmm":
+        model = model or bundled_model()
+        recent = RecentMedian(heard or {}, span_minutes=model.span_minutes, min_values=model.min_values)
+        return {k: _decide_hmm(obs, config, heard or {}, model, recent) for k, obs in peers.items()}
+    return {k: _decide_weighted(obs, config) for k, obs in peers.items()}
+
+
+def _attenuation(o: WindowObservation, config: ProximityConfig) -> float:
+    return o.mean_attenuation_db if config.window_attenuation == "mean" else o.min_attenuation_db
+
+
+def _decide_weighted(observations: Sequence[WindowObservation], config: ProximityConfig) -> list[DayDecision]:
+    """The "distance" and "buckets" rules: each window counts, weighted, on its own."""
+    obs = _fill_gaps(list(observations), config.gap_fill_windows)
     minutes_by_day: dict[int, float] = {}
     windows_by_day: dict[int, list[WindowDecision]] = {}
     for o in obs:
-        att = o.mean_attenuation_db if config.window_attenuation == "mean" else o.min_attenuation_db
+        att = _attenuation(o, config)
         dist = config.distance_m(att)
         minutes = o.duration_s / 60.0
         bucket = weight = None
@@ -203,9 +277,94 @@ def decide(observations: list[WindowObservation], config: ProximityConfig) -> li
         minutes_by_day[o.day] = minutes_by_day.get(o.day, 0.0) + counted
         windows_by_day.setdefault(o.day, []).append(WindowDecision(
             o.start, o.samples, o.filled, round(att, 1), round(dist, 2), round(counted, 3), bucket, weight))
+    return _day_decisions(minutes_by_day, windows_by_day, config)
+
+
+def _day_decisions(minutes_by_day: dict[int, float], windows_by_day: dict[int, list[WindowDecision]],
+                   config: ProximityConfig) -> list[DayDecision]:
     out = []
     for day in sorted(minutes_by_day):
         total = round(minutes_by_day[day], 6)
         out.append(DayDecision(day, total >= config.duration_threshold_min, total, config.duration_threshold_min,
                                config.rule, tuple(windows_by_day[day])))
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class MinuteEvidence:
+    """What the "hmm" rule read of one window: its feature bins (None: not computable that
+    minute, or a filled gap with no evidence at all) and the raw figures behind them."""
+
+    window: WindowObservation
+    attenuation_db: float
+    bins: Mapping[str, int | None]
+    heard: int | None = None
+    stronger: int | None = None
+    relative_db: float | None = None
+
+
+def hmm_evidence(observations: Sequence[WindowObservation], config: ProximityConfig, *,
+                 heard: Mapping[int, HeardMinute] | None = None, model: HmmModel | None = None,
+                 recent: RecentMedian | None = None) -> list[MinuteEvidence]:
+    """The "hmm" rule's evidence, window by window (after gap filling, in time order):
+    what :func:`decide_peers` feeds the model, and what the model is fitted on."""
+    model = model or bundled_model()
+    heard = heard or {}
+    recent = recent or RecentMedian(heard, span_minutes=model.span_minutes, min_values=model.min_values)
+    out = []
+    for o in _fill_gaps(list(observations), config.gap_fill_windows):
+        att = _attenuation(o, config)
+        if o.filled:
+            out.append(MinuteEvidence(o, att, {}))
+            continue
+        minute = int(o.start // 60)
+        bins: dict[str, int | None] = {"attenuation": model.attenuation_bin(att, config.attenuation_at_1m_db),
+                                       "rank": None, "relative": None}
+        n_heard = stronger = None
+        rel = None
+        if o.rssi_dbm is not None:
+            h = heard.get(minute)
+            if h is not None and h.heard >= 2:
+                n_heard, stronger = h.heard, h.stronger_than(o.rssi_dbm)
+                bins["rank"] = model.rank_bin(stronger)
+            med = recent.at(minute)
+            if med is not None:
+                rel = o.rssi_dbm - med
+                bins["relative"] = model.relative_bin(rel)
+        out.append(MinuteEvidence(o, att, bins, n_heard, stronger, rel))
+    return out
+
+
+def _decide_hmm(observations: Sequence[WindowObservation], config: ProximityConfig, heard: Mapping[int, HeardMinute],
+                model: HmmModel, recent: RecentMedian) -> list[DayDecision]:
+    """The "hmm" rule: per UTC day, the forward-backward posterior of each minute; the
+    counted minutes are the expected near minutes. Filled gaps (up to
+    ``gap_fill_windows``) are minutes without evidence that count with their posterior;
+    longer gaps are transitions only, not counted."""
+    by_day: dict[int, list[MinuteEvidence]] = {}
+    for ev in hmm_evidence(observations, config, heard=heard, model=model, recent=recent):
+        by_day.setdefault(ev.window.day, []).append(ev)
+    minutes_by_day: dict[int, float] = {}
+    windows_by_day: dict[int, list[WindowDecision]] = {}
+    for day, seq in by_day.items():
+        steps: list[tuple[int, float, float]] = []
+        prev: WindowObservation | None = None
+        for ev in seq:
+            o = ev.window
+            gap = 1 if prev is None else max(1, round((o.start - prev.start) / prev.duration_s))
+            prev = o
+            steps.append((gap, *model.likelihoods(ev.bins)))
+        post = posterior_near(steps, model.near_to_far, model.far_to_near)
+        total = 0.0
+        wins = []
+        for ev, p in zip(seq, post):
+            o = ev.window
+            counted = p * o.duration_s / 60.0
+            total += counted
+            wins.append(WindowDecision(o.start, o.samples, o.filled, round(ev.attenuation_db, 1),
+                                       round(config.distance_m(ev.attenuation_db), 2), round(counted, 3),
+                                       posterior_near=round(p, 3), heard=ev.heard, stronger=ev.stronger,
+                                       relative_db=None if ev.relative_db is None else round(ev.relative_db, 1)))
+        minutes_by_day[day] = total
+        windows_by_day[day] = wins
+    return _day_decisions(minutes_by_day, windows_by_day, config)

@@ -33,7 +33,7 @@ from ..ble.base import SimulatedPeer
 from ..clock import Clock
 from ..exposure.calibration import DEFAULT_CALIBRATION, DeviceCalibration
 from ..exposure.rule import ProximityConfig
-from ..records import DeclareResult
+from ..records import DaySummary, DeclareResult
 from ..store import Store
 from ..sync.keyserver import DEFAULT_MAX_EXPORT_BYTES
 
@@ -113,6 +113,8 @@ class DeviceContext:
     sync_jitter_s: float = 1800.0
     match_workers: int | None = None
     http_retries: int = 3
+    #: seconds a server call may take, retries included ([sync] timeout_s)
+    http_timeout_s: float = 10.0
     #: the largest export file downloaded ([sync] max_export_bytes)
     max_export_bytes: int = DEFAULT_MAX_EXPORT_BYTES
     #: an HTTP client to share (many simulated devices in one process); None: each its own
@@ -120,7 +122,9 @@ class DeviceContext:
 
 
 class ServerAccount(Protocol):
-    """A registration with the server that the user can end (ROBERT)."""
+    """A registration with the server that the user can start and end (ROBERT)."""
+
+    def register(self) -> None: ...
 
     def unregister(self, now: float) -> None: ...
 
@@ -189,14 +193,36 @@ class ProtocolMode(abc.ABC, Generic[P]):
         """The server registration the user can end, if the family has one."""
         return None
 
+    def refuse_to_run(self) -> str | None:
+        """One sentence when the daemon must not start (ROBERT: the user left the server);
+        None: it may."""
+        return None
+
     # -- status -------------------------------------------------------------------------
+    #: what the periodic server call is called in ``status`` ("sync", "risk status")
+    server_call: ClassVar[str] = "sync"
+
     @abc.abstractmethod
     def status_fields(self) -> dict[str, Any]:
         """The family's figures for ``status`` (no identifiers)."""
 
+    def identifiers_by_day(self) -> dict[int, int]:
+        """Distinct identifiers heard per UTC day, cheaply (``status``)."""
+        return {s.day: s.identifiers for s in self.heard_by_day()}
+
+    def heard_by_day(self) -> list[DaySummary]:
+        """What was heard per UTC day (``encounters``); a family that keeps nothing: []."""
+        return []
+
     def last_server_success(self) -> float | None:
         """When the server last answered a periodic call, as kept in the store."""
         return None
+
+    # -- research ---------------------------------------------------------------------
+    def own_identifiers(self) -> list[tuple[str, bytes, int, int]]:
+        """This device's identifiers for a research bundle, handed over with consent so
+        that analysis can tell which device sent what: ``(kind, id, start, period)``."""
+        return []
 
     # -- simulation ---------------------------------------------------------------------
     @classmethod

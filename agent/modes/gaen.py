@@ -18,7 +18,7 @@ from ..protocol import gaen
 from ..protocol.export import DiagnosisKey
 from ..protocol.payload import EN_SERVICE_UUID, EN_SERVICE_UUID16, ENPayload, PayloadError, parse_service_data
 from ..protocol.schedule import IdSchedule, Rotation
-from ..records import DeclareResult
+from ..records import DaySummary, DeclareResult
 from ..sync.keyserver import KeyServerClient, LastSync, SyncResult
 from ..ble.base import SimulatedPeer
 from .base import Broadcast, CheckResult, DeviceContext, ProtocolMode, ServerSchedule
@@ -50,7 +50,8 @@ class GaenMode(ProtocolMode[ENPayload]):
         self.client = (KeyServerClient(ctx.backend_url, trusted_keys=ctx.trusted_keys, clock=ctx.clock, rng=ctx.rng,
                                        retries=ctx.http_retries, http=ctx.http,
                                        max_export_bytes=ctx.max_export_bytes, index_url=ctx.index_url,
-                                       export_base_url=ctx.export_base_url) if ctx.backend_url else None)
+                                       export_base_url=ctx.export_base_url, timeout_s=ctx.http_timeout_s)
+                       if ctx.backend_url else None)
         self._schedule = ServerSchedule((0.0, min(ctx.sync_jitter_s, FIRST_SYNC_MAX_DELAY_S)), ctx.sync_interval_s,
                                         ctx.sync_jitter_s)
         #: what the last exposure check computed (keys skipped, derived, RPIs, candidates)
@@ -75,11 +76,15 @@ class GaenMode(ProtocolMode[ENPayload]):
         self.aggregator.add_raw(t, payload.rpi, payload.aem, rssi, tx_power)
 
     def flush(self, now: float, *, final: bool = False) -> int:
+        minutes = self.aggregator.completed_minutes(now, final=final)  # before flush forgets closed encounters
         batch = self.aggregator.flush(now, final=final)
         try:
-            return self.store.encounters.write(batch)
+            written = self.store.encounters.write(batch)
+            self.store.heard_minutes.add(minutes)
+            return written
         except StoreError:
-            self.aggregator.requeue(batch)  # written at the next flush
+            self.aggregator.requeue(batch)  # written at the next flush (encounters are rewritten in place)
+            self.aggregator.requeue_minutes(minutes)
             raise
 
     # -- exposure ---------------------------------------------------------------------
@@ -90,7 +95,9 @@ class GaenMode(ProtocolMode[ENPayload]):
         st = MatchStats()
         matches = match_keys(keys, index, workers=self.ctx.match_workers, stats=st)
         self.last_match = st
-        decisions = decide_matches(matches, self.config, self.calibration)
+        # the hmm rule also reads what was heard each minute, of every identifier
+        heard = self.store.heard_minutes.read(since_day=since) if self.config.rule == "hmm" else None
+        decisions = decide_matches(matches, self.config, self.calibration, heard=heard)
         for d in decisions:
             if d.exposed and self.store.exposures.add(d.to_exposure(now)):
                 log.info("exposure found: day=%d minutes=%.1f", d.day.day, d.day.minutes)
@@ -122,7 +129,7 @@ class GaenMode(ProtocolMode[ENPayload]):
                    + ("EXPOSURE FOUND: see `ctagent exposures`" if exposed else "no exposure found"))
         problem = None
         if res.offline:
-            problem = f"the backend at {self._client().base_url} is unreachable: nothing was downloaded"
+            problem = res.offline_reason or f"the backend at {self._client().base_url} is unreachable"
         elif res.files_failed:
             shown = ", ".join(res.files_failed[:3]) + (" ..." if len(res.files_failed) > 3 else "")
             problem = (f"{len(res.files_failed)} export file(s) failed verification or could not be fetched ({shown}); "
@@ -147,9 +154,25 @@ class GaenMode(ProtocolMode[ENPayload]):
     def status_fields(self) -> dict[str, Any]:
         return {"own_keys": len(self.store.teks.all()), "open_encounters": len(self.aggregator)}
 
+    def identifiers_by_day(self) -> dict[int, int]:
+        return self.store.encounters.count_by_day()  # counted without decrypting
+
+    def heard_by_day(self) -> list[DaySummary]:
+        days: dict[int, list[int]] = {}
+        for e in self.store.encounters.read():
+            d = days.setdefault(e.day, [0, 0, 0])
+            d[0] += 1
+            d[1] += e.sample_count
+            d[2] += len(e.windows)
+        return [DaySummary(k, *days[k]) for k in sorted(days)]
+
     def last_server_success(self) -> float | None:
         last = self.store.state.get(LastSync)
         return last.at if last else None
+
+    def own_identifiers(self) -> list[tuple[str, bytes, int, int]]:
+        """Own TEKs: the analysis derives every RPI (and opens every AEM) from them."""
+        return [("tek", k.key_data, k.rolling_start_interval_number, k.rolling_period) for k in self.store.teks.all()]
 
     # -- simulation -------------------------------------------------------------------
     @classmethod

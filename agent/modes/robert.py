@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -18,7 +19,7 @@ from ..errors import ConfigError, UserError
 from ..protocol import robert
 from ..protocol.payload import PayloadError, find_service_data
 from ..protocol.schedule import random_nrpa
-from ..records import DeclareResult, Exposure
+from ..records import DaySummary, DeclareResult, Exposure
 from ..store import HeardHello
 from ..sync.robert import RobertClient, RobertRegistration, RobertStatus, StatusAnswer
 from ..ble.base import SimulatedPeer
@@ -32,8 +33,30 @@ REPORT_DAYS = 14
 STATUS_SCHEDULE = ServerSchedule(first_delay_s=(60.0, 600.0), interval_s=2 * robert.EPOCH_SECONDS, jitter_s=600.0)
 
 
+@dataclass(frozen=True)
+class RobertLeft:
+    """The user left the server (`ctagent unregister`) at ``at``: the daemon does not
+    register again by itself; `ctagent register` joins again."""
+
+    STATE_NAME: ClassVar[str] = "robert.left"
+    SENSITIVE: ClassVar[bool] = False
+    at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": self.at}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> RobertLeft:
+        return cls(float(doc["at"]))
+
+
+NOT_REGISTERED = ("this device is not registered with the ROBERT server: `ctagent register` registers it "
+                  "(so does `ctagent run`)")
+
+
 class RobertMode(ProtocolMode[bytes]):
     name = "robert"
+    server_call = "risk status"
     service_uuid16 = robert.ROBERT_SERVICE_UUID16
     samples_per_scan = 1  # the deployed app keeps one HELLO per peer per scan
     decides_on_device = False  # the server scores the risk
@@ -44,7 +67,8 @@ class RobertMode(ProtocolMode[bytes]):
             raise ConfigError("[sync] backend_url: ROBERT mode needs its server")
         self.tx_power = int(round(ctx.calibration.tx_power))
         self.client = RobertClient(ctx.backend_url, clock=ctx.clock, http=ctx.http, rng=ctx.rng,
-                                   retries=ctx.http_retries, api_key=ctx.api_key or None)
+                                   retries=ctx.http_retries, api_key=ctx.api_key or None,
+                                   timeout_s=ctx.http_timeout_s)
         self.registration = self.store.state.get(RobertRegistration)
         self._pending: list[HeardHello] = []
         self._epoch: int | None = None  # the epoch whose EBID is on air
@@ -55,7 +79,7 @@ class RobertMode(ProtocolMode[bytes]):
 
     def _registration(self) -> RobertRegistration:
         if self.registration is None:
-            raise UserError("this device is not registered with the ROBERT server; `ctagent run` registers it")
+            raise UserError(NOT_REGISTERED)
         return self.registration
 
     def _keep(self, reg: RobertRegistration | None) -> None:
@@ -76,11 +100,21 @@ class RobertMode(ProtocolMode[bytes]):
         except robert.RobertError as e:
             raise UserError(f"the ROBERT server's registration cannot be used: {e}") from None
         self._keep(reg)
+        self.store.state.clear(RobertLeft)
         log.info("robert registered")
 
     def prepare(self, now: float) -> None:
-        if not self.registered:
+        if not self.registered and self.store.state.get(RobertLeft) is None:
             self.register()
+
+    def refuse_to_run(self) -> str | None:
+        left = self.store.state.get(RobertLeft)
+        if left is None or self.registered:
+            return None
+        from ..clock import iso_time
+
+        return (f"this device left the ROBERT server (`ctagent unregister`, {iso_time(left.at)}): it does not "
+                "advertise or register by itself; `ctagent register` joins again")
 
     # -- broadcasting ---------------------------------------------------------------------
     def broadcast(self, now: float) -> Broadcast | None:
@@ -134,7 +168,7 @@ class RobertMode(ProtocolMode[bytes]):
     def check(self, now: float, progress: Callable[[int, int], None] | None = None) -> CheckResult:
         if not self.registered:
             return CheckResult(now, False, "robert status skipped: not registered yet",
-                               "not registered yet: nothing to ask the server")
+                               "not registered yet: nothing to ask the server", problem=NOT_REGISTERED)
         a = self.status(now)
         message = ("AT RISK: see `ctagent exposures`" if a.at_risk else "not at risk")
         return CheckResult(now, False, f"robert status at_risk={a.at_risk}", message, a.at_risk,
@@ -154,9 +188,18 @@ class RobertMode(ProtocolMode[bytes]):
         hellos = self._hellos_to_report(now)
         answer = self.client.report(code, hellos)
         self.store.hellos.clear()
-        return DeclareResult(sent=len(hellos), accepted=answer.accepted, dropped=answer.dropped,
-                             summary=f"reported: {answer.accepted} HELLO(s) accepted, {answer.dropped} dropped by "
-                                     "the server")
+        summary = f"reported: {answer.accepted} HELLO(s) accepted, {answer.dropped} dropped by the server"
+        problem = None
+        if not hellos:
+            summary = ("reported: the server knows you tested positive; this device heard no HELLO in the last "
+                       f"{REPORT_DAYS} days, so nobody is told they are at risk")
+        elif not answer.accepted:
+            problem = (f"the server could verify none of the {len(hellos)} HELLO(s) this device heard: they came "
+                       "from devices it did not register (another server's, or simulated peers) or were heard "
+                       "outside its time tolerance (check this device's clock: `ctagent doctor`); nobody is "
+                       "told they are at risk")
+        return DeclareResult(sent=len(hellos), accepted=answer.accepted, dropped=answer.dropped, summary=summary,
+                             problem=problem)
 
     @property
     def account(self) -> ServerAccount:
@@ -165,6 +208,7 @@ class RobertMode(ProtocolMode[bytes]):
     def unregister(self, now: float) -> None:
         self.client.unregister(self._registration(), now)
         self._keep(None)
+        self.store.state.put(RobertLeft(now))
 
     def delete_history(self, now: float) -> None:
         self.client.delete_history(self._registration(), now)
@@ -172,12 +216,31 @@ class RobertMode(ProtocolMode[bytes]):
     # -- status -----------------------------------------------------------------------------
     def status_fields(self) -> dict[str, Any]:
         st = self.store.state.get(RobertStatus)
-        return {"registered": self.registered, "at_risk": st.at_risk if st else None,
-                "risk_level": st.risk_level if st else None, "hellos_pending": len(self._pending)}
+        left = self.store.state.get(RobertLeft)
+        return {"registered": self.registered, "left_at": left.at if left and not self.registered else None,
+                "at_risk": st.at_risk if st else None, "risk_level": st.risk_level if st else None,
+                "hellos_pending": len(self._pending)}
+
+    def heard_by_day(self) -> list[DaySummary]:
+        ids: dict[int, set[bytes]] = {}
+        samples: dict[int, int] = {}
+        minutes: dict[int, set[tuple[bytes, int]]] = {}
+        for t, hello, _ in self.store.hellos.all():
+            day, identifier = utc_day(t), hello[:9]  # ECC ‖ EBID: one identifier per epoch
+            ids.setdefault(day, set()).add(identifier)
+            samples[day] = samples.get(day, 0) + 1
+            minutes.setdefault(day, set()).add((identifier, int(t // 60)))
+        return [DaySummary(d, len(ids[d]), samples[d], len(minutes[d])) for d in sorted(ids)]
 
     def last_server_success(self) -> float | None:
         st = self.store.state.get(RobertStatus)
         return st.at if st else None
+
+    def own_identifiers(self) -> list[tuple[str, bytes, int, int]]:
+        """The EBIDs of the epochs the registration holds (the research log's broadcasts
+        have those of the epochs already gone)."""
+        reg = self.registration
+        return [] if reg is None else [("ebid", ebid, epoch, 1) for epoch, (ebid, _) in sorted(reg.tuples.items())]
 
     # -- simulation -------------------------------------------------------------------------
     @classmethod

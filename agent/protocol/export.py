@@ -12,14 +12,17 @@ Pure: bytes in, bytes or typed objects out. Every failure is an :class:`ExportEr
 from __future__ import annotations
 
 import base64
-import hashlib
+import dataclasses
 import enum
+import hashlib
 import io
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -29,6 +32,11 @@ from google.protobuf.message import DecodeError
 from ..errors import ProtocolError
 from . import export_pb2
 from .gaen import KEY_LEN, TEK_ROLLING_PERIOD, TemporaryExposureKey
+
+try:  # the optional C parser (setup.py); the protobuf runtime does the same work
+    from . import _fastexport  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the build
+    _fastexport = None
 
 #: the generated protobuf module (protoc writes no type information)
 pb: Any = export_pb2
@@ -72,12 +80,24 @@ class ReportType(enum.IntEnum):
     REVOKED = 5
 
 
+class VariantOfConcern(enum.IntEnum):
+    """``TemporaryExposureKey.variant_of_concern`` (field 8): what each type means is the
+    health authority's to define (Apple ENVariantOfConcernType)."""
+
+    UNKNOWN = 0
+    TYPE_1 = 1
+    TYPE_2 = 2
+    TYPE_3 = 3
+    TYPE_4 = 4
+
+
 @dataclass(frozen=True, slots=True, repr=False)
 class DiagnosisKey(TemporaryExposureKey):
     """A TEK as published by a key server: with its report type and days since onset."""
 
     report_type: ReportType = ReportType.UNKNOWN
     days_since_onset_of_symptoms: int | None = None
+    variant_of_concern: VariantOfConcern = VariantOfConcern.UNKNOWN
 
     def __repr__(self) -> str:  # never print key material
         return (f"DiagnosisKey(rolling_start_interval_number={self.rolling_start_interval_number}, "
@@ -97,13 +117,90 @@ class DiagnosisKey(TemporaryExposureKey):
             raise ExportFormatError("days_since_onset_of_symptoms is not a 32-bit integer")
 
 
+@dataclass(frozen=True, eq=False, repr=False)
+class PackedKeys:
+    """Diagnosis keys as arrays, no object per key (a million keys take 27 MB): what the
+    export parser produces and the matcher reads. ``key(i)`` is the i-th as a record."""
+
+    key_data: bytes  # n x 16 bytes
+    rolling_start: npt.NDArray[np.uint32]
+    rolling_period: npt.NDArray[np.uint16]
+    transmission_risk: npt.NDArray[np.int32]
+    report_type: npt.NDArray[np.uint8]
+    days_since_onset: npt.NDArray[np.int32]
+    has_days_since_onset: npt.NDArray[np.bool_]
+    variant_of_concern: npt.NDArray[np.uint8]
+
+    def __len__(self) -> int:
+        return len(self.rolling_start)
+
+    def __repr__(self) -> str:  # never print key material
+        return f"PackedKeys({len(self)} keys)"
+
+    def key(self, i: int) -> DiagnosisKey:
+        return DiagnosisKey(
+            self.key_data[16 * i : 16 * i + 16], int(self.rolling_start[i]), int(self.rolling_period[i]),
+            int(self.transmission_risk[i]), ReportType(int(self.report_type[i])),
+            int(self.days_since_onset[i]) if self.has_days_since_onset[i] else None,
+            VariantOfConcern(int(self.variant_of_concern[i])))
+
+    def keys(self) -> list[DiagnosisKey]:
+        """Every key as a record: for small inputs and tests, never on the hot path."""
+        return [self.key(i) for i in range(len(self))]
+
+    @classmethod
+    def empty(cls) -> PackedKeys:
+        return cls.from_keys(())
+
+    @classmethod
+    def from_keys(cls, keys: Iterable[DiagnosisKey]) -> PackedKeys:
+        ks = list(keys)
+        for k in ks:
+            k.validate()
+        return cls(
+            b"".join(k.key_data for k in ks),
+            np.fromiter((k.rolling_start_interval_number for k in ks), np.uint32, len(ks)),
+            np.fromiter((k.rolling_period for k in ks), np.uint16, len(ks)),
+            np.fromiter((k.transmission_risk_level for k in ks), np.int32, len(ks)),
+            np.fromiter((int(k.report_type) for k in ks), np.uint8, len(ks)),
+            np.fromiter((k.days_since_onset_of_symptoms or 0 for k in ks), np.int32, len(ks)),
+            np.fromiter((k.days_since_onset_of_symptoms is not None for k in ks), np.bool_, len(ks)),
+            np.fromiter((int(k.variant_of_concern) for k in ks), np.uint8, len(ks)),
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[PackedKeys]) -> PackedKeys:
+        if not parts:
+            return cls.empty()
+        return cls(b"".join(p.key_data for p in parts), np.concatenate([p.rolling_start for p in parts]),
+                   np.concatenate([p.rolling_period for p in parts]),
+                   np.concatenate([p.transmission_risk for p in parts]),
+                   np.concatenate([p.report_type for p in parts]),
+                   np.concatenate([p.days_since_onset for p in parts]),
+                   np.concatenate([p.has_days_since_onset for p in parts]),
+                   np.concatenate([p.variant_of_concern for p in parts]))
+
+    def take(self, positions: npt.NDArray[np.intp]) -> PackedKeys:
+        """The keys at ``positions``, in that order."""
+        raw = np.frombuffer(self.key_data, np.uint8).reshape(-1, 16)
+        return PackedKeys(raw[positions].tobytes(), self.rolling_start[positions], self.rolling_period[positions],
+                          self.transmission_risk[positions], self.report_type[positions],
+                          self.days_since_onset[positions], self.has_days_since_onset[positions],
+                          self.variant_of_concern[positions])
+
+    def span(self, start: int, stop: int) -> PackedKeys:
+        """Keys ``start`` to ``stop`` - 1, without copying the arrays."""
+        return PackedKeys(self.key_data[16 * start : 16 * stop], self.rolling_start[start:stop],
+                          self.rolling_period[start:stop], self.transmission_risk[start:stop],
+                          self.report_type[start:stop], self.days_since_onset[start:stop],
+                          self.has_days_since_onset[start:stop], self.variant_of_concern[start:stop])
+
+
 @dataclass(frozen=True)
 class SignatureInfo:
     verification_key_version: str = ""
     verification_key_id: str = ""
     signature_algorithm: str = ECDSA_SHA256_OID
-    android_package: str = ""
-    app_bundle_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -120,6 +217,27 @@ class Export:
     verified: bool = False
     #: The verification_key_id of the signature that verified, if any.
     verified_key_id: str | None = field(default=None)
+
+
+@dataclass(frozen=True)
+class PackedExport:
+    """An export file as sync reads it: the header, and the keys as arrays."""
+
+    start_timestamp: int
+    end_timestamp: int
+    region: str
+    batch_num: int
+    batch_size: int
+    keys: PackedKeys
+    revised_keys: PackedKeys
+    signature_infos: tuple[SignatureInfo, ...] = ()
+    verified: bool = False
+    verified_key_id: str | None = None
+
+    def to_export(self) -> Export:
+        return Export(self.start_timestamp, self.end_timestamp, self.region, self.batch_num, self.batch_size,
+                      tuple(self.keys.keys()), tuple(self.revised_keys.keys()), self.signature_infos, self.verified,
+                      self.verified_key_id)
 
 
 # --- keys --------------------------------------------------------------------------
@@ -173,6 +291,8 @@ def _key_to_pb(k: DiagnosisKey, out: Any) -> None:
         out.report_type = int(k.report_type)
     if k.days_since_onset_of_symptoms is not None:
         out.days_since_onset_of_symptoms = k.days_since_onset_of_symptoms
+    if k.variant_of_concern != VariantOfConcern.UNKNOWN:
+        out.variant_of_concern = int(k.variant_of_concern)
 
 
 def _info_to_pb(info: SignatureInfo, out: Any) -> None:
@@ -257,59 +377,108 @@ def build_export(
 
 # --- parsing -----------------------------------------------------------------------
 
-def _key_from_pb(k: Any) -> DiagnosisKey:
-    try:
-        rt = ReportType(k.report_type)
-    except ValueError:
-        raise ExportFormatError(f"unknown report_type {k.report_type}") from None
-    key = DiagnosisKey(
-        key_data=bytes(k.key_data),
-        rolling_start_interval_number=k.rolling_start_interval_number,
-        rolling_period=k.rolling_period,  # proto2 default 144 when absent
-        transmission_risk_level=k.transmission_risk_level,
-        report_type=rt,
-        days_since_onset_of_symptoms=(
-            k.days_since_onset_of_symptoms if k.HasField("days_since_onset_of_symptoms") else None
-        ),
-    )
-    key.validate()
-    return key
-
-
 def _info_from_pb(i: Any) -> SignatureInfo:
     return SignatureInfo(
         verification_key_version=i.verification_key_version,
         verification_key_id=i.verification_key_id,
         signature_algorithm=i.signature_algorithm,
-        android_package=i.android_package,
-        app_bundle_id=i.app_bundle_id,
     )
 
 
-def parse_export_bin(export_bin: bytes) -> Export:
-    """Parse a bare export.bin (header + protobuf). No signature is checked."""
-    data = bytes(export_bin)
-    if len(data) < HEADER_LEN or data[:HEADER_LEN] != HEADER:
-        raise ExportFormatError("export.bin does not start with the 'EK Export v1' header")
+def _text(value: str | bytes) -> str:
+    """A proto2 string field as text (the protobuf runtime hands over bytes that are not UTF-8)."""
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
+def _packed_from_arrays(raw: tuple[Any, ...]) -> PackedKeys:
+    n, key_data, start, period, risk, report, dso, has_dso, variant = raw
+    return PackedKeys(key_data, np.frombuffer(start, "<u4", n), np.frombuffer(period, "<u2", n),
+                      np.frombuffer(risk, "<i4", n), np.frombuffer(report, np.uint8, n),
+                      np.frombuffer(dso, "<i4", n), np.frombuffer(has_dso, np.bool_, n),
+                      np.frombuffer(variant, np.uint8, n))
+
+
+def _first_invalid(keys: Any) -> str | None:
+    """DiagnosisKey.validate's message for the first invalid key of a protobuf list, else None."""
+    for k in keys:
+        try:
+            DiagnosisKey(bytes(k.key_data), k.rolling_start_interval_number, k.rolling_period).validate()
+        except ExportFormatError as e:
+            return str(e)
+    return None
+
+
+def _packed_from_pb(keys: Any) -> PackedKeys:
+    n = len(keys)
+    return PackedKeys(
+        b"".join([k.key_data for k in keys]),
+        np.fromiter([k.rolling_start_interval_number for k in keys], np.uint32, n),
+        np.fromiter([k.rolling_period for k in keys], np.uint16, n),
+        np.fromiter([k.transmission_risk_level for k in keys], np.int32, n),
+        np.fromiter([k.report_type for k in keys], np.uint8, n),
+        np.fromiter([k.days_since_onset_of_symptoms for k in keys], np.int32, n),
+        np.fromiter([k.HasField("days_since_onset_of_symptoms") for k in keys], np.bool_, n),
+        np.fromiter([k.variant_of_concern for k in keys], np.uint8, n))
+
+
+def _parse_protobuf(body: bytes | memoryview) -> PackedExport:
+    """The protobuf runtime's reading, the reference the C parser is tested against."""
     msg = pb.TemporaryExposureKeyExport()
     try:
-        msg.ParseFromString(data[HEADER_LEN:])
+        msg.ParseFromString(body)
     except (DecodeError, RuntimeError, ValueError) as e:  # RuntimeError: recursion limits in upb
         raise ExportFormatError(f"export.bin protobuf is truncated or malformed: {e}") from None
     except Exception as e:  # pragma: no cover - defensive: the C parser's other failures
         raise ExportFormatError(f"export.bin protobuf could not be parsed: {type(e).__name__}") from None
     if msg.start_timestamp > msg.end_timestamp:
         raise ExportFormatError("start_timestamp is after end_timestamp")
-    return Export(
-        start_timestamp=msg.start_timestamp,
-        end_timestamp=msg.end_timestamp,
-        region=msg.region,
-        batch_num=msg.batch_num,
-        batch_size=msg.batch_size,
-        keys=tuple(_key_from_pb(k) for k in msg.keys),
-        revised_keys=tuple(_key_from_pb(k) for k in msg.revised_keys),
-        signature_infos=tuple(_info_from_pb(i) for i in msg.signature_infos),
-    )
+    for keys in (msg.keys, msg.revised_keys):
+        bad = _first_invalid(keys) if any(len(k.key_data) != KEY_LEN or not 1 <= k.rolling_period <= TEK_ROLLING_PERIOD
+                                          or k.rolling_start_interval_number < 0 for k in keys) else None
+        if bad:
+            raise ExportFormatError(bad)
+    return PackedExport(msg.start_timestamp, msg.end_timestamp, _text(msg.region), msg.batch_num, msg.batch_size,
+                        _packed_from_pb(msg.keys), _packed_from_pb(msg.revised_keys),
+                        tuple(_info_from_pb(i) for i in msg.signature_infos))
+
+
+def _parse_native(body: bytes | memoryview) -> PackedExport:
+    try:
+        start, end, region, batch_num, batch_size, infos, keys, revised, key_error, revised_error = \
+            _fastexport.parse(body)
+    except ValueError as e:
+        raise ExportFormatError(str(e)) from None
+    sig_infos = []
+    for raw in infos:  # first: the runtime reads them with the rest, before any check
+        info = pb.SignatureInfo()
+        try:
+            info.ParseFromString(raw)
+        except Exception as e:  # the protobuf C parser fails in several ways: all of them are a bad file
+            raise ExportFormatError(f"export.bin protobuf is truncated or malformed: {type(e).__name__}") from None
+        sig_infos.append(_info_from_pb(info))
+    if start > end:
+        raise ExportFormatError("start_timestamp is after end_timestamp")
+    for error in (key_error, revised_error):
+        if error is not None:
+            raise ExportFormatError(error)
+    return PackedExport(start, end, _text(region), batch_num, batch_size, _packed_from_arrays(keys),
+                        _packed_from_arrays(revised), tuple(sig_infos))
+
+
+def parse_export_bin_packed(export_bin: bytes, *, native: bool = True) -> PackedExport:
+    """Parse a bare export.bin (header + protobuf) into arrays, no object per key. No
+    signature is checked. ``native=False`` reads it with the protobuf runtime."""
+    if len(export_bin) < HEADER_LEN or export_bin[:HEADER_LEN] != HEADER:
+        raise ExportFormatError("export.bin does not start with the 'EK Export v1' header")
+    body = memoryview(export_bin)[HEADER_LEN:]
+    if _fastexport is not None and native:
+        return _parse_native(body)
+    return _parse_protobuf(body)
+
+
+def parse_export_bin(export_bin: bytes) -> Export:
+    """Parse a bare export.bin (header + protobuf). No signature is checked."""
+    return parse_export_bin_packed(bytes(export_bin)).to_export()
 
 
 def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
@@ -366,13 +535,14 @@ def verify_signature(
     raise ExportSignatureError("no signature in export.sig verifies export.bin with a trusted key")
 
 
-def parse_export(
+def parse_export_packed(
     data: bytes,
     *,
     trusted_keys: Sequence[bytes | str | ec.EllipticCurvePublicKey] | None,
     max_uncompressed: int = DEFAULT_MAX_UNCOMPRESSED,
-) -> Export:
-    """Parse and verify an export file.
+) -> PackedExport:
+    """Verify and parse an export file, its keys as arrays: export.sig is checked
+    against ``trusted_keys`` before export.bin is read at all.
 
     ``data`` is a signed zip; with ``trusted_keys=None`` (an explicit choice: no
     verification) a bare ``export.bin`` or an unsigned reading of a zip is accepted too.
@@ -383,12 +553,21 @@ def parse_export(
             raise ExportSignatureError("a bare export.bin carries no signature; pass trusted_keys=None to read it")
         if len(data) > max_uncompressed:
             raise ExportTooLargeError(f"export.bin is {len(data)} bytes, limit {max_uncompressed}")
-        return parse_export_bin(data)
+        return parse_export_bin_packed(data)
     export_bin, export_sig = unzip_export(data, max_uncompressed=max_uncompressed)
-    key_id = None
-    if trusted_keys is not None:
-        key_id = verify_signature(export_bin, export_sig, trusted_keys)
-    exp = parse_export_bin(export_bin)
+    del data
     if trusted_keys is None:
-        return exp
-    return Export(**{**exp.__dict__, "verified": True, "verified_key_id": key_id})
+        return parse_export_bin_packed(export_bin)
+    key_id = verify_signature(export_bin, export_sig, trusted_keys)
+    exp = parse_export_bin_packed(export_bin)
+    return dataclasses.replace(exp, verified=True, verified_key_id=key_id)
+
+
+def parse_export(
+    data: bytes,
+    *,
+    trusted_keys: Sequence[bytes | str | ec.EllipticCurvePublicKey] | None,
+    max_uncompressed: int = DEFAULT_MAX_UNCOMPRESSED,
+) -> Export:
+    """Parse and verify an export file (see :func:`parse_export_packed`), one record per key."""
+    return parse_export_packed(data, trusted_keys=trusted_keys, max_uncompressed=max_uncompressed).to_export()

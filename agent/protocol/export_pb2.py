@@ -24,29 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x65xport.proto\x12\x0e\x63tagent.export\"\xab\x02\n\x1aTemporaryExposureKeyExport\x12\x17\n\x0fstart_timestamp\x18\x01 \x01(\x06\x12\x15\n\rend_timestamp\x18\x02 \x01(\x06\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x11\n\tbatch_num\x18\x04 \x01(\x05\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x36\n\x0fsignature_infos\x18\x06 \x03(\x0b\x32\x1d.ctagent.export.SignatureInfo\x12\x32\n\x04keys\x18\x07 \x03(\x0b\x32$.ctagent.export.TemporaryExposureKey\x12:\n\x0crevised_keys\x18\x08 \x03(\x0b\x32$.ctagent.export.TemporaryExposureKey\"\xa3\x01\n\rSignatureInfo\x12\x19\n\rapp_bundle_id\x18\x01 \x01(\tB\x02\x18\x01\x12\x1b\n\x0f\x61ndroid_package\x18\x02 \x01(\tB\x02\x18\x01\x12 \n\x18verification_key_version\x18\x03 \x01(\t\x12\x1b\n\x13verification_key_id\x18\x04 \x01(\t\x12\x1b\n\x13signature_algorithm\x18\x05 \x01(\t\"\xfb\x02\n\x14TemporaryExposureKey\x12\x10\n\x08key_data\x18\x01 \x01(\x0c\x12#\n\x17transmission_risk_level\x18\x02 \x01(\x05\x42\x02\x18\x01\x12%\n\x1drolling_start_interval_number\x18\x03 \x01(\x05\x12\x1b\n\x0erolling_period\x18\x04 \x01(\x05:\x03\x31\x34\x34\x12\x44\n\x0breport_type\x18\x05 \x01(\x0e\x32/.ctagent.export.TemporaryExposureKey.ReportType\x12$\n\x1c\x64\x61ys_since_onset_of_symptoms\x18\x06 \x01(\x11\"|\n\nReportType\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x12\n\x0e\x43ONFIRMED_TEST\x10\x01\x12 \n\x1c\x43ONFIRMED_CLINICAL_DIAGNOSIS\x10\x02\x12\x0f\n\x0bSELF_REPORT\x10\x03\x12\r\n\tRECURSIVE\x10\x04\x12\x0b\n\x07REVOKED\x10\x05\"D\n\x10TEKSignatureList\x12\x30\n\nsignatures\x18\x01 \x03(\x0b\x32\x1c.ctagent.export.TEKSignature\"\x7f\n\x0cTEKSignature\x12\x35\n\x0esignature_info\x18\x01 \x01(\x0b\x32\x1d.ctagent.export.SignatureInfo\x12\x11\n\tbatch_num\x18\x02 \x01(\x05\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x11\n\tsignature\x18\x04 \x01(\x0c')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x65xport.proto\x12\x0e\x63tagent.export\"\xab\x02\n\x1aTemporaryExposureKeyExport\x12\x17\n\x0fstart_timestamp\x18\x01 \x01(\x06\x12\x15\n\rend_timestamp\x18\x02 \x01(\x06\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x11\n\tbatch_num\x18\x04 \x01(\x05\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x36\n\x0fsignature_infos\x18\x06 \x03(\x0b\x32\x1d.ctagent.export.SignatureInfo\x12\x32\n\x04keys\x18\x07 \x03(\x0b\x32$.ctagent.export.TemporaryExposureKey\x12:\n\x0crevised_keys\x18\x08 \x03(\x0b\x32$.ctagent.export.TemporaryExposureKey\"\x97\x01\n\rSignatureInfo\x12 \n\x18verification_key_version\x18\x03 \x01(\t\x12\x1b\n\x13verification_key_id\x18\x04 \x01(\t\x12\x1b\n\x13signature_algorithm\x18\x05 \x01(\tJ\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03R\rapp_bundle_idR\x0f\x61ndroid_package\"\xd2\x04\n\x14TemporaryExposureKey\x12\x10\n\x08key_data\x18\x01 \x01(\x0c\x12#\n\x17transmission_risk_level\x18\x02 \x01(\x05\x42\x02\x18\x01\x12%\n\x1drolling_start_interval_number\x18\x03 \x01(\x05\x12\x1b\n\x0erolling_period\x18\x04 \x01(\x05:\x03\x31\x34\x34\x12\x44\n\x0breport_type\x18\x05 \x01(\x0e\x32/.ctagent.export.TemporaryExposureKey.ReportType\x12$\n\x1c\x64\x61ys_since_onset_of_symptoms\x18\x06 \x01(\x11\x12Q\n\x12variant_of_concern\x18\x08 \x01(\x0e\x32\x35.ctagent.export.TemporaryExposureKey.VariantOfConcern\"|\n\nReportType\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x12\n\x0e\x43ONFIRMED_TEST\x10\x01\x12 \n\x1c\x43ONFIRMED_CLINICAL_DIAGNOSIS\x10\x02\x12\x0f\n\x0bSELF_REPORT\x10\x03\x12\r\n\tRECURSIVE\x10\x04\x12\x0b\n\x07REVOKED\x10\x05\"|\n\x10VariantOfConcern\x12\x18\n\x14VARIANT_TYPE_UNKNOWN\x10\x00\x12\x12\n\x0eVARIANT_TYPE_1\x10\x01\x12\x12\n\x0eVARIANT_TYPE_2\x10\x02\x12\x12\n\x0eVARIANT_TYPE_3\x10\x03\x12\x12\n\x0eVARIANT_TYPE_4\x10\x04J\x04\x08\x07\x10\x08\"D\n\x10TEKSignatureList\x12\x30\n\nsignatures\x18\x01 \x03(\x0b\x32\x1c.ctagent.export.TEKSignature\"\x7f\n\x0cTEKSignature\x12\x35\n\x0esignature_info\x18\x01 \x01(\x0b\x32\x1d.ctagent.export.SignatureInfo\x12\x11\n\tbatch_num\x18\x02 \x01(\x05\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x11\n\tsignature\x18\x04 \x01(\x0c')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'export_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SIGNATUREINFO'].fields_by_name['app_bundle_id']._loaded_options = None
-  _globals['_SIGNATUREINFO'].fields_by_name['app_bundle_id']._serialized_options = b'\030\001'
-  _globals['_SIGNATUREINFO'].fields_by_name['android_package']._loaded_options = None
-  _globals['_SIGNATUREINFO'].fields_by_name['android_package']._serialized_options = b'\030\001'
   _globals['_TEMPORARYEXPOSUREKEY'].fields_by_name['transmission_risk_level']._loaded_options = None
   _globals['_TEMPORARYEXPOSUREKEY'].fields_by_name['transmission_risk_level']._serialized_options = b'\030\001'
   _globals['_TEMPORARYEXPOSUREKEYEXPORT']._serialized_start=33
   _globals['_TEMPORARYEXPOSUREKEYEXPORT']._serialized_end=332
   _globals['_SIGNATUREINFO']._serialized_start=335
-  _globals['_SIGNATUREINFO']._serialized_end=498
-  _globals['_TEMPORARYEXPOSUREKEY']._serialized_start=501
-  _globals['_TEMPORARYEXPOSUREKEY']._serialized_end=880
-  _globals['_TEMPORARYEXPOSUREKEY_REPORTTYPE']._serialized_start=756
-  _globals['_TEMPORARYEXPOSUREKEY_REPORTTYPE']._serialized_end=880
-  _globals['_TEKSIGNATURELIST']._serialized_start=882
-  _globals['_TEKSIGNATURELIST']._serialized_end=950
-  _globals['_TEKSIGNATURE']._serialized_start=952
-  _globals['_TEKSIGNATURE']._serialized_end=1079
+  _globals['_SIGNATUREINFO']._serialized_end=486
+  _globals['_TEMPORARYEXPOSUREKEY']._serialized_start=489
+  _globals['_TEMPORARYEXPOSUREKEY']._serialized_end=1083
+  _globals['_TEMPORARYEXPOSUREKEY_REPORTTYPE']._serialized_start=827
+  _globals['_TEMPORARYEXPOSUREKEY_REPORTTYPE']._serialized_end=951
+  _globals['_TEMPORARYEXPOSUREKEY_VARIANTOFCONCERN']._serialized_start=953
+  _globals['_TEMPORARYEXPOSUREKEY_VARIANTOFCONCERN']._serialized_end=1077
+  _globals['_TEKSIGNATURELIST']._serialized_start=1085
+  _globals['_TEKSIGNATURELIST']._serialized_end=1153
+  _globals['_TEKSIGNATURE']._serialized_start=1155
+  _globals['_TEKSIGNATURE']._serialized_end=1282
 # @@protoc_insertion_point(module_scope)

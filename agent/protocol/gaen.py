@@ -150,20 +150,26 @@ def decrypt_aem(aemk: bytes, rpi_: bytes, aem: bytes) -> bytes:
     return _aes_ctr(aemk, rpi_, aem)
 
 
+#: the metadata's transmit power range (Bluetooth spec v1.2 "Metadata": -127..+127 dBm)
+TX_POWER_MIN_DBM, TX_POWER_MAX_DBM = -127, 127
+
+
 class MetadataError(ProtocolError):
     """Decrypted AEM metadata is not a version this agent understands."""
 
 
 @dataclass(frozen=True)
 class Metadata:
-    """The 4-byte BLE metadata (spec "Associated Encrypted Metadata", Bluetooth spec v1.2 "Metadata")."""
+    """The 4-byte BLE metadata (spec "Associated Encrypted Metadata", Bluetooth spec v1.2 "Metadata").
+    Byte 1 is the transmit power in dBm, -127..+127 (the Bluetooth spec's range for it):
+    -128 is refused both ways."""
 
     tx_power_dbm: int
     major: int = 1
     minor: int = 0
 
     def to_bytes(self) -> bytes:
-        if not -128 <= self.tx_power_dbm <= 127:
+        if not TX_POWER_MIN_DBM <= self.tx_power_dbm <= TX_POWER_MAX_DBM:
             raise CryptoInputError(f"tx_power_dbm out of range: {self.tx_power_dbm}")
         if not (0 <= self.major <= 3 and 0 <= self.minor <= 3):
             raise CryptoInputError("version fields are 2 bits each")
@@ -179,6 +185,8 @@ class Metadata:
         major, minor = version >> 6, (version >> 4) & 0x3
         if major != 1:
             raise MetadataError(f"unsupported metadata major version {major}")
+        if not TX_POWER_MIN_DBM <= tx <= TX_POWER_MAX_DBM:
+            raise MetadataError(f"transmit power {tx} dBm is outside {TX_POWER_MIN_DBM}..{TX_POWER_MAX_DBM}")
         return cls(tx_power_dbm=tx, major=major, minor=minor)
 
 

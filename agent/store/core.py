@@ -37,12 +37,16 @@ from .lock import StoreLock, lock_path
 
 log = logging.getLogger("ctagent.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 5
 DEFAULT_RETENTION_DAYS = 14
 #: Key slot of long-lived secrets (a ROBERT registration, a pending declaration): never
 #: reached by retention, erased with the keyring by purge.
 PERSISTENT_DAY = 2**31 - 1
-ENCRYPTED_TABLES = ("teks", "encounters", "exposures", "hellos", "secrets")
+#: Research recording (``agent.experiment``) seals its rows under key slot
+#: ``RESEARCH_SLOT + day``: its own day keys, so that its own retention can keep them
+#: longer or shorter than the agent's (far below PERSISTENT_DAY, far above any real day).
+RESEARCH_SLOT = 2**30
+ENCRYPTED_TABLES = ("teks", "encounters", "exposures", "hellos", "secrets", "heard_minutes")
 
 
 def keyring_path(db_path: Path) -> Path:
@@ -83,8 +87,9 @@ def _table(db: sqlite_utils.Database, name: str) -> Table:
 
 
 def _encrypted_table(db: sqlite_utils.Database, name: str) -> None:
-    _table(db, name).create({"id": int, "day": int, "blob": bytes}, pk="id", not_null={"day", "blob"})
-    _table(db, name).create_index(["day"])
+    _table(db, name).create({"id": int, "day": int, "blob": bytes}, pk="id", not_null={"day", "blob"},
+                            if_not_exists=True)
+    _table(db, name).create_index(["day"], if_not_exists=True)
 
 
 def _migrate_to_1(db: sqlite_utils.Database) -> None:
@@ -106,9 +111,23 @@ def _migrate_to_3(db: sqlite_utils.Database) -> None:
     db.conn.execute("CREATE UNIQUE INDEX exposures_uid ON exposures (uid)")
 
 
+def _migrate_to_4(db: sqlite_utils.Database) -> None:
+    """What the receiver heard each minute, of every identifier (the ``hmm`` rule's minute
+    context): a new table, so existing stores only gain it."""
+    _encrypted_table(db, "heard_minutes")
+
+
+def _migrate_to_5(db: sqlite_utils.Database) -> None:
+    """Research recording: batches of raw sightings and the radio's and clock's state,
+    sealed under their own key slots (``RESEARCH_SLOT + day``); ``kind`` says which
+    batch it is (no identifier)."""
+    _encrypted_table(db, "research")
+    db.conn.execute("ALTER TABLE research ADD COLUMN kind TEXT NOT NULL DEFAULT ''")
+
+
 #: version -> migration bringing the schema from version-1 to version
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_to_1, 2: _migrate_to_2,
-                                                                   3: _migrate_to_3}
+                                                                   3: _migrate_to_3, 4: _migrate_to_4, 5: _migrate_to_5}
 
 
 # -- the encrypted-row core ---------------------------------------------------------------
@@ -124,7 +143,7 @@ class EncryptedRows:
         self.path = path
         self.read_only = read_only
         self._next_id = {t: conn.execute(f"SELECT COALESCE(MAX(id), 0) FROM {t}").fetchone()[0] + 1
-                         for t in ENCRYPTED_TABLES}
+                         for t in (*ENCRYPTED_TABLES, "research")}
         self._envelopes: dict[int, Envelope] = {}
         self._uid_keys: dict[int, bytes] = {}
 
@@ -209,11 +228,13 @@ class Store:
     """Open with :meth:`create` or :meth:`open`; close with :meth:`close` (or ``with``).
 
     Tables: ``teks`` (own keys), ``encounters``, ``exposures``, ``hellos`` (ROBERT),
-    ``state`` (sync progress in clear, sensitive state encrypted: chosen by its type)."""
+    ``heard_minutes`` (what was heard each minute, for the ``hmm`` rule), ``state`` (sync
+    progress in clear, sensitive state encrypted: chosen by its type)."""
 
     def __init__(self, path: Path, keyring: Keyring, db: sqlite_utils.Database, *, clock: Clock,
-                 retention_days: int, lock: StoreLock | None) -> None:
-        from .tables import EncounterTable, ExposureTable, HelloTable, StateTable, TekTable
+                 retention_days: int, lock: StoreLock | None, research_retention_days: int | None = None) -> None:
+        from .tables import (EncounterTable, ExposureTable, HeardMinuteTable, HelloTable, ResearchTable, StateTable,
+                             TekTable)
 
         self.path = Path(path)
         #: held while open for writing; None: opened read-only
@@ -229,7 +250,11 @@ class Store:
         self.encounters = EncounterTable(self.rows)
         self.exposures = ExposureTable(self.rows)
         self.hellos = HelloTable(self.rows)
+        self.heard_minutes = HeardMinuteTable(self.rows)
         self.state = StateTable(self.rows)
+        self.research = ResearchTable(self.rows)
+        #: days of research recording kept ([experiment] retention_days; default: the agent's)
+        self.research_retention_days = research_retention_days or retention_days
         self.last_retention_day: int | None = None
 
     @property
@@ -239,7 +264,7 @@ class Store:
     # -- opening ------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike[str], key: MasterKeySource, *, clock: Clock | None = None,
-               retention_days: int = DEFAULT_RETENTION_DAYS) -> Store:
+               retention_days: int = DEFAULT_RETENTION_DAYS, research_retention_days: int | None = None) -> Store:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = StoreLock(path).acquire()
@@ -249,14 +274,16 @@ class Store:
             ring = Keyring.create(keyring_path(path), key)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # SQLite gives -wal/-shm the same mode
             os.close(fd)
-            return cls._open_db(path, ring, clock=clock or RealClock(), retention_days=retention_days, lock=lock)
+            return cls._open_db(path, ring, clock=clock or RealClock(), retention_days=retention_days, lock=lock,
+                                research_retention_days=research_retention_days)
         except BaseException:
             lock.release()
             raise
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], key: MasterKeySource, *, clock: Clock | None = None,
-             retention_days: int = DEFAULT_RETENTION_DAYS, read_only: bool = False) -> Store:
+             retention_days: int = DEFAULT_RETENTION_DAYS, read_only: bool = False,
+             research_retention_days: int | None = None) -> Store:
         """For writing (the default: takes the lock, or refuses while another process
         writes), or ``read_only`` (beside a writer, or a copy on read-only media)."""
         path = Path(path)
@@ -268,7 +295,8 @@ class Store:
                 erase_stale_temp_files(keyring_path(path))
             # a wrong key fails here, before the database is touched
             ring = Keyring.load(keyring_path(path), key, read_only=read_only)
-            return cls._open_db(path, ring, clock=clock or RealClock(), retention_days=retention_days, lock=lock)
+            return cls._open_db(path, ring, clock=clock or RealClock(), retention_days=retention_days, lock=lock,
+                                research_retention_days=research_retention_days)
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -276,7 +304,7 @@ class Store:
 
     @classmethod
     def _open_db(cls, path: Path, ring: Keyring, *, clock: Clock, retention_days: int,
-                 lock: StoreLock | None) -> Store:
+                 lock: StoreLock | None, research_retention_days: int | None = None) -> Store:
         if retention_days < 1:
             raise StoreError("retention_days must be at least 1")
         try:
@@ -305,7 +333,8 @@ class Store:
         except BaseException:
             conn.close()
             raise
-        store = cls(path, ring, db, clock=clock, retention_days=retention_days, lock=lock)
+        store = cls(path, ring, db, clock=clock, retention_days=retention_days, lock=lock,
+                    research_retention_days=research_retention_days)
         if lock is not None:
             store.exposures.backfill()
             store.state.encrypt_legacy_clear_values()
@@ -376,10 +405,17 @@ class Store:
         days = {d for d in self.keyring.days() if d < cutoff}
         for t in ENCRYPTED_TABLES:
             days.update(d for (d,) in self.conn.execute(f"SELECT DISTINCT day FROM {t} WHERE day < ?", (cutoff,)))
+        # research rows: their own slots and their own retention
+        research_cutoff = RESEARCH_SLOT + self.today() - self.research_retention_days + 1
+        slots = {d for d in self.keyring.days() if RESEARCH_SLOT <= d < research_cutoff}
+        slots.update(d for (d,) in self.conn.execute("SELECT DISTINCT day FROM research WHERE day < ?",
+                                                     (research_cutoff,)))
+        days |= slots
         if days:
             with self.rows.transaction() as c:
                 for t in ENCRYPTED_TABLES:
                     c.execute(f"DELETE FROM {t} WHERE day < ?", (cutoff,))
+                c.execute("DELETE FROM research WHERE day < ?", (research_cutoff,))
             self.rows.forget_days(sorted(days))
             self.keyring.destroy_days(sorted(days))
             # old page images leave the WAL too (they were already useless without the key)

@@ -4,6 +4,10 @@
 - :class:`EncounterTable`: what was heard, as :class:`~agent.exposure.encounter.Encounter`.
 - :class:`ExposureTable`: :class:`~agent.records.Exposure`, unique per family, day and key.
 - :class:`HelloTable`: ROBERT HELLOs heard, packed per flush.
+- :class:`HeardMinuteTable`: what was heard each minute, of every identifier
+  (:class:`~agent.exposure.minutes.HeardMinute`), packed per day and flush.
+- :class:`ResearchTable`: research recording's batches (``agent.experiment.recording``
+  packs them), under their own key slots and retention.
 - :class:`StateTable`: small state records; a record type says whether it is sensitive
   (encrypted in the persistent key slot) or not (clear, e.g. which export files were
   processed).
@@ -19,10 +23,12 @@ from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
 
 from ..clock import utc_day
+from ..exposure import minutes as heard_minutes
 from ..exposure.encounter import Encounter
+from ..exposure.minutes import HeardMinute
 from ..protocol.gaen import TemporaryExposureKey
 from ..records import Exposure
-from .core import PERSISTENT_DAY, EncryptedRows
+from .core import PERSISTENT_DAY, RESEARCH_SLOT, EncryptedRows
 
 log = logging.getLogger("ctagent.store")
 
@@ -169,6 +175,74 @@ class HelloTable:
     def clear(self) -> None:
         with self._rows.transaction() as c:
             c.execute("DELETE FROM hellos")
+
+
+class HeardMinuteTable:
+    """One encrypted row per day and call (a flush) holding that call's minutes."""
+
+    def __init__(self, rows: EncryptedRows) -> None:
+        self._rows = rows
+
+    def add(self, minutes: Iterable[HeardMinute]) -> int:
+        by_day: dict[int, list[HeardMinute]] = {}
+        for m in minutes:
+            by_day.setdefault(m.day, []).append(m)
+        rows = []
+        for day, ms in by_day.items():
+            row_id = self._rows.new_id("heard_minutes")
+            rows.append((row_id, day, self._rows.seal("heard_minutes", row_id, day, heard_minutes.pack(ms))))
+        if rows:
+            with self._rows.transaction() as c:
+                c.executemany("INSERT INTO heard_minutes (id, day, blob) VALUES (?, ?, ?)", rows)
+        return sum(len(ms) for ms in by_day.values())
+
+    def read(self, *, since_day: int | None = None, until_day: int | None = None) -> dict[int, HeardMinute]:
+        """By Unix minute (a minute written twice keeps the record that heard more)."""
+        clauses, params = [], []
+        if since_day is not None:
+            clauses.append("day >= ?")
+            params.append(since_day)
+        if until_day is not None:
+            clauses.append("day <= ?")
+            params.append(until_day)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        found: list[HeardMinute] = []
+        for row_id, _, plain in self._rows.rows("heard_minutes", where, tuple(params)):
+            try:
+                found.extend(heard_minutes.unpack(plain))
+            except (ValueError, struct.error):
+                self._rows.stats.corrupt_rows += 1
+                log.warning("row skipped: undecodable heard-minute batch (id=%d)", row_id)
+        return heard_minutes.merge(found)
+
+
+class ResearchTable:
+    """Batches of research recording: ``kind`` (clear: which batch, never an identifier)
+    and the packed batch, sealed under the day's research key slot. Several batches go
+    in one transaction (one flush)."""
+
+    def __init__(self, rows: EncryptedRows) -> None:
+        self._rows = rows
+
+    def add(self, batches: Iterable[tuple[str, int, bytes]]) -> int:
+        """``(kind, UTC day, packed batch)`` each; returns the rows written."""
+        rows = []
+        for kind, day, plain in batches:
+            row_id = self._rows.new_id("research")
+            slot = RESEARCH_SLOT + day
+            rows.append((row_id, slot, kind, self._rows.seal("research", row_id, slot, plain)))
+        if rows:
+            with self._rows.transaction() as c:
+                c.executemany("INSERT INTO research (id, day, kind, blob) VALUES (?, ?, ?, ?)", rows)
+        return len(rows)
+
+    def read(self, kind: str) -> Iterator[tuple[int, bytes]]:
+        """``(UTC day, packed batch)`` of every readable batch of ``kind``, in write order."""
+        for _, slot, plain in self._rows.rows("research", "WHERE kind = ?", (kind,)):
+            yield slot - RESEARCH_SLOT, plain
+
+    def count_by_kind(self) -> dict[str, int]:
+        return dict(self._rows.conn.execute("SELECT kind, COUNT(*) FROM research GROUP BY kind ORDER BY kind"))
 
 
 class StateRecord(Protocol):

@@ -7,6 +7,7 @@ the answer is a refusal."""
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -34,8 +35,9 @@ def _retry_on(status: int) -> None:
 class JsonHttp:
     def __init__(self, base_url: str, *, what: str, clock: Clock, http: httpx.Client | None = None,
                  retries: int = 3, backoff_s: float = 0.5, rng: random.Random | None = None,
-                 timeout_s: float = 20.0) -> None:
-        """``what`` names the counterpart in messages ("the backend", "the ROBERT server")."""
+                 timeout_s: float = 10.0) -> None:
+        """``what`` names the counterpart in messages ("the backend", "the ROBERT server");
+        ``timeout_s`` bounds each read and the whole call with its retries."""
         self.base_url = base_url.rstrip("/")
         self.what = what
         self.clock = clock
@@ -65,15 +67,20 @@ class JsonHttp:
         """``attempt()`` until it answers (raising :class:`_Retry` or a transport error
         means "try again"); :class:`BackendUnreachable` after the retries."""
         why = ""
+        # real time, not the injected clock: this bounds real waits on the network
+        deadline = time.monotonic() + self.timeout_s
         for n in range(self.retries + 1):
             try:
                 return attempt()
             except _Retry as e:
                 why = e.why
+            except httpx.TimeoutException as e:
+                why = f"{type(e).__name__}: no answer within {self.timeout_s:g} s ([sync] timeout_s)"
             except httpx.TransportError as e:
                 why = type(e).__name__
-            if n < self.retries:
-                self.clock.sleep_blocking(self.rng.uniform(0, self.backoff_s * 2**n))
+            if n == self.retries or time.monotonic() >= deadline:
+                break
+            self.clock.sleep_blocking(self.rng.uniform(0, self.backoff_s * 2**n))
         raise self._unreachable(why)
 
     def url(self, path: str) -> str:

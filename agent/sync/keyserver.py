@@ -136,6 +136,8 @@ class Declared:
 @dataclass(frozen=True)
 class SyncResult:
     offline: bool = False
+    #: why the backend counted as unreachable (one sentence), when offline
+    offline_reason: str = ""
     not_modified: bool = False
     files_new: int = 0
     files_failed: tuple[str, ...] = ()
@@ -171,7 +173,7 @@ def export_url(base_url: str, entry: str) -> str:
 class KeyServerClient:
     def __init__(self, base_url: str, *, trusted_keys: Sequence[str], clock: Clock,
                  http: httpx.Client | None = None, retries: int = 3, backoff_s: float = 0.5,
-                 rng: random.Random | None = None, timeout_s: float = 20.0,
+                 rng: random.Random | None = None, timeout_s: float = 10.0,
                  max_export_bytes: int = DEFAULT_MAX_EXPORT_BYTES, index_url: str = "",
                  export_base_url: str = "") -> None:
         """``base_url``: the key server's API (verify, certificate, publish); the exports
@@ -202,9 +204,9 @@ class KeyServerClient:
         headers = {"If-None-Match": etag.etag} if etag else {}
         try:
             r = self.transport.request("GET", self.index_url, headers=headers)
-        except BackendUnreachable:
+        except BackendUnreachable as e:
             log.info("sync: backend unreachable; will retry later")
-            return SyncResult(offline=True)
+            return SyncResult(offline=True, offline_reason=str(e))
         if r.status_code == 304:
             store.state.put(LastSync(self.clock.now()))
             return SyncResult(not_modified=True)

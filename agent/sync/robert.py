@@ -109,10 +109,11 @@ def _answer_error(path: str, e: Exception) -> BackendRejected:
 
 class RobertClient:
     def __init__(self, base_url: str, *, clock: Clock, http: httpx.Client | None = None,
-                 rng: random.Random | None = None, retries: int = 3, api_key: str | None = None) -> None:
+                 rng: random.Random | None = None, retries: int = 3, api_key: str | None = None,
+                 timeout_s: float = 10.0) -> None:
         self.api_key = api_key
         self.transport = JsonHttp(base_url, what="the ROBERT server", clock=clock, http=http, retries=retries,
-                                  backoff_s=0.5, rng=rng)
+                                  backoff_s=0.5, rng=rng, timeout_s=timeout_s)
 
     def close(self) -> None:
         self.transport.close()

@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import NamedTuple
 
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
@@ -18,17 +17,12 @@ from dbus_fast.aio import MessageBus
 from ...clock import RealClock
 from ...errors import RadioError
 from ...protocol.payload import EN_SERVICE_UUID16
+from ..base import Check
 from . import defs
 from .advertiser import BluezAdvertiser
 
 MIN_BLUEZ = (5, 50)
 MAIN_CONF = Path("/etc/bluetooth/main.conf")
-
-
-class Check(NamedTuple):
-    name: str
-    ok: bool
-    detail: str
 
 
 def bluez_privacy(main_conf: Path = MAIN_CONF) -> str:

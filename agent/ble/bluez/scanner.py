@@ -129,12 +129,16 @@ class BluezScanner(Scanner):
                 delay = self.backoff_s
                 continue
             log.warning("scanner stalled: restarting in %.0fs", delay)
+            if self.events is not None:
+                self.events.down("scanner_stall", self._last_sample, f"nothing heard for {self.stall_s:.0f} s")
             self._health.scanning = False
             await self.clock.sleep(delay)
             await self._stop_bleak()
             try:
                 await self._start()
                 self.restarts += 1
+                if self.events is not None:
+                    self.events.up("scanner_stall", self.clock.now())
             except Exception as e:  # bluetoothd may still be away: try again later
                 self._health.error(type(e).__name__)
                 delay = min(delay * 2, 300)

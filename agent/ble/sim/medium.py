@@ -126,3 +126,54 @@ def packet_rssi(rng: random.Random, distance_m: float, *, tx_power_dbm: float, r
     mean = tx_power_dbm - c.path_loss.attenuation_db(max(0.1, distance_m)) - rx_correction_db
     rssi = round(mean + 10 * math.log10(max(rng.expovariate(1.0), 1e-6)))
     return rssi if rssi >= c.sensitivity_dbm else None
+
+
+class PacketChannel:
+    """The medium packet by packet, for radios that transmit real PDUs (the bumble link,
+    ``agent.ble.bumble.controller``): each call says whether one packet from ``tx``
+    reaches ``rx`` and with what RSSI, in the same model as :meth:`Medium.tick` (path
+    loss, body and wall loss, shadowing, Rayleigh fading, loss, sensitivity) but without
+    its per-tick counting: the caller transmits every advertising event itself.
+
+    Shadowing advances in steps of ``shadow_step_s`` of the caller's time, so the draws
+    depend only on the seed and on the sequence of calls."""
+
+    def __init__(self, devices: list[SimDevice], positions: list[tuple[float, float]], rooms: list[int],
+                 config: MediumConfig | None = None, seed: int = 0, shadow_step_s: float = 1.0) -> None:
+        self.medium = Medium(devices, config, seed=seed)
+        self.pos = np.array(positions, dtype=float).reshape(len(devices), 2)
+        self.room = np.array(rooms, dtype=int)
+        self.shadow_step_s = shadow_step_s
+        self._t: float | None = None
+        self._att = np.zeros((len(devices), len(devices)))
+
+    def _advance(self, t: float) -> None:
+        if self._t is None:
+            self._att, _ = self.medium.attenuation(self.pos, self.room, 0.0)
+            self._t = t
+        steps = int((t - self._t) // self.shadow_step_s)
+        if steps > 0:
+            # one step per call, however long the silence: the AR(1) decays by the whole gap
+            self._att, _ = self.medium.attenuation(self.pos, self.room, steps * self.shadow_step_s)
+            self._t += steps * self.shadow_step_s
+
+    def mean_rssi(self, rx: int, tx: int, t: float) -> float:
+        """The pair's mean RSSI (dBm) at ``t``: no fading."""
+        self._advance(t)
+        m = self.medium
+        return float(m._tx[tx] - self._att[rx, tx] - m._corr[rx])
+
+    def packet_rssi(self, rx: int, tx: int, t: float) -> int | None:
+        """One packet from ``tx`` to ``rx`` at ``t``: its RSSI (dBm), or None when it is lost
+        or below the receiver's sensitivity."""
+        c = self.medium.cfg
+        mean = self.mean_rssi(rx, tx, t)
+        rng = self.medium.rng
+        if rng.random() < c.loss:
+            return None
+        rssi = round(mean + float(rayleigh_fading_db(rng, 1)[0]))
+        return rssi if rssi >= c.sensitivity_dbm else None
+
+    def move(self, i: int, x: float, y: float) -> None:
+        self.pos[i] = (x, y)
+        self._t = None  # the new distance applies from the next packet

@@ -1,0 +1,238 @@
+/* export.bin's protobuf straight into arrays (optional C extension).
+ *
+ * Reads a serialized TemporaryExposureKeyExport (export.proto, proto2) the way the
+ * protobuf runtime (upb) does: unknown fields and fields of an unexpected wire type are
+ * skipped (groups too, to a depth of 100), the last value of a scalar wins, int32 fields
+ * keep a varint's low 32 bits, sint32 is zigzag, a report_type outside the enum is
+ * unknown (0), rolling_period defaults to 144; a varint longer than 10 bytes, a length
+ * past the end, wire type 6 or 7, field number 0 or an unmatched end-group is malformed.
+ * Then each key is checked as DiagnosisKey.validate checks it. The keys come out as
+ * arrays, never as Python objects; the tests compare it with the protobuf runtime on
+ * valid, random and corrupted files.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_DEPTH 100
+
+typedef struct {
+    const uint8_t *p, *end;
+} rd;
+
+/* 0: ok; -1: malformed */
+static int varint(rd *r, uint64_t *out) {
+    uint64_t v = 0;
+    for (int i = 0; i < 10; i++) {
+        if (r->p >= r->end) return -1;
+        uint8_t b = *r->p++;
+        if (i < 10) v |= (uint64_t)(b & 0x7f) << (7 * i);
+        if (!(b & 0x80)) { *out = v; return 0; }
+    }
+    return -1;
+}
+
+static int skip_field(rd *r, uint32_t tag, int depth);
+
+static int skip_group(rd *r, uint32_t field, int depth) {
+    if (depth > MAX_DEPTH) return -1;
+    for (;;) {
+        uint64_t t;
+        if (varint(r, &t) || t > 0xffffffffu) return -1;
+        uint32_t tag = (uint32_t)t;
+        if ((tag >> 3) == 0) return -1;
+        if ((tag & 7) == 4) return (tag >> 3) == field ? 0 : -1;
+        if (skip_field(r, tag, depth + 1)) return -1;
+    }
+}
+
+static int skip_field(rd *r, uint32_t tag, int depth) {
+    uint64_t v;
+    switch (tag & 7) {
+    case 0: return varint(r, &v);
+    case 1: if (r->end - r->p < 8) return -1; r->p += 8; return 0;
+    case 2:
+        if (varint(r, &v) || v > 0x7fffffff || v > (uint64_t)(r->end - r->p)) return -1;
+        r->p += v;
+        return 0;
+    case 3: return skip_group(r, tag >> 3, depth);
+    case 5: if (r->end - r->p < 4) return -1; r->p += 4; return 0;
+    default: return -1;   /* 4: an end-group without its start; 6, 7: no such wire type */
+    }
+}
+
+static int bytes_field(rd *r, const uint8_t **data, uint64_t *len) {
+    if (varint(r, len) || *len > 0x7fffffff || *len > (uint64_t)(r->end - r->p)) return -1;
+    *data = r->p;
+    r->p += *len;
+    return 0;
+}
+
+/* ---- growing key arrays -------------------------------------------------------------- */
+
+typedef struct {
+    size_t n, cap;
+    uint8_t *key_data;
+    uint32_t *start;
+    uint16_t *period;
+    int32_t *risk;
+    uint8_t *report;
+    int32_t *dso;
+    uint8_t *has_dso;
+    uint8_t *variant;
+} keys_t;
+
+static void keys_free(keys_t *k) {
+    free(k->key_data); free(k->start); free(k->period); free(k->risk); free(k->report); free(k->dso); free(k->has_dso); free(k->variant);
+    memset(k, 0, sizeof *k);
+}
+
+static int keys_grow(keys_t *k, size_t want) {
+    if (want <= k->cap) return 0;
+    size_t cap = k->cap ? k->cap : 1024;
+    while (cap < want) cap *= 2;
+#define GROW(f, sz) do { void *q = realloc(k->f, cap * (sz)); if (!q) return -1; k->f = q; } while (0)
+    GROW(key_data, 16); GROW(start, 4); GROW(period, 2); GROW(risk, 4); GROW(report, 1); GROW(dso, 4); GROW(has_dso, 1); GROW(variant, 1);
+#undef GROW
+    k->cap = cap;
+    return 0;
+}
+
+/* errors: the message DiagnosisKey.validate or the parser gives */
+typedef struct {
+    const char *msg;
+    long long arg;
+} perr;
+
+/* 0: appended; -1: malformed; -2: a key validate() refuses (err says why); -3: no memory */
+static int parse_key(const uint8_t *buf, size_t len, keys_t *k, perr *err) {
+    rd r = {buf, buf + len};
+    const uint8_t *kd = NULL;
+    uint64_t kdlen = 0, v;
+    int32_t risk = 0, start = 0, period = 144, dso = 0;
+    uint8_t report = 0, has_dso = 0, variant = 0;
+    while (r.p < r.end) {
+        uint64_t t;
+        if (varint(&r, &t) || t > 0xffffffffu || (t >> 3) == 0) goto bad;
+        uint32_t tag = (uint32_t)t, field = tag >> 3, wt = tag & 7;
+        if (field == 1 && wt == 2) { if (bytes_field(&r, &kd, &kdlen)) goto bad; }
+        else if (((field >= 2 && field <= 6) || field == 8) && wt == 0) {
+            if (varint(&r, &v)) goto bad;
+            int32_t i32 = (int32_t)(uint32_t)v;
+            switch (field) {
+            case 2: risk = i32; break;
+            case 3: start = i32; break;
+            case 4: period = i32; break;
+            case 5: if (i32 >= 0 && i32 <= 5) report = (uint8_t)i32; break;   /* closed enum: else unknown */
+            case 6: { uint32_t u = (uint32_t)v; dso = (int32_t)((u >> 1) ^ (0u - (u & 1))); has_dso = 1; break; }
+            case 8: if (i32 >= 0 && i32 <= 4) variant = (uint8_t)i32; break;  /* closed enum, as report_type */
+            }
+        } else if (skip_field(&r, tag, 1)) goto bad;
+    }
+    if (kdlen != 16 || !kd) { err->msg = "key_data must be 16 bytes, got %lld"; err->arg = kd ? (long long)kdlen : 0; return -2; }
+    if (period < 1 || period > 144) { err->msg = "rolling_period must be 1..144, got %lld"; err->arg = period; return -2; }
+    if (start < 0) { err->msg = "rolling_start_interval_number must be 0..2147483647"; err->arg = 0; return -2; }
+    if (keys_grow(k, k->n + 1)) return -3;
+    size_t i = k->n++;
+    memcpy(k->key_data + 16 * i, kd, 16);
+    k->start[i] = (uint32_t)start; k->period[i] = (uint16_t)period; k->risk[i] = risk; k->report[i] = report;
+    k->dso[i] = dso; k->has_dso[i] = has_dso; k->variant[i] = variant;
+    return 0;
+bad:
+    err->msg = "export.bin protobuf is truncated or malformed";
+    return -1;
+}
+
+static PyObject *keys_tuple(const keys_t *k) {
+#define BUF(f) (k->f ? (const char *)k->f : "")   /* y# of NULL is None, not b"" */
+    return Py_BuildValue("(ny#y#y#y#y#y#y#y#)", (Py_ssize_t)k->n, BUF(key_data), (Py_ssize_t)(16 * k->n),
+                         BUF(start), (Py_ssize_t)(4 * k->n), BUF(period), (Py_ssize_t)(2 * k->n), BUF(risk),
+                         (Py_ssize_t)(4 * k->n), BUF(report), (Py_ssize_t)k->n, BUF(dso), (Py_ssize_t)(4 * k->n),
+                         BUF(has_dso), (Py_ssize_t)k->n, BUF(variant), (Py_ssize_t)k->n);
+#undef BUF
+}
+
+/* parse(buf) -> (start_ts, end_ts, region bytes, batch_num, batch_size, [signature_info bytes],
+ *                keys, revised_keys, first invalid key's message or None, same for revised);
+ *                keys = (n, key_data, start u32, period u16, risk i32, report u8, dso i32,
+ *                has_dso u8, variant_of_concern u8), the valid keys only. ValueError(message) when malformed. */
+static PyObject *parse(PyObject *mod, PyObject *arg) {
+    Py_buffer b;
+    if (!PyArg_Parse(arg, "y*", &b)) return NULL;
+    PyObject *result = NULL, *infos = PyList_New(0);
+    keys_t keys = {0}, revised = {0};
+    perr err = {NULL, 0}, kerr = {NULL, 0}, rerr = {NULL, 0};
+    int rc = 0;
+    uint64_t start_ts = 0, end_ts = 0;
+    int32_t batch_num = 0, batch_size = 0;
+    const uint8_t *region = (const uint8_t *)"";
+    uint64_t region_len = 0;
+    if (!infos) goto out;
+    Py_BEGIN_ALLOW_THREADS
+    rd r = {b.buf, (const uint8_t *)b.buf + b.len};
+    if (keys_grow(&keys, (size_t)b.len / 32 + 1)) rc = -3;
+    while (!rc && r.p < r.end) {
+        uint64_t t, v;
+        if (varint(&r, &t) || t > 0xffffffffu || (t >> 3) == 0) { rc = -1; break; }
+        uint32_t tag = (uint32_t)t, field = tag >> 3, wt = tag & 7;
+        const uint8_t *data;
+        if ((field == 1 || field == 2) && wt == 1) {
+            if (r.end - r.p < 8) { rc = -1; break; }
+            v = 0;
+            for (int i = 7; i >= 0; i--) v = v << 8 | r.p[i];
+            r.p += 8;
+            if (field == 1) start_ts = v; else end_ts = v;
+        } else if ((field == 4 || field == 5) && wt == 0) {
+            if (varint(&r, &v)) { rc = -1; break; }
+            if (field == 4) batch_num = (int32_t)(uint32_t)v; else batch_size = (int32_t)(uint32_t)v;
+        } else if (field >= 6 && field <= 8 && wt == 2) {
+            if (bytes_field(&r, &data, &v)) { rc = -1; break; }
+            if (field == 6) {
+                Py_BLOCK_THREADS
+                PyObject *s = PyBytes_FromStringAndSize((const char *)data, (Py_ssize_t)v);
+                int bad = !s || PyList_Append(infos, s);
+                Py_XDECREF(s);
+                Py_UNBLOCK_THREADS
+                if (bad) { rc = -4; break; }
+            } else {   /* an invalid key is reported after the whole file parsed, as validate() runs after */
+                perr *e = field == 7 ? &kerr : &rerr;
+                perr mine = {NULL, 0};
+                int k = parse_key(data, v, field == 7 ? &keys : &revised, &mine);
+                if (k == -2) { if (!e->msg) *e = mine; }
+                else if (k) { rc = k; break; }
+            }
+        } else if (field == 3 && wt == 2) {
+            if (bytes_field(&r, &region, &region_len)) { rc = -1; break; }
+        } else if (skip_field(&r, tag, 1)) { rc = -1; break; }
+    }
+    Py_END_ALLOW_THREADS
+    if (rc == -1) PyErr_SetString(PyExc_ValueError, err.msg ? err.msg : "export.bin protobuf is truncated or malformed");
+    else if (rc == -2) PyErr_Format(PyExc_ValueError, err.msg, err.arg);
+    else if (rc == -3) PyErr_NoMemory();
+    else if (rc == 0) {
+        PyObject *k = keys_tuple(&keys), *rk = k ? keys_tuple(&revised) : NULL;
+        PyObject *ke = kerr.msg ? PyUnicode_FromFormat(kerr.msg, kerr.arg) : Py_NewRef(Py_None);
+        PyObject *re = rerr.msg ? PyUnicode_FromFormat(rerr.msg, rerr.arg) : Py_NewRef(Py_None);
+        if (k && rk && ke && re)
+            result = Py_BuildValue("(KKy#iiONNNN)", (unsigned long long)start_ts, (unsigned long long)end_ts,
+                                   (const char *)region, (Py_ssize_t)region_len, batch_num, batch_size, infos, k, rk,
+                                   ke, re);
+        else { Py_XDECREF(k); Py_XDECREF(rk); Py_XDECREF(ke); Py_XDECREF(re); }
+    }
+out:
+    Py_XDECREF(infos);
+    keys_free(&keys); keys_free(&revised);
+    PyBuffer_Release(&b);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"parse", parse, METH_O, "parse(protobuf bytes of a TemporaryExposureKeyExport) -> header fields and key arrays"},
+    {NULL, NULL, 0, NULL}
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastexport", NULL, -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__fastexport(void) { return PyModule_Create(&module); }
