@@ -122,8 +122,10 @@ class Controller:
     #: times LE Set Random Address succeeded while this controller scanned: a real
     #: controller refuses it then (Core v5.3 Vol 4 Part E 7.8.4: Command Disallowed)
     random_address_while_scanning: list[float] = field(default_factory=list)
-    #: the time of every LE Set (Extended) Scan Enable that turned scanning off/on
-    scan_changes: list[tuple[float, bool]] = field(default_factory=list)
+    #: every LE Set (Extended) Scan Enable: (time, on, with the duplicate filter)
+    scan_changes: list[tuple[float, bool, bool]] = field(default_factory=list)
+    #: the time of every LE Set (Extended) Advertising Enable that turned a set off/on
+    advertising_changes: list[tuple[float, bool]] = field(default_factory=list)
     _sets: dict[int, _Set] = field(default_factory=dict)
     _pending: dict[int, bytes] = field(default_factory=dict)
     _random: str = ""
@@ -168,10 +170,11 @@ class Controller:
         elif opcode == LE_SET_ADV_ENABLE:
             s = self._set(-1)
             s.enabled = bool(p[0])
+            self.advertising_changes.append((t, s.enabled))
             self._emit(t, -1)
         elif opcode in (LE_SET_SCAN_ENABLE, LE_SET_EXT_SCAN_ENABLE):
             self.scanning = bool(p[0])
-            self.scan_changes.append((t, self.scanning))
+            self.scan_changes.append((t, self.scanning, bool(p[1])))
         elif opcode == LE_SET_ADV_SET_RANDOM_ADDRESS:
             self._set(p[0]).random = addr(p[1:7])  # per set: allowed while scanning
             self._emit(t, p[0])
@@ -193,6 +196,7 @@ class Controller:
             for h in handles:
                 s = self._set(h)
                 s.enabled = bool(enable)
+                self.advertising_changes.append((t, s.enabled))
                 self._emit(t, h)
         elif opcode in (LE_REMOVE_ADV_SET, LE_CLEAR_ADV_SETS):
             for h in ([p[0]] if opcode == LE_REMOVE_ADV_SET else list(self._sets)):

@@ -111,11 +111,14 @@ class BluezError(Exception):
 
 
 class Recorder:
-    def __init__(self, privacy: str) -> None:
+    def __init__(self, privacy: str, only: set[str] | None = None) -> None:
         self.privacy = privacy
+        self.only = only  # the operations to do (None: all)
         self.observations: list[dict[str, Any]] = []
 
     async def run(self, kind: str, op: str, fn: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        if self.only is not None and op not in self.only:
+            return
         t0 = time.time()
         try:
             details = await asyncio.wait_for(fn(), 60)
@@ -156,7 +159,7 @@ async def raw_checks(st: Stack, rec: Recorder, kind: str) -> None:
 
     # btvirt's 4.0 controllers do not report each other and a scanning legacy listener has
     # crashed btvirt: only the extended listener scans
-    listen = kind == "extended"
+    listen = kind != "legacy"
     await rec.run(kind, "caps", caps)
     if listen:
         await st.discovery(rx, True)  # the listener hears the plain frame (btvirt: one report per enable)
@@ -342,19 +345,84 @@ async def find_pairs(st: Stack) -> dict[str, tuple[str, str]]:
     return {k: (v[0], v[1]) for k, v in kinds.items() if len(v) >= 2}
 
 
-async def main(privacy: str, out: Path, main_conf: Path) -> None:
+async def find_bumble(st: Stack, vhci_log: Path) -> dict[str, str]:
+    """The bumble controllers (agent.ble.bumble.vhci's JSON lines) by name -> adapter."""
+    by_address = {}
+    (objects,) = await st.call("/", defs.OBJECT_MANAGER, "GetManagedObjects")
+    for path, ifaces in objects.items():
+        if defs.ADAPTER in ifaces:
+            by_address[ifaces[defs.ADAPTER]["Address"].value.upper()] = path.rsplit("/", 1)[1]
+    out = {}
+    for line in vhci_log.read_text().splitlines():
+        if line.startswith("{") and "public_address" in line:
+            c = json.loads(line)
+            out[c["name"]] = by_address[c["public_address"].upper()]
+    return out
+
+
+async def bumble_checks(st: Stack, rec: Recorder, names: dict[str, str], main_conf: Path) -> None:
+    """On modelled controllers: the legacy chip's refusal, and RSSI from the radio model."""
+    PAIRS["bumble"] = (names["near"], names["rx"])
+    rec.only = {"caps", "register", "rotate-while-scanning", "update-while-scanning"}
+    await raw_checks(st, rec, "bumble")
+    rec.only = None
+    await st.discovery(names["rx"], True)  # the listener, for what the agent's rotations put on air
+    await agent_checks(rec, "bumble", main_conf)
+    await st.discovery(names["rx"], False)
+    from agent.ble.bluez import BluezAdvertiser, BluezScanner
+    from agent.clock import RealClock
+    from agent.protocol.payload import EN_SERVICE_UUID16
+
+    async def rssi_by_distance() -> dict[str, Any]:
+        """The agent's scanner on rx hears near (1 m) and far (8 m) with the model's RSSI.
+        Linux turns the controller's duplicate filter on, so a peer is reported once per
+        address and payload: both rotate every 0.6 s to be heard often."""
+        clock = RealClock()
+        near = BluezAdvertiser(names["near"], clock=clock, service_uuid16=EN_SERVICE_UUID16)
+        far = BluezAdvertiser(names["far"], clock=clock, service_uuid16=EN_SERVICE_UUID16)
+        scanner = BluezScanner(names["rx"], clock=clock, service_uuid16=EN_SERVICE_UUID16)
+        heard: list[tuple[int, int]] = []
+
+        async def scan() -> None:
+            async for s in scanner.sightings():
+                data = next(iter(s.service_data.values()), b"")
+                heard.append((data[16] if len(data) > 16 else -1, s.rssi))  # AEM byte 0: 0x40 near, 0x41 far
+
+        task = asyncio.create_task(scan())
+        try:
+            await asyncio.sleep(1.5)
+            for i in range(12):
+                await (near.rotate if i else near.start)(bytes([i]) * 16 + bytes([0x40, 0, 0, 0]), "")
+                await (far.rotate if i else far.start)(bytes([i]) * 16 + bytes([0x41, 0, 0, 0]), "")
+                await asyncio.sleep(0.6)
+        finally:
+            task.cancel()
+            await scanner.stop()
+            await near.stop()
+            await far.stop()
+        return {"near": [r for p, r in heard if p == 0x40], "far": [r for p, r in heard if p == 0x41]}
+
+    await rec.run("bumble", "rssi-by-distance", rssi_by_distance)
+
+
+async def main(privacy: str, phase: str, out: Path, main_conf: Path, vhci_log: Path | None) -> None:
     bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
     st = Stack(bus)
-    PAIRS.update(await find_pairs(st))
-    print("pairs", PAIRS, flush=True)
     rec = Recorder(privacy)
     t0 = time.time()
-    for kind in PAIRS:
-        await raw_checks(st, rec, kind)
-    for kind in PAIRS:
-        await agent_checks(rec, kind, main_conf)
-    await too_long(rec)
-    (out / f"observations-{privacy}.json").write_text(json.dumps(
+    if vhci_log is not None:
+        names = await find_bumble(st, vhci_log)
+        print("bumble", names, flush=True)
+        await bumble_checks(st, rec, names, main_conf)
+    else:
+        PAIRS.update(await find_pairs(st))
+        print("pairs", PAIRS, flush=True)
+        for kind in list(PAIRS):
+            await raw_checks(st, rec, kind)
+        for kind in list(PAIRS):
+            await agent_checks(rec, kind, main_conf)
+        await too_long(rec)
+    (out / f"observations-{phase}.json").write_text(json.dumps(
         {"privacy": privacy, "pairs": PAIRS, "seconds": time.time() - t0, "observations": rec.observations},
         indent=1))
     bus.disconnect()
@@ -363,7 +431,9 @@ async def main(privacy: str, out: Path, main_conf: Path) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--privacy", required=True)
+    ap.add_argument("--phase", required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--main-conf", type=Path, default=Path("/run/realstack/main.conf"))
+    ap.add_argument("--vhci", type=Path, default=None, help="agent.ble.bumble.vhci's output: the bumble phase")
     a = ap.parse_args()
-    asyncio.run(main(a.privacy, a.out, a.main_conf))
+    asyncio.run(main(a.privacy, a.phase, a.out, a.main_conf, a.vhci))
