@@ -35,8 +35,8 @@ from .clock import Clock, iso_date
 from .errors import BackendUnreachable, UserError
 from .files import write_private_file
 from .modes.base import CheckResult, ProtocolMode
-from .timesync import ClockGuard, ClockState, unchecked_clock
 from .protocol.payload import find_service_data
+from .timesync import ClockGuard, ClockState, unchecked_clock
 
 if TYPE_CHECKING:
     from .experiment.recording import ResearchRecorder

@@ -26,7 +26,7 @@ class Exposure:
     day: int
     #: "gaen" or "robert": the protocol family that found it
     protocol: str
-    #: what decided: the device's rule ("distance", "buckets") or "server"
+    #: what decided: the device's rule ("distance", "buckets", "hmm") or "server"
     decided_by: str
     found_at: float
     minutes: float | None = None

@@ -35,8 +35,9 @@ CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuratio
 
 
 class FakeBluezEnv:
-    def __init__(self, adapters: int = 2) -> None:
+    def __init__(self, adapters: int = 2, kinds: tuple[str, ...] = (), privacy: str = "off") -> None:
         self.adapters = adapters
+        self.kinds, self.privacy = kinds, privacy
         self.skip_reason = None if shutil.which("dbus-daemon") else "dbus-daemon is not installed"
         self.dir = Path(tempfile.mkdtemp(prefix="ctagent-dbus-"))
         self.address = f"unix:path={self.dir / 'bus'}"
@@ -57,7 +58,8 @@ class FakeBluezEnv:
                 return False
             time.sleep(0.05)
         os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = self.address
-        fake = subprocess.Popen([sys.executable, "-m", "tests.fakes.fakebluez", "--adapters", str(self.adapters)],
+        fake = subprocess.Popen([sys.executable, "-m", "tests.fakes.fakebluez", "--adapters", str(self.adapters),
+                                 "--kinds", ",".join(self.kinds), "--privacy", self.privacy],
                                 stdout=subprocess.PIPE, text=True, env={**os.environ}, cwd=ROOT)
         self.procs.append(fake)
         line = fake.stdout.readline()

@@ -28,7 +28,10 @@ AD_FLAGS = 0x01
 AD_INCOMPLETE_UUID16 = 0x02
 AD_COMPLETE_UUID16 = 0x03
 AD_SERVICE_DATA16 = 0x16
-#: LE General Discoverable off, BR/EDR not supported, simultaneous LE+BR/EDR (spec value).
+#: The specification's Flags: bit 1 LE General Discoverable Mode, bit 3 and bit 4
+#: Simultaneous LE and BR/EDR to Same Device Capable (Controller, Host); bit 2 (BR/EDR Not
+#: Supported) clear (Core Specification Supplement, Part A, 1.3). BlueZ cannot send it on
+#: a broadcast: the kernel adds 0x04 instead (hardware/raspberry-pi.md).
 EN_FLAGS = 0x1A
 
 

@@ -115,12 +115,13 @@ class JsonHttp:
                                             "accepts ([sync] max_export_bytes)", status=r.status_code)
                 if declared.isdigit() and int(declared) > max_bytes:
                     raise too_large
-                data = bytearray()
+                chunks, size = [], 0
                 for chunk in r.iter_bytes():
-                    data += chunk
-                    if len(data) > max_bytes:
+                    size += len(chunk)
+                    if size > max_bytes:
                         raise too_large
-                return bytes(data)
+                    chunks.append(chunk)
+                return b"".join(chunks)
         return self._retrying(attempt)
 
     def post_json(self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:

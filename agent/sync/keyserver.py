@@ -162,7 +162,8 @@ class SyncResult:
     not_modified: bool = False
     files_new: int = 0
     files_failed: tuple[str, ...] = ()
-    keys: tuple[export.DiagnosisKey, ...] = ()
+    #: keys in the files processed (each file's keys went to ``on_keys`` as arrays)
+    key_count: int = 0
     processed: tuple[str, ...] = ()
     index_etag: str | None = None
 
@@ -216,9 +217,12 @@ class KeyServerClient:
         self.transport.close()
 
     # -- download -------------------------------------------------------------------
-    def download(self, store: Store, progress: Callable[[int, int], None] | None = None) -> SyncResult:
-        """New export files -> verified keys. Call :meth:`commit` once the keys were
-        matched. ``progress(done, total)`` is called after each file."""
+    def download(self, store: Store, on_keys: Callable[[export.PackedKeys], None],
+                 progress: Callable[[int, int], None] | None = None) -> SyncResult:
+        """New export files, one at a time: fetched, export.sig verified, export.bin read
+        into arrays, handed to ``on_keys`` and let go (a million keys never sit in memory
+        at once). Call :meth:`commit` once they were matched. ``progress(done, total)`` is
+        called after each file."""
         done_state = store.state.get(ProcessedExports)
         done = set(done_state.names) if done_state else set()
         etag = store.state.get(IndexEtag)
@@ -236,7 +240,7 @@ class KeyServerClient:
         if r.status_code != 200:
             raise BackendRejected(f"index.txt: HTTP {r.status_code}", status=r.status_code)
         todo = new_export_names(r.text, done)
-        keys: list[export.DiagnosisKey] = []
+        key_count = 0
         failed: list[str] = []
         processed: list[str] = []
         for i, name in enumerate(todo, 1):
@@ -249,17 +253,19 @@ class KeyServerClient:
                 failed.append(name)
                 continue
             try:
-                data = self.transport.fetch(url, max_bytes=self.max_export_bytes)
-                exp = export.parse_export(data, trusted_keys=self.trusted_keys)
+                exp = export.parse_export_packed(self.transport.fetch(url, max_bytes=self.max_export_bytes),
+                                                 trusted_keys=self.trusted_keys)
             except (BackendUnreachable, BackendRejected, export.ExportError) as e:
                 log.warning("sync: export file failed (%s: %s); retried next sync", type(e).__name__, e)
                 failed.append(name)
                 continue
-            keys.extend(exp.keys)
+            on_keys(exp.keys)
+            key_count += len(exp.keys)
             processed.append(name)
+            del exp
         if progress and todo:
             progress(len(todo), len(todo))
-        return SyncResult(files_new=len(processed), files_failed=tuple(failed), keys=tuple(keys),
+        return SyncResult(files_new=len(processed), files_failed=tuple(failed), key_count=key_count,
                           processed=tuple(processed), index_etag=r.headers.get("etag"))
 
     def commit(self, store: Store, result: SyncResult) -> None:

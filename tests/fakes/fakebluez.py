@@ -15,6 +15,17 @@ A control object ``/ctagent_fake`` (interface ``ctagent.FakeBluez1``) lets tests
 adapters (SetPosition), restart the daemon (Restart: registrations dropped, the
 org.bluez name released and taken again) and read counters (Stats).
 
+Compared with the real stack (tests/realstack runs the same scenario against both): each
+adapter is a "legacy" (Bluetooth 4.x: 5 instances cycled by the kernel, no secondary
+channels) or an "extended" controller (3 sets, like btvirt's); Privacy "off" gives every
+registration a fresh non-resolvable address, and a payload change a fresh one too;
+"device" gives a legacy adapter one resolvable address for all its registrations and an
+extended one a fresh address per registration, kept on a payload change. Over-long
+advertisements fail with org.bluez.Error.Failed, a broadcast with Discoverable fails to
+parse. A legacy controller refuses a new random address while it scans (as real chips do,
+Core v5.3 Vol 4 Part E 7.8.4): a registration then fails, a payload change leaves the
+advertisement registered but silent.
+
 RSSI follows the project's one radio model (``agent.ble.sim.medium.packet_rssi``: the
 shared log-distance path loss and Rayleigh fading), with a Raspberry Pi 3's calibration.
 
@@ -97,8 +108,11 @@ def legacy_length(props: dict) -> int:
 
 
 class Adapter:
-    def __init__(self, index: int, rng: random.Random) -> None:
+    def __init__(self, index: int, rng: random.Random, kind: str = "legacy", privacy: str = "off") -> None:
         self.index = index
+        self.kind, self.privacy = kind, privacy
+        self.rng = rng
+        self.rpa = self.new_address(resolvable=True)
         self.path = f"/org/bluez/hci{index}"
         self.address = ":".join(f"{rng.randrange(256):02X}" for _ in range(6))
         self.position = (float(index), 0.0)
@@ -106,7 +120,8 @@ class Adapter:
         self.filter: dict = {}
         self.ads: dict[tuple[str, str], dict] = {}  # (sender, path) -> {"props", "address"}
         self.devices: dict[str, dict] = {}  # address -> {"path", "rssi_reported", "data"}
-        self.max_ads = 1  # a Raspberry Pi controller: a single advertising set
+        # a legacy controller: the kernel's 5 instances (cycled every 2 s); btvirt's 5.x: 3 sets
+        self.max_ads = 5 if kind == "legacy" else 3
         self.apps: dict[tuple[str, str], dict] = {}  # GATT applications: (sender, path) -> managed objects
 
     def props(self) -> dict[str, Variant]:
@@ -119,15 +134,34 @@ class Adapter:
         }
 
     def advmgr_props(self) -> dict[str, Variant]:
-        return {"ActiveInstances": Variant("y", len(self.ads)),
-                "SupportedInstances": Variant("y", max(0, self.max_ads - len(self.ads))),
-                "SupportedIncludes": Variant("as", ["tx-power", "appearance", "local-name"])}
+        props = {"ActiveInstances": Variant("y", len(self.ads)),
+                 "SupportedInstances": Variant("y", max(0, self.max_ads - len(self.ads))),
+                 "SupportedIncludes": Variant("as", ["tx-power", "appearance", "local-name"])}
+        if self.kind == "extended":
+            props["SupportedSecondaryChannels"] = Variant("as", ["1M", "2M", "Coded"])
+        return props
+
+    def new_address(self, resolvable: bool = False) -> str:
+        """A random address: resolvable (top bits 01) or non-resolvable (00)."""
+        v = (self.rng.getrandbits(46) or 1) | ((1 << 46) if resolvable else 0)
+        return ":".join(f"{b:02X}" for b in v.to_bytes(6, "big"))
+
+    def registration_address(self) -> str:
+        if self.privacy == "device" and self.kind == "legacy":
+            return self.rpa  # one RPA until the kernel's 15-minute timer
+        return self.new_address(resolvable=self.privacy == "device")
+
+    def refuses_address_change(self) -> bool:
+        """A legacy controller cannot take a new random address while it scans."""
+        return self.kind == "legacy" and self.privacy == "off" and self.discovering
 
 
 class FakeBluez:
-    def __init__(self, n_adapters: int, seed: int = 0, tick_s: float = 0.1) -> None:
+    def __init__(self, n_adapters: int, seed: int = 0, tick_s: float = 0.1, kinds: tuple[str, ...] = (),
+                 privacy: str = "off") -> None:
         self.rng = random.Random(seed)
-        self.adapters = {a.path: a for a in (Adapter(i, self.rng) for i in range(n_adapters))}
+        kinds = kinds or ("legacy",) * n_adapters
+        self.adapters = {a.path: a for a in (Adapter(i, self.rng, kinds[i], privacy) for i in range(n_adapters))}
         self.tick_s = tick_s
         self.bus: MessageBus | None = None
         self.stats = {"registered": 0, "unregistered": 0, "rejected": 0, "reports": 0, "signals": 0}
@@ -166,6 +200,11 @@ class FakeBluez:
                     ad["props"]["ServiceData"] = {u: bytes(v.value if isinstance(v, Variant) else v)
                                                   for u, v in msg.body[1]["ServiceData"].value.items()}
                     self.stats["updates"] = self.stats.get("updates", 0) + 1
+                    # BlueZ re-adds the instance: the kernel sets its address again
+                    if a.refuses_address_change():
+                        ad["silent"] = True  # disabled, the re-enable refused: still registered
+                    elif a.privacy == "off":
+                        ad["address"] = a.new_address()
             return None
         if msg.message_type != MessageType.METHOD_CALL or not self.online:
             return None
@@ -263,13 +302,14 @@ class FakeBluez:
         props["ServiceData"] = {u: bytes(v.value if isinstance(v, Variant) else v)
                                 for u, v in props.get("ServiceData", {}).items()}
         if props.get("Type") not in ("broadcast", "peripheral"):
-            return reply_error("org.bluez.Error.InvalidArguments", "Invalid Arguments in method call")
-        if legacy_length(props) > LEGACY_MAX:
-            return reply_error("org.bluez.Error.InvalidLength", "Advertising data too long")
-        # Privacy off: each registration gets a fresh non-resolvable private address
-        v = self.rng.getrandbits(46) or 1
-        address = ":".join(f"{b:02X}" for b in v.to_bytes(6, "big"))
-        a.ads[key] = {"props": props, "address": address}
+            return reply_error("org.bluez.Error.Failed", "Failed to parse advertisement.")
+        if props.get("Type") == "broadcast" and "Discoverable" in props:
+            return reply_error("org.bluez.Error.Failed", "Failed to parse advertisement.")  # "cannot set flags"
+        if legacy_length(props) - 3 > LEGACY_MAX:  # BlueZ counts without the kernel's Flags
+            return reply_error("org.bluez.Error.Failed", "Failed to register advertisement")
+        if a.refuses_address_change():
+            return reply_error("org.bluez.Error.Failed", "Failed to register advertisement")
+        a.ads[key] = {"props": props, "address": a.registration_address()}
         await self.bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
                                     interface="org.freedesktop.DBus", member="AddMatch", signature="s",
                                     body=[f"type='signal',sender='{msg.sender}',path='{msg.body[0]}',"
@@ -391,7 +431,7 @@ class FakeBluez:
                 for tx in self.adapters.values():
                     if tx is rx:
                         continue
-                    for ad in list(tx.ads.values()):
+                    for ad in [ad for ad in tx.ads.values() if not ad.get("silent")]:
                         # advertising every ~250 ms: about tick/0.25 packets, half caught by the scan duty
                         for _ in range(max(1, round(self.tick_s / 0.25 * 0.5))):
                             rssi = self._rssi(rx, tx)
@@ -410,9 +450,12 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="fake bluetoothd for tests")
     ap.add_argument("--adapters", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kinds", default="", help="legacy|extended per adapter, comma-separated (default: legacy)")
+    ap.add_argument("--privacy", default="off", choices=("off", "device"))
     a = ap.parse_args(argv)
+    kinds = tuple(k for k in a.kinds.split(",") if k)
     try:
-        asyncio.run(FakeBluez(a.adapters, a.seed).run())
+        asyncio.run(FakeBluez(a.adapters, a.seed, kinds=kinds, privacy=a.privacy).run())
     except KeyboardInterrupt:
         sys.exit(0)
 

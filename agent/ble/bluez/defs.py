@@ -11,12 +11,16 @@ ADVERTISEMENT = "org.bluez.LEAdvertisement1"
 DBUS = "org.freedesktop.DBus"
 DBUS_PATH = "/org/freedesktop/DBus"
 PROPERTIES = "org.freedesktop.DBus.Properties"
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
 #: where our own objects live: outside /org/bluez, which bleak watches
 OBJECT_ROOT = "/ctagent"
 
 ERROR_DOES_NOT_EXIST = "org.bluez.Error.DoesNotExist"
+#: ours, decided before registering: BlueZ itself answers a plain org.bluez.Error.Failed
+ERROR_TOO_LONG = "org.ctagent.Error.AdvertisementTooLong"
 #: refusals that a retry cannot fix
-PERMANENT_ERRORS = ("org.bluez.Error.InvalidLength", "org.bluez.Error.InvalidArguments")
+PERMANENT_ERRORS = (ERROR_TOO_LONG, "org.bluez.Error.InvalidLength", "org.bluez.Error.InvalidArguments")
 
 
 def adapter_path(adapter: str) -> str:

@@ -6,9 +6,13 @@ when it stops delivering."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
+
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
 
 from ...clock import Clock
 from ...protocol.payload import uuid128
@@ -37,6 +41,9 @@ class BluezScanner(Scanner):
         self._recent: list[float] = []
         self._paused = False
         self.restarts = 0
+        #: seconds without scanning for each quiet() (a legacy controller's address change)
+        self.quiet_gaps: list[float] = []
+        self._bus: MessageBus | None = None  # our own, for the adapter's Discovering
 
     def health(self) -> RadioHealth:
         now = self.clock.now()
@@ -87,6 +94,66 @@ class BluezScanner(Scanner):
             await self._start()
             self._paused = False
 
+    @contextlib.asynccontextmanager
+    async def quiet(self) -> AsyncIterator[None]:
+        """No scanning inside the block: a legacy (Bluetooth 4.x) controller refuses a new
+        random address while it scans, so the advertiser re-registers in here. The gap,
+        from the stop until the adapter scans again, is measured (``quiet_gaps``). A scan
+        another program holds on the adapter stays on (the waits below are bounded)."""
+        if self._paused or self._stopped or self._scanner is None:
+            yield
+            return
+        self._paused = True  # the stall watcher leaves us alone meanwhile
+        # a start still in flight makes bluetoothd refuse the stop (InProgress) and keep a
+        # stale session that refuses every later start: wait for it to complete first
+        await self._wait_discovering(True, 5.0)
+        t0 = self.clock.now()
+        await self._stop_bleak()
+        await self._wait_discovering(False, 3.0)  # the controller's scan is off now
+        try:
+            yield
+        finally:
+            delay = 0.05
+            for attempt in range(6):  # bluetoothd may still answer InProgress for a moment
+                try:
+                    await self._start()
+                    break
+                except Exception as e:  # after the last try, the stall watcher tries again
+                    if attempt == 5:
+                        self._health.error(type(e).__name__)
+                        log.warning("scanning did not restart after an address change: %s: %s", type(e).__name__,
+                                    str(e)[:120])
+                    else:
+                        await self._stop_bleak()
+                        await self.clock.sleep(delay)
+                        delay *= 2
+            await self._wait_discovering(True, 5.0)
+            self._paused = False
+            self.quiet_gaps = (self.quiet_gaps + [self.clock.now() - t0])[-100:]
+
+    async def _wait_discovering(self, value: bool, timeout_s: float) -> bool:
+        """Wait (bounded) until the adapter's Discovering property is ``value``."""
+        deadline = self.clock.now() + timeout_s
+        while True:
+            try:
+                if await self._discovering() == value:
+                    return True
+            except Exception:  # no answer: do not hold the rotation up
+                return False
+            if self.clock.now() >= deadline:
+                return False
+            await self.clock.sleep(0.05)
+
+    async def _discovering(self) -> bool:
+        if self._bus is None:
+            self._bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+        r = await self._bus.call(Message(destination=defs.BLUEZ, path=defs.adapter_path(self.adapter),
+                                         interface=defs.PROPERTIES, member="Get", signature="ss",
+                                         body=[defs.ADAPTER, "Discovering"]))
+        if r.message_type == MessageType.ERROR:
+            raise OSError(r.error_name)
+        return bool(r.body[0].value)
+
     async def _watch(self) -> None:
         """Scans can stop silently: restart with back-off when nothing arrives for stall_s."""
         delay = self.backoff_s
@@ -122,3 +189,6 @@ class BluezScanner(Scanner):
     async def stop(self) -> None:
         self._stopped = True
         await self._stop_bleak()
+        if self._bus is not None:
+            self._bus.disconnect()
+            self._bus = None
