@@ -691,9 +691,13 @@ def doctor(adapter: str, radio: str | None, transport: str | None, as_json: bool
               help="The protocol family: gaen (Exposure Notification, decentralized), robert (centralized).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
               show_default=True, help="Where the PNG figure goes.")
+@click.option("--research", "research_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Rehearse a field experiment: every device's research bundle and the ground truth go here "
+                   "(then `ctagent experiment analyze DIR`).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
 @friendly_errors
-def demo(scenario: str, devices: int, days: int, seed: int, protocol: str, out_dir: Path, as_json: bool) -> None:
+def demo(scenario: str, devices: int, days: int, seed: int, protocol: str, out_dir: Path, research_dir: Path | None,
+         as_json: bool) -> None:
     """A simulated field experiment end to end, no Bluetooth needed."""
     from agent.extras import require
 
@@ -714,7 +718,8 @@ def demo(scenario: str, devices: int, days: int, seed: int, protocol: str, out_d
             prog.update(tasks[stage], completed=frac)
 
         res = run_demo(devices=devices, days=days, seed=seed, scenario=scenario, protocol=protocol, out_dir=out_dir,
-                       log=(lambda m: None) if as_json else console.print, progress=progress)
+                       log=(lambda m: None) if as_json else console.print, progress=progress,
+                       research_dir=research_dir)
     if as_json:
         _echo_json(res.to_json())
         return
@@ -768,6 +773,43 @@ def calibration_list(search: str, as_json: bool) -> None:
         return
     _table("Calibration list", ["model", "oem", "RSSI correction (dB)", "TX power (dBm)", "confidence"],
            [[e.model, e.oem, e.rssi_correction, e.tx_power, e.confidence] for e in entries])
+
+
+@calibration.command("fit")
+@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--distance", "distance_m", type=click.FloatRange(0.05, 100), default=None,
+              help="Every pair was this far apart, in metres (a dedicated session, e.g. 1.0); else --truth.")
+@click.option("--truth", "truth_paths", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Ground truth CSV giving the distances (pair intervals or position traces).")
+@click.option("--reference", default=None, help="The device label that keeps its calibration [default: the one "
+              "with the highest calibration confidence].")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the calibration list here (Google's format; load it with [agent] calibration_files).")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def calibration_fit(bundle_dir: Path, distance_m: float | None, truth_paths: tuple[Path, ...], reference: str | None,
+                    out_file: Path | None, as_json: bool) -> None:
+    """Fit each device's RX correction and TX power from research bundles at known distances."""
+    from agent.experiment.analyze import analyze
+    from agent.experiment.calibrate import fit_calibration
+
+    fit = fit_calibration(analyze(bundle_dir, list(truth_paths)), distance_m=distance_m, reference=reference)
+    if out_file is not None:
+        out_file.write_text(fit.to_csv())
+    if as_json:
+        from dataclasses import asdict
+
+        _echo_json({"reference": fit.reference, "residual_db": fit.residual_db, "observations": fit.observations,
+                    "devices": [asdict(d) for d in fit.devices], "list": str(out_file) if out_file else None})
+        return
+    _table(f"Calibration fit: {fit.observations} minutes, reference {fit.reference}, residual {fit.residual_db} dB",
+           ["device", "model", "RSSI correction (dB)", "± se", "TX power (dBm)", "± se", "minutes rx/tx"],
+           [[d.label, d.model, d.rssi_correction, d.rssi_correction_se, d.tx_power, d.tx_power_se,
+             f"{d.minutes_rx}/{d.minutes_tx}"] for d in fit.devices])
+    if out_file is not None:
+        click.echo(f"calibration list: {out_file} (add it to [agent] calibration_files)")
+    else:
+        click.echo(fit.to_csv(), nl=False)
 
 
 @main.command("eval")
@@ -878,8 +920,29 @@ def experiment_collect(out_dir: Path, consent: bool, as_json: bool) -> None:
                f"experiment {m.experiment_id}, device {m.device_label}")
 
 
-@experiment.command("analyze")
+@experiment.command("verify")
 @click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def experiment_verify(bundle_dir: Path, as_json: bool) -> None:
+    """Check every bundle's files against its manifest (sizes, SHA-256); no analysis engine needed."""
+    from agent.experiment.bundle import bundle_folders, verify_bundle
+
+    found = []
+    for folder in bundle_folders(bundle_dir):
+        m = verify_bundle(folder)
+        found.append({"folder": str(folder), "device_label": m.device_label, "experiment_id": m.experiment_id,
+                      "collected_at": m.collected_at, "sightings": m.tables["sightings.parquet"]["rows"]})
+    if as_json:
+        _echo_json({"ok": True, "bundles": found})
+        return
+    for b in found:
+        click.echo(f"ok {b['device_label']}: {b['sightings']:,} sightings, collected {b['collected_at']} "
+                   f"({b['folder']})")
+
+
+@experiment.command("analyze")
+@click.argument("bundle_dir", type=click.Path(exists=True, path_type=Path))
 @click.option("--truth", "truth_paths", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Ground truth CSV (pair intervals, position traces or sync markers); repeat. Also read: "
                    "BUNDLE_DIR/truth/*.csv.")
@@ -892,12 +955,21 @@ def experiment_collect(out_dir: Path, consent: bool, as_json: bool) -> None:
 @friendly_errors
 def experiment_analyze(bundle_dir: Path, truth_paths: tuple[Path, ...], out_dir: Path | None, crowd_rank: int,
                        memory_limit: str, as_json: bool) -> None:
-    """Analyse an experiment folder (or one bundle): report folder with HTML and JSON."""
+    """Analyse an experiment folder (or one bundle, or a DP-3T `results` SQLite file, or an
+    `eval` sightings CSV): a report folder with HTML and JSON."""
+    import tempfile
+
     from agent.experiment.analyze import analyze
+    from agent.experiment.interchange import import_published
     from agent.experiment.report import write_report
 
-    a = analyze(bundle_dir, list(truth_paths), crowd_rank=crowd_rank, memory_limit=memory_limit)
-    out = out_dir or bundle_dir / "report"
+    with tempfile.TemporaryDirectory(prefix="ctagent-import-") as tmp:
+        source = bundle_dir
+        if bundle_dir.is_file():  # a published data set: imported on the fly, analysed unchanged
+            source = import_published(bundle_dir, Path(tmp) / "experiment", now=_now())
+        a = analyze(source, list(truth_paths), crowd_rank=crowd_rank, memory_limit=memory_limit)
+    out = out_dir or (bundle_dir.with_name(bundle_dir.name + ".report") if bundle_dir.is_file()
+                      else bundle_dir / "report")
     index = write_report(a, out, source=str(bundle_dir), generated_at=_now())
     if as_json:
         _echo_json({"report": str(index), "metrics": a.metrics, "devices": len(a.devices)})
@@ -1123,11 +1195,14 @@ def backend_serve(ctx, host, port, protocol, register_api_key, trusted_proxies, 
 @backend.command("code")
 @_backend_location
 @click.option("--test-type", type=click.Choice(["confirmed", "likely"]), default="confirmed", show_default=True)
+@click.option("--format", "code_format", type=click.Choice(["digits", "robert"]), default="digits", show_default=True,
+              help="digits: 8 digits and a 16-character long code; robert: 6 characters and a UUID, the formats "
+                   "the TousAntiCovid app accepts.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def backend_code(test_type, as_json):
+def backend_code(test_type, code_format, as_json):
     """Issue a verification code (as a lab system would)."""
-    c = _backend().verification.issue_code("cli", test_type=test_type)
+    c = _backend().verification.issue_code("cli", test_type=test_type, code_format=code_format)
     if as_json:
         _echo_json(c)
     else:

@@ -296,9 +296,12 @@ def open_mode(cfg: Config, store: Store, clock: Clock | None = None, *, rng: ran
     ctx = DeviceContext(
         store=store, clock=clock or RealClock(), calibration=calibration(cfg), proximity=cfg.proximity,
         backend_url=cfg.sync.backend_url, trusted_keys=tuple(cfg.sync.trusted_keys), api_key=cfg.sync.robert_api_key,
+        server_public_key=cfg.sync.robert_server_public_key,
+        captcha=(cfg.sync.robert_captcha, cfg.sync.robert_captcha_id),
         rng=rng or random.SystemRandom(), sync_interval_s=cfg.sync.interval_s, sync_jitter_s=cfg.sync.jitter_s,
         max_export_bytes=cfg.sync.max_export_bytes, index_url=cfg.sync.index_url,
-        export_base_url=cfg.sync.export_base_url, http_timeout_s=cfg.sync.timeout_s)
+        export_base_url=cfg.sync.export_base_url, chaff_interval_s=cfg.sync.chaff_interval_s,
+        http_timeout_s=cfg.sync.timeout_s)
     try:
         return mode_class(cfg.agent.protocol)(ctx)
     except ConfigError as e:

@@ -86,6 +86,16 @@ class SyncSection:
     jitter_s: float = 1800.0
     #: ROBERT: the X-API-Key the server requires for registration, if any
     robert_api_key: str = ""
+    #: ROBERT: the server's ECDH public key (base64); robert-server does not send it
+    #: (ctagent's server does, and is trusted when this is empty)
+    robert_server_public_key: str = ""
+    #: ROBERT: a captcha solved for robert-server's /register (solution and id)
+    robert_captcha: str = ""
+    robert_captcha_id: str = ""
+    #: GAEN: on average, seconds between two chaff declarations (X-Chaff requests shaped
+    #: like a declaration's, at random times); 0, the default: none. The Android app sends
+    #: about one in two days (172800)
+    chaff_interval_s: float = 0.0
     #: the largest export file downloaded (a real 500,000-key file is about 15 MB);
     #: agent.sync.keyserver.DEFAULT_MAX_EXPORT_BYTES (a test keeps them equal)
     max_export_bytes: int = 32 * 2**20
@@ -234,6 +244,7 @@ def _validate(cfg: Config) -> None:
             ("sync", "interval_s", cfg.sync.interval_s, 1e-3, 30 * 86400),
             ("sync", "jitter_s", cfg.sync.jitter_s, 0, 30 * 86400),
             ("sync", "max_export_bytes", cfg.sync.max_export_bytes, 1, 2**40),
+            ("sync", "chaff_interval_s", cfg.sync.chaff_interval_s, 0, 365 * 86400),
             ("sync", "timeout_s", cfg.sync.timeout_s, 0.1, 600),
             ("radio", "sim_peers", cfg.radio.sim_peers, 0, 1000),
             ("radio", "start_attempts", cfg.radio.start_attempts, 1, 100),
@@ -405,6 +416,17 @@ interval_s = 14400
 jitter_s = 1800
 # ROBERT only: the key the server requires to register (its replacement for a captcha).
 robert_api_key = ""
+# ROBERT only: the server's public key (base64), which robert-server does not send at
+# registration (ctagent's server does: empty trusts it), and for robert-server a captcha
+# solved out of band (its /captcha service) for /register.
+robert_server_public_key = ""
+robert_captcha = ""
+robert_captcha_id = ""
+# GAEN only: cover traffic. On average every chaff_interval_s seconds, at random times, the
+# daemon sends the requests of a declaration marked as chaff (X-Chaff: 1), so that a real
+# declaration cannot be told on the wire. 0 (the default): none; the Android reference
+# app sends about one in two days (172800).
+chaff_interval_s = 0
 # The largest export file downloaded (bytes); a real 500,000-key file is about 15 MB.
 max_export_bytes = 33554432
 # Where the key server's index.txt and export files are, when not under backend_url/exports/

@@ -35,8 +35,8 @@ from .clock import Clock, iso_date
 from .errors import BackendUnreachable, UserError
 from .files import write_private_file
 from .modes.base import CheckResult, ProtocolMode
-from .timesync import ClockGuard, ClockState, unchecked_clock
 from .protocol.payload import find_service_data
+from .timesync import ClockGuard, ClockState, unchecked_clock
 
 if TYPE_CHECKING:
     from .experiment.recording import ResearchRecorder
@@ -118,6 +118,8 @@ class Daemon:
         self.last_check: CheckResult | None = None
         self.notified_days: set[int] = set(self.store.exposures.days())
         self.hook_runs = 0
+        #: chaff declarations sent (cover traffic)
+        self.chaff_sent = 0
         #: None: the clock is not checked (a simulated one); the radios wait for _clock_ok
         self.clock_guard = clock_guard
         self.clock_state: ClockState | None = None
@@ -296,6 +298,21 @@ class Daemon:
             self._ok("server")
             await self.clock.sleep(schedule.interval_s + self.rng.uniform(0, schedule.jitter_s))
 
+    async def _cover_traffic(self) -> None:
+        """Chaff at unforeseeable times, so that a declaration is not told by its requests."""
+        cover = self.mode.cover_traffic
+        assert cover is not None
+        while not self._stop.is_set():
+            await self.clock.sleep(cover.tick_s + self.rng.uniform(0, cover.tick_s / 2))
+            if self.rng.random() < cover.probability:
+                delay = self.rng.uniform(0, cover.user_delay_s)
+                try:
+                    await self.clock.run_blocking(self.mode.send_chaff, self.clock.now(), delay)
+                except UserError as e:
+                    log.info("cover traffic not sent error=%s", type(e).__name__)
+                self.chaff_sent += 1
+            self._ok("cover_traffic")
+
     async def check_once(self) -> CheckResult:
         """Flush, then the mode's server call (off the event loop), then notify."""
         now = self.clock.now()
@@ -411,6 +428,8 @@ class Daemon:
             "scan": self._scan, "prepare": self._prepare, "ready": self._announce_ready, "clock": self._watch_clock}
         if self.mode.server_schedule is not None:
             jobs["server"] = self._server
+        if self.mode.cover_traffic is not None:
+            jobs["cover_traffic"] = self._cover_traffic
         if self.status_service is not None:
             jobs["status_service"] = self._status_service
         if self.duty_cycle:

@@ -14,6 +14,8 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "postgresql": ("psycopg",),
     "plots": ("matplotlib",),
     "bumble": ("bumble",),
+    "experiment": ("duckdb",),
+    "fleet": ("ansible",),
 }
 
 

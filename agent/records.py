@@ -26,7 +26,7 @@ class Exposure:
     day: int
     #: "gaen" or "robert": the protocol family that found it
     protocol: str
-    #: what decided: the device's rule ("distance", "buckets") or "server"
+    #: what decided: the device's rule ("distance", "buckets", "hmm") or "server"
     decided_by: str
     found_at: float
     minutes: float | None = None
@@ -115,8 +115,9 @@ class DeclareResult:
 
     #: keys (GAEN) or HELLOs (ROBERT) sent
     sent: int
-    #: keys the key server inserted, or HELLOs the ROBERT server verified
-    accepted: int
+    #: keys the key server inserted, or HELLOs the ROBERT server verified (None: the
+    #: server did not say, as robert-server does not)
+    accepted: int | None
     #: one sentence for the user
     summary: str
     #: ROBERT: HELLOs the server could not verify

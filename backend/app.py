@@ -1,6 +1,7 @@
-"""The backend's HTTP application (FastAPI): a body-size limit, one error shape
-(``{"code": ..., "error": ...}``), and the routers of the roles: the JSON API, the
-ROBERT API when that role runs, the physicians' page and the export files."""
+"""The backend's HTTP application (FastAPI): a body-size limit, chaff answered like real
+answers (:mod:`backend.chaff`), the error shapes (:mod:`backend.errors`), and the routers
+of the roles: the JSON API, the ROBERT API when that role runs, the physicians' page and
+the export files."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .api import MAX_BODY, api_router
+from .chaff import ChaffMiddleware, ChaffTracker
 from .errors import ApiError, Code
 from .httputil import CpuLane, SecurityHeaders, error_response
 from .robert import RobertServer
@@ -85,6 +87,8 @@ async def _validation_error(request: Request, exc: Exception):
 
 def create_app(backend: Backend, robert_server: RobertServer | None = None) -> FastAPI:
     app = FastAPI(title="ctagent reference backend", docs_url=None, redoc_url=None)
+    app.state.chaff = ChaffTracker()
+    app.add_middleware(ChaffMiddleware, tracker=app.state.chaff)  # inside the body limit
     app.add_middleware(_BodyLimit)
     app.add_middleware(SecurityHeaders)  # outermost: on every answer, refusals included
     app.state.backend = backend

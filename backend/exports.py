@@ -14,6 +14,14 @@ batch and rewrites the index; one run at a time, whichever process runs it (a da
 lock, :func:`~backend.db.job_lock`), and every batch's files carry its id in their
 names, so no run can overwrite another's. A row that cannot be written to a file is set
 aside (quarantined, one log line without key bytes), never the whole batch.
+
+At scale (a million keys in a run): the run's rows are fixed once in a temporary table
+of their ids, read in chunks into arrays (no object per key) and marked exported by one
+statement that joins that table, never a statement with a parameter per key. The files
+and the database are committed as one step: the files are written first, under names
+no committed batch has; then one transaction records the batch with its files and marks
+its keys. A run that dies before that commit leaves only files nobody lists, removed by
+the next run.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import json
 import logging
 import os
 import random
+import re
 import secrets
 import tempfile
 from collections.abc import Callable, Sequence
@@ -30,11 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import sqlalchemy as sa
 
 from agent.clock import DAY_SECONDS, Clock
 from agent.protocol import export, gaen
-from agent.protocol.export import DiagnosisKey, ExportFormatError, ReportType
+from agent.protocol.export import INT32_MAX, INT32_MIN, DiagnosisKey, ExportFormatError, PackedKeys, ReportType
 
 from . import db
 from .config import BackendConfig
@@ -47,11 +57,16 @@ INDEX = "index.txt"
 _NO_FILES = "[]"
 #: how long a run waits for another one (another process) to finish before giving up
 EXPORT_LOCK_WAIT_S = 600
-#: rows marked exported per statement (PostgreSQL takes at most 65,535 parameters)
-MARK_CHUNK = 10_000
+#: rows read from the database at a time
+READ_CHUNK = 50_000
 #: ``exposures.batch_id`` of a row that cannot be exported (no batch has id 0): it stays
 #: in the database, out of every file, and is not read again
 QUARANTINED = 0
+#: the temporary table of a run's row ids (one per connection)
+RUN_TABLE = "export_run"
+#: the names :func:`file_name` gives, and the temporary files of :func:`_write_atomic`
+_FILE_NAME = re.compile(r"^\d+-\d+-(\d+)-\d{5}\.zip$")
+_TEMP_NAME = re.compile(r"^\..+\.tmp$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +129,38 @@ def stored_key(row: Any) -> DiagnosisKey:
     return key
 
 
+def _integers(values: list[Any], lo: int, hi: int) -> tuple[Any, Any]:
+    """``values`` as int64 (0 where not an integer) and whether each is an integer in lo..hi."""
+    try:
+        a = np.array(values, dtype=np.int64)
+        return a, (a >= lo) & (a <= hi)
+    except (TypeError, ValueError, OverflowError):  # None, text or a huge number (SQLite keeps anything)
+        ok = np.fromiter((type(v) is int and lo <= v <= hi for v in values), np.bool_, len(values))
+        return np.array([v if good else 0 for v, good in zip(values, ok.tolist())], dtype=np.int64), ok
+
+
+def _rows_to_keys(rows: Sequence[Any]) -> tuple[PackedKeys, list[Any]]:
+    """Rows (id, key_data, rolling_start, rolling_period, transmission_risk, report_type,
+    days_since_onset) as arrays of the keys an export file can hold, and the other rows."""
+    if not rows:
+        return PackedKeys.empty(), []
+    _, kd, rs, rp, risk, rt, dso = (list(col) for col in zip(*rows))
+    has = np.fromiter((v is not None for v in dso), np.bool_, len(rows))
+    start, ok = _integers(rs, 0, INT32_MAX)
+    period, ok_period = _integers(rp, 1, gaen.TEK_ROLLING_PERIOD)
+    trl, ok_trl = _integers(risk, INT32_MIN, INT32_MAX)
+    report, ok_report = _integers(rt, min(ReportType), max(ReportType))
+    onset, ok_onset = _integers([0 if v is None else v for v in dso], INT32_MIN, INT32_MAX)
+    ok &= ok_period & ok_trl & ok_report & ok_onset
+    ok &= np.fromiter((isinstance(k, bytes | memoryview) and len(k) == gaen.KEY_LEN for k in kd), np.bool_, len(rows))
+    good = np.flatnonzero(ok)
+    keys = PackedKeys(b"".join([bytes(kd[i]) for i in good.tolist()]) if len(good) < len(rows) else
+                      b"".join(map(bytes, kd)), start[good].astype(np.uint32), period[good].astype(np.uint16),
+                      trl[good].astype(np.int32), report[good].astype(np.uint8), onset[good].astype(np.int32),
+                      has[good], np.zeros(len(good), np.uint8))  # the variant is not stored: UNKNOWN
+    return keys, [rows[i] for i in np.flatnonzero(~ok).tolist()]
+
+
 def file_name(window: BatchWindow, batch_id: int, batch_num: int) -> str:
     """``<start>-<end>-<batch id>-<batch num>.zip``: unique per batch, whatever its window."""
     return f"{window.start}-{window.end}-{batch_id}-{batch_num:05d}.zip"
@@ -156,77 +203,112 @@ class ExportJob:
             return self._run(progress)
 
     def _run(self, progress: Callable[[int, int], None] | None) -> list[str]:
-        now, cfg, e_, b_ = self.clock.now(), self.config, db.exposures.c, db.batches.c
+        now, cfg, b_ = self.clock.now(), self.config, db.batches.c
         with self.engine.connect() as c:
-            # a batch without files is one whose run did not finish: it covered nothing
+            self._remove_unfinished(c)
             last = c.execute(sa.select(sa.func.max(b_.end)).where(b_.files != _NO_FILES)).scalar()
             window = plan_batches(last, now, cfg.export_period_s)
-            rows = [] if window is None else c.execute(
-                sa.select(db.exposures).where(e_.batch_id.is_(None), e_.export_after <= window.end)
-                .order_by(e_.id)).fetchall()
-        rows, keys = self._set_aside_bad_rows(rows)
-        if window is None or not rows:
-            self.write_index(now)
-            return []
-        if len(keys) < cfg.export_min_keys:
-            keys += padding_keys(cfg.export_min_keys - len(keys), keys, self.rng)
-        self.rng.shuffle(keys)  # padding must not be told apart by position
-        chunks = split_batches(keys, cfg.export_max_keys)
-        with self.engine.begin() as c:  # the batch's id first: it names the files
-            res = c.execute(sa.insert(db.batches).values(start=window.start, end=window.end, files=_NO_FILES,
-                                                         created_at=now))
-            assert res.inserted_primary_key is not None
-            bid = int(res.inserted_primary_key[0])
-        names: list[str] = []
-        try:
-            for i, chunk in enumerate(chunks, 1):
-                # batch 1 of 1 per file, as Google's export worker: the Android verifier wants
-                # every file of a batch in one call, and each file here stands alone
-                blob = export.build_export(chunk, signing_key=self.signing_key, start_timestamp=window.start,
-                                           end_timestamp=window.end, region=cfg.region, key_id=cfg.key_id,
-                                           key_version=cfg.key_version, batch_num=1, batch_size=1)
-                name = file_name(window, bid, i)
-                _write_atomic(cfg.exports_dir / name, blob)
-                names.append(name)
-                if progress:
-                    progress(i, len(chunks))
-            with self.engine.begin() as c:  # the files and their keys together, or neither
-                c.execute(sa.update(db.batches).where(b_.id == bid).values(files=json.dumps(names)))
-                ids = [r.id for r in rows]
-                for part in split_batches(ids, MARK_CHUNK):
-                    c.execute(sa.update(db.exposures).where(e_.id.in_(part), e_.batch_id.is_(None))
-                              .values(batch_id=bid))
-        except BaseException:
-            self._forget_batch(bid, names)
-            raise
+            if window is None:
+                c.commit()
+                self.write_index(now)
+                return []
+            # this run's rows, fixed once: later uploads wait for the next run
+            c.execute(sa.text(f"DROP TABLE IF EXISTS {RUN_TABLE}"))
+            c.execute(sa.text(f"CREATE TEMPORARY TABLE {RUN_TABLE} (id INTEGER PRIMARY KEY)"))
+            c.execute(sa.text(f"INSERT INTO {RUN_TABLE} (id) SELECT id FROM exposures "
+                              "WHERE batch_id IS NULL AND export_after <= :end"), {"end": window.end})
+            c.commit()
+            try:
+                keys = self._read_run(c)
+                names = self._write_batch(c, window, keys, now, progress) if len(keys) else []
+            finally:
+                c.execute(sa.text(f"DROP TABLE IF EXISTS {RUN_TABLE}"))
+                c.commit()
         self.write_index(now)
-        log.info("export: %d real key(s) in %d file(s), batch %d", len(rows), len(names), bid)
         return names
 
-    def _forget_batch(self, bid: int, names: Sequence[str]) -> None:
-        """Undo what a failed run wrote; its keys stay unexported for the next run."""
-        for name in names:
-            (self.config.exports_dir / name).unlink(missing_ok=True)
-        try:
-            with self.engine.begin() as c:
-                c.execute(sa.delete(db.batches).where(db.batches.c.id == bid, db.batches.c.files == _NO_FILES))
-        except sa.exc.SQLAlchemyError:
-            log.warning("export: could not remove the unfinished batch %d (it lists no files)", bid)
-
-    def _set_aside_bad_rows(self, rows: Sequence[Any]) -> tuple[list[Any], list[DiagnosisKey]]:
-        """The rows that can be exported and their keys; the others are quarantined."""
-        good, keys, bad = [], [], []
-        for r in rows:
-            try:
-                keys.append(stored_key(r))
-                good.append(r)
-            except ValueError as e:
-                bad.append(r.id)
-                log.error("export: row %d cannot be exported (%s); quarantined, the batch goes on", r.id, e)
+    def _read_run(self, c: sa.Connection) -> PackedKeys:
+        """The keys of the run's rows, as arrays; rows no file can hold are quarantined."""
+        e_ = db.exposures.c
+        cols = [e_.id, e_.key_data, e_.rolling_start, e_.rolling_period, e_.transmission_risk, e_.report_type,
+                e_.days_since_onset]
+        run_ids = sa.table(RUN_TABLE, sa.column("id"))
+        q = sa.select(*cols).join_from(db.exposures, run_ids, e_.id == run_ids.c.id).order_by(e_.id)
+        parts, bad = [], []
+        result = c.execute(q.execution_options(stream_results=True, yield_per=READ_CHUNK))
+        for rows in result.partitions(READ_CHUNK):
+            part, bad_rows = _rows_to_keys(rows)
+            parts.append(part)
+            bad += bad_rows
+        c.commit()
         if bad:
-            with self.engine.begin() as c:
-                c.execute(sa.update(db.exposures).where(db.exposures.c.id.in_(bad)).values(batch_id=QUARANTINED))
-        return good, keys
+            for row in bad:
+                try:
+                    stored_key(row)
+                except ValueError as e:
+                    log.error("export: row %d cannot be exported (%s); quarantined, the batch goes on", row.id, e)
+            with c.begin():
+                c.execute(sa.update(db.exposures).where(e_.id == sa.bindparam("row_id")).values(batch_id=QUARANTINED),
+                          [{"row_id": r.id} for r in bad])
+        return PackedKeys.concat(parts)
+
+    def _write_batch(self, c: sa.Connection, window: BatchWindow, real: PackedKeys, now: float,
+                     progress: Callable[[int, int], None] | None) -> list[str]:
+        cfg, b_ = self.config, db.batches.c
+        keys = real
+        if len(keys) < cfg.export_min_keys:  # few real keys: records are cheap
+            keys = PackedKeys.concat([keys, PackedKeys.from_keys(padding_keys(cfg.export_min_keys - len(keys),
+                                                                              keys.keys(), self.rng))])
+        # padding must not be told apart by position: a permutation from the CSPRNG
+        order = np.argsort(np.frombuffer(self.rng.randbytes(8 * len(keys)), np.uint64), kind="stable")
+        keys = keys.take(order)
+        bid = int(c.execute(sa.select(sa.func.coalesce(sa.func.max(b_.id), 0))).scalar_one()) + 1
+        c.commit()
+        count = -(-len(keys) // cfg.export_max_keys)
+        names: list[str] = []
+        try:
+            for i in range(count):
+                chunk = keys.span(i * cfg.export_max_keys, min(len(keys), (i + 1) * cfg.export_max_keys))
+                # batch 1 of 1 per file, as Google's export worker: the Android verifier wants
+                # every file of a batch in one call, and each file here stands alone
+                blob = export.build_export_packed(chunk, signing_key=self.signing_key, start_timestamp=window.start,
+                                                  end_timestamp=window.end, region=cfg.region, key_id=cfg.key_id,
+                                                  key_version=cfg.key_version, batch_num=1, batch_size=1)
+                name = file_name(window, bid, i + 1)
+                _write_atomic(cfg.exports_dir / name, blob)
+                names.append(name)
+                del blob
+                if progress:
+                    progress(i + 1, count)
+            self._commit_batch(c, bid, window, names, now)
+        except BaseException:
+            for name in names:  # what a run that failed wrote; its keys stay for the next run
+                (cfg.exports_dir / name).unlink(missing_ok=True)
+            raise
+        log.info("export: %d real key(s) in %d file(s), batch %d", len(real), len(names), bid)
+        return names
+
+    @staticmethod
+    def _commit_batch(c: sa.Connection, bid: int, window: BatchWindow, names: list[str], now: float) -> None:
+        """The one step that publishes a run: the batch with its files, its keys marked."""
+        e_ = db.exposures.c
+        run_ids = sa.select(sa.table(RUN_TABLE, sa.column("id")).c.id)
+        with c.begin():
+            c.execute(sa.insert(db.batches).values(id=bid, start=window.start, end=window.end,
+                                                   files=json.dumps(names), created_at=now))
+            c.execute(sa.update(db.exposures).where(e_.batch_id.is_(None), e_.id.in_(run_ids)).values(batch_id=bid))
+
+    def _remove_unfinished(self, c: sa.Connection) -> None:
+        """What runs that died before their commit left: files no committed batch lists
+        (and temporary files), and the empty batch rows older versions reserved first."""
+        b_ = db.batches.c
+        c.execute(sa.delete(db.batches).where(b_.files == _NO_FILES))
+        listed = {n for (files,) in c.execute(sa.select(b_.files)) for n in json.loads(files)}
+        c.commit()
+        for p in self.config.exports_dir.iterdir():
+            if (_FILE_NAME.match(p.name) and p.name not in listed) or _TEMP_NAME.match(p.name):
+                p.unlink(missing_ok=True)
+                log.warning("export: removed %s, left by a run that did not finish", p.name)
 
     def write_index(self, now: float) -> None:
         """``index.txt``: the files of the batches of the retention period, oldest first."""

@@ -5,18 +5,26 @@ under a 0600 master key file; each registration's K_mac and K_tuples are sealed 
 bound to its identifier.
 
 The captcha of the deployed system is replaced by a registration guard: a per-client
-rate limit and, when configured, an API key (``X-API-Key``).
+rate limit and, when configured, an API key (``X-API-Key``); the ``captcha`` and
+``captchaId`` that the official app sends are read and not checked.
+
+Answers have robert-server's shapes (robert-server-ws-rest, ``RegisterController.kt``,
+``StatusController.kt``, ``ReportController.kt``, ``ClockController.kt``; where its
+``openapi-robert-server-v1.yml`` disagrees, the server wins, as noted at each). Fields
+this server adds, which the official app ignores, are :data:`EXTENSIONS`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import json
 import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import jwt
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -42,8 +50,18 @@ if TYPE_CHECKING:
 #: associated data binding each sealed blob to its role (and a registration to its id)
 _AAD_SERVER_KEYS = b"robert-server-keys"
 _AAD_REGISTRATION = b"robert-reg|"
-#: the ``riskLevel`` answered to a person at risk (0: not at risk)
+#: the ``riskLevel`` answered to a person at risk (0: not at risk): robert-server's
+#: ``RiskStatus.High`` (StatusController.kt)
 RISK_LEVEL_AT_RISK = 4
+#: the registration's ``config`` entry carrying the server's ECDH public key. robert-server
+#: answers ``config: []`` and the official app has the key in its own configuration; a
+#: ctagent agent takes it from its [sync] robert_server_public_key, else from here.
+SERVER_KEY_CONFIG = "ctagent.serverPublicKey"
+#: fields of our answers that robert-server does not send: the risk score behind the
+#: level (status) and how many HELLOs were kept and dropped (report)
+EXTENSIONS = {"status": {"risk"}, "report": {"accepted", "dropped"}}
+#: how long the JWTs of status and report stay valid (robert-server's defaults are days)
+TOKEN_TTL_S = 7 * DAY_SECONDS
 #: A reported RSSI is clamped to what the API carries: "Calibrated RSSI (as 8-bit)"
 #: (TousAntiCovid/robert-server, robert-api-spec/openapi.yaml, HelloMessageDetail); the
 #: risk scoring then drops readings above -5 dBm (robert_rule.drop_above_dbm, as
@@ -136,6 +154,8 @@ class RobertServer:
         self.skinny = robert.Skinny64_192(self.k_s)
         self.ecdh = ec_key_from_pem(doc["ecdh"].encode(), "the ROBERT ECDH key")
         self.start_ntp = int(doc["start_ntp"])
+        #: signs the status and report JWTs (analyticsToken, declarationToken, reportValidationToken)
+        self._token_key = load_or_create_secret(d / "robert-token.key")
         self.stats = {"hellos_valid": 0, "hellos_dropped": 0}
 
     # -- helpers ------------------------------------------------------------------------
@@ -148,6 +168,24 @@ class RobertServer:
 
     def current_epoch(self) -> int:
         return robert.epoch_id(self.now_ntp(), self.start_ntp)
+
+    def _token(self, kind: str, **claims: object) -> str:
+        """A JWT as robert-server's JwtService issues them (HS256 here: no one outside
+        this server verifies them)."""
+        now = int(self.clock.now())
+        return jwt.encode({"iss": "robert-server", "iat": now, "exp": now + TOKEN_TTL_S, "kind": kind,
+                           "jti": secrets.token_hex(16), **claims}, self._token_key, algorithm="HS256")
+
+    def clock_answer(self) -> dict:
+        """``/clock`` as ClockController.kt: the service's first day (a date), the time
+        (ISO 8601, UTC) and the epoch. (The openapi file requires ``serviceStartTime``, a
+        name the server never sends; the server wins.)"""
+        now = self.clock.now()
+        start = self.start_ntp - robert.NTP_UNIX_OFFSET
+        return {"serviceStartDate": dt.datetime.fromtimestamp(start, dt.UTC).date().isoformat(),
+                "time": dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00",
+                                                                                                           "Z"),
+                "epoch": self.current_epoch()}
 
     def _seal_keys(self, id_a: bytes, keys: robert.SessionKeys) -> bytes:
         return self._master.seal(keys.k_mac + keys.k_tuples, _AAD_REGISTRATION + id_a)
@@ -175,6 +213,8 @@ class RobertServer:
 
     # -- register -------------------------------------------------------------------------
     def register(self, client_public_key_b64: str, client: str, api_key: str | None = None) -> dict:
+        """RegisterSuccessResponse (answered 201): the tuples, ``timeStart`` (NTP) and
+        ``config``, where this server adds its public key (:data:`SERVER_KEY_CONFIG`)."""
         if self.cfg.register_api_key and api_key != self.cfg.register_api_key:
             raise ApiError(Code.UNAUTHORIZED, "registration needs the configured X-API-Key")
         self.limiter.check("register", client, self.cfg.register_per_min)
@@ -194,7 +234,7 @@ class RobertServer:
         else:
             raise ApiError(Code.ID_SPACE_EXHAUSTED, "could not allocate an identifier")
         return {"tuples": self._tuples(id_a, keys, self.current_epoch()), "timeStart": self.start_ntp,
-                "serverPublicKey": self.server_public_key}
+                "config": [{"name": SERVER_KEY_CONFIG, "value": self.server_public_key}]}
 
     # -- authenticated requests -----------------------------------------------------------------
     def _authenticate(self, prefix: int, body: dict):
@@ -229,10 +269,19 @@ class RobertServer:
         with self.engine.begin() as c:
             c.execute(sa.update(registrations).where(registrations.c.id_a == row.id_a)
                       .values(last_status_ntp=ntp32, notified=row.notified or exposed))
-        return {"riskLevel": RISK_LEVEL_AT_RISK if exposed else 0, "atRisk": exposed,
-                "risk": round(total_risk(risk), 4),
-                "lastContactDate": last if exposed else None,
-                "tuples": self._tuples(row.id_a, self._keys(row), self.current_epoch())}
+        # ExposureStatusResponse as StatusController.kt builds it: the dates are NTP seconds
+        # as strings, present only at risk (the openapi file's required "atRisk" and
+        # "idsForEpochs" are never sent: the server wins)
+        answer: dict = {"riskLevel": RISK_LEVEL_AT_RISK if exposed else 0,
+                        "tuples": self._tuples(row.id_a, self._keys(row), self.current_epoch()), "config": [],
+                        "analyticsToken": self._token("analytics")}
+        if exposed:
+            assert last is not None
+            answer.update(lastContactDate=str(last), lastRiskScoringDate=str(self.now_ntp()),
+                          declarationToken=self._token("declaration", lastContactDateTimestamp=last,
+                                                       notificationDateTimestamp=self.now_ntp()))
+        answer["risk"] = round(total_risk(risk), 4)  # an extension: the score behind the level
+        return answer
 
     def risk(self, id_a: bytes) -> tuple[float, int | None]:
         """Risk-weighted minutes over the last days, and the last contact time (NTP)."""
@@ -298,7 +347,9 @@ class RobertServer:
                 c.execute(sa.insert(contacts), valid)
         self.stats["hellos_valid"] += len(valid)
         self.stats["hellos_dropped"] += dropped
-        return {"success": True, "accepted": len(valid), "dropped": dropped}
+        # ReportBatchResponse as ReportController.kt, and how many HELLOs were kept (an extension)
+        return {"success": True, "message": "Successful operation",
+                "reportValidationToken": self._token("report-validation"), "accepted": len(valid), "dropped": dropped}
 
     def _sender(self, ebid: bytes, ecc: bytes) -> tuple[int, bytes, bytes] | None:
         """(epoch, ID_A, K_mac) of the registration an (EBID, ECC) belongs to; None if none."""

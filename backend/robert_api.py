@@ -7,6 +7,7 @@ CPU lane (:class:`~backend.httputil.CpuLane`), never on the event loop."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse
 
 from .httputil import client_host, off_loop
 from .jsonbody import object_body
@@ -22,8 +23,11 @@ def robert_router(rs: RobertServer) -> APIRouter:
 
     @router.post("/api/v6/register")
     async def register(doc: object_body, request: Request, x_api_key: str | None = Header(default=None)):
-        return await off_loop(request, rs.register, str(doc.get("clientPublicECDHKey", "")),
-                              client_host(request), x_api_key)
+        # RegisterRequest: captcha, captchaId, clientPublicECDHKey, pushInfo; 201 as
+        # RegisterController.kt answers (the captcha is not checked: see backend.robert)
+        answer = await off_loop(request, rs.register, str(doc.get("clientPublicECDHKey", "")),
+                                client_host(request), x_api_key)
+        return JSONResponse(answer, status_code=201)
 
     @router.post("/api/v6/status")
     async def status(doc: object_body, request: Request):
@@ -43,6 +47,6 @@ def robert_router(rs: RobertServer) -> APIRouter:
 
     @router.get("/api/v6/clock")
     def clock():
-        return {"serverTime": rs.now_ntp(), "epochId": rs.current_epoch(), "timeStart": rs.start_ntp}
+        return rs.clock_answer()
 
     return router

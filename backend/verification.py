@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets
 import uuid
 from typing import Any
@@ -124,9 +125,28 @@ def _check_name(name: str, what: str) -> None:
         raise UserError(f"a {what} has 1 to 64 printable characters without spaces around them")
 
 
-def _is_code_shape(code: object) -> bool:
-    return isinstance(code, str) and ((len(code) == SHORT_CODE_DIGITS and code.isdigit())
-                                      or len(code) == LONG_CODE_LEN)
+#: The code formats of the TousAntiCovid app (what it lets a user type or scan, and what
+#: the StopCovid submission code server generates: ``/generate/short`` a 6-character
+#: alphanumeric code, ``/generate/long`` a UUID), issued with ``code_format="robert"``.
+ROBERT_SHORT_CODE_LEN = 6
+_ROBERT_SHORT_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I: read aloud and typed
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+CODE_FORMATS = ("digits", "robert")
+
+
+def _normal_code(code: object) -> str | None:
+    """The code as stored (its case folded where case does not count); None when it has
+    none of the accepted shapes: 8 digits or 16 characters (ours), 6 alphanumeric
+    characters or a UUID (TousAntiCovid's)."""
+    if not isinstance(code, str):
+        return None
+    if len(code) == SHORT_CODE_DIGITS and code.isdigit():
+        return code
+    if len(code) == LONG_CODE_LEN or _UUID.fullmatch(code):
+        return code.lower()
+    if len(code) == ROBERT_SHORT_CODE_LEN and code.isascii() and code.isalnum():
+        return code.upper()
+    return None
 
 
 class VerificationService:
@@ -258,7 +278,11 @@ class VerificationService:
 
     # -- codes ----------------------------------------------------------------------
     def issue_code(self, issued_by: str, *, test_type: str = "confirmed",
-                   symptom_onset_interval: int | None = None) -> dict:
+                   symptom_onset_interval: int | None = None, code_format: str = "digits") -> dict:
+        """A new code: ``digits`` (8 digits, and a 16-character long code) or ``robert``
+        (6 characters, and a UUID: the formats the TousAntiCovid app accepts)."""
+        if code_format not in CODE_FORMATS:
+            raise UserError(f"code format must be one of {', '.join(CODE_FORMATS)}")
         if test_type not in certificate.ISSUABLE_TEST_TYPES:
             raise ApiError(Code.BAD_TEST_TYPE,
                            f"test type must be one of {', '.join(certificate.ISSUABLE_TEST_TYPES)}")
@@ -269,8 +293,12 @@ class VerificationService:
                                                "days and not in the future")
         self.limiter.check("issue", issued_by, self.config.rate_issue_per_min)
         for _ in range(_DRAWS):
-            short = f"{secrets.randbelow(10**SHORT_CODE_DIGITS):0{SHORT_CODE_DIGITS}d}"
-            long = "".join(secrets.choice(_LONG_ALPHABET) for _ in range(LONG_CODE_LEN))
+            if code_format == "robert":
+                short = "".join(secrets.choice(_ROBERT_SHORT_ALPHABET) for _ in range(ROBERT_SHORT_CODE_LEN))
+                long = str(uuid.uuid4())
+            else:
+                short = f"{secrets.randbelow(10**SHORT_CODE_DIGITS):0{SHORT_CODE_DIGITS}d}"
+                long = "".join(secrets.choice(_LONG_ALPHABET) for _ in range(LONG_CODE_LEN))
             try:
                 with self.engine.begin() as c:
                     c.execute(sa.insert(db.codes).values(
@@ -291,9 +319,10 @@ class VerificationService:
                 "testType": test_type}
 
     def _code_hash(self, code: object) -> str:
-        if not isinstance(code, str) or not _is_code_shape(code):
+        normal = _normal_code(code)
+        if normal is None:
             raise ApiError(Code.CODE_INVALID, "the code is not a valid verification code")
-        return self._h(code.lower() if len(code) == LONG_CODE_LEN else code)
+        return self._h(normal)
 
     @staticmethod
     def _refusal(row: sa.Row[Any] | None) -> ApiError:

@@ -25,7 +25,9 @@ from rich.table import Table
 from agent.clock import DAY_SECONDS, ManualClock
 from agent.exposure.aggregate import Aggregator
 from agent.protocol.gaen import INTERVAL_SECONDS
+from agent.experiment.recording import ResearchRecorder
 from agent.store import Passphrase, Store
+from agent.timesync import ClockState
 
 T0 = 20_000 * DAY_SECONDS
 
@@ -49,19 +51,31 @@ def db_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))
 
 
-def run_ctagent(path: Path, peers_n: int, hz: float, hours: float, seed: int):
+def run_ctagent(path: Path, peers_n: int, hz: float, hours: float, seed: int, *, research: bool = False):
+    """``research``: also an experiment's research recording (every sighting kept, with
+    its address and payload, packed per flush), as the daemon does both."""
     rng = random.Random(seed)
     peers = [{"next_rot": 0, "phase": rng.random(), "rssi": rng.randint(-95, -45)} for _ in range(peers_n)]
     store = Store.create(path, Passphrase("bench", scrypt={"n": 2**14, "r": 8, "p": 1}), clock=ManualClock(T0))
     agg = Aggregator()
+    recorder = ResearchRecorder(store, started_at=T0) if research else None
+    clock_state = ClockState(T0, True, True, "chrony", 0.01, 0.001, "chrony")
     ingest_s, n = 0.0, 0
     for minute in range(int(hours * 60)):
         batch = minute_of_sightings(rng, peers, minute, hz)
         t = time.perf_counter()
         add = agg.add_raw
-        for s in batch:
-            add(*s)
+        if recorder is None:
+            for s in batch:
+                add(*s)
+        else:
+            heard = recorder.heard
+            for ts, rpi, aem, rssi in batch:
+                add(ts, rpi, aem, rssi)
+                heard(ts, "", rssi, None, rpi + aem)
         store.encounters.write(agg.flush(T0 + (minute + 1) * 60))
+        if recorder is not None:
+            recorder.flush(T0 + (minute + 1) * 60, clock_state)
         ingest_s += time.perf_counter() - t
         n += len(batch)
     t = time.perf_counter()
@@ -111,16 +125,21 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
         n, secs, bytes_day, rows = run_ctagent(Path(d) / "agent.db", a.peers, a.hz, a.hours, a.seed)
+        rn, rsecs, rbytes_day, rrows = run_ctagent(Path(d) / "research.db", a.peers, a.hz, a.hours, a.seed,
+                                                   research=True)
         nn, nsecs, nbytes_day = run_naive(Path(d) / "naive.db", a.peers, a.hz, a.naive_minutes, a.seed)
     res = {
         "sightings": n, "ingest_per_s": n / secs, "mb_per_day": bytes_day / 1e6, "rows": rows,
         "naive_per_s": nn / nsecs, "naive_mb_per_day": nbytes_day / 1e6,
+        "research_per_s": rn / rsecs, "research_mb_per_day": rbytes_day / 1e6,
     }
     t = Table(title=f"Store ingest: {a.peers} peers in range, {a.hz} sightings/s each, {a.hours:g} h simulated")
     for c in ("method", "sightings", "sightings/s (1 core)", "MB per device-day", "rows"):
         t.add_column(c, justify="right")
     t.add_row("ctagent", f"{n:,}", f"{res['ingest_per_s']:,.0f}",
               f"{res['mb_per_day']:.2f}", f"{rows:,}")
+    t.add_row("ctagent + research recording", f"{rn:,}", f"{res['research_per_s']:,.0f}",
+              f"{res['research_mb_per_day']:.2f}", f"{rrows:,} + research")
     t.add_row(f"naive ({a.naive_minutes} min, scaled)", f"{nn:,}",
               f"{res['naive_per_s']:,.0f}", f"{res['naive_mb_per_day']:.1f}", "1 per sighting")
     Console().print(t)

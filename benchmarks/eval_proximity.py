@@ -11,7 +11,9 @@ notifies when its counted minutes, scaled from the episode's L minutes to 30
 (x 30 / L), reach its threshold (15 minutes: half the contact). NIST episodes are 30
 minutes long, so nothing is scaled there; the Dublin tram rows (about 15 minutes) are
 doubled. Truth: the transmitter within 1 m (the H0H1 sessions: the label "kept within
-6 ft"; the tram also with a 2 m truth, the definition its paper used).
+6 ft"; the tram also with a 2 m truth, the definition its paper used). Google's calibration
+lists (also in ../shared/data) are calibration, not measurements at distances: nothing to
+score.
 
 Fitting: the "hmm" tables are fitted leave-one-data-set-out: the model that decides on
 a set never saw it (``hmm.fit``: class-conditional frequencies of each feature's bins,
@@ -184,10 +186,10 @@ def fit_minutes(episodes: Sequence[Episode], cfg: ProximityConfig):
                     yield ep.dataset, near, ev.bins, None
 
 
-def fit_model(episodes: Sequence[Episode], cfg: ProximityConfig, *, note: str = "") -> HmmModel:
-    eps = [e for e in episodes if e.fit]
+def fit_model(minutes: Sequence[tuple], *, note: str = "") -> HmmModel:
+    """The model fitted on ``minutes`` (:func:`fit_minutes`), with how and on what."""
     sets: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for ds, near, _, _ in fit_minutes(eps, cfg):
+    for ds, near, _, _ in minutes:
         sets[ds][0 if near else 1] += 1
     meta = {"on": {ds: {"near_minutes": v[0], "far_minutes": v[1]} for ds, v in sorted(sets.items())},
             "method": "class-conditional bin frequencies, +1 per bin, averaged over data sets; stationary near share "
@@ -196,15 +198,12 @@ def fit_model(episodes: Sequence[Episode], cfg: ProximityConfig, *, note: str = 
                       "per pair) and relative signal only (its attenuation is on Google's scale)",
             "near_definition_m": NEAR_M, "command": "python -m benchmarks.eval_proximity --fit agent/exposure/"
                                                      "hmm_model.json", "note": note}
-    return fit(fit_minutes(eps, cfg), template=TEMPLATE, dwell_near_minutes=DWELL_NEAR_MIN, fitted=meta)
+    return fit(minutes, template=TEMPLATE, dwell_near_minutes=DWELL_NEAR_MIN, fitted=meta)
 
 
-def lodo_models(episodes: Sequence[Episode], cfg: ProximityConfig) -> dict[str, HmmModel]:
+def lodo_models(minutes: Sequence[tuple], datasets: Sequence[str]) -> dict[str, HmmModel]:
     """Per data set, the model fitted on every other set (never on itself)."""
-    out = {}
-    for ds in sorted({e.dataset for e in episodes}):
-        out[ds] = fit_model([e for e in episodes if family(e.dataset) != family(ds)], cfg)
-    return out
+    return {ds: fit_model([m for m in minutes if family(m[0]) != family(ds)]) for ds in sorted(set(datasets))}
 
 
 # -- scoring -----------------------------------------------------------------------------------
@@ -491,11 +490,12 @@ def run(data: Path, *, png: Path | None = None, fit_path: Path | None = None, co
     t0 = time.perf_counter()
     eps = episodes if episodes is not None else load_all(data, a1m=cfg.attenuation_at_1m_db)
     loaded = time.perf_counter() - t0
+    minutes = list(fit_minutes(eps, cfg))
     if fit_path is not None:
-        model = fit_model(eps, cfg, note=f"fitted {dt.date.today().isoformat()} on {data.name}")
+        model = fit_model(minutes, note=f"fitted {dt.date.today().isoformat()} on {data.name}")
         fit_path.write_text(json.dumps(model.to_json(), indent=1) + "\n")
         console.print(f"model fitted on every set written to {fit_path}")
-    models = lodo_models(eps, cfg)
+    models = lodo_models(minutes, [e.dataset for e in eps])
     rules = all_rules()
     reference = rules[0].name
     scored = score_all(eps, rules, models)
@@ -537,14 +537,25 @@ def run(data: Path, *, png: Path | None = None, fit_path: Path | None = None, co
             "models": {k: m.to_json() for k, m in models.items()}}
 
 
+def default_data() -> Path | None:
+    """``shared/data`` beside the checkout or beside one of its parents (worktrees nest)."""
+    for parent in Path(__file__).resolve().parents[1:]:
+        if (parent / "shared" / "data").is_dir():
+            return parent / "shared" / "data"
+    return None
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    ap.add_argument("--data", type=Path, default=default_data(),
+                    help="the measurement sets (default: the nearest shared/data above the checkout)")
     ap.add_argument("--png", type=Path, default=Path("docs/proximity.png"))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--fit", type=Path, default=None, metavar="PATH",
                     help="also write the hmm model fitted on every set (what ctagent ships) to PATH")
     a = ap.parse_args(argv)
+    if a.data is None or not (a.data / "README.md").exists():
+        ap.error(f"no measurement sets at {a.data}: give --data (the folder of ../shared/data)")
     res = run(a.data, png=a.png, fit_path=a.fit)
     if a.json:
         a.json.write_text(json.dumps(res, indent=1))

@@ -275,7 +275,7 @@ def test_an_index_in_googles_layout_with_folders_and_any_suffix(store, clock):
                                       trusted_keys=(public_key_b64(signing),), http_retries=0,
                                       index_url=base + "/cdn/XX/index.txt", export_base_url=base + "/cdn/"))
         res, _ = mode.sync(clock.t)
-        assert res.files_new == 2 and len(res.keys) == 6
+        assert res.files_new == 2 and res.key_count == 6
         assert set(res.files_failed) == {"../secret.zip", "https://evil.example/x.zip", "//evil.example/y.zip",
                                          "/abs.zip"}
         assert all(p.startswith("/cdn/XX/") for p in server.requested)  # nothing outside the base was asked

@@ -19,7 +19,7 @@ from agent.protocol.export import ReportType
 from agent.protocol.gaen import TemporaryExposureKey
 from agent.protocol.verification import tek_hmac
 from backend import Backend, BackendConfig, db
-from backend.robert import RobertConfig, RobertServer, contacts, registrations
+from backend.robert import SERVER_KEY_CONFIG, RobertConfig, RobertServer, contacts, registrations
 from backend.server import BackgroundServer
 
 from .conftest import database_url
@@ -310,7 +310,7 @@ def test_export_splits_large_batches_and_prunes_the_index(backend, live, clock):
     assert len(files) == 3  # 50 keys (15 real, padded), 20 per file
     parsed = [export.parse_export((backend.config.exports_dir / f).read_bytes(), trusted_keys=[backend.public_key_b64])
               for f in files]
-    assert [(e.batch_num, e.batch_size, len(e.keys)) for e in parsed] == [(1, 3, 20), (2, 3, 20), (3, 3, 10)]
+    assert [(e.batch_num, e.batch_size, len(e.keys)) for e in parsed] == [(1, 1, 20), (1, 1, 20), (1, 1, 10)]
     assert len({k.key_data for e in parsed for k in e.keys}) == 50
     assert httpx.get(live.url + "/exports/index.txt").text.split() == files
     clock.advance(15 * DAY_SECONDS)  # past the retention period: out of the index
@@ -327,6 +327,12 @@ def robert_world(request, tmp_path, clock):
     with BackgroundServer(backend, robert_server=rs) as srv:
         yield backend, rs, srv
     backend.engine.dispose()
+
+
+def server_key(reg):
+    """The server's public key from a registration answer's config (backend.robert.SERVER_KEY_CONFIG)."""
+    (key,) = [p["value"] for p in reg["config"] if p["name"] == SERVER_KEY_CONFIG]
+    return key
 
 
 def register(url, private, api_key="s3cret"):
@@ -349,10 +355,10 @@ def test_robert_registration_guard_and_status(robert_world, clock, tmp_path):
     r = register(srv.url, private, api_key=None)
     assert r.status_code == 401 and r.json()["code"] == "unauthorized" and "X-API-Key" in r.json()["error"]
     r = register(srv.url, private)
-    assert r.status_code == 200
+    assert r.status_code == 201  # as robert-server's RegisterController
     reg = r.json()
-    assert reg["serverPublicKey"] == rs.server_public_key and reg["timeStart"] == rs.start_ntp
-    keys = robert.ecdh_keys(private, reg["serverPublicKey"])
+    assert server_key(reg) == rs.server_public_key and reg["timeStart"] == rs.start_ntp
+    keys = robert.ecdh_keys(private, server_key(reg))
     assert len(robert.decrypt_tuples(keys.k_tuples, reg["tuples"])) == rs.cfg.tuples_epochs
     r = httpx.post(srv.url + "/api/v6/register", json={"clientPublicECDHKey": "bm9wZQ=="},
                    headers={"X-API-Key": "s3cret"})
@@ -362,7 +368,7 @@ def test_robert_registration_guard_and_status(robert_world, clock, tmp_path):
     r = register(srv.url, private)
     assert r.status_code == 429 and r.json()["code"] == "rate_limited"
     clock.advance(60)
-    assert register(srv.url, private).status_code == 200  # the window slid
+    assert register(srv.url, private).status_code == 201  # the window slid
     assert count(backend, registrations) == 2
 
     # status: authenticated, not replayable, not too frequent
@@ -371,7 +377,7 @@ def test_robert_registration_guard_and_status(robert_world, clock, tmp_path):
     r = httpx.post(srv.url + "/api/v6/status", json=forged)
     assert r.status_code == 401 and r.json()["code"] == "bad_mac"
     r = httpx.post(srv.url + "/api/v6/status", json=body)
-    assert r.status_code == 200 and r.json()["atRisk"] is False and r.json()["riskLevel"] == 0
+    assert r.status_code == 200 and r.json()["riskLevel"] == 0 and "lastContactDate" not in r.json()
     r = httpx.post(srv.url + "/api/v6/status", json=body)
     assert r.status_code == 400 and r.json()["code"] == "replayed"
     clock.advance(60)
@@ -382,7 +388,8 @@ def test_robert_registration_guard_and_status(robert_world, clock, tmp_path):
     r = httpx.post(srv.url + "/api/v6/status", json=[1, 2])
     assert r.status_code == 400 and r.json()["code"] == "invalid_request"
     clock_doc = httpx.get(srv.url + "/api/v6/clock").json()
-    assert clock_doc["serverTime"] == robert.ntp_seconds(clock.t) and clock_doc["timeStart"] == rs.start_ntp
+    assert clock_doc == {"serviceStartDate": "2024-10-04", "time": "2024-10-04T09:02:00.000Z",
+                         "epoch": rs.current_epoch()}
 
     # the server keys are sealed at rest and survive a restart
     again = RobertServer(Backend(BackendConfig(tmp_path / "b", database_url=backend.config.database_url), clock=clock))
@@ -395,7 +402,7 @@ def test_robert_report_claims_a_code_once(robert_world, clock):
     backend, _, srv = robert_world
     bob = ec.generate_private_key(ec.SECP256R1())
     reg_b = register(srv.url, bob).json()
-    keys_b = robert.ecdh_keys(bob, reg_b["serverPublicKey"])
+    keys_b = robert.ecdh_keys(bob, server_key(reg_b))
     ntp = robert.ntp_seconds(clock.t)
     epoch = robert.epoch_id(ntp, reg_b["timeStart"])
     (t,) = [t for t in robert.decrypt_tuples(keys_b.k_tuples, reg_b["tuples"]) if t.epoch == epoch]
@@ -410,7 +417,10 @@ def test_robert_report_claims_a_code_once(robert_world, clock):
     r = httpx.post(srv.url + "/api/v6/report", json={"token": code, "contacts": [{"ebid": "!!"}]})
     assert r.status_code == 400 and count(backend, contacts) == 0  # malformed: the code is not claimed
     r = httpx.post(srv.url + "/api/v6/report", json={"token": code, "contacts": contacts_in})
-    assert r.status_code == 200 and r.json() == {"success": True, "accepted": 10, "dropped": 1}
+    assert r.status_code == 200
+    answer = r.json()
+    assert answer.pop("reportValidationToken").count(".") == 2  # a JWT, as robert-server's
+    assert answer == {"success": True, "message": "Successful operation", "accepted": 10, "dropped": 1}
     assert count(backend, contacts) == 10
     r = httpx.post(srv.url + "/api/v6/report", json={"token": code, "contacts": contacts_in})
     assert r.status_code == 400 and r.json()["code"] == "code_used" and count(backend, contacts) == 10

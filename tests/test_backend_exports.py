@@ -166,7 +166,7 @@ def test_a_second_export_job_waits_for_the_first(backend, clock, caplog, monkeyp
         published += keys
     clock.advance(3600)
     signing, go = threading.Event(), threading.Event()
-    build = export.build_export
+    build = export.build_export_packed
 
     def slow_build(*a, **kw):
         if threading.current_thread().name == "job-a":
@@ -174,7 +174,7 @@ def test_a_second_export_job_waits_for_the_first(backend, clock, caplog, monkeyp
             assert go.wait(30)
         return build(*a, **kw)
 
-    monkeypatch.setattr(export_job.export, "build_export", slow_build)
+    monkeypatch.setattr(export_job.export, "build_export_packed", slow_build)
     caplog.set_level(logging.INFO, logger="ctagent.backend")
     a = threading.Thread(target=backend.exports.run, name="job-a")
     b = threading.Thread(target=other.exports.run, name="job-b")
@@ -303,3 +303,79 @@ def test_publishes_racing_each_other_are_answered_as_one_after_the_other(backend
             assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
             assert sorted(r.json()["insertedExposures"] for r in answers) == [0, 14]
     assert len(stored(backend)) == 16 * 14
+
+
+# -- exports at scale: one step, no parameter per key ---------------------------------------
+
+def _insert_keys(backend, clock, n) -> list[bytes]:
+    """``n`` uploaded keys past their embargo, made by the database itself (quick)."""
+    start = gaen.rolling_start_for_day(clock.t) - 144
+    rows = ("SELECT decode(md5(random()::text || i::text), 'hex') AS k FROM generate_series(1, :n) AS i"
+            if backend.engine.dialect.name == "postgresql" else
+            "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < :n) "
+            "SELECT randomblob(16) AS k FROM s")
+    with backend.engine.begin() as c:
+        c.execute(sa.text("INSERT INTO exposures (key_data, rolling_start, rolling_period, transmission_risk, "
+                          "report_type, health_authority, received_at, export_after) "
+                          f"SELECT k, :start, 144, 0, 1, 'x', :now, 0 FROM ({rows}) AS keys"),
+                  {"n": n, "start": start, "now": clock.t})
+        return [k for (k,) in c.execute(sa.select(db.exposures.c.key_data).where(db.exposures.c.batch_id.is_(None)))]
+
+
+def test_a_run_killed_between_its_files_and_its_commit_leaves_nothing_half_done(backend, clock):
+    """SIGKILL after the files are written, before the transaction that records them:
+    no batch, no key marked, index.txt as it was; the next run removes the orphan files
+    and exports every key once."""
+    import signal
+    keys = _insert_keys(backend, clock, 3000)
+    index_before = (backend.config.exports_dir / "index.txt").read_bytes()
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from agent.clock import ManualClock\n"
+         "from backend import Backend, BackendConfig, exports\n"
+         "def stop(*a):\n"
+         "    print('files written', flush=True); time.sleep(120)\n"
+         "exports.ExportJob._commit_batch = staticmethod(stop)\n"
+         "b = Backend(BackendConfig(__import__('pathlib').Path(sys.argv[1]), database_url=sys.argv[2] or None,"
+         " export_max_keys=1000), clock=ManualClock(float(sys.argv[3])))\n"
+         "b.exports.run()\n",
+         str(backend.config.data_dir), backend.config.database_url or "", str(clock.t + 3600)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "files written"
+        orphans = sorted(p.name for p in backend.config.exports_dir.glob("*.zip"))
+        assert len(orphans) == 3
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    with backend.engine.connect() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(db.batches)).scalar() == 0
+    assert not [r for r in stored(backend) if r.batch_id is not None]
+    assert (backend.config.exports_dir / "index.txt").read_bytes() == index_before
+    clock.advance(3600)
+    names = backend.exports.run()
+    assert len(names) == 1  # the orphans are gone (one name may come again: the same window and batch id)
+    assert sorted(p.name for p in backend.config.exports_dir.glob("*.zip")) == names
+    assert_every_key_in_exactly_one_file(backend, keys)
+
+
+def test_100k_keys_exported_with_no_statement_holding_a_parameter_per_key(backend, clock):
+    """PostgreSQL takes at most 65,535 parameters in a statement: the run marks its rows
+    by joining its temporary table of ids, never by listing them."""
+    if backend.engine.dialect.name != "postgresql":
+        pytest.skip("the limit is PostgreSQL's (SQLite's is 250,000 here, 32,766 in stock builds)")
+    keys = _insert_keys(backend, clock, 100_000)
+    assert len(keys) == 100_000
+    widest = []
+
+    def count(conn, cursor, statement, parameters, context, executemany):
+        widest.append(len(parameters) if isinstance(parameters, dict | tuple | list) and not executemany else 1)
+
+    sa.event.listen(backend.engine, "before_cursor_execute", count)
+    try:
+        clock.advance(3600)
+        assert len(backend.exports.run()) == 1
+    finally:
+        sa.event.remove(backend.engine, "before_cursor_execute", count)
+    assert max(widest) <= 10
+    assert_every_key_in_exactly_one_file(backend, keys)

@@ -24,7 +24,7 @@ from backend.robert import MAX_CONTACTS_PER_REPORT, MAX_HELLOS_PER_CONTACT, Robe
 from backend.server import BackgroundServer
 
 from .conftest import database_url
-from .test_backend_api import valid_publish
+from .test_backend_api import server_key, valid_publish
 
 pytestmark = pytest.mark.integration
 
@@ -66,9 +66,9 @@ class Phone:
     def __init__(self, url: str) -> None:
         self.private = ec.generate_private_key(ec.SECP256R1())
         r = httpx.post(url + "/api/v6/register", json={"clientPublicECDHKey": robert.public_key_b64(self.private)})
-        assert r.status_code == 200, r.text
+        assert r.status_code == 201, r.text
         self.reg = r.json()
-        self.keys = robert.ecdh_keys(self.private, self.reg["serverPublicKey"])
+        self.keys = robert.ecdh_keys(self.private, server_key(self.reg))
         self.tuples = {t.epoch: t for t in robert.decrypt_tuples(self.keys.k_tuples, self.reg["tuples"])}
 
     def epoch(self, ntp: int) -> int:
@@ -426,7 +426,7 @@ def test_an_absurd_rssi_does_not_poison_the_status(world, clock):
                    ).status_code == 200
     r = httpx.post(srv.url + "/api/v6/status", json=bob.auth(robert.PREFIX_STATUS, clock.t))
     assert r.status_code == 200, f"{r.status_code} {r.text[:200]}"
-    assert r.json()["atRisk"] is False
+    assert r.json()["riskLevel"] == 0
 
 
 # -- point 11: a report cannot inflate a risk ------------------------------------------------
@@ -453,8 +453,8 @@ def test_one_hello_repeated_does_not_inflate_the_risk(world, clock):
         r = _report(srv.url, backend.verification.issue_code("lab")["code"], [bob.contact(epoch, ids)])
         assert r.status_code == 200, r.text
         status = httpx.post(srv.url + "/api/v6/status", json=bob.auth(robert.PREFIX_STATUS, clock.t)).json()
-        answers[name] = (r.json()["accepted"], status["risk"], status["atRisk"])
-    assert [a[2] for a in answers.values()] == [False] * 4, answers
+        answers[name] = (r.json()["accepted"], status["risk"], status["riskLevel"])
+    assert [a[2] for a in answers.values()] == [0] * 4, answers
     assert answers["spread"][1] <= answers["once"][1] and answers["copies"][1] <= answers["once"][1], answers
     assert answers["on air"][0] == 2 * 8  # every reception of a HELLO on the air counts
 

@@ -66,7 +66,7 @@ def test_robert_registration_limit_ignores_forwarded_for(robert_live):
         key = robert.public_key_b64(ec.generate_private_key(ec.SECP256R1()))
         statuses.append(httpx.post(robert_live.url + "/api/v6/register", json={"clientPublicECDHKey": key},
                                    headers={"X-Forwarded-For": f"10.2.0.{i}"}).status_code)
-    assert statuses == [200] * 3 + [429] * 2
+    assert statuses == [201] * 3 + [429] * 2
 
 
 def test_behind_a_trusted_proxy_the_forwarded_client_counts(backend, live):

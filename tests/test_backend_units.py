@@ -458,3 +458,46 @@ def test_onset_interval():
     assert onset_interval("2024-10-01") == gaen.rolling_start_for_day(1_727_740_800)
     with pytest.raises(ValueError):
         onset_interval("yesterday")
+
+
+# -- chaff ---------------------------------------------------------------------------------
+
+async def test_chaff_is_answered_in_the_time_and_size_of_a_real_answer():
+    """ChaffMiddleware times and measures real answers; chaff is held until the time a real
+    answer took (one drawn from the last 100) and padded to its size."""
+    import json
+
+    from backend.chaff import ChaffMiddleware, ChaffTracker
+
+    now, slept = [0.0], []
+
+    async def sleep(s):
+        slept.append(round(s, 6))
+
+    async def real_route(scope, receive, send):  # the route takes 0.25 s, answers 1,800 bytes
+        now[0] += 0.25
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x" * 1800})
+
+    tracker = ChaffTracker(timer=lambda: now[0], sleep=sleep, rng=random.Random(1))
+    mw = ChaffMiddleware(real_route, tracker)
+    scope = {"type": "http", "method": "POST", "path": "/v1/publish", "headers": []}
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def ignore(message):
+        pass
+    await mw(scope, receive, ignore)
+    sent = []
+
+    async def keep(message):
+        sent.append(message)
+        now[0] += 0.01  # answering takes a little time; the wait was decided before
+    chaff = dict(scope, headers=[(b"x-chaff", b"1")])
+    now[0] += 0.05  # reading the body
+    await mw(chaff, receive, keep)
+    assert slept == [0.25]  # 0.25 s from the start of the request, as the real answer took
+    body = sent[1]["body"]
+    assert sent[0]["status"] == 200 and abs(len(body) - 1800) <= 2
+    assert set(json.loads(body)) == {"revisionToken", "insertedExposures", "error", "code", "padding"}

@@ -155,6 +155,17 @@ async def test_every_rotation_while_scanning_changes_address_and_payload_togethe
     await listener.start_scanning()
     await rotating.start_scanning()  # the rotating agent scans too: the case real chips refuse
     await rotating.advertiser.start(payload(0), nrpa(0))
+    # EN Bluetooth Specification v1.2: 200-270 ms, in 0.625 ms units
+    c = air.controllers["rot"]
+    if legacy:
+        assert (c.le_legacy_advertiser.advertising_interval_min, c.le_legacy_advertiser.advertising_interval_max,
+                c.le_legacy_advertiser.advertising_type) == (320, 432, 3)  # ADV_NONCONN_IND
+    else:
+        (adv_set,) = c.advertising_sets.values()
+        assert adv_set.parameters is not None
+        assert (adv_set.parameters.primary_advertising_interval_min,
+                adv_set.parameters.primary_advertising_interval_max) == (320, 432)
+        assert adv_set.parameters.advertising_event_properties == 0x10  # legacy PDUs, non-connectable
     for i in range(1, 12):
         await asyncio.sleep(5)
         await rotating.advertiser.rotate(payload(i), nrpa(i))
@@ -221,9 +232,9 @@ async def test_pause_and_resume_of_both_directions() -> None:
     await b.stop()
 
 
-async def test_a_lost_transport_is_reopened_and_the_radio_resumes() -> None:
+async def test_a_lost_transport_is_reopened_and_the_radio_resumes(tmp_path: Path) -> None:
     air = Air()
-    a, b = Agent(air, "a", 0.0), Agent(air, "b", 1.0)
+    a, b = Agent(air, "a", 0.0, snoop=tmp_path / "a.btsnoop"), Agent(air, "b", 1.0)
     await a.start_scanning()
     await b.start_scanning()
     await a.advertiser.start(payload(1), nrpa(1))
@@ -234,6 +245,12 @@ async def test_a_lost_transport_is_reopened_and_the_radio_resumes() -> None:
     assert not a.advertiser.health().advertising and not a.scanner.health().scanning
     assert "bumble.TransportLost" in a.advertiser.health().errors
     await a.advertiser.rotate(payload(3), nrpa(3))  # while it is away: kept for the reopened one
+    await a.advertiser.pause()  # the duty cycle goes on meanwhile, without errors
+    await a.advertiser.resume()
+    await a.scanner.pause()
+    await a.scanner.resume()
+    n_before = len(trace_reports(tmp_path / "a.btsnoop"))
+    assert n_before > 0
     await asyncio.sleep(5)  # back-off 1, 2, 4 s: still unplugged
     air.unplugged.clear()
     await asyncio.sleep(10)
@@ -244,6 +261,8 @@ async def test_a_lost_transport_is_reopened_and_the_radio_resumes() -> None:
     assert b.heard[-1].address == nrpa(3) and b.heard[-1].service_data[EN_SERVICE_UUID][0] == 3
     await a.stop()
     await b.stop()
+    assert len(trace_reports(tmp_path / "a.btsnoop")) > n_before  # one trace across the reopen
+    assert oct((tmp_path / "a.btsnoop").stat().st_mode & 0o777) == "0o600"
 
 
 async def test_a_controller_that_stops_answering_counts_as_lost() -> None:

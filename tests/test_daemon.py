@@ -1,6 +1,7 @@
 """The daemon on a virtual clock, several simulated days, both protocol families."""
 
 import asyncio
+import base64
 import json
 import random
 import socket
@@ -149,3 +150,60 @@ async def test_robert_mode_on_a_virtual_clock(tmp_path):
         s = Store.open(tmp_path / "agent.db", fast_passphrase(), clock=clock)
         assert len(s.hellos.all()) > 100  # the HELLOs heard, encrypted at rest
         s.close()
+
+
+@pytest.mark.parametrize(("chaff_interval_s", "days"), [(0, 8), (2 * DAY, 30)])
+async def test_cover_traffic_on_the_virtual_clock(tmp_path, chaff_interval_s, days):
+    """[sync] chaff_interval_s: on average that often, at random times, a declaration's
+    three requests marked X-Chaff: 1 and padded as real ones; none by default (0). The
+    sync goes on as usual meanwhile."""
+    import httpx
+
+    requests, chaff_times = [], []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        if request.headers.get("x-chaff") and request.url.path == "/api/verify":
+            chaff_times.append(clock.now())
+        if request.url.path.endswith("index.txt"):
+            return httpx.Response(404)
+        return httpx.Response(200, json={})
+
+    clock = VirtualClock(MIDNIGHT)
+    store = Store.create(tmp_path / "agent.db", fast_passphrase(), clock=clock, retention_days=3)
+    rng = random.Random(4)
+    with httpx.Client(transport=httpx.MockTransport(server)) as http:
+        mode = GaenMode(DeviceContext(store=store, clock=clock, calibration=PI, rng=rng, random_bytes=rng.randbytes,
+                                      backend_url="https://keys.example", trusted_keys=("unused",), http=http,
+                                      http_retries=0, chaff_interval_s=chaff_interval_s, match_workers=1))
+        daemon = Daemon(mode, Radio(SimAdvertiser(clock), SimScanner(clock, peer_factory=GaenMode.simulated_peer,
+                                                                     peers=0, seed=2, tick_s=3600)),
+                        clock=clock, status_path=tmp_path / "status.json", rng=random.Random(5), flush_interval_s=3600)
+        run = asyncio.create_task(daemon.run(install_signals=False))
+        await clock.run_until(MIDNIGHT + days * DAY)
+        daemon.stop()
+        assert await asyncio.wait_for(run, 5) == 0
+    chaff = [r for r in requests if r.headers.get("x-chaff") == "1"]
+    assert [r for r in requests if r.url.path.endswith("index.txt")]  # the syncs went on
+    if not chaff_interval_s:
+        assert chaff == [] and daemon.chaff_sent == 0
+        return
+    # 30 days at once in 2 days on average: 15 expected (Poisson-like spread; seeded)
+    assert 7 <= daemon.chaff_sent <= 25 and len(chaff) == 3 * daemon.chaff_sent
+    assert [r.url.path for r in chaff[:3]] == ["/api/verify", "/api/certificate", "/v1/publish"]
+    assert all(5000 <= len(r.content) <= 5003 for r in chaff)  # as padded as a real declaration's
+    gaps_h = {round((b - a) / 3600) for a, b in zip(chaff_times, chaff_times[1:])}
+    assert len(gaps_h) > 3 and min(gaps_h) >= 4  # not periodic; never closer than a tick
+
+
+def test_declaration_requests_are_padded_as_the_android_app_pads_them():
+    from agent.sync.http import json_bytes
+    from agent.sync.keyserver import PADDED_REQUEST_BYTES, padded
+
+    for body in ({"code": "12345678"}, {"token": "t" * 43, "ekeyhmac": "h" * 44}, {"x": "y" * 4900}):
+        size = len(json_bytes(padded(body)))
+        assert PADDED_REQUEST_BYTES <= size <= PADDED_REQUEST_BYTES + 3, (body.keys(), size)
+    near = padded({"x": "y" * 4990})  # 4,998 bytes: one byte of padding takes it over, as in the app
+    assert len(base64.b64decode(near["padding"])) == 1
+    large = {"x": "y" * 6000}
+    assert padded(large) == large  # already over: no padding, as Padding.addPadding

@@ -55,6 +55,17 @@ def test_eval_cli_table_and_json(sightings_file):
     assert r.exit_code == 0 and "one_metre" in r.output and "EXPOSED" in r.output
 
 
+def test_eval_cli_hmm_rule(sightings_file):
+    """The hmm rule on recorded pairs: no minute context in the file, so attenuation and
+    each pair's own recent median; 1 m counts more expected near minutes than 3 m."""
+    r = CliRunner().invoke(cli.main, ["eval", "--input", str(sightings_file), "--rule", "hmm", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    by = {p["pair"]: p for p in doc["pairs"]}
+    assert doc["rule"] == "hmm" and not by["three_metres"]["exposed"]
+    assert by["one_metre"]["minutes_counted"] > 2 * by["three_metres"]["minutes_counted"]
+
+
 @pytest.mark.parametrize("text,msg", [
     ("", "empty"),
     ("pair,timestamp,rssi\n", "missing column"),

@@ -251,3 +251,31 @@ def test_c_parser_reads_the_real_files_like_the_runtime():
         data = (FILES / name).read_bytes()
         export_bin, _ = export.unzip_export(data) if data[:2] == b"PK" else (data, b"")
         assert _reading(export_bin[16:], True) == _reading(export_bin[16:], False), name
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.builds(
+    DiagnosisKey, key_data=st.binary(min_size=16, max_size=16), rolling_start_interval_number=st.integers(0, 2**31 - 1),
+    rolling_period=st.integers(1, 144), transmission_risk_level=st.integers(-(2**31), 2**31 - 1),
+    report_type=st.sampled_from(list(ReportType)),
+    days_since_onset_of_symptoms=st.one_of(st.none(), st.integers(-(2**31), 2**31 - 1)),
+    variant_of_concern=st.sampled_from(list(export.VariantOfConcern))), max_size=30))
+def test_keys_are_written_as_the_protobuf_runtime_writes_them(keys):
+    """The writer from arrays (C and Python) against the runtime, byte for byte."""
+    msg = export.pb.TemporaryExposureKeyExport(start_timestamp=1, end_timestamp=2, region="XX", batch_num=1,
+                                               batch_size=1)
+    for k in keys:
+        o = msg.keys.add()
+        o.key_data, o.rolling_start_interval_number = k.key_data, k.rolling_start_interval_number
+        o.rolling_period, o.transmission_risk_level = k.rolling_period, k.transmission_risk_level
+        if k.report_type != ReportType.UNKNOWN:
+            o.report_type = int(k.report_type)
+        if k.days_since_onset_of_symptoms is not None:
+            o.days_since_onset_of_symptoms = k.days_since_onset_of_symptoms
+        if k.variant_of_concern != export.VariantOfConcern.UNKNOWN:
+            o.variant_of_concern = int(k.variant_of_concern)
+    want = export.HEADER + msg.SerializeToString()
+    assert export.build_export_bin(keys, start_timestamp=1, end_timestamp=2, region="XX") == want
+    packed = export.PackedKeys.from_keys(keys)
+    assert export.encode_keys(packed, native=False) == export.encode_keys(packed)
+    assert want.endswith(export.encode_keys(packed))

@@ -20,7 +20,7 @@ from agent.extras import EXTRAS
 from .helpers import wait_until
 
 ROOT = Path(__file__).parent.parent
-BLOCKED = [m for extra in ("backend", "plots", "postgresql") for m in EXTRAS[extra]]
+BLOCKED = [m for extra in ("backend", "plots", "postgresql", "experiment") for m in EXTRAS[extra]]
 WITHOUT_EXTRAS = (f"import sys\nfor m in {BLOCKED!r}: sys.modules[m] = None\n"
                   "import cli\ncli.main(prog_name='ctagent')\n")
 
@@ -59,6 +59,13 @@ def test_a_device_runs_on_the_base_install_and_commands_name_missing_extras(tmp_
                  ["export", "--consent", "--format", "json"]):
         r = ctagent(env, *args)
         assert r.returncode == 0, (args, r.stdout, r.stderr)
+    # a device records and collects research bundles on the base install; analysis names its extra
+    r = ctagent(env, "experiment", "join", "exp-1", "--label", "pi-01", "--consent")
+    assert r.returncode == 0, r.stderr
+    r = ctagent(env, "experiment", "collect", "--consent", "--out", str(tmp_path / "bundle"))
+    assert r.returncode == 0 and (tmp_path / "bundle" / "manifest.json").exists(), r.stderr
+    r = ctagent(env, "experiment", "analyze", str(tmp_path / "bundle"))
+    assert r.returncode == 1 and "pip install 'ctagent[experiment]'" in r.stderr, r.stderr
     r = ctagent(env, "sync")  # no backend configured: a sentence, not an import error
     assert r.returncode == 1 and "backend_url" in r.stderr
     r = ctagent(env, "backend", "init")

@@ -124,3 +124,27 @@ def test_issue_api_takes_the_verification_servers_request(backend, live, clock):
     assert issued["expiresAt"].endswith(" UTC") and issued["expiresAtTimestamp"] == int(clock.t) + 15 * 60
     v = backend.verification.verify_code(issued["code"], "x")
     assert v["symptomDate"] == "2024-10-01"  # the symptom date wins over the test date, as there
+
+
+# -- chaff (X-Chaff: 1) ------------------------------------------------------------------------
+
+def test_chaff_as_the_app_sends_it_looks_like_success_and_changes_nothing(backend, live, clock):
+    """The app's cover traffic (UploadCoverTrafficWorker): a fake code, token and keys,
+    padded like real requests, with X-Chaff: 1. The answers are success-shaped and the size
+    of real answers; no code is used and no key stored."""
+    code = backend.verification.issue_code("lab")["code"]
+    real = post(live, "/api/verify", app.verify_body(code))  # one real answer to look like
+    assert real.status_code == 200
+    spare = backend.verification.issue_code("lab")["code"]
+    r = post(live, "/api/verify", app.verify_body(spare), cover_traffic=True)
+    assert r.status_code == 200 and set(r.json()) == {"testtype", "token", "padding"}
+    assert abs(len(r.content) - len(real.content)) <= 3
+    assert post(live, "/api/verify", app.verify_body(spare)).status_code == 200  # the chaffed code was not used
+    tek = keys(clock.t)
+    r = post(live, "/api/certificate", app.certificate_body("fake-token", tek, app.new_hmac_key()), cover_traffic=True)
+    assert r.status_code == 200 and r.json()["certificate"].count(".") == 2
+    r = post(live, "/v1/publish", app.publish_body(tek, "fake.cert.ificate", app.new_hmac_key()), cover_traffic=True)
+    assert r.status_code == 200 and r.json()["insertedExposures"] == 0
+    with backend.engine.connect() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(db.exposures)).scalar() == 0
+

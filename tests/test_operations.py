@@ -157,7 +157,7 @@ async def test_failing_flushes_show_in_the_status(new_store, tmp_path, monkeypat
                                                             seed=2, tick_s=20)),
                clock=clock, rng=random.Random(3), flush_interval_s=60)
 
-    def disk_full(_batch):
+    def disk_full(_batch, closed=()):
         raise StoreError("cannot write to the store: database or disk is full")
 
     monkeypatch.setattr(store.encounters, "write", disk_full)

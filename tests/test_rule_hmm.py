@@ -6,7 +6,10 @@ import asyncio
 import itertools
 import json
 import random
+import statistics
 import time
+
+import numpy as np
 
 import pytest
 from click.testing import CliRunner
@@ -22,7 +25,8 @@ from agent.errors import ConfigError
 from agent.exposure.aggregate import MINUTE_GRACE_S, Aggregator
 from agent.exposure.calibration import DeviceCalibration
 from agent.exposure.hmm import Emission, HmmModel, bundled_model, fit, posterior_near
-from agent.exposure.minutes import HeardMinute, RecentMedian, merge, pack, summarise, unpack
+from agent.exposure.minutes import (HeardMinute, heard_from_arrays, merge, pack, recent_medians, stronger_counts,
+                                    summarise, unpack)
 from agent.exposure.rule import ProximityConfig, WindowObservation, decide, decide_peers
 from agent.modes.base import DeviceContext
 from agent.modes.gaen import GaenMode
@@ -76,24 +80,38 @@ def brute_force(steps, a, b):
 
 # --- the posterior ---------------------------------------------------------------------
 
+def post(steps, a, b):
+    """posterior_near of one sequence of (gap, P(e | near), P(e | far))."""
+    g, en, ef = (np.array([[x[i] for x in steps]], dtype=float) for i in range(3))
+    return posterior_near(g, en, ef, a, b)[0].tolist()
+
+
 def test_posterior_known_values():
     # one minute: prior 1/3 (the chain's stationary share), likelihoods 0.6 vs 0.2 -> 0.6
-    assert posterior_near([(1, 0.6, 0.2)], 0.1, 0.05) == pytest.approx([0.6])
+    assert post([(1, 0.6, 0.2)], 0.1, 0.05) == pytest.approx([0.6])
     # no evidence at all: the stationary share everywhere
-    assert posterior_near([(1, 1, 1)] * 4, 0.1, 0.05) == pytest.approx([1 / 3] * 4)
+    assert post([(1, 1, 1)] * 4, 0.1, 0.05) == pytest.approx([1 / 3] * 4)
     # two minutes, worked by hand: P(path) = pi(s1) e1(s1) T(s1,s2) e2(s2)
     # near-near 1/3*.6*.9*.6=.108, near-far 1/3*.6*.1*.2=.004, far-near 2/3*.2*.05*.6=.004, far-far 2/3*.2*.95*.2=.02533
     nn, nf, fn, ff = 0.108, 0.004, 0.004, 2 / 3 * 0.2 * 0.95 * 0.2
     z = nn + nf + fn + ff
-    assert posterior_near([(1, 0.6, 0.2), (1, 0.6, 0.2)], 0.1, 0.05) == pytest.approx([(nn + nf) / z, (nn + fn) / z])
-    assert posterior_near([], 0.1, 0.05) == []
+    assert post([(1, 0.6, 0.2), (1, 0.6, 0.2)], 0.1, 0.05) == pytest.approx([(nn + nf) / z, (nn + fn) / z])
+    assert post([], 0.1, 0.05) == []
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 4), st.floats(0.01, 1.0), st.floats(0.01, 1.0)), min_size=1, max_size=7),
        st.floats(0.01, 0.5), st.floats(0.01, 0.45))
 def test_posterior_equals_the_sum_over_every_path(steps, a, b):
-    assert posterior_near(steps, a, b) == pytest.approx(brute_force(steps, a, b), abs=1e-9)
+    assert post(steps, a, b) == pytest.approx(brute_force(steps, a, b), abs=1e-9)
+    # in a batch, padded with steps of no time and no evidence: the same posteriors
+    other = [(1, 0.3, 0.9)] * 9
+    g = np.array([[x[0] for x in steps] + [0] * (9 - len(steps)), [x[0] for x in other]], dtype=float)
+    en = np.array([[x[1] for x in steps] + [1] * (9 - len(steps)), [x[1] for x in other]])
+    ef = np.array([[x[2] for x in steps] + [1] * (9 - len(steps)), [x[2] for x in other]])
+    both = posterior_near(g, en, ef, a, b)
+    assert both[0, :len(steps)].tolist() == pytest.approx(post(steps, a, b), abs=1e-12)
+    assert both[1].tolist() == pytest.approx(post(other, a, b), abs=1e-12)
 
 
 @settings(max_examples=40, deadline=None)
@@ -119,6 +137,21 @@ def test_more_near_evidence_never_lowers_the_expected_minutes(atts, k, stronger_
 
 
 # --- the rule ------------------------------------------------------------------------------
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.floats(35, 75)), min_size=1, max_size=30), st.randoms(use_true_random=False),
+       st.sampled_from(["hmm", "distance", "buckets"]))
+def test_order_and_duplicates_do_not_matter(atts, rnd, rule):
+    """Windows in any order, and a window given twice with a weaker copy, decide alike."""
+    cfg = ProximityConfig(rule=rule)
+    ws = windows(atts)
+    shuffled = ws + [WindowObservation(w.start, 60.0, 1, w.mean_attenuation_db + 9, w.min_attenuation_db + 9)
+                     for w in ws[::3]]
+    rnd.shuffle(shuffled)
+    a, b = decide(ws, cfg, model=MODEL), decide(shuffled, cfg, model=MODEL)
+    assert [(d.day, d.minutes, d.exposed) for d in a] == [(d.day, d.minutes, d.exposed) for d in b]
+    assert [w.to_json() for d in a for w in d.windows] == [w.to_json() for d in b for w in d.windows]
+
 
 def test_near_day_exposes_far_day_does_not_and_explains():
     near = decide(windows([46.0] * 25), HMM, model=MODEL)
@@ -202,9 +235,32 @@ def test_heard_minutes_pack_rank_median_and_merge():
     with pytest.raises(ValueError):
         unpack(pack([h])[:-1])
     assert merge([h, HeardMinute(h.minute, 2, (-1, -2))])[h.minute] == h
-    recent = RecentMedian({h.minute: h}, span_minutes=2, min_values=3)
-    assert recent.at(h.minute) == -60 and recent.at(h.minute + 1) == -60 and recent.at(h.minute + 2) is None
-    assert RecentMedian({h.minute: h}, span_minutes=2, min_values=6).at(h.minute) is None
+    m = np.array([h.minute, h.minute + 1, h.minute + 2])
+    assert recent_medians({h.minute: h}, m, 2, 3).tolist()[:2] == [-60, -60]
+    assert np.isnan(recent_medians({h.minute: h}, m, 2, 3)[2]) and np.isnan(recent_medians({h.minute: h}, m, 2, 6)[0])
+
+
+minute_st = st.lists(st.integers(-128, 20), min_size=1, max_size=12).map(lambda v: tuple(sorted(v, reverse=True)))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.dictionaries(st.integers(0, 12), minute_st, max_size=10), st.lists(st.tuples(st.integers(0, 14),
+       st.floats(-130, 25)), min_size=1, max_size=20), st.integers(1, 6), st.integers(1, 8))
+def test_batch_rank_and_median_match_their_definitions(rows, asks, span, min_values):
+    heard = {m: HeardMinute(m, len(v) + 1, v) for m, v in rows.items()}
+    minutes = np.array([m for m, _ in asks])
+    rssi = np.array([r for _, r in asks])
+    count, stronger = stronger_counts(heard, minutes, rssi)
+    med = recent_medians(heard, minutes, span, min_values)
+    for k, (m, r) in enumerate(asks):
+        h = heard.get(m)
+        assert count[k] == (h.heard if h else 0)
+        assert stronger[k] == (h.stronger_than(r) if h else 0)
+        values = [x for mm in range(m - span + 1, m + 1) if mm in heard for x in heard[mm].rssi]
+        if len(values) >= min_values:
+            assert med[k] == statistics.median(values)
+        else:
+            assert np.isnan(med[k])
 
 
 def test_aggregator_summarises_every_identifier_per_completed_minute():
@@ -224,6 +280,9 @@ def test_aggregator_summarises_every_identifier_per_completed_minute():
     agg.requeue_minutes([second])
     assert agg.completed_minutes(m0 * 60 + 130) == [second]
     assert summarise([], 0, 10) == []
+    # the same from recorded minutes (field experiments): one row per identifier and minute
+    rows = heard_from_arrays(np.array([m0, m0, m0, m0 + 1]), np.array([-70.2, -49.6, -60.0, -40.0]))
+    assert rows == {m0: first, m0 + 1: second}
 
 
 def test_store_keeps_heard_minutes_encrypted_per_day(tmp_path):

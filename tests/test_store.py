@@ -296,7 +296,8 @@ def _legacy_database(path, clock, version):
                "tuples": {"7": ["22" * 8, "33"]}}
         legacy_row("secrets", 2**31 - 1, None,
                    json.dumps({"n": "robert.registration", "v": json.dumps(reg).encode().hex()}).encode())
-    s.conn.execute("DROP TABLE research")  # schema 4
+    s.conn.execute("DROP TABLE encounter_index")  # schema 6
+    s.conn.execute("DROP TABLE research")  # schema 5
     s.conn.execute("DROP INDEX exposures_uid")
     s.conn.execute("ALTER TABLE exposures DROP COLUMN uid")
     if version < 2:
@@ -314,8 +315,12 @@ def test_migration_keeps_data_and_encrypts_sensitive_state(tmp_path, clock, vers
     assert b"legacy-certificate" in path.read_bytes()  # the old version kept it in clear
     with Store.open(path, fast_passphrase(), clock=clock) as s:
         assert s.conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
-        assert {"hellos", "secrets"} <= set(s.db.table_names())
+        assert {"hellos", "secrets", "encounter_index"} <= set(s.db.table_names())
         assert len(list(s.encounters.read())) == 2
+        # the encounters were indexed for matching on the first open with the keys
+        assert s.encounters.index_unindexed() == 0
+        arrays = s.encounters.matching_arrays()
+        assert sorted(arrays.rpis[i:i + 16] for i in range(0, 32, 16)) == sorted(e.rpi for e in s.encounters.read())
         found = sorted(s.exposures.all(), key=lambda e: e.protocol)
         assert [(e.protocol, e.decided_by, e.day) for e in found] == [("gaen", "distance", 20000),
                                                                       ("robert", "server", 20000)]
@@ -374,3 +379,50 @@ def test_purge_erases_every_file_the_store_wrote(tmp_path, clock):
     removed = purge(path)
     assert {p.name for p in removed} >= {"agent.db", "agent.db.keyring", "agent.db.keyring.tmp123"}
     assert list(tmp_path.iterdir()) == []
+
+
+# -- what matching reads ------------------------------------------------------------------
+
+def test_matching_index_is_bulk_encrypted_compacted_and_erased(tmp_path):
+    """Closed encounters are indexed per flush (one encrypted row per day and flush), open
+    ones are read from their rows; both agree with the encounters themselves; a finished
+    day is merged into one row; retention erases it with the day; the file shows no RPI."""
+    import random
+    d0 = T0 // DAY
+    clock = ManualClock((d0 + 1) * DAY - 3600)  # an hour before midnight: two days
+    path = tmp_path / "agent.db"
+    rng = random.Random(5)
+    rpis = []
+    with Store.create(path, fast_passphrase(), clock=clock) as s:
+        agg = Aggregator()
+        for minute in range(120):
+            t = clock.t + minute * 60
+            if minute % 7 == 0:
+                rpis.append(rng.randbytes(16))  # a new peer identifier every 7 minutes; each heard 10 min
+            for r in rpis[-2:]:
+                agg.add_raw(t, r, bytes(4), -60)
+            changed, closed = agg.flush_closing(t + 60)
+            s.encounters.write(changed, closed=closed)
+        assert len(agg) > 0  # some still open: in rows, not yet in the index
+        clock.t += 2 * 3600
+
+        def as_set(arrays):
+            return sorted(zip(arrays.row_ids.tolist(), (arrays.rpis[i:i + 16] for i in range(0, len(arrays.rpis), 16)),
+                              arrays.first_enin.tolist(), arrays.last_enin.tolist()))
+
+        want = sorted((e.row_id, e.rpi, int(e.first_seen // 600), int(e.last_seen // 600))
+                      for e in s.encounters.read())
+        assert as_set(s.encounters.matching_arrays()) == want and len(want) == len(rpis)
+        index_rows = dict(s.conn.execute("SELECT day, COUNT(*) FROM encounter_index GROUP BY day"))
+        assert sorted(index_rows) == [d0, d0 + 1] and max(index_rows.values()) > 1
+        assert s.encounters.compact_index(before_day=d0 + 1) == 1  # yesterday, over: one row
+        assert dict(s.conn.execute("SELECT day, COUNT(*) FROM encounter_index GROUP BY day"))[d0] == 1
+        assert as_set(s.encounters.matching_arrays()) == want
+        today = {e.row_id for e in s.encounters.read(since_day=d0 + 1)}
+        assert as_set(s.encounters.matching_arrays(since_day=d0 + 1)) == [w for w in want if w[0] in today]
+    raw = b"".join(p.read_bytes() for p in files_of(path))
+    assert not any(r in raw for r in rpis)
+    clock.t += 20 * DAY
+    with Store.open(path, fast_passphrase(), clock=clock) as s:  # retention: both days erased, index too
+        assert s.conn.execute("SELECT COUNT(*) FROM encounter_index").fetchone()[0] == 0
+        assert len(s.encounters.matching_arrays()) == 0

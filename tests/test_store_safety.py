@@ -109,7 +109,7 @@ def test_a_failed_flush_keeps_what_was_heard(new_store, clock, monkeypatch):
         mode.aggregator.add_raw(clock.t + i, bytes([i]) * 16, bytes(4), -55)
     real = store.encounters.write
 
-    def failing(_encs):
+    def failing(_encs, closed=()):
         raise StoreError("the disk is full")
 
     monkeypatch.setattr(store.encounters, "write", failing)
@@ -118,6 +118,8 @@ def test_a_failed_flush_keeps_what_was_heard(new_store, clock, monkeypatch):
     monkeypatch.setattr(store.encounters, "write", real)
     assert mode.flush(clock.t + 1000, final=True) == 40
     assert len(list(store.encounters.read())) == 40
+    # and indexed for matching: closed again at the flush that wrote them
+    assert len(store.encounters.matching_arrays()) == 40 and store.encounters.index_unindexed() == 0
 
 
 # -- temporary files of the keyring ------------------------------------------------------------

@@ -28,13 +28,13 @@ import numpy as np
 from ..errors import InputFileError, UserError
 from ..exposure.calibration import DEFAULT_CALIBRATION
 from ..exposure.evaluate import Confusion
-from ..exposure.rule import DayDecision, ProximityConfig, WindowObservation, decide
+from ..exposure.minutes import MAX_KEPT, HeardMinute
+from ..exposure.rule import DayDecision, ProximityConfig, WindowObservation, decide, decide_peers
 from .bundle import Manifest, bundle_folders, verify_bundle
 from .parquet import Column, write_table
 from .resolve import beacon_offsets, identifier_map, marker_offsets, resolve_advert
 from .truth import Marker, PairTruth, load_truth, truth_files
 
-EXTRA_HINT = "the analysis needs DuckDB: install the experiment extra (pip install 'ctagent[experiment]')"
 #: a minute counts in the crowd-context rule only when the transmitter is among this many
 #: strongest heard by the receiver that minute
 DEFAULT_CROWD_RANK = 4
@@ -43,10 +43,11 @@ RSSI_VALID = (-126, 20)
 
 
 def duckdb_module() -> Any:
-    try:
-        import duckdb
-    except ImportError:
-        raise UserError(EXTRA_HINT) from None
+    from ..extras import require
+
+    require("experiment", "plots", what="the analysis of field experiments", install="experiment")
+    import duckdb
+
     return duckdb
 
 
@@ -81,6 +82,9 @@ class Minutes:
     att: np.ndarray
     att_min: np.ndarray
     rssi: np.ndarray
+    #: the arithmetic mean of the minute's RSSI in dBm (calibration fits on it: unbiased
+    #: for noise in dB, where the power mean leans to the strongest packets)
+    rssi_db: np.ndarray
     true_start: np.ndarray  # the minute's start on true time
     #: the transmitter's rank among all the receiver heard that minute (1: strongest)
     rank: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -156,21 +160,24 @@ def analyze(path: Path, truth_paths: list[Path] | None = None, *, crowd_rank: in
     with tempfile.TemporaryDirectory(prefix="ctagent-analysis-") as work:
         con = duckdb.connect(config={"memory_limit": memory_limit, "threads": threads or os.cpu_count() or 1,
                                      "temp_directory": work, "preserve_insertion_order": False})
+        con.execute("SET enable_progress_bar = false")
         try:
             t = time.perf_counter()
             _resolve(con, devices, by_label, Path(work))
             timings["resolve"] = time.perf_counter() - t
             t = time.perf_counter()
-            _clock_offsets(con, devices, markers)
-            timings["clock_offsets"] = time.perf_counter() - t
-            t = time.perf_counter()
-            minutes = _minutes(con, devices)
+            _aggregate(con)
             timings["aggregate"] = time.perf_counter() - t
+            t = time.perf_counter()
+            _clock_offsets(con, devices, markers)
+            minutes = _minutes(con, devices)
+            heard = _heard(con, len(devices))
+            timings["clock_offsets"] = time.perf_counter() - t
             scanning, radio_down = _radio(con, devices)
         finally:
             con.close()
     t = time.perf_counter()
-    a = _decide(devices, minutes, truth, crowd_rank)
+    a = _decide(devices, minutes, truth, crowd_rank, heard)
     a.scanning, a.radio_down = scanning, radio_down
     a.loss = _loss(devices, minutes, scanning)
     timings["rule"] = time.perf_counter() - t
@@ -219,7 +226,11 @@ def _resolve(con: Any, devices: list[Device], by_label: dict[str, Device], work:
     parts = [f"SELECT {d.index}::INTEGER AS rx, t, advert, rssi, tx_power AS tx_field "
              f"FROM read_parquet({_q(d.folder / 'sightings.parquet')})" for d in devices]
     con.execute("CREATE VIEW s AS " + " UNION ALL ".join(parts))
-    con.execute("CREATE VIEW sr AS SELECT s.*, res.tx, res.tx_power, res.ident FROM s JOIN res USING (rx, advert) "
+    # every sighting with a valid RSSI (the agent's Aggregator keeps only those); resolved
+    # ones carry their transmitter, the others (nobody's in the experiment) tx NULL and an
+    # identity of their own: the hmm rule's minute context counts everything heard
+    con.execute("CREATE VIEW sr AS SELECT s.*, res.tx, res.tx_power, coalesce(res.ident, -1 - s.advert) AS ident "
+                "FROM s LEFT JOIN res USING (rx, advert) "
                 f"WHERE s.rssi BETWEEN {RSSI_VALID[0]} AND {RSSI_VALID[1]}")
 
 
@@ -231,7 +242,8 @@ def _clock_offsets(con: Any, devices: list[Device], markers: list[Marker]) -> No
         logged += [(name, d.label, float(t)) for t, name in con.execute(
             f"SELECT t, marker FROM read_parquet({_q(d.folder / 'markers.parquet')})").fetchall()]
     by_marker = marker_offsets(logged)
-    rows = con.execute("SELECT rx, tx, ident, min(t), max(t) FROM sr GROUP BY rx, tx, ident").fetchall()
+    rows = con.execute("SELECT rx, tx, ident, min(t_first), max(t_last) FROM mins WHERE tx IS NOT NULL "
+                       "GROUP BY rx, tx, ident").fetchall()
     by_beacon = beacon_offsets(((rx, tx, i.to_bytes(4, "little"), lo, hi) for rx, tx, i, lo, hi in rows),
                                len(devices))
     for d in devices:
@@ -246,19 +258,47 @@ def _clock_offsets(con: Any, devices: list[Device], markers: list[Marker]) -> No
                 d.offset_s, d.offset_source = float(est), "time service"
 
 
+def _aggregate(con: Any) -> None:
+    """The one pass over the sightings: per receiver, advert and minute (receiver clock),
+    as the agent's Encounter windows are: count, power-mean RSSI, strongest RSSI; and the
+    first and last time heard (for the clock offsets). Only then joined with the small
+    table of resolved adverts (a join of minutes, not of sightings)."""
+    con.execute(f"""
+        CREATE TABLE mins AS
+        WITH per_advert AS (
+            SELECT rx, advert, floor(t / 60)::BIGINT AS minute, count(*) AS n,
+                   10 * log10(avg(pow(10, rssi / 10))) AS rssi_mean, max(rssi) AS rssi_max, avg(rssi) AS rssi_db,
+                   avg(tx_field) AS tx_field, min(t) AS t_first, max(t) AS t_last
+            FROM s WHERE rssi BETWEEN {RSSI_VALID[0]} AND {RSSI_VALID[1]}
+            GROUP BY rx, advert, minute)
+        SELECT p.*, res.tx, res.tx_power, coalesce(res.ident, -1 - p.advert) AS ident
+        FROM per_advert p LEFT JOIN res USING (rx, advert)""")
+
+
+def _heard(con: Any, n: int) -> list[dict[int, HeardMinute]]:
+    """Per receiver, what it heard each minute of every identity (resolved or not), as the
+    device's ``heard_minutes`` keep it: the count and the rounded mean RSSIs, strongest
+    first (the ``hmm`` rule's context)."""
+    got = con.execute("SELECT rx, minute, round(rssi_mean)::INTEGER AS r FROM mins ORDER BY rx, minute, r DESC"
+                      ).fetchnumpy()
+    out: list[dict[int, HeardMinute]] = [{} for _ in range(n)]
+    rx, minute, r = (np.asarray(got[k]) for k in ("rx", "minute", "r"))
+    if len(rx):
+        key = rx.astype(np.int64) * (1 << 40) + minute
+        bounds = np.flatnonzero(np.diff(key)) + 1
+        for chunk in np.split(np.arange(len(rx)), bounds):
+            values = r[chunk].tolist()
+            m = int(minute[chunk[0]])
+            out[int(rx[chunk[0]])][m] = HeardMinute(m, len(values), tuple(values[:MAX_KEPT]))
+    return out
+
+
 def _minutes(con: Any, devices: list[Device]) -> Minutes:
-    # per receiver, transmitter, identity and minute (receiver clock), as the agent's
-    # Encounter windows are: count, power-mean RSSI (rounded to 1 dB as the store keeps
-    # it), strongest RSSI
-    got = con.execute("""
-        SELECT rx, tx, ident, floor(t / 60)::BIGINT AS minute, count(*) AS n,
-               10 * log10(avg(pow(10, rssi / 10))) AS rssi_mean, max(rssi) AS rssi_max,
-               any_value(tx_power) AS tx_power, avg(tx_field) AS tx_field
-        FROM sr GROUP BY ALL ORDER BY rx, tx, minute""").fetchnumpy()
-    counts = con.execute("SELECT rx, count(*) FROM s GROUP BY rx").fetchall()
-    for rx, n in counts:
-        devices[rx].sightings = int(n)
-    for rx, n in con.execute("SELECT rx, count(*) FROM sr GROUP BY rx").fetchall():
+    got = con.execute("SELECT * FROM mins WHERE tx IS NOT NULL ORDER BY rx, tx, minute").fetchnumpy()
+    # sightings per receiver: from each bundle's manifest (no second pass over them)
+    for d in devices:
+        d.sightings = int(d.manifest.tables.get("sightings.parquet", {}).get("rows", 0))
+    for rx, n in con.execute("SELECT rx, sum(n) FROM mins WHERE tx IS NOT NULL GROUP BY rx").fetchall():
         devices[rx].resolved = int(n)
     rx = np.asarray(got["rx"], dtype=np.int64)
     tx = np.asarray(got["tx"], dtype=np.int64)
@@ -269,7 +309,7 @@ def _minutes(con: Any, devices: list[Device]) -> Minutes:
     corr = np.array([d.rx_correction for d in devices])
     power = np.where(np.isnan(tx_power), np.where(np.isnan(tx_field), dev_tx[tx] if len(tx) else 0.0, tx_field),
                      tx_power)
-    mean = np.round(np.asarray(got["rssi_mean"], dtype=float))
+    mean = np.round(np.asarray(got["rssi_mean"], dtype=float))  # the store keeps it to 1 dB
     rssi_max = np.asarray(got["rssi_max"], dtype=float)
     att = power - (mean + corr[rx])
     att_min = power - (rssi_max + corr[rx])
@@ -279,7 +319,8 @@ def _minutes(con: Any, devices: list[Device]) -> Minutes:
     keep = _strongest_per_key(rx, tx, minute, att)
     offsets = np.array([d.offset_s for d in devices])
     true_start = minute[keep] * 60 - offsets[rx[keep]]
-    return Minutes(rx[keep], tx[keep], minute[keep], n[keep], att[keep], att_min[keep], mean[keep], true_start)
+    return Minutes(rx[keep], tx[keep], minute[keep], n[keep], att[keep], att_min[keep], mean[keep],
+                   np.asarray(got["rssi_db"], dtype=float)[keep], true_start)
 
 
 def _filled(x: Any) -> np.ndarray:
@@ -312,16 +353,19 @@ def _radio(con: Any, devices: list[Device]) -> tuple[dict[int, tuple[np.ndarray,
 
 def _observations(idx: np.ndarray, starts: np.ndarray, m: Minutes) -> list[WindowObservation]:
     """The rule's input: one window per minute (start, 60 s, samples, mean and minimum
-    attenuation), exactly as ``observations_from_encounter`` makes them on the device."""
-    return [WindowObservation(float(s), 60.0, int(n), float(a), float(b)) for s, n, a, b in
-            zip(starts.tolist(), m.samples[idx].tolist(), m.att[idx].tolist(), m.att_min[idx].tolist())]
+    attenuation, the RSSI as measured), as ``observations_from_encounter`` makes them on
+    the device."""
+    return [WindowObservation(float(s), 60.0, int(n), float(a), float(b), rssi_dbm=float(r)) for s, n, a, b, r in
+            zip(starts.tolist(), m.samples[idx].tolist(), m.att[idx].tolist(), m.att_min[idx].tolist(),
+                m.rssi[idx].tolist())]
 
 
-def _decisions(obs: list[WindowObservation], cfg: ProximityConfig) -> dict[int, DayDecision]:
-    return {d.day: d for d in decide(obs, cfg)}
+def _by_day(decisions: list[DayDecision]) -> dict[int, DayDecision]:
+    return {d.day: d for d in decisions}
 
 
-def _decide(devices: list[Device], m: Minutes, truth: PairTruth, crowd_rank: int) -> Analysis:
+def _decide(devices: list[Device], m: Minutes, truth: PairTruth, crowd_rank: int,
+            heard: list[dict[int, HeardMinute]] | None = None) -> Analysis:
     n = len(devices)
     groups: dict[tuple[int, int], np.ndarray] = {}
     if len(m.rx):
@@ -330,27 +374,33 @@ def _decide(devices: list[Device], m: Minutes, truth: PairTruth, crowd_rank: int
         bounds = np.flatnonzero(np.diff(key[order])) + 1
         for chunk in np.split(order, bounds):
             groups[(int(m.rx[chunk[0]]), int(m.tx[chunk[0]]))] = chunk
-    # crowd context: the transmitter's rank among all heard by the receiver that minute
-    rank = np.zeros(len(m.rx), dtype=np.int64)
-    if len(m.rx):
-        order = np.lexsort((m.att, m.minute, m.rx))
-        r, mi = m.rx[order], m.minute[order]
-        new = np.ones(len(order), dtype=bool)
-        new[1:] = (r[1:] != r[:-1]) | (mi[1:] != mi[:-1])
-        start_idx = np.maximum.accumulate(np.where(new, np.arange(len(order)), 0))
-        rank[order] = np.arange(len(order)) - start_idx + 1
+    # crowd context: the transmitter's rank among everything the receiver heard that
+    # minute (resolved or not), by RSSI as measured: 1 = the strongest
+    rank = np.ones(len(m.rx), dtype=np.int64)
+    if heard:
+        for k, (r, mi, rssi) in enumerate(zip(m.rx.tolist(), m.minute.tolist(), m.rssi.tolist())):
+            hm = heard[r].get(mi)
+            if hm is not None:
+                rank[k] = 1 + hm.stronger_than(rssi)
     m.rank = rank
     device_minutes = m.minute * 60.0
     rule: dict[tuple[int, int], dict[int, DayDecision]] = {}
     crowd: dict[tuple[int, int], dict[int, DayDecision]] = {}
     heard_days: dict[tuple[int, int], dict[int, int]] = {}
-    for (rx, tx), idx in groups.items():
-        cfg = devices[rx].proximity
-        rule[(rx, tx)] = _decisions(_observations(idx, device_minutes[idx], m), cfg)
-        near = idx[rank[idx] <= crowd_rank]
-        crowd[(rx, tx)] = _decisions(_observations(near, device_minutes[near], m), cfg)
-        days = (m.minute[idx] * 60 // 86_400).astype(np.int64)
-        heard_days[(rx, tx)] = {int(dd): int(c) for dd, c in zip(*np.unique(days, return_counts=True))}
+    for rx in range(n):
+        # the rule's one API over what this receiver heard, its own settings, as the device
+        peers = {tx: idx for (r, tx), idx in groups.items() if r == rx}
+        cfg, context = devices[rx].proximity, heard[rx] if heard else None
+        decided = decide_peers({tx: _observations(idx, device_minutes[idx], m) for tx, idx in peers.items()}, cfg,
+                               heard=context)
+        near = {tx: idx[rank[idx] <= crowd_rank] for tx, idx in peers.items()}
+        decided_crowd = decide_peers({tx: _observations(i, device_minutes[i], m) for tx, i in near.items()}, cfg,
+                                     heard=context)
+        for tx, idx in peers.items():
+            rule[(rx, tx)] = _by_day(decided[tx])
+            crowd[(rx, tx)] = _by_day(decided_crowd[tx])
+            days = (m.minute[idx] * 60 // 86_400).astype(np.int64)
+            heard_days[(rx, tx)] = {int(dd): int(c) for dd, c in zip(*np.unique(days, return_counts=True))}
     all_days = sorted({dd for v in heard_days.values() for dd in v}
                       | {dd for (a, b) in truth.pairs for dd in truth.close_seconds_by_day(a, b, math.inf)})
     labels = [d.label for d in devices]
@@ -411,7 +461,7 @@ def _fusion(devices: list[Device], m: Minutes, groups: dict[tuple[int, int], np.
                 idx, mins = idx[order], mins[order]
                 first = np.ones(len(idx), dtype=bool)
                 first[1:] = mins[1:] != mins[:-1]
-                decisions = _decisions(_observations(idx[first], mins[first] * 60.0, m), cfg)
+                decisions = _by_day(decide(_observations(idx[first], mins[first] * 60.0, m), cfg))
             la, lb = devices[a].label, devices[b].label
             close = truth.close_seconds_by_day(la, lb, cfg.distance_threshold_m)
             for day in all_days:

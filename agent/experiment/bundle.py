@@ -101,7 +101,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_bundle(folder: Path, manifest: Manifest, tables: dict[str, dict[str, Any]]) -> Manifest:
+def write_bundle(folder: Path, manifest: Manifest, tables: dict[str, dict[str, Any]], *, level: int = 6
+                 ) -> Manifest:
     """Write every table of :data:`TABLES` (missing ones empty) and the manifest with
     each file's rows, size and SHA-256. Files are 0600: they hold identifiers and keys."""
     folder = Path(folder)
@@ -110,7 +111,7 @@ def write_bundle(folder: Path, manifest: Manifest, tables: dict[str, dict[str, A
     for name, schema in TABLES.items():
         cols = tables.get(name) or {c.name: [] for c in schema}
         path = folder / f"{name}.parquet"
-        rows = write_table(path, schema, cols, key_value={"ctagent.table": name})
+        rows = write_table(path, schema, cols, key_value={"ctagent.table": name}, level=level)
         os.chmod(path, 0o600)
         manifest.tables[path.name] = {"rows": rows, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
     target = folder / MANIFEST

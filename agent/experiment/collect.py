@@ -92,7 +92,7 @@ def research_tables(store: Store, mode: ProtocolMode[Any], data_dir: Path | None
                     "advertising_s": np.array([w.advertising_s for w in windows]),
                     "received": np.array([w.received for w in windows], dtype=np.int64),
                     "clock_synchronized": [w.clock.synchronized for w in windows],
-                    "clock_source": [w.clock.source for w in windows],
+                    "clock_source": [w.clock.service or w.clock.source for w in windows],
                     "clock_offset_s": np.array([np.nan if w.clock.offset_s is None else w.clock.offset_s
                                                 for w in windows]),
                     "clock_error_s": np.array([np.nan if w.clock.max_error_s is None else w.clock.max_error_s

@@ -119,7 +119,7 @@ def import_dp3t(path: Path, out: Path, *, now: float) -> int:
     for (a, b), pts in by_pair.items():
         pts.sort()
         for (t, d), (t_next, _) in zip(pts, pts[1:] + [(pts[-1][0] + TRUTH_HOLD_S, 0.0)]):
-            truth.append((a, b, t, t + min(max(t_next - t, 1.0), TRUTH_HOLD_S), d))
+            truth.append((a, b, t, t + min(t_next - t, TRUTH_HOLD_S), d))
     return _write_experiment(out, samples, models, source=str(path), now=now, truth=truth)
 
 
@@ -146,10 +146,22 @@ def import_eval_csv(path: Path, out: Path, *, now: float) -> int:
     return _write_experiment(out, samples, models, source=str(path), now=now, truth=[])
 
 
+def import_published(path: Path, out: Path, *, now: float) -> Path:
+    """A published data set given as one file, by its content: DP-3T's SQLite ``results``
+    or the ``eval`` sightings CSV. Returns the experiment folder written."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"SQLite format 3"):
+        import_dp3t(path, out, now=now)
+    else:
+        import_eval_csv(path, out, now=now)
+    return out
+
+
 def export_dp3t(experiment: Path, out_file: Path, truth_paths: list[Path]) -> int:
     """Every resolved sighting (true time) with both devices' models and the true
     distance where the truth has one, as DP-3T's ``results`` table."""
-    from .analyze import _clock_offsets, _resolve, duckdb_module, load_devices
+    from .analyze import _aggregate, _clock_offsets, _resolve, duckdb_module, load_devices
     from .bundle import bundle_folders
     from .truth import load_truth, truth_files
 
@@ -164,12 +176,14 @@ def export_dp3t(experiment: Path, out_file: Path, truth_paths: list[Path]) -> in
     with tempfile.TemporaryDirectory(prefix="ctagent-export-") as work:
         con = duckdb.connect(config={"temp_directory": work})
         _resolve(con, devices, {d.label: d for d in devices}, Path(work))
+        _aggregate(con)
         _clock_offsets(con, devices, markers)
         offsets = np.array([d.offset_s for d in devices])
         dev_tx = np.array([d.tx_power for d in devices])
         out = sqlite3.connect(out_file)
         out.execute(RESULTS_TABLE)
-        cur = con.execute("SELECT rx, tx, t, rssi, coalesce(tx_power, tx_field) AS p FROM sr ORDER BY rx, tx, t")
+        cur = con.execute("SELECT rx, tx, t, rssi, coalesce(tx_power, tx_field) AS p FROM sr WHERE tx IS NOT NULL "
+                          "ORDER BY rx, tx, t")
         while True:
             chunk = cur.fetchmany(200_000)
             if not chunk:

@@ -25,7 +25,8 @@ from ..protocol import gaen, robert
 MAX_ROTATION_GAP_S = 20.0
 #: and when at least this many receivers heard it
 MIN_RECEIVERS = 2
-FIT_ROUNDS = 30
+FIT_ROUNDS = 40
+MAX_RESIDUAL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -113,13 +114,18 @@ def beacon_offsets(rows: Iterable[tuple[int, int, bytes, float, float]], n_devic
         return {}
     devices = sorted({rx for _, m in obs for rx in m})
     off = dict.fromkeys(devices, 0.0)
-    for _ in range(FIT_ROUNDS):  # alternating medians: robust to a rotation heard late or half
-        times = [(m, float(np.median([t - off[rx] for rx, t in m.items()]))) for _, m in obs]
+    # least squares of the two-way model midpoint = rotation time + offset, by alternating
+    # means; midpoints more than MAX_RESIDUAL_S off after a first fit are dropped (a
+    # rotation heard only late, a receiver that missed the old identity's last packets)
+    for round_ in range(FIT_ROUNDS):
+        times = [(m, float(np.mean([t - off[rx] for rx, t in m.items()]))) for _, m in obs]
         per_dev: dict[int, list[float]] = defaultdict(list)
         for m, tb in times:
             for rx, t in m.items():
-                per_dev[rx].append(t - tb)
-        off = {rx: float(np.median(v)) for rx, v in per_dev.items()}
+                if round_ < FIT_ROUNDS // 2 or abs(t - tb - off[rx]) <= MAX_RESIDUAL_S:
+                    per_dev[rx].append(t - tb)
+        off = {rx: float(np.mean(v)) if v else off[rx] for rx, v in per_dev.items()} | \
+            {rx: off[rx] for rx in off if rx not in per_dev}
         ref = float(np.median(list(off.values())))
         off = {rx: v - ref for rx, v in off.items()}
     return {rx: v for rx, v in off.items() if rx < n_devices}

@@ -13,6 +13,7 @@ keys arrive, days later, naming only a few of the identifiers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .encounter import Encounter, Sighting, valid_rssi
@@ -82,16 +83,23 @@ class Aggregator:
 
     def flush(self, now: float, *, final: bool = False) -> list[Encounter]:
         """Encounters changed since the last flush; closes (forgets) silent ones after."""
+        return self.flush_closing(now, final=final)[0]
+
+    def flush_closing(self, now: float, *, final: bool = False) -> tuple[list[Encounter], list[Encounter]]:
+        """(encounters changed since the last flush, encounters closed now): silent ones
+        (all with ``final``) are forgotten; they will not change again."""
         changed = [self._open[r] for r in self._dirty]
         self._dirty.clear()
         cutoff = now - self.close_after_s
-        for r in [r for r, e in self._open.items() if final or e.last_seen < cutoff]:
-            del self._open[r]
-        return changed
+        closed = [e for e in self._open.values() if final or e.last_seen < cutoff]
+        for e in closed:
+            del self._open[e.rpi]
+        return changed, closed
 
-    def requeue(self, encounters: list[Encounter]) -> None:
+    def requeue(self, encounters: Sequence[Encounter], closed: Sequence[Encounter] = ()) -> None:
         """Take back a flushed batch that could not be written (a full disk): the next
-        flush returns it again, so nothing heard is lost."""
-        for e in encounters:
+        flush returns it again (and closes the ``closed`` ones again), so nothing heard
+        is lost."""
+        for e in [*encounters, *closed]:
             self._open.setdefault(e.rpi, e)
             self._dirty.add(e.rpi)

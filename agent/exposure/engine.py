@@ -29,7 +29,7 @@ class ExposureDecision:
             day=self.day.day, protocol="gaen", decided_by=self.day.rule, found_at=found_at,
             minutes=round(self.day.minutes, 1), threshold_min=self.day.threshold_min,
             key_rolling_start=self.key.rolling_start_interval_number, report_type=int(self.key.report_type),
-            days_since_onset=self.key.days_since_onset_of_symptoms, windows=self.day.windows)
+            days_since_onset=self.key.days_since_onset_of_symptoms, windows=tuple(self.day.windows))
 
 
 def decide_matches(matches: list[KeyMatch], config: ProximityConfig, receiver: DeviceCalibration, *,

@@ -35,6 +35,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import ConfigError
 
 FEATURES = ("attenuation", "rank", "relative")
@@ -171,46 +173,50 @@ def bundled_model() -> HmmModel:
 
 # -- inference ----------------------------------------------------------------------------
 
-def posterior_near(steps: Sequence[tuple[int, float, float]], near_to_far: float,
-                   far_to_near: float) -> list[float]:
-    """P(near | all evidence) at each step of one sequence (forward-backward).
+def posterior_near(gaps: np.ndarray, e_near: np.ndarray, e_far: np.ndarray, near_to_far: float,
+                   far_to_near: float) -> np.ndarray:
+    """P(near | all evidence) at each step of each sequence (forward-backward), for many
+    sequences at once.
 
-    ``steps``: (minutes since the previous step, P(evidence | near), P(evidence | far));
-    the first step's gap is ignored (it starts from the stationary share). A minute with
-    no evidence is a step with likelihoods (1, 1); a gap of k minutes between two steps
-    is k transitions, taken at once: for two states the k-step transition is
+    Arrays of shape (sequences, steps): ``gaps[s, t]`` minutes since the previous step
+    (the first step's is ignored: it starts from the stationary share), ``e_near``,
+    ``e_far`` the likelihoods P(evidence | near), P(evidence | far). A minute with no
+    evidence is a step with likelihoods (1, 1). A gap of k minutes between two steps is k
+    transitions, taken at once: for two states the k-step transition is
     P(near | near) = pi + (1 - pi) L, P(near | far) = pi (1 - L), L = (1 - a - b)^k.
+    Shorter sequences are padded at the end with gap 0 and likelihoods 1 (no time, no
+    evidence), which changes nothing before them.
     """
-    n = len(steps)
+    # time-major copies: each step's column is contiguous
+    gaps, e_near, e_far = (np.ascontiguousarray(np.atleast_2d(np.asarray(x, dtype=float)).T)
+                           for x in (gaps, e_near, e_far))
+    n, n_seq = gaps.shape
     if n == 0:
-        return []
+        return np.empty((n_seq, 0))
     pi = far_to_near / (near_to_far + far_to_near)
-    lam = 1.0 - near_to_far - far_to_near
+    el = (1.0 - near_to_far - far_to_near) ** gaps  # L per step
+    to_near_from_far = pi * (1.0 - el)
+    to_far_from_near = (1.0 - pi) * (1.0 - el)
     # forward: filtered P(near_t | evidence up to t)
-    filt = [0.0] * n
-    q = pi
-    for i, (gap, en, ef) in enumerate(steps):
-        pred = pi if i == 0 else pi + (q - pi) * lam ** gap
-        num = pred * en
-        q = num / (num + (1.0 - pred) * ef)
-        filt[i] = q
-    # backward: normalised P(evidence after t | state_t), combined with the filter
-    post = [0.0] * n
-    post[-1] = filt[-1]
-    bn = bf = 0.5
-    for i in range(n - 2, -1, -1):
-        gap, en, ef = steps[i + 1]
-        el = lam ** gap
-        un, uf = en * bn, ef * bf
-        to_near_from_far = pi * (1.0 - el)
-        to_far_from_near = (1.0 - pi) * (1.0 - el)
-        nbn = (1.0 - to_far_from_near) * un + to_far_from_near * uf
-        nbf = to_near_from_far * un + (1.0 - to_near_from_far) * uf
-        s = nbn + nbf
-        bn, bf = nbn / s, nbf / s
-        f = filt[i]
-        a, b = f * bn, (1.0 - f) * bf
-        post[i] = a / (a + b)
+    filt = np.empty((n, n_seq))
+    q = np.full(n_seq, pi)  # the first step starts from the stationary share
+    for t in range(n):
+        pred = q if t == 0 else pi + (q - pi) * el[t]
+        num = pred * e_near[t]
+        q = num / (num + (1.0 - pred) * e_far[t])
+        filt[t] = q
+    # backward: normalised P(evidence after t | state_t)
+    bnear = np.empty((n, n_seq))
+    bnear[-1] = 0.5
+    bn = np.full(n_seq, 0.5)
+    for t in range(n - 2, -1, -1):
+        un, uf = e_near[t + 1] * bn, e_far[t + 1] * (1.0 - bn)
+        d = un - uf
+        nbn = un - to_far_from_near[t + 1] * d
+        bn = nbn / (nbn + uf + to_near_from_far[t + 1] * d)
+        bnear[t] = bn
+    a = filt * bnear
+    post: np.ndarray = (a / (a + (1.0 - filt) * (1.0 - bnear))).T
     return post
 
 

@@ -8,7 +8,8 @@ only name a few peers, so the device keeps, for every minute, a small summary of
 heard: a :class:`HeardMinute` (the count of identifiers and their mean RSSI, strongest
 first). No identifier is kept in it.
 
-:func:`summarise` builds them from the aggregator's open encounters; :func:`pack` /
+:func:`summarise` builds them from the aggregator's open encounters (and
+:func:`heard_from_arrays` from recorded minutes); :func:`pack` /
 :func:`unpack` are the compact form the store encrypts (one row per day and flush:
 about 9 bytes a minute plus one byte per identifier heard, at most
 :data:`MAX_KEPT`).
@@ -17,9 +18,12 @@ about 9 bytes a minute plus one byte per identifier heard, at most
 from __future__ import annotations
 
 import bisect
+import itertools
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+import numpy as np
 
 from ..clock import DAY_SECONDS
 from .encounter import Encounter
@@ -72,6 +76,23 @@ def summarise(encounters: Iterable[Encounter], first_minute: int, end_minute: in
     return out
 
 
+def heard_from_arrays(minutes: np.ndarray, rssi_dbm: np.ndarray) -> dict[int, HeardMinute]:
+    """The receiver's minutes from one row per (identifier, minute heard): the Unix minute
+    and that identifier's mean RSSI in it (power-domain mean, as the aggregator's
+    windows). What :func:`summarise` makes on the device, for recorded data (field
+    experiments) where the identifiers' minutes come as arrays."""
+    minutes = np.asarray(minutes, dtype=np.int64)
+    values = np.rint(np.asarray(rssi_dbm, dtype=float)).astype(np.int64)
+    order = np.lexsort((-values, minutes))
+    minutes, values = minutes[order], values[order]
+    cuts = np.flatnonzero(np.diff(minutes)) + 1
+    out = {}
+    for m, v in zip(np.split(minutes, cuts), np.split(values, cuts)):
+        if len(m):
+            out[int(m[0])] = HeardMinute(int(m[0]), len(v), tuple(v[:MAX_KEPT].tolist()))
+    return out
+
+
 def pack(minutes: Iterable[HeardMinute]) -> bytes:
     parts = []
     for m in minutes:
@@ -108,33 +129,61 @@ def merge(minutes: Iterable[HeardMinute]) -> dict[int, HeardMinute]:
     return out
 
 
-class RecentMedian:
-    """The median of every RSSI the receiver heard in the ``span`` minutes up to and
-    including a minute: the reference of the ``hmm`` rule's relative-signal evidence.
-    Computed once per minute and shared by every peer of the day (the rule asks for the
-    same minutes again and again)."""
-
-    def __init__(self, heard: Mapping[int, HeardMinute], *, span_minutes: int, min_values: int) -> None:
-        self._heard = heard
-        self._span = span_minutes
-        self._min = min_values
-        self._cache: dict[int, float | None] = {}
-
-    def at(self, minute: int) -> float | None:
-        """None when fewer than ``min_values`` values were heard in the span."""
-        if minute in self._cache:
-            return self._cache[minute]
-        values: list[int] = []
-        for m in range(minute - self._span + 1, minute + 1):
-            h = self._heard.get(m)
-            if h is not None:
-                values.extend(h.rssi)
-        med = _median(values) if len(values) >= self._min else None
-        self._cache[minute] = med
-        return med
+#: RSSI values (dBm) as the minute summaries keep them: int8
+_LOWEST = -128
+_ROW = 256  # key stride per minute: room for every int8 value
 
 
-def _median(values: Sequence[int]) -> float:
-    s = sorted(values)
-    n = len(s)
-    return float(s[n // 2]) if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2.0
+def stronger_counts(heard: Mapping[int, HeardMinute], minutes: np.ndarray,
+                    rssi_dbm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each (minute, RSSI): how many identifiers the receiver heard that minute (0 if
+    the minute is unknown) and how many of them stronger than the RSSI
+    (:meth:`HeardMinute.stronger_than`, for many at once)."""
+    uniq, inv = np.unique(minutes, return_inverse=True)
+    found = [heard.get(m) for m in uniq.tolist()]
+    count = np.fromiter((0 if h is None else h.heard for h in found), dtype=np.int64, count=len(found))
+    kept = [() if h is None else h.rssi for h in found]
+    lengths = np.fromiter(map(len, kept), dtype=np.int64, count=len(kept))
+    values = np.fromiter(itertools.chain.from_iterable(kept), dtype=np.int64, count=int(lengths.sum()))
+    # one sorted key per value: its minute's row, then its RSSI; "stronger than r in row j"
+    # is then the distance from (j, r) to the end of row j
+    keys = np.sort(np.repeat(np.arange(len(kept)), lengths) * _ROW + (values - _LOWEST))
+    row = inv.astype(np.int64) * _ROW
+    r = np.clip(np.rint(rssi_dbm).astype(np.int64) - _LOWEST, -1, _ROW - 1)
+    stronger = np.searchsorted(keys, row + _ROW - 1, side="right") - np.searchsorted(keys, row + r, side="right")
+    return count[inv], stronger
+
+
+def recent_medians(heard: Mapping[int, HeardMinute], minutes: np.ndarray, span_minutes: int,
+                   min_values: int) -> np.ndarray:
+    """For each minute: the median of every RSSI value the receiver heard in the
+    ``span_minutes`` minutes up to and including it (the ``hmm`` rule's reference for the
+    relative signal); NaN where fewer than ``min_values`` were heard. Computed once per
+    distinct minute from per-minute histograms and their running sums (RSSI values are
+    whole dBm), whatever the number of peers asking."""
+    uniq, inv = np.unique(minutes, return_inverse=True)
+    if not len(uniq):
+        return np.empty(0)
+    lo, hi = int(uniq[0]) - span_minutes + 1, int(uniq[-1])
+    rows = sorted(m for m in heard if lo <= m <= hi)
+    per_row = [heard[m].rssi for m in rows]
+    lengths = np.fromiter(map(len, per_row), dtype=np.int64, count=len(rows))
+    values = np.fromiter(itertools.chain.from_iterable(per_row), dtype=np.int64, count=int(lengths.sum()))
+    if not len(values):
+        return np.full(len(inv), np.nan)
+    low = int(values.min())
+    bins = int(values.max()) - low + 1  # only the values heard: fewer bins to sum
+    cells = np.repeat(np.arange(1, len(rows) + 1), lengths) * bins + (values - low)
+    hist = np.bincount(cells, minlength=(len(rows) + 1) * bins).reshape(len(rows) + 1, bins)
+    running = np.cumsum(hist, axis=0)  # row r: minutes rows[:r]
+    rows_arr = np.asarray(rows, dtype=np.int64)
+    first = np.searchsorted(rows_arr, uniq - span_minutes + 1, side="left")
+    last = np.searchsorted(rows_arr, uniq, side="right")
+    window = running[last] - running[first]  # (distinct minutes, bins)
+    cum = np.cumsum(window, axis=1)
+    n = cum[:, -1]
+    k_lo, k_hi = (n + 1) // 2, n // 2 + 1  # the two middle order statistics (the same one when n is odd)
+    v_lo = np.argmax(cum >= k_lo[:, None], axis=1)
+    v_hi = np.argmax(cum >= k_hi[:, None], axis=1)
+    med = (v_lo + v_hi) / 2.0 + low
+    return np.where(n >= min_values, med, np.nan)[inv]

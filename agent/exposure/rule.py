@@ -25,15 +25,19 @@ on real measurements) are in docs/proximity.md.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from operator import attrgetter
+from typing import Any, TypeVar, overload
 
-from ..clock import utc_day
+import numpy as np
+
+from ..clock import DAY_SECONDS, utc_day
 from ..errors import ConfigError
 from .encounter import Encounter
-from .hmm import HmmModel, bundled_model, posterior_near
-from .minutes import HeardMinute, RecentMedian
+from .hmm import RANK_BINS, HmmModel, bundled_model, posterior_near
+from .minutes import HeardMinute, recent_medians, stronger_counts
 from .pathloss import LogDistancePathLoss
 
 RULES = ("distance", "buckets", "hmm")
@@ -109,7 +113,7 @@ class ProximityConfig:
         return len(self.bucket_thresholds_db)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class WindowObservation:
     """One scan window of a peer, with attenuation already computed."""
 
@@ -187,30 +191,8 @@ class DayDecision:
     minutes: float
     threshold_min: float
     rule: str
-    windows: tuple[WindowDecision, ...] = ()
-
-
-def _fill_gaps(obs: list[WindowObservation], max_gap: int) -> list[WindowObservation]:
-    """Sort, merge duplicates (same start: keep the stronger), and fill short gaps."""
-    if not obs:
-        return []
-    by_start: dict[float, WindowObservation] = {}
-    for o in obs:
-        cur = by_start.get(o.start)
-        if cur is None or o.mean_attenuation_db < cur.mean_attenuation_db:
-            by_start[o.start] = o
-    seq = [by_start[k] for k in sorted(by_start)]
-    out = [seq[0]]
-    for prev, nxt in zip(seq, seq[1:]):
-        step = prev.duration_s
-        missing = round((nxt.start - prev.start) / step) - 1
-        if 0 < missing <= max_gap:
-            att = max(prev.mean_attenuation_db, nxt.mean_attenuation_db)  # the weaker neighbour: conservative
-            mn = max(prev.min_attenuation_db, nxt.min_attenuation_db)
-            for k in range(1, missing + 1):
-                out.append(WindowObservation(prev.start + k * step, step, 0, att, mn, filled=True))
-        out.append(nxt)
-    return out
+    #: minute by minute, why (built when first read: most decisions are never explained)
+    windows: Sequence[WindowDecision] = ()
 
 
 def decide(observations: Sequence[WindowObservation], config: ProximityConfig, *,
@@ -233,7 +215,10 @@ def decide_peers(peers: Mapping[K, Sequence[WindowObservation]], config: Proximi
       windows the receiver heard of it, in any order, any number of days
       (:func:`observations_from_encounter` makes them from an encounter; attenuation =
       the peer's TX power - (RSSI + the receiver's correction); ``rssi_dbm`` = the RSSI
-      as measured). Windows are ``duration_s`` long (1 minute in the daemon).
+      as measured). Windows are ``duration_s`` long (1 minute in the daemon); two
+      windows of a peer with the same start count once (the stronger); up to
+      ``gap_fill_windows`` missing windows between two are filled with the weaker one
+      (here: a window's own ``filled`` flag is not read, every window given was heard).
     - ``config``: ``config.rule`` selects the rule ("distance", "buckets", "hmm"); every
       other figure of the rule is a setting of :class:`ProximityConfig`.
     - ``heard``: for the "hmm" rule, the receiver's minutes of everything it heard, by
@@ -247,47 +232,209 @@ def decide_peers(peers: Mapping[K, Sequence[WindowObservation]], config: Proximi
     order; ``DayDecision.windows`` explain it minute by minute (``WindowDecision``; for
     "hmm" with ``posterior_near``, ``heard``, ``stronger``, ``relative_db``).
     """
+    keys = list(peers)
+    w = _Windows(peers, keys, config)
+    out: dict[K, list[DayDecision]] = {k: [] for k in keys}
+    if not len(w.start):
+        return out
+    ev = None
     if config.rule == "hmm":
         model = model or bundled_model()
-        recent = RecentMedian(heard or {}, span_minutes=model.span_minutes, min_values=model.min_values)
-        return {k: _decide_hmm(obs, config, heard or {}, model, recent) for k, obs in peers.items()}
-    return {k: _decide_weighted(obs, config) for k, obs in peers.items()}
-
-
-def _attenuation(o: WindowObservation, config: ProximityConfig) -> float:
-    return o.mean_attenuation_db if config.window_attenuation == "mean" else o.min_attenuation_db
-
-
-def _decide_weighted(observations: Sequence[WindowObservation], config: ProximityConfig) -> list[DayDecision]:
-    """The "distance" and "buckets" rules: each window counts, weighted, on its own."""
-    obs = _fill_gaps(list(observations), config.gap_fill_windows)
-    minutes_by_day: dict[int, float] = {}
-    windows_by_day: dict[int, list[WindowDecision]] = {}
-    for o in obs:
-        att = _attenuation(o, config)
-        dist = config.distance_m(att)
-        minutes = o.duration_s / 60.0
-        bucket = weight = None
-        if config.rule == "distance":
-            counted = minutes if dist <= config.distance_threshold_m else 0.0
-        else:
-            bucket = config.bucket_of(att)
-            weight = config.bucket_weights[bucket]
-            counted = minutes * weight
-        minutes_by_day[o.day] = minutes_by_day.get(o.day, 0.0) + counted
-        windows_by_day.setdefault(o.day, []).append(WindowDecision(
-            o.start, o.samples, o.filled, round(att, 1), round(dist, 2), round(counted, 3), bucket, weight))
-    return _day_decisions(minutes_by_day, windows_by_day, config)
-
-
-def _day_decisions(minutes_by_day: dict[int, float], windows_by_day: dict[int, list[WindowDecision]],
-                   config: ProximityConfig) -> list[DayDecision]:
-    out = []
-    for day in sorted(minutes_by_day):
-        total = round(minutes_by_day[day], 6)
-        out.append(DayDecision(day, total >= config.duration_threshold_min, total, config.duration_threshold_min,
-                               config.rule, tuple(windows_by_day[day])))
+        ev = _Evidence(w, config, heard or {}, model)
+        counted = ev.posterior * w.dur / 60.0
+    elif config.rule == "distance":
+        counted = np.where(w.distance <= config.distance_threshold_m, w.dur / 60.0, 0.0)
+    else:
+        counted = np.asarray(config.bucket_weights)[w.bucket] * w.dur / 60.0
+    totals = np.add.reduceat(counted, w.group_start)
+    ends = np.append(w.group_start[1:], len(w.start))
+    for g, (lo, hi) in enumerate(zip(w.group_start.tolist(), ends.tolist())):
+        total = round(float(totals[g]), 6)
+        out[keys[w.peer[lo]]].append(DayDecision(
+            int(w.day[lo]), total >= config.duration_threshold_min, total, config.duration_threshold_min,
+            config.rule, _LazyWindows(w, counted, ev, lo, hi, config)))
     return out
+
+
+class _Windows:
+    """Every window of every peer as arrays: de-duplicated, gaps filled, sorted by peer
+    and time, grouped by (peer, UTC day). Only the columns the rule needs are read from
+    the records (reading is most of the cost); explanations read the rest when asked."""
+
+    def __init__(self, peers: Mapping[Any, Sequence[WindowObservation]], keys: list[Any],
+                 config: ProximityConfig, *, every_column: bool = False) -> None:
+        self.windows = windows = [o for k in keys for o in peers[k]]
+        n = len(windows)
+        a = np.full((n, 7), math.nan)  # peer, start, duration, source index, mean, min attenuation, RSSI
+
+        def column(name: str) -> np.ndarray:
+            return np.fromiter(map(attrgetter(name), windows), dtype=float, count=n)
+        a[:, 0] = np.repeat(np.arange(len(keys)), [len(peers[k]) for k in keys])
+        a[:, 1], a[:, 2], a[:, 3], a[:, 4] = column("start"), column("duration_s"), np.arange(n), \
+            column("mean_attenuation_db")
+        if every_column or config.window_attenuation == "min":
+            a[:, 5] = column("min_attenuation_db")
+        if every_column or config.rule == "hmm":
+            a[:, 6] = np.array([o.rssi_dbm for o in windows], dtype=float)  # None -> NaN
+        a = _sorted_unique(a)
+        a = _fill_gaps(a, config.gap_fill_windows)
+        self.peer = a[:, 0].astype(np.int64)
+        self.start, self.dur = a[:, 1], a[:, 2]
+        #: index of the record in ``windows``; -1: a filled gap
+        self.source = a[:, 3].astype(np.int64)
+        self.filled = self.source < 0
+        self.mean_att, self.min_att, self.rssi = a[:, 4], a[:, 5], a[:, 6]
+        self.day = np.floor_divide(self.start, DAY_SECONDS).astype(np.int64)
+        new = np.ones(len(a), dtype=bool)
+        new[1:] = (self.peer[1:] != self.peer[:-1]) | (self.day[1:] != self.day[:-1])
+        self.group_start = np.flatnonzero(new)
+        self.att = self.mean_att if config.window_attenuation == "mean" else self.min_att
+        pl = config.path_loss
+        self.distance = 10.0 ** ((self.att - pl.attenuation_at_1m_db) / (10.0 * pl.exponent))
+        self.bucket = np.searchsorted(np.asarray(config.bucket_thresholds_db, dtype=float), self.att, side="left")
+
+    def samples(self, i: int) -> int:
+        s = int(self.source[i])
+        return 0 if s < 0 else self.windows[s].samples
+
+
+def _sorted_unique(a: np.ndarray) -> np.ndarray:
+    """Rows sorted by peer and start; of two with the same peer and start, the stronger
+    (lower mean attenuation) only. Records usually come in order: then nothing moves."""
+    if len(a) < 2:
+        return a
+    dp, ds = np.diff(a[:, 0]), np.diff(a[:, 1])
+    if np.all((dp > 0) | ((dp == 0) & (ds > 0))):
+        return a
+    a = a[np.lexsort((a[:, 4], a[:, 1], a[:, 0]))]
+    keep = np.ones(len(a), dtype=bool)
+    keep[1:] = (a[1:, 0] != a[:-1, 0]) | (a[1:, 1] != a[:-1, 1])
+    return a[keep]
+
+
+def _fill_gaps(a: np.ndarray, max_gap: int) -> np.ndarray:
+    """Rows (sorted, de-duplicated) plus up to ``max_gap`` filled windows between two of
+    the same peer: ``missing = round(gap / duration) - 1``; a filled window takes the
+    weaker neighbour's attenuation (conservative), no source record, no RSSI."""
+    if len(a) < 2 or max_gap <= 0:
+        return a
+    same = a[1:, 0] == a[:-1, 0]
+    missing = np.rint((a[1:, 1] - a[:-1, 1]) / a[:-1, 2]).astype(np.int64) - 1
+    k = np.where(same & (missing > 0) & (missing <= max_gap), missing, 0)
+    if not k.any():
+        return a
+    src = np.repeat(np.arange(len(k)), k)  # the window before each filled one
+    step = np.arange(len(src)) - np.repeat(np.cumsum(k) - k, k) + 1
+    f = np.empty((len(src), a.shape[1]))
+    f[:, 0] = a[src, 0]
+    f[:, 1] = a[src, 1] + step * a[src, 2]
+    f[:, 2] = a[src, 2]
+    f[:, 3] = -1
+    f[:, 4] = np.maximum(a[src, 4], a[src + 1, 4])
+    f[:, 5] = np.maximum(a[src, 5], a[src + 1, 5])
+    f[:, 6] = math.nan
+    out = np.concatenate([a, f])
+    return out[np.lexsort((out[:, 1], out[:, 0]))]
+
+
+class _Evidence:
+    """The "hmm" rule on a batch: each window's feature bins, likelihoods and posterior."""
+
+    def __init__(self, w: _Windows, config: ProximityConfig, heard: Mapping[int, HeardMinute],
+                 model: HmmModel) -> None:
+        n = len(w.start)
+        observed = ~w.filled
+        has_rssi = observed & ~np.isnan(w.rssi)
+        minute = np.floor_divide(w.start, 60).astype(np.int64)
+        self.att_bin = np.searchsorted(np.asarray(model.attenuation_edges_db), w.att - config.attenuation_at_1m_db,
+                                       side="left")
+        self.heard = np.full(n, -1, dtype=np.int64)
+        self.stronger = np.full(n, -1, dtype=np.int64)
+        self.relative = np.full(n, math.nan)
+        if heard and has_rssi.any():
+            idx = np.flatnonzero(has_rssi)
+            count, stronger = stronger_counts(heard, minute[idx], w.rssi[idx])
+            ranked = count >= 2
+            self.heard[idx[ranked]] = count[ranked]
+            self.stronger[idx[ranked]] = stronger[ranked]
+            med = recent_medians(heard, minute[idx], model.span_minutes, model.min_values)
+            self.relative[idx] = w.rssi[idx] - med
+        self.rank_bin = np.minimum(self.stronger, len(RANK_BINS) - 1)
+        self.rel_bin = np.searchsorted(np.asarray(model.relative_edges_db), self.relative, side="left")
+        has_rank, has_rel = self.stronger >= 0, ~np.isnan(self.relative)
+        em = model.emissions
+        e_near, e_far = np.ones(n), np.ones(n)
+        for name, bins, used in (("attenuation", self.att_bin, observed), ("rank", self.rank_bin, has_rank),
+                                 ("relative", self.rel_bin, has_rel)):
+            near, far = np.asarray(em[name].near), np.asarray(em[name].far)
+            safe = np.where(used, bins, 0)
+            e_near *= np.where(used, near[safe], 1.0)
+            e_far *= np.where(used, far[safe], 1.0)
+        self.e_near, self.e_far = e_near, e_far
+        self.observed = observed
+        # per (peer, day) group: steps of (gap in windows, likelihoods), padded into a matrix
+        gap = np.ones(n)
+        gap[1:] = np.maximum(1.0, np.rint((w.start[1:] - w.start[:-1]) / w.dur[:-1]))
+        starts = w.group_start
+        lengths = np.diff(np.append(starts, n))
+        row = np.repeat(np.arange(len(starts)), lengths)
+        col = np.arange(n) - np.repeat(starts, lengths)
+        shape = (len(starts), int(lengths.max()))
+        g, en, ef = np.zeros(shape), np.ones(shape), np.ones(shape)  # padding: no time passes, no evidence
+        g[row, col], en[row, col], ef[row, col] = gap, e_near, e_far
+        self.posterior = posterior_near(g, en, ef, model.near_to_far, model.far_to_near)[row, col]
+
+
+class _LazyWindows(Sequence[WindowDecision]):
+    """A decision's windows, made into :class:`WindowDecision` records when first read."""
+
+    def __init__(self, w: _Windows, counted: np.ndarray, ev: _Evidence | None, lo: int, hi: int,
+                 config: ProximityConfig) -> None:
+        self._args: tuple[Any, ...] | None = (w, counted, ev, lo, hi, config)
+        self._items: tuple[WindowDecision, ...] = ()
+
+    def _get(self) -> tuple[WindowDecision, ...]:
+        if self._args is not None:
+            w, counted, ev, lo, hi, config = self._args
+            items = []
+            for i in range(lo, hi):
+                d: dict[str, Any] = {
+                    "start": float(w.start[i]), "samples": w.samples(i), "filled": bool(w.filled[i]),
+                    "attenuation_db": round(float(w.att[i]), 1), "distance_m": round(float(w.distance[i]), 2),
+                    "minutes": round(float(counted[i]), 3)}
+                if config.rule == "buckets":
+                    b = int(w.bucket[i])
+                    d.update(bucket=b, weight=config.bucket_weights[b])
+                if ev is not None:
+                    d["posterior_near"] = round(float(ev.posterior[i]), 3)
+                    if ev.stronger[i] >= 0:
+                        d.update(heard=int(ev.heard[i]), stronger=int(ev.stronger[i]))
+                    if not math.isnan(ev.relative[i]):
+                        d["relative_db"] = round(float(ev.relative[i]), 1)
+                items.append(WindowDecision(**d))
+            self._items, self._args = tuple(items), None
+        return self._items
+
+    @overload
+    def __getitem__(self, i: int) -> WindowDecision: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[WindowDecision]: ...
+
+    def __getitem__(self, i: int | slice) -> WindowDecision | Sequence[WindowDecision]:
+        return self._get()[i]
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and tuple(self) == tuple(other)
+
+    def __hash__(self) -> int:
+        return hash(self._get())
+
+    def __repr__(self) -> str:
+        return repr(self._get())
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,67 +451,28 @@ class MinuteEvidence:
 
 
 def hmm_evidence(observations: Sequence[WindowObservation], config: ProximityConfig, *,
-                 heard: Mapping[int, HeardMinute] | None = None, model: HmmModel | None = None,
-                 recent: RecentMedian | None = None) -> list[MinuteEvidence]:
-    """The "hmm" rule's evidence, window by window (after gap filling, in time order):
-    what :func:`decide_peers` feeds the model, and what the model is fitted on."""
+                 heard: Mapping[int, HeardMinute] | None = None,
+                 model: HmmModel | None = None) -> list[MinuteEvidence]:
+    """The "hmm" rule's evidence for one peer, window by window (after de-duplication and
+    gap filling, in time order): what :func:`decide_peers` feeds the model, and what the
+    model is fitted on."""
     model = model or bundled_model()
-    heard = heard or {}
-    recent = recent or RecentMedian(heard, span_minutes=model.span_minutes, min_values=model.min_values)
+    w = _Windows({0: observations}, [0], config, every_column=True)
+    if not len(w.start):
+        return []
+    ev = _Evidence(w, config, heard or {}, model)
     out = []
-    for o in _fill_gaps(list(observations), config.gap_fill_windows):
-        att = _attenuation(o, config)
+    for i in range(len(w.start)):
+        o = WindowObservation(float(w.start[i]), float(w.dur[i]), w.samples(i), float(w.mean_att[i]),
+                              float(w.min_att[i]), bool(w.filled[i]),
+                              None if math.isnan(w.rssi[i]) else float(w.rssi[i]))
         if o.filled:
-            out.append(MinuteEvidence(o, att, {}))
+            out.append(MinuteEvidence(o, float(w.att[i]), {}))
             continue
-        minute = int(o.start // 60)
-        bins: dict[str, int | None] = {"attenuation": model.attenuation_bin(att, config.attenuation_at_1m_db),
-                                       "rank": None, "relative": None}
-        n_heard = stronger = None
-        rel = None
-        if o.rssi_dbm is not None:
-            h = heard.get(minute)
-            if h is not None and h.heard >= 2:
-                n_heard, stronger = h.heard, h.stronger_than(o.rssi_dbm)
-                bins["rank"] = model.rank_bin(stronger)
-            med = recent.at(minute)
-            if med is not None:
-                rel = o.rssi_dbm - med
-                bins["relative"] = model.relative_bin(rel)
-        out.append(MinuteEvidence(o, att, bins, n_heard, stronger, rel))
+        ranked, rel = ev.stronger[i] >= 0, not math.isnan(ev.relative[i])
+        bins: dict[str, int | None] = {"attenuation": int(ev.att_bin[i]),
+                                       "rank": int(ev.rank_bin[i]) if ranked else None,
+                                       "relative": int(ev.rel_bin[i]) if rel else None}
+        out.append(MinuteEvidence(o, float(w.att[i]), bins, int(ev.heard[i]) if ranked else None,
+                                  int(ev.stronger[i]) if ranked else None, float(ev.relative[i]) if rel else None))
     return out
-
-
-def _decide_hmm(observations: Sequence[WindowObservation], config: ProximityConfig, heard: Mapping[int, HeardMinute],
-                model: HmmModel, recent: RecentMedian) -> list[DayDecision]:
-    """The "hmm" rule: per UTC day, the forward-backward posterior of each minute; the
-    counted minutes are the expected near minutes. Filled gaps (up to
-    ``gap_fill_windows``) are minutes without evidence that count with their posterior;
-    longer gaps are transitions only, not counted."""
-    by_day: dict[int, list[MinuteEvidence]] = {}
-    for ev in hmm_evidence(observations, config, heard=heard, model=model, recent=recent):
-        by_day.setdefault(ev.window.day, []).append(ev)
-    minutes_by_day: dict[int, float] = {}
-    windows_by_day: dict[int, list[WindowDecision]] = {}
-    for day, seq in by_day.items():
-        steps: list[tuple[int, float, float]] = []
-        prev: WindowObservation | None = None
-        for ev in seq:
-            o = ev.window
-            gap = 1 if prev is None else max(1, round((o.start - prev.start) / prev.duration_s))
-            prev = o
-            steps.append((gap, *model.likelihoods(ev.bins)))
-        post = posterior_near(steps, model.near_to_far, model.far_to_near)
-        total = 0.0
-        wins = []
-        for ev, p in zip(seq, post):
-            o = ev.window
-            counted = p * o.duration_s / 60.0
-            total += counted
-            wins.append(WindowDecision(o.start, o.samples, o.filled, round(ev.attenuation_db, 1),
-                                       round(config.distance_m(ev.attenuation_db), 2), round(counted, 3),
-                                       posterior_near=round(p, 3), heard=ev.heard, stronger=ev.stronger,
-                                       relative_db=None if ev.relative_db is None else round(ev.relative_db, 1)))
-        minutes_by_day[day] = total
-        windows_by_day[day] = wins
-    return _day_decisions(minutes_by_day, windows_by_day, config)

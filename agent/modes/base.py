@@ -67,6 +67,19 @@ class ServerSchedule:
 
 
 @dataclass(frozen=True)
+class CoverTraffic:
+    """When the daemon sends chaff (:meth:`ProtocolMode.send_chaff`): every ``tick_s``
+    plus a uniform jitter up to ``tick_s``/2, it sends with ``probability``, so that on
+    average once per ``tick_s / probability`` at unforeseeable times (the Android app: a
+    4-hour tick, probability 1/12, about once in two days); between the requests of one
+    chaff declaration, a "user" pause of up to ``user_delay_s``."""
+
+    tick_s: float
+    probability: float
+    user_delay_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class CheckResult:
     """One periodic server call (GAEN: a sync and the exposure check; ROBERT: a status)."""
 
@@ -104,6 +117,10 @@ class DeviceContext:
     export_base_url: str = ""
     #: a key the server requires to register, if any
     api_key: str = ""
+    #: ROBERT: the server's ECDH public key (base64 SubjectPublicKeyInfo) when the server
+    #: does not send it, and the (solution, id) of a captcha solved for registration
+    server_public_key: str = ""
+    captcha: tuple[str, str] = ("", "")
     #: randomness for schedules and jitter; key material comes from ``random_bytes``
     rng: random.Random = field(default_factory=random.SystemRandom)
     random_bytes: Callable[[int], bytes] = os.urandom
@@ -117,6 +134,8 @@ class DeviceContext:
     http_timeout_s: float = 10.0
     #: the largest export file downloaded ([sync] max_export_bytes)
     max_export_bytes: int = DEFAULT_MAX_EXPORT_BYTES
+    #: on average, seconds between two chaff declarations ([sync] chaff_interval_s; 0: none)
+    chaff_interval_s: float = 0.0
     #: an HTTP client to share (many simulated devices in one process); None: each its own
     http: httpx.Client | None = None
 
@@ -174,6 +193,15 @@ class ProtocolMode(abc.ABC, Generic[P]):
 
     def prepare(self, now: float) -> None:
         """Blocking set-up with the server before the first broadcast (default: nothing)."""
+
+    @property
+    def cover_traffic(self) -> CoverTraffic | None:
+        """When to send chaff; None (the default) when the family or the settings send none."""
+        return None
+
+    def send_chaff(self, now: float, user_delay_s: float) -> int:
+        """Send one chaff declaration (blocking); how many requests got an answer."""
+        raise NotImplementedError
 
     def check(self, now: float, progress: Callable[[int, int], None] | None = None) -> CheckResult:
         """The periodic server call (blocking); ``progress(done, total)`` where it has

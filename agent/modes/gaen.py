@@ -13,15 +13,15 @@ from ..clock import utc_day
 from ..errors import ConfigError, StoreError
 from ..exposure.aggregate import Aggregator
 from ..exposure.engine import ExposureDecision, decide_matches
-from ..exposure.matching import EncounterIndex, MatchStats, match_keys
+from ..exposure.matching import EncounterIndex, KeyMatch, MatchStats, confirm, find_candidates
 from ..protocol import gaen
-from ..protocol.export import DiagnosisKey
+from ..protocol.export import DiagnosisKey, PackedKeys
 from ..protocol.payload import EN_SERVICE_UUID, EN_SERVICE_UUID16, ENPayload, PayloadError, parse_service_data
 from ..protocol.schedule import IdSchedule, Rotation
 from ..records import DaySummary, DeclareResult
 from ..sync.keyserver import KeyServerClient, LastSync, SyncResult
 from ..ble.base import SimulatedPeer
-from .base import Broadcast, CheckResult, DeviceContext, ProtocolMode, ServerSchedule
+from .base import Broadcast, CheckResult, CoverTraffic, DeviceContext, ProtocolMode, ServerSchedule
 
 log = logging.getLogger("ctagent.gaen")
 
@@ -29,6 +29,8 @@ log = logging.getLogger("ctagent.gaen")
 UPLOAD_DAYS = 14
 #: The first sync after start waits up to this long (jittered), the later ones [sync] interval_s.
 FIRST_SYNC_MAX_DELAY_S = 60.0
+#: chaff is considered every 4 hours, as the Android app's UploadCoverTrafficWorker
+CHAFF_TICK_S = 4 * 3600.0
 
 
 class GaenMode(ProtocolMode[ENPayload]):
@@ -56,6 +58,8 @@ class GaenMode(ProtocolMode[ENPayload]):
                                         ctx.sync_jitter_s)
         #: what the last exposure check computed (keys skipped, derived, RPIs, candidates)
         self.last_match = MatchStats()
+        self._cover = (CoverTraffic(CHAFF_TICK_S, min(1.0, CHAFF_TICK_S / ctx.chaff_interval_s))
+                       if self.client is not None and ctx.chaff_interval_s > 0 else None)
 
     # -- advertising ------------------------------------------------------------------
     def broadcast(self, now: float) -> Broadcast:
@@ -77,31 +81,27 @@ class GaenMode(ProtocolMode[ENPayload]):
 
     def flush(self, now: float, *, final: bool = False) -> int:
         minutes = self.aggregator.completed_minutes(now, final=final)  # before flush forgets closed encounters
-        batch = self.aggregator.flush(now, final=final)
+        batch, closed = self.aggregator.flush_closing(now, final=final)
         try:
-            written = self.store.encounters.write(batch)
+            written = self.store.encounters.write(batch, closed=closed)
             self.store.heard_minutes.add(minutes)
             return written
         except StoreError:
-            self.aggregator.requeue(batch)  # written at the next flush (encounters are rewritten in place)
+            # written at the next flush (encounters are rewritten in place, closed ones closed again)
+            self.aggregator.requeue(batch, closed)
             self.aggregator.requeue_minutes(minutes)
             raise
 
     # -- exposure ---------------------------------------------------------------------
-    def check_exposures(self, keys: Sequence[DiagnosisKey], now: float) -> list[ExposureDecision]:
+    def exposure_check(self, now: float) -> ExposureCheck:
+        """Keys in, file by file (:meth:`ExposureCheck.add`), then :meth:`ExposureCheck.finish`."""
+        return ExposureCheck(self, now)
+
+    def check_exposures(self, keys: Sequence[DiagnosisKey] | PackedKeys, now: float) -> list[ExposureDecision]:
         """Match keys against the stored encounters; record new exposures in the store."""
-        since = utc_day(now) - self.store.retention_days + 1
-        index = EncounterIndex(list(self.store.encounters.read(since_day=since)))
-        st = MatchStats()
-        matches = match_keys(keys, index, workers=self.ctx.match_workers, stats=st)
-        self.last_match = st
-        # the hmm rule also reads what was heard each minute, of every identifier
-        heard = self.store.heard_minutes.read(since_day=since) if self.config.rule == "hmm" else None
-        decisions = decide_matches(matches, self.config, self.calibration, heard=heard)
-        for d in decisions:
-            if d.exposed and self.store.exposures.add(d.to_exposure(now)):
-                log.info("exposure found: day=%d minutes=%.1f", d.day.day, d.day.minutes)
-        return decisions
+        check = self.exposure_check(now)
+        check.add(keys if isinstance(keys, PackedKeys) else PackedKeys.from_keys(keys))
+        return check.finish()
 
     # -- the server -------------------------------------------------------------------
     def _client(self) -> KeyServerClient:
@@ -113,11 +113,19 @@ class GaenMode(ProtocolMode[ENPayload]):
     def server_schedule(self) -> ServerSchedule | None:
         return self._schedule if self.client is not None else None
 
+    @property
+    def cover_traffic(self) -> CoverTraffic | None:
+        return self._cover
+
+    def send_chaff(self, now: float, user_delay_s: float) -> int:
+        return self._client().send_chaff(user_delay_s)
+
     def sync(self, now: float, progress: Callable[[int, int], None] | None = None
              ) -> tuple[SyncResult, list[ExposureDecision]]:
         client = self._client()
-        res = client.download(self.store, progress=progress)
-        decisions = self.check_exposures(res.keys, now) if res.keys else []
+        check = self.exposure_check(now)
+        res = client.download(self.store, check.add, progress=progress)
+        decisions = check.finish()
         client.commit(self.store, res)
         return res, decisions
 
@@ -125,7 +133,7 @@ class GaenMode(ProtocolMode[ENPayload]):
         res, decisions = self.sync(now, progress)
         exposed = any(d.exposed for d in decisions)
         message = ("backend unreachable: nothing downloaded (the daemon retries by itself)" if res.offline else
-                   f"{res.files_new} new export file(s), {len(res.keys)} key(s) checked; "
+                   f"{res.files_new} new export file(s), {res.key_count} key(s) checked; "
                    + ("EXPOSURE FOUND: see `ctagent exposures`" if exposed else "no exposure found"))
         problem = None
         if res.offline:
@@ -134,9 +142,9 @@ class GaenMode(ProtocolMode[ENPayload]):
             shown = ", ".join(res.files_failed[:3]) + (" ..." if len(res.files_failed) > 3 else "")
             problem = (f"{len(res.files_failed)} export file(s) failed verification or could not be fetched ({shown}); "
                        "check [sync] trusted_keys (the backend's `public-key`), else they are retried at the next sync")
-        return CheckResult(now, res.offline, f"sync offline={res.offline} files={res.files_new} keys={len(res.keys)}",
+        return CheckResult(now, res.offline, f"sync offline={res.offline} files={res.files_new} keys={res.key_count}",
                            message, exposed, {"files": res.files_new, "failed_files": list(res.files_failed),
-                                              "keys": len(res.keys)}, problem)
+                                              "keys": res.key_count}, problem)
 
     def teks_to_upload(self, now: float) -> list[gaen.TemporaryExposureKey]:
         """Own TEKs of the last ``UPLOAD_DAYS`` days, including today's (embargoed by the server)."""
@@ -178,6 +186,41 @@ class GaenMode(ProtocolMode[ENPayload]):
     @classmethod
     def simulated_peer(cls, rng: random.Random, tx_power_dbm: int) -> SimulatedPeer:
         return _GaenPeer(rng, tx_power_dbm)
+
+
+class ExposureCheck:
+    """One exposure check: keys come in as arrays, file by file; the stored encounters are
+    read once, in bulk, at the first keys (:meth:`EncounterTable.matching_arrays`); only the
+    few encounters whose RPIs match are read in full. ``finish`` decides and records."""
+
+    def __init__(self, mode: GaenMode, now: float) -> None:
+        self.mode, self.now = mode, now
+        self.index: EncounterIndex | None = None
+        self.matches: list[KeyMatch] = []
+        mode.last_match = self.stats = MatchStats()
+
+    def add(self, keys: PackedKeys) -> None:
+        if not len(keys):
+            return
+        store = self.mode.store
+        if self.index is None:
+            arrays = store.encounters.matching_arrays(since_day=utc_day(self.now) - store.retention_days + 1)
+            self.index = EncounterIndex.from_arrays(arrays.rpis, arrays.first_enin, arrays.last_enin, arrays.row_ids)
+        found = find_candidates(keys, self.index, workers=self.mode.ctx.match_workers, stats=self.stats)
+        if len(found):
+            encounters = store.encounters.get_many(self.index.row_ids[found.entry].tolist())
+            self.matches += confirm(keys, found, self.index, encounters)
+
+    def finish(self) -> list[ExposureDecision]:
+        store = self.mode.store
+        # the hmm rule also reads what was heard each minute, of every identifier
+        heard = (store.heard_minutes.read(since_day=utc_day(self.now) - store.retention_days + 1)
+                 if self.mode.config.rule == "hmm" and self.matches else None)
+        decisions = decide_matches(self.matches, self.mode.config, self.mode.calibration, heard=heard)
+        for d in decisions:
+            if d.exposed and self.mode.store.exposures.add(d.to_exposure(self.now)):
+                log.info("exposure found: day=%d minutes=%.1f", d.day.day, d.day.minutes)
+        return decisions
 
 
 class _GaenPeer:

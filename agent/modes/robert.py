@@ -67,8 +67,11 @@ class RobertMode(ProtocolMode[bytes]):
             raise ConfigError("[sync] backend_url: ROBERT mode needs its server")
         self.tx_power = int(round(ctx.calibration.tx_power))
         self.client = RobertClient(ctx.backend_url, clock=ctx.clock, http=ctx.http, rng=ctx.rng,
-                                   retries=ctx.http_retries, api_key=ctx.api_key or None,
+                                   retries=ctx.http_retries, api_key=ctx.api_key or None, captcha=ctx.captcha,
                                    timeout_s=ctx.http_timeout_s)
+        #: the server's ECDH key from this device's configuration; robert-server does not
+        #: send it (the official app has it built in)
+        self.server_public_key = ctx.server_public_key
         self.registration = self.store.state.get(RobertRegistration)
         self._pending: list[HeardHello] = []
         self._epoch: int | None = None  # the epoch whose EBID is on air
@@ -94,8 +97,12 @@ class RobertMode(ProtocolMode[bytes]):
         """ECDH with the server's key: K_mac and K_tuples, and the first identifiers."""
         private = ec.generate_private_key(ec.SECP256R1())
         answer = self.client.register(robert.public_key_b64(private))
+        server_key = self.server_public_key or answer.server_public_key_b64
+        if not server_key:
+            raise ConfigError("[sync] robert_server_public_key: the ROBERT server does not send its public key (as "
+                              "robert-server does not); set it from the server's configuration")
         try:
-            keys = robert.ecdh_keys(private, answer.server_public_key_b64)
+            keys = robert.ecdh_keys(private, server_key)
             reg = RobertRegistration(keys.k_mac, keys.k_tuples, answer.time_start).with_tuples(answer.tuples_b64)
         except robert.RobertError as e:
             raise UserError(f"the ROBERT server's registration cannot be used: {e}") from None
@@ -188,12 +195,15 @@ class RobertMode(ProtocolMode[bytes]):
         hellos = self._hellos_to_report(now)
         answer = self.client.report(code, hellos)
         self.store.hellos.clear()
-        summary = f"reported: {answer.accepted} HELLO(s) accepted, {answer.dropped} dropped by the server"
+        if answer.accepted is None:  # robert-server says only that it took the report
+            summary = f"reported: {len(hellos)} HELLO(s) sent; the server accepted the report"
+        else:
+            summary = f"reported: {answer.accepted} HELLO(s) accepted, {answer.dropped} dropped by the server"
         problem = None
         if not hellos:
             summary = ("reported: the server knows you tested positive; this device heard no HELLO in the last "
                        f"{REPORT_DAYS} days, so nobody is told they are at risk")
-        elif not answer.accepted:
+        elif answer.accepted == 0:
             problem = (f"the server could verify none of the {len(hellos)} HELLO(s) this device heard: they came "
                        "from devices it did not register (another server's, or simulated peers) or were heard "
                        "outside its time tolerance (check this device's clock: `ctagent doctor`); nobody is "

@@ -45,6 +45,11 @@ HELLO_REFRESH_S = 60
 #: Service UUID of the HELLO broadcast, and its 128-bit form (bleak/BlueZ keys).
 ROBERT_SERVICE_UUID16 = 0xFD64
 ROBERT_SERVICE_UUID = "0000fd64-0000-1000-8000-00805f9b34fb"
+#: The version byte after the HELLO in the 0xFD64 service data: TousAntiCovid broadcasts 1
+#: (issue 12.11, from its ProximityNotification BluetoothProximityPayload.swift; the
+#: stored STOP-COVID 2020-05 version of that file wrote 0). Receivers, theirs
+#: (Android BlePayload.from) and ours, read any value.
+HELLO_PAYLOAD_VERSION = 1
 PREFIX_HELLO = 0x01
 PREFIX_STATUS = 0x02
 PREFIX_UNREGISTER = 0x03
@@ -238,7 +243,7 @@ def parse_hello(data: bytes) -> Hello:
     return Hello(data[0:1], data[1:9], struct.unpack(">H", data[9:11])[0], data[11:16])
 
 
-def service_data(hello: bytes, tx_power: int, version: int = 0) -> bytes:
+def service_data(hello: bytes, tx_power: int, version: int = HELLO_PAYLOAD_VERSION) -> bytes:
     """0xFD64 service data as broadcast: HELLO ‖ version ‖ TX power (signed)."""
     return bytes(hello) + struct.pack("<Bb", version, tx_power)
 

@@ -37,7 +37,7 @@ from .lock import StoreLock, lock_path
 
 log = logging.getLogger("ctagent.store")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 DEFAULT_RETENTION_DAYS = 14
 #: Key slot of long-lived secrets (a ROBERT registration, a pending declaration): never
 #: reached by retention, erased with the keyring by purge.
@@ -46,7 +46,7 @@ PERSISTENT_DAY = 2**31 - 1
 #: ``RESEARCH_SLOT + day``: its own day keys, so that its own retention can keep them
 #: longer or shorter than the agent's (far below PERSISTENT_DAY, far above any real day).
 RESEARCH_SLOT = 2**30
-ENCRYPTED_TABLES = ("teks", "encounters", "exposures", "hellos", "secrets", "heard_minutes")
+ENCRYPTED_TABLES = ("teks", "encounters", "exposures", "hellos", "secrets", "heard_minutes", "encounter_index")
 
 
 def keyring_path(db_path: Path) -> Path:
@@ -125,9 +125,18 @@ def _migrate_to_5(db: sqlite_utils.Database) -> None:
     db.conn.execute("ALTER TABLE research ADD COLUMN kind TEXT NOT NULL DEFAULT ''")
 
 
+def _migrate_to_6(db: sqlite_utils.Database) -> None:
+    """What matching reads of the encounters (RPI, first and last interval, row id),
+    packed per day and flush into one encrypted row: read and decrypted in bulk. The
+    rows of older encounters are indexed on the first open with the keys
+    (``EncounterTable.index_unindexed``)."""
+    _encrypted_table(db, "encounter_index")
+
+
 #: version -> migration bringing the schema from version-1 to version
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_to_1, 2: _migrate_to_2,
-                                                                   3: _migrate_to_3, 4: _migrate_to_4, 5: _migrate_to_5}
+                                                                   3: _migrate_to_3, 4: _migrate_to_4, 5: _migrate_to_5,
+                                                                   6: _migrate_to_6}
 
 
 # -- the encrypted-row core ---------------------------------------------------------------
@@ -339,6 +348,7 @@ class Store:
             store.exposures.backfill()
             store.state.encrypt_legacy_clear_values()
             store.apply_retention()
+            store.encounters.index_unindexed()
         return store
 
     @staticmethod
@@ -421,6 +431,7 @@ class Store:
             # old page images leave the WAL too (they were already useless without the key)
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             log.info("retention: erased %d day(s) older than %d days", len(days), self.retention_days)
+        self.encounters.compact_index(before_day=self.today())
         self.last_retention_day = self.today()
         return sorted(days)
 

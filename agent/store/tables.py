@@ -1,7 +1,8 @@
 """The store's typed tables, one small class per table, on the encrypted-row core.
 
 - :class:`TekTable`: own Temporary Exposure Keys.
-- :class:`EncounterTable`: what was heard, as :class:`~agent.exposure.encounter.Encounter`.
+- :class:`EncounterTable`: what was heard, as :class:`~agent.exposure.encounter.Encounter`,
+  and what matching reads of it, packed per day (:class:`MatchingArrays`).
 - :class:`ExposureTable`: :class:`~agent.records.Exposure`, unique per family, day and key.
 - :class:`HelloTable`: ROBERT HELLOs heard, packed per flush.
 - :class:`HeardMinuteTable`: what was heard each minute, of every identifier
@@ -20,7 +21,11 @@ import logging
 import sqlite3
 import struct
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
+
+import numpy as np
+import numpy.typing as npt
 
 from ..clock import utc_day
 from ..exposure import minutes as heard_minutes
@@ -55,12 +60,56 @@ class TekTable:
         return out
 
 
+#: one encounter in the matching index: row id, RPI, first and last EN interval
+_INDEX_ENTRY = np.dtype([("row", "<u8"), ("rpi", "V16"), ("first", "<u4"), ("last", "<u4")])
+#: rows read per statement by id (far below SQLite's limit on parameters)
+_IDS_PER_QUERY = 500
+
+
+@dataclass(frozen=True)
+class MatchingArrays:
+    """What matching needs of the stored encounters: their RPIs (n x 16 bytes), first and
+    last EN interval, and row ids (to read the few that match in full)."""
+
+    rpis: bytes
+    first_enin: npt.NDArray[np.uint32]
+    last_enin: npt.NDArray[np.uint32]
+    row_ids: npt.NDArray[np.uint64]
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+
+def _interval(t: float) -> int:
+    """The EN interval of ``t``, kept within 32 bits whatever the clock said."""
+    return max(0, min(2**32 - 1, int(t // 600)))
+
+
+def _index_entries(encounters: Iterable[Encounter]) -> npt.NDArray[np.void]:
+    es = [e for e in encounters if e.row_id is not None]
+    out = np.zeros(len(es), _INDEX_ENTRY)
+    if es:
+        out["row"] = [e.row_id for e in es]
+        out["rpi"] = np.frombuffer(b"".join(e.rpi for e in es), "V16")
+        out["first"] = [_interval(e.first_seen) for e in es]
+        out["last"] = [_interval(e.last_seen) for e in es]
+    return out
+
+
 class EncounterTable:
+    """One encrypted row per encounter (rewritten while it is heard), and an index for
+    matching: when an encounter closes, its RPI, first and last interval and row id go
+    into one encrypted row per day and flush (``encounter_index``), merged into one row
+    per day once the day is over. Matching decrypts those few rows in bulk instead of one
+    row per encounter; the encounters not indexed yet (heard now, or left by a crash) are
+    read one by one. Both are sealed under the day's key: erasing a day erases both."""
+
     def __init__(self, rows: EncryptedRows) -> None:
         self._rows = rows
 
-    def write(self, encounters: Iterable[Encounter]) -> int:
-        """Insert new encounters and update written ones, in one transaction (a batch).
+    def write(self, encounters: Iterable[Encounter], *, closed: Iterable[Encounter] = ()) -> int:
+        """Insert new encounters and update written ones, and index the ``closed`` ones
+        (no longer heard: they will not change again), in one transaction (a batch).
         Assigns ``row_id`` to new encounters. Returns the number of rows written."""
         rows = []
         for e in encounters:
@@ -68,11 +117,24 @@ class EncounterTable:
                 e.row_id = self._rows.new_id("encounters")
             day = e.day
             rows.append((e.row_id, day, self._rows.seal("encounters", e.row_id, day, e.to_bytes())))
-        if not rows:
+        index_rows = self._index_rows(closed)
+        if not rows and not index_rows:
             return 0
         with self._rows.transaction() as c:
             c.executemany("INSERT OR REPLACE INTO encounters (id, day, blob) VALUES (?, ?, ?)", rows)
+            c.executemany("INSERT INTO encounter_index (id, day, blob) VALUES (?, ?, ?)", index_rows)
         return len(rows)
+
+    def _index_rows(self, encounters: Iterable[Encounter]) -> list[tuple[int, int, bytes]]:
+        by_day: dict[int, list[Encounter]] = {}
+        for e in encounters:
+            if e.row_id is not None:
+                by_day.setdefault(e.day, []).append(e)
+        out = []
+        for day, es in sorted(by_day.items()):
+            row_id = self._rows.new_id("encounter_index")
+            out.append((row_id, day, self._rows.seal("encounter_index", row_id, day, _index_entries(es).tobytes())))
+        return out
 
     def read(self, *, since_day: int | None = None, until_day: int | None = None) -> Iterator[Encounter]:
         clauses, params = [], []
@@ -83,12 +145,97 @@ class EncounterTable:
             clauses.append("day <= ?")
             params.append(until_day)
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-        for row_id, _, plain in self._rows.rows("encounters", where, tuple(params)):
+        yield from self._decoded(self._rows.rows("encounters", where, tuple(params)))
+
+    def _decoded(self, rows: Iterable[tuple[int, int, bytes]]) -> Iterator[Encounter]:
+        for row_id, _, plain in rows:
             try:
                 yield Encounter.from_bytes(plain, row_id)
             except (ValueError, struct.error):  # authenticated but not decodable: a bug, not an attack
                 self._rows.stats.corrupt_rows += 1
                 log.warning("row skipped: undecodable encounter (id=%d)", row_id)
+
+    def get_many(self, row_ids: Iterable[int]) -> dict[int, Encounter]:
+        """The encounters of these rows (those that still exist), by row id."""
+        ids = sorted({int(i) for i in row_ids})
+        out: dict[int, Encounter] = {}
+        for k in range(0, len(ids), _IDS_PER_QUERY):
+            part = ids[k : k + _IDS_PER_QUERY]
+            where = f"WHERE id IN ({','.join('?' * len(part))})"
+            out.update((e.row_id, e) for e in self._decoded(self._rows.rows("encounters", where, tuple(part)))
+                       if e.row_id is not None)
+        return out
+
+    def _indexed(self, where: str, params: tuple[object, ...]) -> dict[int, npt.NDArray[np.void]]:
+        """Per day, the index entries of the index rows ``where`` selects, one per row
+        id (the last written)."""
+        blobs: dict[int, list[bytes]] = {}
+        for row_id, day, plain in self._rows.rows("encounter_index", where, params):
+            if len(plain) % _INDEX_ENTRY.itemsize:
+                self._rows.stats.corrupt_rows += 1
+                log.warning("row skipped: undecodable encounter index (id=%d)", row_id)
+                continue
+            blobs.setdefault(day, []).append(plain)
+        out = {}
+        for day, parts in blobs.items():
+            entries = np.frombuffer(b"".join(parts), _INDEX_ENTRY)
+            if len(np.unique(entries["row"])) != len(entries):
+                _, last = np.unique(entries["row"][::-1], return_index=True)
+                entries = entries[::-1][last]
+            out[day] = entries
+        return out
+
+    def _unindexed_ids(self, indexed: dict[int, npt.NDArray[np.void]], where: str,
+                       params: tuple[object, ...]) -> list[int]:
+        """Encounter rows (of the days ``where`` selects) without an index entry. A day
+        whose rows and entries agree in number and sum of row ids is not listed."""
+        conn = self._rows.conn
+        out: list[int] = []
+        for day, n, total in conn.execute(f"SELECT day, COUNT(*), SUM(id) FROM encounters {where} GROUP BY day",
+                                          params):
+            entries = indexed.get(day)
+            have = entries["row"] if entries is not None else np.zeros(0, np.uint64)
+            if len(have) == n and int(have.sum(dtype=np.uint64)) == total:
+                continue
+            known = set(have.tolist())
+            out.extend(i for (i,) in conn.execute("SELECT id FROM encounters WHERE day = ?", (day,)) if i not in known)
+        return out
+
+    def matching_arrays(self, *, since_day: int | None = None) -> MatchingArrays:
+        """The RPI, first and last interval and row id of every encounter since
+        ``since_day``: the index decrypted in bulk, plus the rows not indexed yet."""
+        where, params = ("WHERE day >= ?", (since_day,)) if since_day is not None else ("", ())
+        indexed = self._indexed(where, params)
+        loose = self.get_many(self._unindexed_ids(indexed, where, params)).values()
+        entries = np.concatenate([*indexed.values(), _index_entries(loose)])
+        return MatchingArrays(entries["rpi"].tobytes(), entries["first"].copy(), entries["last"].copy(),
+                              entries["row"].copy())
+
+    def index_unindexed(self) -> int:
+        """Index the encounter rows that have no entry (written before the index
+        existed, or left open by a crash); at open, when no aggregator holds them."""
+        ids = self._unindexed_ids(self._indexed("", ()), "", ())
+        if not ids:
+            return 0
+        rows = self._index_rows(self.get_many(ids).values())
+        with self._rows.transaction() as c:
+            c.executemany("INSERT INTO encounter_index (id, day, blob) VALUES (?, ?, ?)", rows)
+        log.info("store: %d encounter(s) indexed for matching", len(ids))
+        return len(ids)
+
+    def compact_index(self, *, before_day: int) -> int:
+        """Merge the index rows of each day before ``before_day`` into one; the days merged."""
+        days = [d for (d,) in self._rows.conn.execute(
+            "SELECT day FROM encounter_index WHERE day < ? GROUP BY day HAVING COUNT(*) > 1", (before_day,))]
+        for day in days:
+            old = [i for (i,) in self._rows.conn.execute("SELECT id FROM encounter_index WHERE day = ?", (day,))]
+            entries = self._indexed("WHERE day = ?", (day,)).get(day, np.zeros(0, _INDEX_ENTRY))
+            row_id = self._rows.new_id("encounter_index")
+            blob = self._rows.seal("encounter_index", row_id, day, entries.tobytes())
+            with self._rows.transaction() as c:
+                c.executemany("DELETE FROM encounter_index WHERE id = ?", [(i,) for i in old])
+                c.execute("INSERT INTO encounter_index (id, day, blob) VALUES (?, ?, ?)", (row_id, day, blob))
+        return len(days)
 
     def count_by_day(self) -> dict[int, int]:
         """Rows per day (clear metadata only)."""

@@ -37,7 +37,7 @@ from ..protocol.gaen import TemporaryExposureKey
 from ..protocol.verification import tek_hmac
 from ..records import DeclareResult
 from ..store import Store
-from .http import JsonHttp
+from .http import JsonHttp, json_bytes
 
 log = logging.getLogger("ctagent.sync")
 
@@ -46,6 +46,27 @@ MAX_REMEMBERED_FILES = 2000
 #: The largest export file a device downloads, the same cap as on its content: a real
 #: 500,000-key file is about 15 MB.
 DEFAULT_MAX_EXPORT_BYTES = export.DEFAULT_MAX_UNCOMPRESSED
+
+
+#: Every request of a declaration is padded to this many bytes, as the Android reference
+#: app pads its own (``Padding.TARGET_PAYLOAD_SIZE_BYTES``): a real declaration, chaff and
+#: the official app's requests are the same size on the wire.
+PADDED_REQUEST_BYTES = 5000
+#: the header that marks cover traffic (the Android app's ``ApiConstants.CHAFF_HEADER``)
+CHAFF_HEADERS = {"X-Chaff": "1"}
+
+
+def padded(body: dict[str, Any], target: int = PADDED_REQUEST_BYTES) -> dict[str, Any]:
+    """``body`` with a ``padding`` of random base64 that brings it to ``target`` bytes as
+    sent, or just over it; a body of ``target`` bytes or more gets none (Padding.addPadding)."""
+    if len(json_bytes(body)) >= target:
+        return body
+    n = max(1, (target - len(json_bytes({**body, "padding": ""}))) * 3 // 4)
+    while True:
+        out = {**body, "padding": base64.b64encode(secrets.token_bytes(n)).decode()}
+        if len(json_bytes(out)) >= target:
+            return out
+        n += 1
 
 
 # -- state kept in the store ----------------------------------------------------------------
@@ -141,7 +162,8 @@ class SyncResult:
     not_modified: bool = False
     files_new: int = 0
     files_failed: tuple[str, ...] = ()
-    keys: tuple[export.DiagnosisKey, ...] = ()
+    #: keys in the files processed (each file's keys went to ``on_keys`` as arrays)
+    key_count: int = 0
     processed: tuple[str, ...] = ()
     index_etag: str | None = None
 
@@ -195,9 +217,12 @@ class KeyServerClient:
         self.transport.close()
 
     # -- download -------------------------------------------------------------------
-    def download(self, store: Store, progress: Callable[[int, int], None] | None = None) -> SyncResult:
-        """New export files -> verified keys. Call :meth:`commit` once the keys were
-        matched. ``progress(done, total)`` is called after each file."""
+    def download(self, store: Store, on_keys: Callable[[export.PackedKeys], None],
+                 progress: Callable[[int, int], None] | None = None) -> SyncResult:
+        """New export files, one at a time: fetched, export.sig verified, export.bin read
+        into arrays, handed to ``on_keys`` and let go (a million keys never sit in memory
+        at once). Call :meth:`commit` once they were matched. ``progress(done, total)`` is
+        called after each file."""
         done_state = store.state.get(ProcessedExports)
         done = set(done_state.names) if done_state else set()
         etag = store.state.get(IndexEtag)
@@ -215,7 +240,7 @@ class KeyServerClient:
         if r.status_code != 200:
             raise BackendRejected(f"index.txt: HTTP {r.status_code}", status=r.status_code)
         todo = new_export_names(r.text, done)
-        keys: list[export.DiagnosisKey] = []
+        key_count = 0
         failed: list[str] = []
         processed: list[str] = []
         for i, name in enumerate(todo, 1):
@@ -228,17 +253,19 @@ class KeyServerClient:
                 failed.append(name)
                 continue
             try:
-                data = self.transport.fetch(url, max_bytes=self.max_export_bytes)
-                exp = export.parse_export(data, trusted_keys=self.trusted_keys)
+                exp = export.parse_export_packed(self.transport.fetch(url, max_bytes=self.max_export_bytes),
+                                                 trusted_keys=self.trusted_keys)
             except (BackendUnreachable, BackendRejected, export.ExportError) as e:
                 log.warning("sync: export file failed (%s: %s); retried next sync", type(e).__name__, e)
                 failed.append(name)
                 continue
-            keys.extend(exp.keys)
+            on_keys(exp.keys)
+            key_count += len(exp.keys)
             processed.append(name)
+            del exp
         if progress and todo:
             progress(len(todo), len(todo))
-        return SyncResult(files_new=len(processed), files_failed=tuple(failed), keys=tuple(keys),
+        return SyncResult(files_new=len(processed), files_failed=tuple(failed), key_count=key_count,
                           processed=tuple(processed), index_etag=r.headers.get("etag"))
 
     def commit(self, store: Store, result: SyncResult) -> None:
@@ -260,11 +287,12 @@ class KeyServerClient:
         if pending is None:
             if not teks:
                 raise UserError("there are no keys of the last 14 days to upload")
-            token = self.transport.post_json("/api/verify", {"code": code})["token"]
+            token = self.transport.post_json("/api/verify", padded({"code": code}))["token"]
             hmac_key = secrets.token_bytes(32)
             keys = [TemporaryExposureKey(t.key_data, t.rolling_start_interval_number, t.rolling_period, 0)
                     for t in teks]
-            cert = self.transport.post_json("/api/certificate", {"token": token, "ekeyhmac": tek_hmac(hmac_key, keys)})
+            cert = self.transport.post_json("/api/certificate",
+                                            padded({"token": token, "ekeyhmac": tek_hmac(hmac_key, keys)}))
             pending = PendingDeclaration(cert["certificate"], base64.b64encode(hmac_key).decode(),
                                          tuple(t.rolling_start_interval_number for t in teks))
             store.state.put(pending)
@@ -280,10 +308,9 @@ class KeyServerClient:
                                        "rollingPeriod": t.rolling_period, "transmissionRisk": 0} for t in chosen],
             "healthAuthorityID": "ctagent", "verificationPayload": pending.certificate,
             "hmacKey": pending.hmac_key_b64,
-            "padding": base64.b64encode(secrets.token_bytes(self.rng.randint(16, 512))).decode(),
         }
         try:
-            resp = self.transport.post_json("/v1/publish", body)
+            resp = self.transport.post_json("/v1/publish", padded(body))
         except BackendRejected:
             store.state.clear(PendingDeclaration)  # refused: a retry with this certificate cannot succeed
             raise
@@ -291,3 +318,30 @@ class KeyServerClient:
         store.state.put(Declared(now, len(chosen)))
         inserted = int(resp["insertedExposures"])
         return DeclareResult(sent=len(chosen), accepted=inserted, summary=f"published: {inserted} key(s)")
+
+    # -- cover traffic --------------------------------------------------------------------
+    def send_chaff(self, user_delay_s: float = 0.0) -> int:
+        """A declaration's requests as chaff (``X-Chaff: 1``): /api/verify, then after
+        ``user_delay_s`` /api/certificate, then /v1/publish, each padded as a real one and
+        with fields of the real lengths (a code, a token, an HMAC, 14 keys, a certificate),
+        as the Android app's UploadCoverTrafficWorker sends them. The answers are not read;
+        a failure is no one's concern. How many requests got an answer."""
+        def chaff(path: str, body: dict[str, Any]) -> bool:
+            try:
+                r = self.transport.request("POST", path, content=json_bytes(padded(body)),
+                                           headers={"content-type": "application/json", **CHAFF_HEADERS})
+                return r.status_code < 500
+            except BackendUnreachable:
+                return False
+        fake_keys = [{"key": base64.b64encode(secrets.token_bytes(16)).decode(),
+                      "rollingStartNumber": 2_650_847, "rollingPeriod": 144, "transmissionRisk": 0}
+                     for _ in range(14)]
+        sent = int(chaff("/api/verify", {"code": f"{secrets.randbelow(10**8):08d}"}))
+        self.clock.sleep_blocking(user_delay_s)
+        sent += chaff("/api/certificate", {"token": secrets.token_urlsafe(32),
+                                           "ekeyhmac": base64.b64encode(secrets.token_bytes(32)).decode()})
+        sent += chaff("/v1/publish", {"temporaryExposureKeys": fake_keys, "healthAuthorityID": "ctagent",
+                                      "verificationPayload": secrets.token_urlsafe(400),
+                                      "hmacKey": base64.b64encode(secrets.token_bytes(32)).decode()})
+        log.info("sync: cover traffic sent requests=%d", sent)
+        return sent

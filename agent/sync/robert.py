@@ -3,6 +3,13 @@ report, unregister, deleteExposureHistory; and the typed state it leaves in the 
 
 The client builds request bodies and reads answers into typed records; the protocol
 session (keys, identifiers, HELLOs) is the ROBERT mode's (``agent.modes.robert``).
+Requests and answers have the shapes of TousAntiCovid/robert-server (robert-server-ws-rest
+``openapi-robert-server-v1.yml`` and its controllers, which win where they disagree):
+register sends ``captcha``/``captchaId`` and is answered 201 without the server's public
+key (the official app has it in its configuration: so does this client, [sync]
+robert_server_public_key, else the ``config`` entry ctagent's server adds); status is
+answered ``riskLevel`` (0: none, 4: high), ``lastContactDate`` as an NTP timestamp in a
+string, tokens and ``config``, no ``atRisk``; report is answered ``success``.
 """
 
 from __future__ import annotations
@@ -82,36 +89,55 @@ class RobertStatus:
         return cls(float(doc["at"]), bool(doc["atRisk"]), int(doc["riskLevel"]), doc.get("risk"))
 
 
+#: robert-server's registration ``config`` entry that ctagent's server adds (backend.robert)
+SERVER_KEY_CONFIG = "ctagent.serverPublicKey"
+
+
 @dataclass(frozen=True)
 class RegisterAnswer:
     tuples_b64: str
     time_start: int
-    server_public_key_b64: str
+    #: the server's ECDH public key when the answer carried it ("" from robert-server)
+    server_public_key_b64: str = ""
 
 
 @dataclass(frozen=True)
 class StatusAnswer:
-    at_risk: bool
     risk_level: int
-    risk: float | None
     tuples_b64: str | None
+    #: NTP seconds of the last contact, given only at risk
+    last_contact_ntp: int | None = None
+    #: ctagent's server adds the score behind the level; robert-server does not
+    risk: float | None = None
+
+    @property
+    def at_risk(self) -> bool:
+        return self.risk_level > 0
 
 
 @dataclass(frozen=True)
 class ReportAnswer:
-    accepted: int
-    dropped: int
+    #: HELLOs the server kept and dropped, when it says (ctagent's server; robert-server
+    #: answers only ``success``)
+    accepted: int | None = None
+    dropped: int | None = None
 
 
 def _answer_error(path: str, e: Exception) -> BackendRejected:
     return BackendRejected(f"{path}: the ROBERT server's answer cannot be used ({type(e).__name__}: {e})")
 
 
+def _optional_int(value: Any) -> int | None:
+    return None if value in (None, "") else int(value)
+
+
 class RobertClient:
     def __init__(self, base_url: str, *, clock: Clock, http: httpx.Client | None = None,
                  rng: random.Random | None = None, retries: int = 3, api_key: str | None = None,
-                 timeout_s: float = 10.0) -> None:
+                 captcha: tuple[str, str] = ("", ""), timeout_s: float = 10.0) -> None:
+        """``captcha``: (solution, id) sent on register, as robert-server requires them."""
         self.api_key = api_key
+        self.captcha = captcha
         self.transport = JsonHttp(base_url, what="the ROBERT server", clock=clock, http=http, retries=retries,
                                   backoff_s=0.5, rng=rng, timeout_s=timeout_s)
 
@@ -127,17 +153,24 @@ class RobertClient:
                 "mac": base64.b64encode(mac).decode()}
 
     def register(self, client_public_key_b64: str) -> RegisterAnswer:
+        """RegisterRequest (captcha, captchaId, clientPublicECDHKey); any 2xx answer (201)."""
         headers = {"X-API-Key": self.api_key} if self.api_key else None
-        doc = self.transport.post_json("/api/v6/register", {"clientPublicECDHKey": client_public_key_b64}, headers)
+        body = {"captcha": self.captcha[0], "captchaId": self.captcha[1], "clientPublicECDHKey": client_public_key_b64}
+        doc = self.transport.post_json("/api/v6/register", body, headers)
         try:
-            return RegisterAnswer(str(doc["tuples"]), int(doc["timeStart"]), str(doc["serverPublicKey"]))
-        except (KeyError, TypeError, ValueError) as e:
+            config = doc.get("config") or []
+            key = next((str(p["value"]) for p in config if isinstance(p, dict) and p.get("name") == SERVER_KEY_CONFIG),
+                       "")
+            return RegisterAnswer(str(doc["tuples"]), int(doc["timeStart"]), key)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise _answer_error("/api/v6/register", e) from None
 
     def status(self, reg: RobertRegistration, now: float) -> StatusAnswer:
         doc = self.transport.post_json("/api/v6/status", self._auth(reg, robert.PREFIX_STATUS, now))
         try:
-            return StatusAnswer(bool(doc["atRisk"]), int(doc["riskLevel"]), doc.get("risk"), doc.get("tuples") or None)
+            risk = doc.get("risk")
+            return StatusAnswer(int(doc["riskLevel"]), doc.get("tuples") or None,
+                                _optional_int(doc.get("lastContactDate")), None if risk is None else float(risk))
         except (KeyError, TypeError, ValueError) as e:
             raise _answer_error("/api/v6/status", e) from None
 
@@ -153,8 +186,10 @@ class RobertClient:
                                               "ids": ids} for (e, c), ids in contacts.items()]}
         doc = self.transport.post_json("/api/v6/report", body)
         try:
-            return ReportAnswer(int(doc["accepted"]), int(doc["dropped"]))
-        except (KeyError, TypeError, ValueError) as e:
+            if doc.get("success") is False:
+                raise ValueError(str(doc.get("message") or "success is false"))
+            return ReportAnswer(_optional_int(doc.get("accepted")), _optional_int(doc.get("dropped")))
+        except (TypeError, ValueError) as e:
             raise _answer_error("/api/v6/report", e) from None
 
     def unregister(self, reg: RobertRegistration, now: float) -> None:

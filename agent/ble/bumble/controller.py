@@ -14,7 +14,9 @@ change. :class:`ModelledController` changes only that (a small subclass of
   extended PDUs, every advertising interval plus the 0-10 ms advDelay (Core v5.3 Vol 6
   Part B 4.4.2.2.1); scanners report them with the right event type, passive or active
   (scan responses only to an active scan of a scannable PDU), with or without duplicate
-  filtering, and hear only for the scan window's share of the interval;
+  filtering (``duplicate_filter``: per address and data, as many chips do; per address
+  only, the spec's minimum; or ``off``, a chip whose filter forgets at once), and hear
+  only for the scan window's share of the interval;
 - (c) ``legacy=True`` models a Raspberry Pi 3's controller (Broadcom BCM43438,
   Bluetooth 4.1): no extended advertising or scanning commands or feature bits, no 4.2/5.0
   LE features (data length extension, LL privacy, 2M/Coded PHY);
@@ -50,6 +52,8 @@ _LegacyType = hci.HCI_LE_Set_Advertising_Parameters_Command.AdvertisingType
 _Report = hci.HCI_LE_Advertising_Report_Event
 _ExtReport = hci.HCI_LE_Extended_Advertising_Report_Event
 
+#: what a controller's duplicate filter compares, when the host turns it on
+DUPLICATE_FILTERS = ("data", "address", "off")
 #: Core v5.3 Vol 6 Part B 4.4.2.2.1: advDelay, a pseudo-random 0-10 ms added to every event
 ADV_DELAY_MAX_S = 0.010
 #: legacy advertising data and scan response: 31 bytes (Vol 6 Part B 2.3.1)
@@ -187,7 +191,11 @@ class ModelledController(Controller):
 
     def __init__(self, name: str, *, link: RadioLink, placement: Placement | None = None,
                  legacy: bool = False, tx_power_dbm: float = 4.0, rx_correction_db: float = 0.0,
-                 host_source: Any = None, host_sink: Any = None, seed: int | None = None) -> None:
+                 host_source: Any = None, host_sink: Any = None, seed: int | None = None,
+                 duplicate_filter: str = "data") -> None:
+        if duplicate_filter not in DUPLICATE_FILTERS:
+            raise ValueError(f"duplicate_filter must be one of {DUPLICATE_FILTERS}")
+        self.duplicate_filter = duplicate_filter
         self.placement = placement or Placement(0.0, 0.0)
         self.legacy = legacy
         self.tx_power_dbm, self.rx_correction_db = tx_power_dbm, rx_correction_db
@@ -348,8 +356,8 @@ class ModelledController(Controller):
         """A packet the link delivered with the modelled ``rssi``: report it to the host."""
         if not self.le_scan_enable or (self.legacy and not packet.legacy):
             return  # a 4.x scanner does not receive extended PDUs
-        if self.filter_duplicates:  # Vol 6 Part B 4.4.3.5; we report again when the data change
-            key = (bytes(packet.address.address_bytes), packet.data)
+        if self.filter_duplicates and self.duplicate_filter != "off":  # Vol 6 Part B 4.4.3.5
+            key = (bytes(packet.address.address_bytes), packet.data if self.duplicate_filter == "data" else b"")
             if key in self._reported:
                 return
             self._reported.add(key)

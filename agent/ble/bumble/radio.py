@@ -122,6 +122,8 @@ class HciSession:
         self._recovering: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._closing: asyncio.Future[None] | None = None
+        self._snooper: BtSnooper | None = None
+        self._trace: Any = None
         self._closed = False
         # what the advertiser and the scanner want; restored after a reopen
         self.on_air: tuple[bytes, hci.Address] | None = None  # advertising data, address
@@ -150,9 +152,17 @@ class HciSession:
         except Exception as e:  # bumble raises OSError, ValueError, TransportSpecError, USB errors, ...
             raise self._unavailable(e) from None
         if self.snoop:
-            fd = os.open(Path(self.snoop).expanduser(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            trace = os.fdopen(fd, "wb", buffering=0)  # one write per packet: a killed agent leaves a whole trace
-            transport = SnoopingTransport(transport, BtSnooper(trace), trace.close)
+            if self._snooper is None:  # one trace across reopens: the loss and the recovery in one file
+                try:
+                    fd = os.open(Path(self.snoop).expanduser(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                except OSError as e:
+                    with contextlib.suppress(Exception):
+                        await transport.close()
+                    raise RadioError("bumble.SnoopFile", f"cannot write the HCI trace {self.snoop!r} "
+                                     f"({e.strerror}); fix [radio] bumble_snoop or leave it empty") from None
+                self._trace = os.fdopen(fd, "wb", buffering=0)  # one write per packet: a killed agent's trace is whole
+                self._snooper = BtSnooper(self._trace)
+            transport = SnoopingTransport(transport, self._snooper)
         device = Device.with_hci("ctagent", hci.Address.ANY_RANDOM, transport.source, transport.sink)
         device.command_timeout = self.command_timeout_s
         try:
@@ -171,6 +181,11 @@ class HciSession:
         self._watch = asyncio.ensure_future(self._watch_transport(transport))
         log.info("bumble: HCI transport opened controller=%s", "extended" if self.extended else "legacy-only")
 
+    @property
+    def recovering(self) -> bool:
+        """The transport is lost and being reopened (it restores what is wanted)."""
+        return self.device is None and self._recovering is not None and not self._recovering.done()
+
     async def ensure_open(self) -> Device:
         if self.device is None:
             if self._recovering is not None and not self._recovering.done():
@@ -184,8 +199,12 @@ class HciSession:
         """Waits for the transport's end; probes an idle controller now and then."""
         terminated = transport.source.terminated
         while not self._closed:
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(asyncio.shield(terminated), self.probe_s)
+                break
+            except TimeoutError:
+                pass  # still open: probe it
+            except Exception:  # some transports end with an error
                 break
             try:
                 async with self.lock:
@@ -274,6 +293,9 @@ class HciSession:
             if self.transport is not None:
                 await self._close_quietly(self.transport)
             self.device = self.transport = None
+            if self._trace is not None:
+                self._trace.close()
+                self._trace = self._snooper = None
 
     # -- advertising (call under the lock, with an open device) --------------------------------
     def _parameters(self) -> AdvertisingParameters:
@@ -400,7 +422,7 @@ class BumbleAdvertiser(Advertiser):
         """Payload and address change together (off the air in between, see the module)."""
         s = self.session
         data, nrpa = advertising_data(s.uuid16, service_data), _nrpa(address)
-        if s.device is None and s._recovering is not None and not s._recovering.done():
+        if s.recovering:
             s.on_air = (data, nrpa)  # the reopened transport advertises it
             return
 
@@ -434,7 +456,8 @@ class BumbleAdvertiser(Advertiser):
         if s.on_air is None:
             return
         s.advertise = True
-        await s.run(s._advertise_on)
+        if not s.recovering:  # else the reopened transport resumes it
+            await s.run(s._advertise_on)
 
     async def stop(self) -> None:
         s = self.session
@@ -483,7 +506,8 @@ class BumbleScanner(Scanner):
     async def _start(self) -> None:
         s = self.session
         s.scan = True
-        await s.run(s._scan_on)
+        if not s.recovering:  # else the reopened transport resumes it
+            await s.run(s._scan_on)
 
     async def sightings(self) -> AsyncIterator[RawSighting]:
         await self._start()

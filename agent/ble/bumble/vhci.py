@@ -3,7 +3,7 @@
 
     python -m agent.ble.bumble.vhci alice=0,0 bob=1.5,0:legacy [--seed 0] [--duration S]
         [--transport NAME=MONIKER] [--tx-power NAME=DBM] [--rx-correction NAME=DB]
-        [--scenario FILE] [--snoop DIR]
+        [--scenario FILE] [--snoop DIR] [--duplicate-filter data|address|off]
 
 - ``NAME=X,Y`` is one controller at (X, Y) metres; ``:legacy`` makes it a Raspberry Pi
   3's legacy-only controller (Bluetooth 4.1, no extended advertising), otherwise it is a
@@ -22,6 +22,10 @@
   it over vhci, else null), then ``{"ready": true}``; at exit ``{"transmitted",
   "delivered"}``. It runs until SIGTERM/SIGINT or ``--duration`` seconds.
 - ``--snoop DIR`` writes each controller's HCI traffic to ``DIR/NAME.btsnoop``.
+- ``--duplicate-filter`` says what the controllers' duplicate filter compares when the
+  host turns it on (Linux does for discovery): ``data`` (address and data, the default:
+  a report again when the payload changes), ``address`` (the spec's minimum: one report
+  per address until scanning restarts) or ``off`` (every packet reported).
 """
 
 from __future__ import annotations
@@ -109,6 +113,7 @@ class _HciIndex(logging.Handler):
 
 
 async def serve(specs: list[ControllerSpec], *, seed: int = 0, duration: float | None = None,
+                duplicate_filter: str = "data",
                 snoop_dir: Path | None = None, stop: asyncio.Event | None = None,
                 announce: bool = True) -> dict[str, int]:
     """Attach the controllers and run until ``stop`` is set or ``duration`` passes;
@@ -144,7 +149,8 @@ async def serve(specs: list[ControllerSpec], *, seed: int = 0, duration: float |
             transports.append(transport)
             controllers.append(ModelledController(
                 spec.name, link=link, placement=spec.placement, legacy=spec.legacy, tx_power_dbm=spec.tx_power_dbm,
-                rx_correction_db=spec.rx_correction_db, host_source=transport.source, host_sink=transport.sink))
+                rx_correction_db=spec.rx_correction_db, host_source=transport.source, host_sink=transport.sink,
+                duplicate_filter=duplicate_filter))
             if spec.transport.startswith("vhci"):
                 for _ in range(50):  # the index arrives with the first packet from the kernel
                     if catcher.index is not None:
@@ -181,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the radio model's seed")
     parser.add_argument("--duration", type=float, default=None, help="seconds, then exit (default: until a signal)")
     parser.add_argument("--snoop", type=Path, default=None, help="a folder for one btsnoop file per controller")
+    parser.add_argument("--duplicate-filter", choices=("data", "address", "off"), default="data",
+                        help="what the duplicate filter compares when the host turns it on")
     args = parser.parse_args(argv)
     try:
         specs = parse_specs(args)
@@ -193,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(specs, seed=args.seed, duration=args.duration, snoop_dir=args.snoop, stop=stop)
+        await serve(specs, seed=args.seed, duration=args.duration, snoop_dir=args.snoop, stop=stop,
+                    duplicate_filter=args.duplicate_filter)
 
     try:
         asyncio.run(run())

@@ -228,7 +228,61 @@ out:
     return result;
 }
 
+/* ---- writing --------------------------------------------------------------------------- */
+
+static uint8_t *put_varint(uint8_t *o, uint64_t v) {
+    while (v >= 0x80) { *o++ = (uint8_t)(v | 0x80); v >>= 7; }
+    *o++ = (uint8_t)v;
+    return o;
+}
+
+/* encode(field, n, key_data, start u32, period u16, risk i32, report u8, dso i32, has_dso u8, variant u8)
+ * -> the keys as repeated ``field`` (7: keys, 8: revised_keys) of a TemporaryExposureKeyExport,
+ * byte for byte what the protobuf runtime writes: key_data, transmission_risk_level,
+ * rolling_start_interval_number and rolling_period always, report_type unless UNKNOWN,
+ * days_since_onset_of_symptoms when present, variant_of_concern unless UNKNOWN, in field order. */
+static PyObject *encode(PyObject *mod, PyObject *args) {
+    int field;
+    Py_ssize_t n;
+    Py_buffer kd, st, pe, ri, re, ds, hd, va;
+    if (!PyArg_ParseTuple(args, "iny*y*y*y*y*y*y*y*", &field, &n, &kd, &st, &pe, &ri, &re, &ds, &hd, &va)) return NULL;
+    PyObject *out = NULL;
+    if (n < 0 || field < 1 || field > 15 || kd.len != 16 * n || st.len != 4 * n || pe.len != 2 * n || ri.len != 4 * n ||
+        re.len != n || ds.len != 4 * n || hd.len != n || va.len != n) {
+        PyErr_SetString(PyExc_ValueError, "inconsistent key arrays");
+        goto done;
+    }
+    /* per key at most: 2+16 key, 1+10 risk, 1+5 start, 1+3 period, 1+2 report, 1+5 dso, 1+2 variant, 2 header bytes */
+    out = PyBytes_FromStringAndSize(NULL, n * 64);
+    if (!out) goto done;
+    uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+    const uint8_t *k = kd.buf, *rep = re.buf, *has = hd.buf, *var = va.buf;
+    const uint32_t *start = st.buf;
+    const uint16_t *period = pe.buf;
+    const int32_t *risk = ri.buf, *dso = ds.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint8_t body[64], *b = body;
+        *b++ = 0x0a; *b++ = 16; memcpy(b, k + 16 * i, 16); b += 16;
+        *b++ = 0x10; b = put_varint(b, (uint64_t)(int64_t)risk[i]);          /* int32: negative as 10 bytes */
+        *b++ = 0x18; b = put_varint(b, (uint64_t)(int64_t)(int32_t)start[i]);
+        *b++ = 0x20; b = put_varint(b, period[i]);
+        if (rep[i]) { *b++ = 0x28; b = put_varint(b, rep[i]); }
+        if (has[i]) { uint32_t z = ((uint32_t)dso[i] << 1) ^ (uint32_t)(dso[i] >> 31); *b++ = 0x30; b = put_varint(b, z); }
+        if (var[i]) { *b++ = 0x40; b = put_varint(b, var[i]); }
+        *o++ = (uint8_t)(field << 3 | 2);
+        o = put_varint(o, (uint64_t)(b - body));
+        memcpy(o, body, (size_t)(b - body));
+        o += b - body;
+    }
+    if (_PyBytes_Resize(&out, (Py_ssize_t)(o - (uint8_t *)PyBytes_AS_STRING(out)))) out = NULL;
+done:
+    PyBuffer_Release(&kd); PyBuffer_Release(&st); PyBuffer_Release(&pe); PyBuffer_Release(&ri);
+    PyBuffer_Release(&re); PyBuffer_Release(&ds); PyBuffer_Release(&hd); PyBuffer_Release(&va);
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"encode", encode, METH_VARARGS, "encode(field, n, key arrays...) -> the keys' protobuf wire format"},
     {"parse", parse, METH_O, "parse(protobuf bytes of a TemporaryExposureKeyExport) -> header fields and key arrays"},
     {NULL, NULL, 0, NULL}
 };
