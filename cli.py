@@ -980,16 +980,17 @@ def experiment_analyze(bundle_dir: Path, truth_paths: tuple[Path, ...], out_dir:
                    f"{mt['precision']}  recall {mt['recall']}  F1 {mt['f1']}")
 
 
-@experiment.command("import-dp3t")
-@click.argument("sqlite_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@experiment.command("import")
+@click.argument("data_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @friendly_errors
-def experiment_import_dp3t(sqlite_file: Path, out_dir: Path) -> None:
-    """A DP-3T bt-measurements `results` table -> an experiment folder (bundles + truth)."""
-    from agent.experiment.interchange import import_dp3t
+def experiment_import(data_file: Path, out_dir: Path) -> None:
+    """A published data set -> an experiment folder: a DP-3T bt-measurements `results` table
+    (SQLite; its distances become the truth) or the plain sightings CSV of `ctagent eval`."""
+    from agent.experiment.interchange import import_published
 
-    n = import_dp3t(sqlite_file, out_dir, now=_now())
-    click.echo(f"{out_dir}: {n:,} sightings imported")
+    import_published(data_file, out_dir, now=_now())
+    click.echo(f"{out_dir}: imported; `ctagent experiment analyze {out_dir}`")
 
 
 @experiment.command("export-dp3t")
@@ -1003,18 +1004,6 @@ def experiment_export_dp3t(bundle_dir: Path, out_file: Path, truth_paths: tuple[
 
     n = export_dp3t(bundle_dir, out_file, list(truth_paths))
     click.echo(f"{out_file}: {n:,} rows")
-
-
-@experiment.command("import-csv")
-@click.argument("csv_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
-@friendly_errors
-def experiment_import_csv(csv_file: Path, out_dir: Path) -> None:
-    """The plain sightings CSV of `ctagent eval` -> an experiment folder."""
-    from agent.experiment.interchange import import_eval_csv
-
-    n = import_eval_csv(csv_file, out_dir, now=_now())
-    click.echo(f"{out_dir}: {n:,} sightings imported")
 
 
 @main.command("sim-medium")

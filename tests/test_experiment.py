@@ -235,6 +235,12 @@ def test_dp3t_round_trip_and_eval_csv_import(synthetic, tmp_path):
     csv_path = tmp_path / "s.csv"
     csv_path.write_text("pair,timestamp,rssi,tx_power\nA>B,1000,-60,4\nA>B,1001,-61,\nlone,1002,-70,4\n")
     assert import_eval_csv(csv_path, tmp_path / "from-csv", now=0) == 3
+    from click.testing import CliRunner
+
+    from cli import main
+
+    r = CliRunner().invoke(main, ["experiment", "import", str(csv_path), "--out", str(tmp_path / "cli-csv")])
+    assert r.exit_code == 0 and (tmp_path / "cli-csv" / "A" / "manifest.json").exists(), r.output
     a = analyze(tmp_path / "from-csv")
     assert sorted(d.label for d in a.devices) == ["A", "B", "lone:rx", "lone:tx"]
     with pytest.raises(InputFileError, match="not an SQLite database"):
