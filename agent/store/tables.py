@@ -20,7 +20,7 @@ import json
 import logging
 import sqlite3
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
 
@@ -207,9 +207,12 @@ class EncounterTable:
         where, params = ("WHERE day >= ?", (since_day,)) if since_day is not None else ("", ())
         indexed = self._indexed(where, params)
         loose = self.get_many(self._unindexed_ids(indexed, where, params)).values()
-        entries = np.concatenate([*indexed.values(), _index_entries(loose)])
-        return MatchingArrays(entries["rpi"].tobytes(), entries["first"].copy(), entries["last"].copy(),
-                              entries["row"].copy())
+        parts = [*indexed.values(), _index_entries(loose)]
+        del indexed
+        # column by column: no second copy of the whole index at once
+        return MatchingArrays(b"".join([p["rpi"].tobytes() for p in parts]),
+                              np.concatenate([p["first"] for p in parts]), np.concatenate([p["last"] for p in parts]),
+                              np.concatenate([p["row"] for p in parts]))
 
     def index_unindexed(self) -> int:
         """Index the encounter rows that have no entry (written before the index
@@ -248,16 +251,23 @@ class ExposureTable:
 
     def add(self, exposure: Exposure) -> bool:
         """Store ``exposure`` unless one with the same uniqueness key exists; True if new."""
-        day = exposure.day
-        row_id = self._rows.new_id("exposures")
-        uid = self._rows.uid(day, exposure.uniqueness_key)
-        try:
-            with self._rows.transaction() as c:
-                c.execute("INSERT INTO exposures (id, day, blob, uid) VALUES (?, ?, ?, ?)",
-                          (row_id, day, self._rows.seal("exposures", row_id, day, exposure.to_bytes()), uid))
-        except sqlite3.IntegrityError:
-            return False
-        return True
+        return self.add_many([exposure]) == [True]
+
+    def add_many(self, exposures: Sequence[Exposure]) -> list[bool]:
+        """Store each exposure unless one with the same uniqueness key exists, in one
+        transaction (one sync to the disk); for each, whether it was new."""
+        if not exposures:
+            return []
+        new = []
+        with self._rows.transaction() as c:
+            for exposure in exposures:
+                day = exposure.day
+                row_id = self._rows.new_id("exposures")
+                uid = self._rows.uid(day, exposure.uniqueness_key)
+                cur = c.execute("INSERT OR IGNORE INTO exposures (id, day, blob, uid) VALUES (?, ?, ?, ?)",
+                                (row_id, day, self._rows.seal("exposures", row_id, day, exposure.to_bytes()), uid))
+                new.append(cur.rowcount == 1)
+        return new
 
     def all(self) -> list[Exposure]:
         return [Exposure.from_bytes(p, day) for _, day, p in self._rows.rows("exposures")]
@@ -445,26 +455,32 @@ class StateTable:
         return None if doc is None else kind.from_json(doc)
 
     def put(self, record: StateRecord) -> None:
-        self._write(type(record), record.to_json())
+        self.put_many([record])
+
+    def put_many(self, records: Sequence[StateRecord]) -> None:
+        """Write the records in one transaction (one sync to the disk)."""
+        with self._rows.transaction() as c:
+            for record in records:
+                self._write_in(c, type(record), record.to_json())
 
     def clear(self, kind: type[StateRecord]) -> None:
         self._write(kind, None)
 
     def _write(self, kind: type[StateRecord], doc: Any) -> None:
+        with self._rows.transaction() as c:
+            self._write_in(c, kind, doc)
+
+    def _write_in(self, c: sqlite3.Connection, kind: type[StateRecord], doc: Any) -> None:
         name = kind.STATE_NAME
         if kind.SENSITIVE:
             old = [i for i, _ in self._secret_rows(name)]
-            with self._rows.transaction() as c:
-                c.executemany("DELETE FROM secrets WHERE id = ?", [(i,) for i in old])
-                if doc is not None:
-                    self._put_secret(c, name, doc)
+            c.executemany("DELETE FROM secrets WHERE id = ?", [(i,) for i in old])
+            if doc is not None:
+                self._put_secret(c, name, doc)
+        elif doc is None:
+            c.execute("DELETE FROM sync_state WHERE name = ?", (name,))
         else:
-            with self._rows.transaction() as c:
-                if doc is None:
-                    c.execute("DELETE FROM sync_state WHERE name = ?", (name,))
-                else:
-                    c.execute("INSERT OR REPLACE INTO sync_state (name, value) VALUES (?, ?)",
-                              (name, json.dumps(doc)))
+            c.execute("INSERT OR REPLACE INTO sync_state (name, value) VALUES (?, ?)", (name, json.dumps(doc)))
 
     def encrypt_legacy_clear_values(self) -> None:
         for name in _LEGACY_CLEAR_SENSITIVE:
