@@ -37,51 +37,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PLANTED = 20
 
 
-# -- the device's store -----------------------------------------------------------------
-
-def fill_store(path: Path, per_day: int, planted: list[bytes], today: int, seed: int) -> None:
-    """14 days of ``per_day`` encounters (an RPI heard for 1-15 minutes, as the daemon
-    writes them: flush by flush, indexed as they close), and the 20 planted peers' RPIs
-    heard close for 10 minutes each."""
-    from agent.clock import ManualClock
-    from agent.exposure.encounter import Encounter, ScanWindow
-    from agent.protocol import gaen
-    from agent.store import KeyFile, Store, create_key_file
-
-    rng = random.Random(seed)
-    create_key_file(path.parent / "master.key")
-    clock = ManualClock(today * 86400 + 3600)
-    with Store.create(path, KeyFile(path.parent / "master.key"), clock=clock) as store:
-        for d in range(14):
-            day = today - 13 + d
-            batch: list[Encounter] = []
-            for i in range(per_day):
-                t = day * 86400 + i * 86400 / per_day
-                minutes = rng.randint(1, 15)
-                e = Encounter(rng.randbytes(16), rng.randbytes(4), t, t + 60 * minutes - 1)
-                base = int(t // 60)
-                e.windows = [ScanWindow(base + m, 30, 30 * 10 ** (rng.randint(-95, -60) / 10), -60)
-                             for m in range(minutes)]
-                batch.append(e)
-                if len(batch) == 200:  # a crowded minute's flush
-                    store.encounters.write(batch, closed=batch)
-                    batch = []
-            store.encounters.write(batch, closed=batch)
-        for i, tek in enumerate(planted):
-            rs = (today - 13 + i % 14) * 144
-            encs = []
-            for j in (60, 61, 62):
-                rpi = gaen.rpi(gaen.derive_rpik(tek), rs + j)
-                aem = gaen.encrypt_aem(gaen.derive_aemk(tek), rpi, gaen.metadata(-10))
-                t = (rs + j) * 600.0
-                e = Encounter(rpi, aem, t, t + 599)
-                e.windows = [ScanWindow(int(t // 60) + m, 30, 30 * 10 ** (-55 / 10), -52) for m in range(10)]
-                encs.append(e)
-            store.encounters.write(encs, closed=encs)
-        clock.t = (today + 1) * 86400  # the days are over: their index rows merged, one per day
-        store.encounters.compact_index(before_day=today + 1)
-
-
 # -- the backend ----------------------------------------------------------------------------
 
 def fill_backend(data_dir: Path, n: int, planted: list[bytes], today: int):
@@ -230,6 +185,7 @@ def main(argv=None) -> dict:
     from agent.clock import utc_day
     from backend.server import BackgroundServer
     from benchmarks.bench_matching import openssl_limit
+    from benchmarks.bench_store import crowded_store
 
     console = Console(width=170)
     today = utc_day(time.time())
@@ -255,7 +211,7 @@ def main(argv=None) -> dict:
                 src = tmp_path / f"store-{per_day}" / "agent.db"
                 src.parent.mkdir()
                 t = time.perf_counter()
-                fill_store(src, per_day, planted, today, a.seed)
+                crowded_store(src, per_day, today, a.seed, planted)
                 console.print(f"store of {per_day:,} RPIs/day x 14 days built in {time.perf_counter() - t:.1f} s "
                               f"({src.stat().st_size / 1e6:.0f} MB)")
                 runs: dict[str, list[dict]] = {"C": [], "Python": [], "ctagent sync": []}
