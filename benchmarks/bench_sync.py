@@ -114,19 +114,25 @@ def child(a: argparse.Namespace) -> None:
                       "exposed": sum(d.exposed for d in decisions), "peak_mb": vm["VmHWM"] / 1024}))
 
 
-def run_child(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
-    """(wall s, peak resident MB, stdout) of one command, its own rusage."""
+#: runs a Python program and prints its process's peak resident set (VmHWM) on stderr at
+#: exit: the rusage of a child forked from this large process would count the pages it
+#: shared with it before its exec
+_PEAK = ("import atexit, runpy, sys\n"
+         "atexit.register(lambda: print('VmHWM', open('/proc/self/status').read().split('VmHWM:')[1].split()[0],"
+         " file=sys.stderr))\n"
+         "sys.argv = sys.argv[1:]\n"
+         "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
+
+
+def run_child(module: str, args: list[str]) -> tuple[float, float, str]:
+    """(wall s, peak resident MB, stdout) of ``python -m module args`` in a process of its own."""
     t = time.perf_counter()
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                         env={**os.environ, **(env or {})})
-    out = p.stdout.read() if p.stdout else ""
-    err = p.stderr.read() if p.stderr else ""
-    _, status, usage = os.wait4(p.pid, 0)
+    p = subprocess.run([sys.executable, "-c", _PEAK, module, *args], capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode not in (0,):
-        raise SystemExit(f"{args[:4]} failed ({p.returncode}): {err[-2000:]}")
-    return wall, usage.ru_maxrss / 1024, out
+    if p.returncode != 0:
+        raise SystemExit(f"{module} {args[:3]} failed ({p.returncode}): {p.stderr[-2000:]}")
+    peak_kb = int(p.stderr.rsplit("VmHWM", 1)[1].split()[0])
+    return wall, peak_kb / 1024, p.stdout
 
 
 def naive(store_path: Path, export_files: list[Path], public_key: str, sample: int) -> dict[str, float]:
@@ -227,16 +233,15 @@ def main(argv=None) -> dict:
                             cfg.write_text(f'[agent]\ndata_dir = "{work}"\nkey = "keyfile"\n'
                                            f'[sync]\nbackend_url = "{srv.url}"\n'
                                            f'trusted_keys = ["{backend.public_key_b64}"]\n')
-                            wall, peak, out = run_child([sys.executable, "-m", "cli", "--config", str(cfg), "sync",
-                                                         "--json"])
+                            wall, peak, out = run_child("cli", ["--config", str(cfg), "sync", "--json"])
                             doc = json.loads(out)
                             runs[path].append({"wall_s": wall, "peak_mb": peak, "keys": doc["keys"],
                                                "exposed": doc["exposed"]})
                         else:
-                            cmd = [sys.executable, "-m", "benchmarks.bench_sync", "--child", "--store", str(store),
-                                   "--url", srv.url, "--public-key", backend.public_key_b64, "--workers",
-                                   str(a.workers)] + (["--python"] if path == "Python" else [])
-                            _, peak, out = run_child(cmd)
+                            args = ["--child", "--store", str(store), "--url", srv.url, "--public-key",
+                                    backend.public_key_b64, "--workers", str(a.workers)]
+                            _, peak, out = run_child("benchmarks.bench_sync",
+                                                     args + (["--python"] if path == "Python" else []))
                             doc = json.loads(out)
                             doc["process_peak_mb"] = peak
                             runs[path].append(doc)
