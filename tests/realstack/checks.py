@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -439,16 +440,14 @@ async def bumble_checks(st: Stack, rec: Recorder, names: dict[str, str], main_co
             for i in range(1000):
                 if time.monotonic() > deadline:
                     break
+                if figures.get("sightings", 0) and deadline - time.monotonic() > 12:
+                    deadline = time.monotonic() + 12  # it hears: 12 s more, for both peers
                 rpi = bytes([i % 256]) * 16
                 await (near.rotate if i else near.start)(rpi + bytes([0x40, 0, 0, 0]), "")
                 await (far.rotate if i else far.start)(rpi + bytes([0x41, 0, 0, 0]), "")
                 await asyncio.sleep(0.5)
-                try:
+                with contextlib.suppress(OSError, ValueError):
                     figures = json.loads(status.read_text())
-                except (OSError, ValueError):
-                    continue
-                if figures.get("sightings", 0) >= 12:
-                    break
         finally:
             proc.send_signal(signal.SIGTERM)
             code = await asyncio.to_thread(proc.wait, 30)
