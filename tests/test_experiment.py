@@ -271,6 +271,7 @@ def test_truth_readers_positions_markers_and_errors(tmp_path):
         load_truth([tmp_path / "other.csv"])
 
 
+@pytest.mark.integration  # a subprocess, and the report's figures
 def test_cli_experiment_join_mark_collect_analyze_and_calibration_fit(synthetic, tmp_path):
     import subprocess
     import sys
@@ -323,6 +324,7 @@ def test_robert_hellos_resolve_to_their_sender_by_ebid():
     assert resolve_advert("robert", b"\0" * 18, ids) is None
 
 
+@pytest.mark.integration  # the report's figures
 def test_analyze_reads_a_published_dp3t_file_unchanged(synthetic, tmp_path):
     from click.testing import CliRunner
 
