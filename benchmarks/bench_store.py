@@ -1,10 +1,17 @@
-"""Store ingest benchmark: a crowded day (200 peers in range all day).
+"""Store benchmark: a crowded day (200 peers in range all day), and reading 14 such days
+for matching.
 
-Measures sustained ingest (sightings/s through the aggregator, encrypted and written to
-the store, flushed every simulated minute) and storage bytes per device-day, next to a
-naive reference measured in the same run (one encrypted row per raw sighting).
+Ingest: sustained sightings/s through the aggregator, encrypted and written to the store,
+flushed every simulated minute, and storage bytes per device-day, next to a naive
+reference measured in the same run (one encrypted row per raw sighting).
+
+Read for matching: what matching needs of 14 days of ``--read-rpis-per-day`` encounters
+(RPI, first and last interval, row id), from the per-day index decrypted in bulk, next to
+the naive reference (every encounter row decrypted and decoded into an object) and the
+limit (decrypting the index's bytes at ``openssl speed``'s AES-256-GCM rate).
 
 Run:  .venv/bin/python -m benchmarks.bench_store [--peers 200] [--hz 0.5] [--hours 24]
+          [--read-rpis-per-day 22000] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -12,8 +19,11 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import secrets
 import sqlite3
+import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -73,13 +83,15 @@ def run_ctagent(path: Path, peers_n: int, hz: float, hours: float, seed: int, *,
             for ts, rpi, aem, rssi in batch:
                 add(ts, rpi, aem, rssi)
                 heard(ts, "", rssi, None, rpi + aem)
-        store.encounters.write(agg.flush(T0 + (minute + 1) * 60))
+        changed, closed = agg.flush_closing(T0 + (minute + 1) * 60)  # as the daemon: closed ones indexed
+        store.encounters.write(changed, closed=closed)
         if recorder is not None:
             recorder.flush(T0 + (minute + 1) * 60, clock_state)
         ingest_s += time.perf_counter() - t
         n += len(batch)
     t = time.perf_counter()
-    store.encounters.write(agg.flush(T0 + hours * 3600 + 1, final=True))
+    changed, closed = agg.flush_closing(T0 + hours * 3600 + 1, final=True)
+    store.encounters.write(changed, closed=closed)
     store.close()  # checkpoint: the WAL is folded into the file
     ingest_s += time.perf_counter() - t
     rows = sqlite3.connect(path).execute("SELECT COUNT(*) FROM encounters").fetchone()[0]
@@ -115,12 +127,89 @@ def run_naive(path: Path, peers_n: int, hz: float, minutes: int, seed: int):
     return n, ingest_s, db_bytes(path) * 24 * 60 / minutes
 
 
+def crowded_store(path: Path, per_day: int, today: int, seed: int, planted: list[bytes] = ()) -> None:
+    """14 days of ``per_day`` encounters (an RPI heard for 1-15 minutes, written as the
+    daemon writes them: flush by flush, indexed as they close, each day's index merged
+    once the day is over), and the ``planted`` peers' RPIs heard close for 10 minutes."""
+    from agent.clock import ManualClock
+    from agent.exposure.encounter import Encounter, ScanWindow
+    from agent.protocol import gaen
+    from agent.store import KeyFile, create_key_file
+
+    rng = random.Random(seed)
+    create_key_file(path.parent / "master.key")
+    clock = ManualClock(today * DAY_SECONDS + 3600)
+    with Store.create(path, KeyFile(path.parent / "master.key"), clock=clock) as store:
+        for d in range(14):
+            day = today - 13 + d
+            batch: list[Encounter] = []
+            for i in range(per_day):
+                t = day * DAY_SECONDS + i * DAY_SECONDS / per_day
+                minutes = rng.randint(1, 15)
+                e = Encounter(rng.randbytes(16), rng.randbytes(4), t, t + 60 * minutes - 1)
+                base = int(t // 60)
+                e.windows = [ScanWindow(base + m, 30, 30 * 10 ** (rng.randint(-95, -60) / 10), -60)
+                             for m in range(minutes)]
+                batch.append(e)
+                if len(batch) == 200:  # a crowded minute's flush
+                    store.encounters.write(batch, closed=batch)
+                    batch = []
+            store.encounters.write(batch, closed=batch)
+        for i, tek in enumerate(planted):
+            rs = (today - 13 + i % 14) * 144
+            encs = []
+            for j in (60, 61, 62):
+                rpi = gaen.rpi(gaen.derive_rpik(tek), rs + j)
+                aem = gaen.encrypt_aem(gaen.derive_aemk(tek), rpi, gaen.metadata(-10))
+                t = (rs + j) * 600.0
+                e = Encounter(rpi, aem, t, t + 599)
+                e.windows = [ScanWindow(int(t // 60) + m, 30, 30 * 10 ** (-55 / 10), -52) for m in range(10)]
+                encs.append(e)
+            store.encounters.write(encs, closed=encs)
+        store.encounters.compact_index(before_day=today + 1)  # the days are over: one index row each
+
+
+def gcm_limit_mb_s() -> float:
+    """AES-256-GCM at ``openssl speed``'s rate (16 KiB buffers), MB/s on one core."""
+    out = subprocess.run(["openssl", "speed", "-seconds", "1", "-bytes", "16384", "-evp", "aes-256-gcm"],
+                         capture_output=True, text=True, check=True).stdout
+    line = [ln for ln in out.splitlines() if ln.lower().startswith("aes-256-gcm")][-1]
+    return float(re.findall(r"([\d.]+)k", line)[-1]) / 1000
+
+
+def run_read(path: Path, per_day: int, repeat: int, seed: int) -> dict:
+    """Reading 14 crowded days for matching: ours (bulk index), the naive reference."""
+    from agent.clock import RealClock, utc_day
+    from agent.store import KeyFile
+
+    today = utc_day(time.time())
+    t = time.perf_counter()
+    crowded_store(path, per_day, today, seed)
+    build_s = time.perf_counter() - t
+    with Store.open(path, KeyFile(path.parent / "master.key"), clock=RealClock()) as store:
+        ours = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            arrays = store.encounters.matching_arrays(since_day=today - 13)
+            ours.append(time.perf_counter() - t)
+        index_bytes = store.conn.execute("SELECT SUM(LENGTH(blob)) FROM encounter_index").fetchone()[0]
+        t = time.perf_counter()
+        naive_n = sum(1 for _ in store.encounters.read(since_day=today - 13))
+        naive_s = time.perf_counter() - t
+    if naive_n != len(arrays):
+        raise SystemExit(f"read {len(arrays)} encounters for matching, {naive_n} rows")
+    return {"encounters": len(arrays), "build_s": build_s, "ours_s": ours, "naive_s": naive_s,
+            "index_mb": index_bytes / 1e6, "limit_s": index_bytes / 1e6 / gcm_limit_mb_s()}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peers", type=int, default=200)
     ap.add_argument("--hz", type=float, default=0.5, help="sightings per second per peer")
     ap.add_argument("--hours", type=float, default=24.0)
     ap.add_argument("--naive-minutes", type=int, default=30)
+    ap.add_argument("--read-rpis-per-day", type=int, default=22_000, help="0: skip reading for matching")
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1)
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
@@ -128,6 +217,9 @@ def main(argv=None) -> dict:
         rn, rsecs, rbytes_day, rrows = run_ctagent(Path(d) / "research.db", a.peers, a.hz, a.hours, a.seed,
                                                    research=True)
         nn, nsecs, nbytes_day = run_naive(Path(d) / "naive.db", a.peers, a.hz, a.naive_minutes, a.seed)
+        if a.read_rpis_per_day:
+            (Path(d) / "read").mkdir()
+            read = run_read(Path(d) / "read" / "agent.db", a.read_rpis_per_day, a.repeat, a.seed)
     res = {
         "sightings": n, "ingest_per_s": n / secs, "mb_per_day": bytes_day / 1e6, "rows": rows,
         "naive_per_s": nn / nsecs, "naive_mb_per_day": nbytes_day / 1e6,
@@ -143,6 +235,18 @@ def main(argv=None) -> dict:
     t.add_row(f"naive ({a.naive_minutes} min, scaled)", f"{nn:,}",
               f"{res['naive_per_s']:,.0f}", f"{res['naive_mb_per_day']:.1f}", "1 per sighting")
     Console().print(t)
+    if a.read_rpis_per_day:
+        res["read"] = read
+        rt = Table(title=f"Reading the store for matching: {read['encounters']:,} encounters (14 days x "
+                         f"{a.read_rpis_per_day:,}), index {read['index_mb']:.1f} MB; median (min-max) of {a.repeat}")
+        for c in ("method", "seconds"):
+            rt.add_column(c, justify="right")
+        ours = read["ours_s"]
+        rt.add_row("limit: the index's bytes at openssl speed's AES-256-GCM rate", f"{read['limit_s']:.3f}")
+        rt.add_row("ctagent: per-day index rows decrypted in bulk",
+                   f"{statistics.median(ours):.3f} ({min(ours):.3f}-{max(ours):.3f})")
+        rt.add_row("naive: every encounter row decrypted and decoded", f"{read['naive_s']:.2f}")
+        Console().print(rt)
     return res
 
 

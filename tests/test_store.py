@@ -426,3 +426,61 @@ def test_matching_index_is_bulk_encrypted_compacted_and_erased(tmp_path):
     with Store.open(path, fast_passphrase(), clock=clock) as s:  # retention: both days erased, index too
         assert s.conn.execute("SELECT COUNT(*) FROM encounter_index").fetchone()[0] == 0
         assert len(s.encounters.matching_arrays()) == 0
+
+
+# -- durability: the daemon's store syncs every commit; only the demo's may not ------------
+
+_COUNT_SYNCS = r"""
+import sys
+from pathlib import Path
+from agent.clock import ManualClock
+from agent.store import Passphrase, Store
+from tests.test_store import make_encounters
+durable = sys.argv[2] == "durable"
+s = Store.create(Path(sys.argv[1]), Passphrase("p", scrypt={"n": 2**10, "r": 8, "p": 1}),
+                 clock=ManualClock(20000 * 86400 + 3600), durable=durable)
+print("WRITING", flush=True)
+for k in range(20):
+    s.encounters.write(make_encounters(3, seed=k))
+print("DONE", flush=True)
+"""
+
+
+def _fdatasyncs_while_writing(tmp_path, mode: str) -> int:
+    """fdatasync calls (SQLite's commits; the keyring's new day keys use fsync) between
+    WRITING and DONE, counted by strace (writes of the marker lines delimit the span)."""
+    import re
+    log = tmp_path / f"strace-{mode}.txt"
+    r = subprocess.run(["strace", "-f", "-e", "trace=fdatasync,fsync,write", "-o", str(log), sys.executable, "-c",
+                        _COUNT_SYNCS, str(tmp_path / f"{mode}.db"), mode], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if r.returncode != 0 or "DONE" not in r.stdout:
+        pytest.skip(f"strace cannot trace here: {r.stderr.strip()[-200:]}")
+    text = log.read_text()
+    span = text[text.index("WRITING"):text.index("DONE")]
+    return len(re.findall(r"\bfdatasync\(", span))
+
+
+def test_the_daemons_store_syncs_every_commit_and_the_demos_need_not(tmp_path, store):
+    """The daemon opens its store through agent.app (durable: synchronous=FULL, an
+    fdatasync per committed batch); the demo's simulated devices ask for synchronous=OFF."""
+    assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: the default
+    from agent import app
+    from agent.config import Config
+    cfg = Config()
+    cfg.agent.data_dir = str(tmp_path / "device")
+    cfg.agent.key = "keyfile"
+    (tmp_path / "device").mkdir()
+    create_key_file(cfg.key_file)
+    Store.create(cfg.db_path, KeyFile(cfg.key_file)).close()
+    with app.open_store(cfg) as device_store:  # the daemon's and every command's way in
+        assert device_store.conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    from agent.demo.fleet import Fleet
+    import random
+    from agent.exposure.rule import ProximityConfig
+    with Fleet("gaen", 4, 1, 1, random.Random(1), ManualClock(T0), ProximityConfig()) as fleet:
+        assert {s.conn.execute("PRAGMA synchronous").fetchone()[0] for s in fleet.stores} == {0}  # OFF
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed: the syscalls themselves are not counted")
+    assert _fdatasyncs_while_writing(tmp_path, "durable") >= 20  # one (or more) per committed batch
+    assert _fdatasyncs_while_writing(tmp_path, "not-durable") == 0

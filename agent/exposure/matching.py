@@ -105,7 +105,7 @@ class EncounterIndex:
     def __init__(self, encounters: Sequence[Encounter] = ()) -> None:
         encs = list(encounters)
         firsts = np.fromiter((gaen.en_interval_number(e.first_seen) for e in encs), np.int64, len(encs))
-        lasts = np.fromiter((gaen.en_interval_number(e.last_seen) for e in encs), np.int64, len(encs))
+        lasts = np.fromiter((gaen.en_interval_number(e.last_seen) for e in encs), np.int64, len(encs))  # clipped below
         self._init(b"".join(e.rpi for e in encs), firsts, lasts, np.arange(len(encs), dtype=np.int64))
         #: row id -> encounter, when built from records
         self.encounters: dict[int, Encounter] | None = dict(enumerate(encs))
@@ -114,20 +114,23 @@ class EncounterIndex:
     def from_arrays(cls, rpis: bytes, first_enin: npt.ArrayLike, last_enin: npt.ArrayLike,
                     row_ids: npt.ArrayLike) -> EncounterIndex:
         self = cls.__new__(cls)
-        self._init(rpis, np.asarray(first_enin, np.int64), np.asarray(last_enin, np.int64),
-                   np.asarray(row_ids, np.int64))
+        self._init(rpis, np.asarray(first_enin), np.asarray(last_enin), np.asarray(row_ids))
         self.encounters = None
         return self
 
-    def _init(self, rpis: bytes, first: npt.NDArray[np.int64], last: npt.NDArray[np.int64],
-              row_ids: npt.NDArray[np.int64]) -> None:
+    def _init(self, rpis: bytes, first: npt.NDArray[np.integer], last: npt.NDArray[np.integer],
+              row_ids: npt.NDArray[np.integer]) -> None:
         n = len(first)
         if len(rpis) != 16 * n or len(last) != n or len(row_ids) != n:
             raise ValueError("inconsistent encounter arrays")
         self.rpis = bytes(rpis)
         # intervals are 32-bit on the air: anything else is a clock gone wrong, kept in range
-        self.first = np.clip(first, 0, 2**32 - 1)
-        self.last = np.clip(np.maximum(last, first), 0, 2**32 - 1)
+        if first.dtype != np.uint32:
+            first = np.clip(first, 0, 2**32 - 1).astype(np.uint32)
+        if last.dtype != np.uint32:
+            last = np.clip(last, 0, 2**32 - 1).astype(np.uint32)
+        self.first = first
+        self.last = np.maximum(last, first)
         self.row_ids = row_ids
         self.min_enin = int(self.first.min()) if n else 1
         self.max_enin = int(self.last.max()) if n else 0
@@ -151,7 +154,7 @@ class EncounterIndex:
         if ix is None:
             assert _fastmatch is not None
             ix = self._native[tolerance] = _fastmatch.Index(
-                self.rpis, self.first.astype("<u4").tobytes(), self.last.astype("<u4").tobytes(), tolerance,
+                self.rpis, self.first.astype("<u4", copy=False), self.last.astype("<u4", copy=False), tolerance,
                 secrets.token_bytes(40))
         return ix
 
@@ -173,8 +176,8 @@ class _PyIndex:
         if n:
             prefixes = np.frombuffer(index.rpis, dtype="<u4")[::4] & ((1 << self.bits) - 1)
             self.table[prefixes] = True
-        lo_day = _floordiv_day(index.first - tolerance).tolist()
-        hi_day = _floordiv_day(index.last + tolerance).tolist()
+        lo_day = _floordiv_day(index.first.astype(np.int64) - tolerance).tolist()
+        hi_day = _floordiv_day(index.last.astype(np.int64) + tolerance).tolist()
         self.entries: dict[bytes, list[tuple[int, int, int]]] = {}
         rp = index.rpis
         for i in range(n):

@@ -217,8 +217,9 @@ class ExposureCheck:
         heard = (store.heard_minutes.read(since_day=utc_day(self.now) - store.retention_days + 1)
                  if self.mode.config.rule == "hmm" and self.matches else None)
         decisions = decide_matches(self.matches, self.mode.config, self.mode.calibration, heard=heard)
-        for d in decisions:
-            if d.exposed and self.mode.store.exposures.add(d.to_exposure(self.now)):
+        exposed = [d for d in decisions if d.exposed]
+        for d, new in zip(exposed, store.exposures.add_many([d.to_exposure(self.now) for d in exposed])):
+            if new:
                 log.info("exposure found: day=%d minutes=%.1f", d.day.day, d.day.minutes)
         return decisions
 

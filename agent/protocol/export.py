@@ -16,7 +16,9 @@ import dataclasses
 import enum
 import hashlib
 import io
+import struct
 import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +39,9 @@ try:  # the optional C parser (setup.py); the protobuf runtime does the same wor
     from . import _fastexport  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - depends on the build
     _fastexport = None
+
+#: what export.bin may come as: bytes, or the buffer it was inflated into
+Bytes = bytes | bytearray | memoryview
 
 #: the generated protobuf module (protoc writes no type information)
 pb: Any = export_pb2
@@ -531,7 +536,7 @@ def _parse_native(body: bytes | memoryview) -> PackedExport:
                         _packed_from_arrays(revised), tuple(sig_infos))
 
 
-def parse_export_bin_packed(export_bin: bytes, *, native: bool = True) -> PackedExport:
+def parse_export_bin_packed(export_bin: Bytes, *, native: bool = True) -> PackedExport:
     """Parse a bare export.bin (header + protobuf) into arrays, no object per key. No
     signature is checked. ``native=False`` reads it with the protobuf runtime."""
     if len(export_bin) < HEADER_LEN or export_bin[:HEADER_LEN] != HEADER:
@@ -547,36 +552,92 @@ def parse_export_bin(export_bin: bytes) -> Export:
     return parse_export_bin_packed(bytes(export_bin)).to_export()
 
 
-def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+#: a zip's local file header (APPNOTE.TXT 4.3.7): signature, version, flags, method, time,
+#: date, CRC-32, compressed size, size, name length, extra field length
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
+
+
+def _read_member(data: bytes, info: zipfile.ZipInfo, limit: int) -> bytearray:
+    """A member's bytes, inflated straight from ``data`` (no copy of its compressed bytes),
+    at most ``limit`` of them, its CRC-32 checked."""
     if info.file_size > limit:
         raise ExportTooLargeError(f"{info.filename} is {info.file_size} bytes uncompressed, limit {limit}")
-    with z.open(info) as f:  # the declared size can lie: read at most limit+1 bytes
-        data = f.read(limit + 1)
-    if len(data) > limit:
+    if info.flag_bits & 0x1:
+        raise ExportFormatError(f"{info.filename} is encrypted")
+    sig, _, _, _, _, _, _, _, _, name_len, extra_len = _LOCAL_HEADER.unpack_from(data, info.header_offset)
+    start = info.header_offset + _LOCAL_HEADER.size
+    name = bytes(data[start : start + name_len])
+    if sig != b"PK\x03\x04" or name not in (info.orig_filename.encode(), info.orig_filename.encode("cp437", "replace")):
+        raise ExportFormatError(f"{info.filename}: its local header does not match the zip's directory")
+    start += name_len + extra_len
+    raw = memoryview(data)[start : start + info.compress_size]
+    if len(raw) != info.compress_size:
+        raise ExportFormatError(f"{info.filename} is cut short")
+    out: bytearray | None
+    if info.compress_type == zipfile.ZIP_STORED:
+        out = bytearray(raw[: limit + 1])
+    elif info.compress_type == zipfile.ZIP_DEFLATED:
+        out = _inflate(raw, info.file_size, limit)
+        if out is None:
+            raise ExportFormatError(f"{info.filename}: its deflate stream is cut short")
+    else:
+        raise ExportFormatError(f"{info.filename}: compression method {info.compress_type} is not allowed")
+    if len(out) > limit:
         raise ExportTooLargeError(f"{info.filename} inflates past {limit} bytes")
-    return data
+    if zlib.crc32(out) != info.CRC:
+        raise ExportFormatError(f"{info.filename}: CRC-32 does not match")
+    return out
 
 
-def unzip_export(data: bytes, *, max_uncompressed: int = DEFAULT_MAX_UNCOMPRESSED) -> tuple[bytes, bytes]:
-    """(export.bin, export.sig) from an export zip; exactly those two members allowed."""
+def _inflate(raw: memoryview, size: int, limit: int) -> bytearray | None:
+    """A raw deflate stream inflated into one buffer of the declared ``size`` (grown if
+    that lied), in steps of 256 KiB in and at most 1 MiB out: never more than ``limit``
+    + 1 bytes, never a second copy of the whole. None when the stream ends early."""
+    out = bytearray(size)
+    inflate = zlib.decompressobj(-15)
+    pos = 0
+    for off in range(0, len(raw), 1 << 18):
+        data: bytes | memoryview = raw[off : off + (1 << 18)]
+        while data and not inflate.eof:
+            chunk = inflate.decompress(data, min(1 << 20, limit + 1 - pos))
+            data = inflate.unconsumed_tail
+            end = pos + len(chunk)
+            if end > len(out):
+                out.extend(bytes(end - len(out)))
+            out[pos:end] = chunk
+            pos = end
+            if pos > limit:
+                return out  # the caller says it is too large
+        if inflate.eof:
+            break
+    if not inflate.eof:
+        return None
+    del out[pos:]
+    return out
+
+
+def unzip_export(data: bytes, *, max_uncompressed: int = DEFAULT_MAX_UNCOMPRESSED) -> tuple[bytearray, bytes]:
+    """(export.bin, export.sig) from an export zip; exactly those two members allowed.
+    export.bin is the buffer it was inflated into (every reader here takes one)."""
+    data = bytes(data)
     try:
-        with zipfile.ZipFile(io.BytesIO(bytes(data))) as z:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:  # the directory only: BytesIO shares the bytes
             infos = z.infolist()
-            names = sorted(i.filename for i in infos)
-            if names != sorted([EXPORT_BIN, EXPORT_SIG]):
-                raise ExportFormatError(f"export zip must hold exactly export.bin and export.sig, found {names}")
-            by_name = {i.filename: i for i in infos}
-            export_bin = _read_member(z, by_name[EXPORT_BIN], max_uncompressed)
-            export_sig = _read_member(z, by_name[EXPORT_SIG], MAX_SIG_BYTES)
+        names = sorted(i.filename for i in infos)
+        if names != sorted([EXPORT_BIN, EXPORT_SIG]):
+            raise ExportFormatError(f"export zip must hold exactly export.bin and export.sig, found {names}")
+        by_name = {i.filename: i for i in infos}
+        export_bin = _read_member(data, by_name[EXPORT_BIN], max_uncompressed)
+        export_sig = bytes(_read_member(data, by_name[EXPORT_SIG], MAX_SIG_BYTES))
     except ExportError:
         raise
-    except Exception as e:  # BadZipFile, zlib.error, EOFError, NotImplementedError, ...
+    except Exception as e:  # BadZipFile, zlib.error, struct.error, ...
         raise ExportFormatError(f"not a readable export zip: {type(e).__name__}: {e}") from None
     return export_bin, export_sig
 
 
 def verify_signature(
-    export_bin: bytes, export_sig: bytes, trusted_keys: Sequence[bytes | str | ec.EllipticCurvePublicKey]
+    export_bin: Bytes, export_sig: bytes, trusted_keys: Sequence[bytes | str | ec.EllipticCurvePublicKey]
 ) -> str:
     """Return the key id of the first signature that verifies with a trusted key."""
     pubs = [load_public_key(k) for k in trusted_keys]
@@ -594,7 +655,7 @@ def verify_signature(
     for s in lst.signatures:
         for pub in pubs:
             try:
-                pub.verify(bytes(s.signature), bytes(export_bin), ec.ECDSA(hashes.SHA256()))
+                pub.verify(bytes(s.signature), export_bin, ec.ECDSA(hashes.SHA256()))
             except (InvalidSignature, ValueError):
                 continue
             return str(s.signature_info.verification_key_id)
@@ -621,9 +682,14 @@ def parse_export_packed(
             raise ExportTooLargeError(f"export.bin is {len(data)} bytes, limit {max_uncompressed}")
         return parse_export_bin_packed(data)
     export_bin, export_sig = unzip_export(data, max_uncompressed=max_uncompressed)
-    del data
     if trusted_keys is None:
         return parse_export_bin_packed(export_bin)
+    return parse_verified(export_bin, export_sig, trusted_keys=trusted_keys)
+
+
+def parse_verified(export_bin: Bytes, export_sig: bytes, *,
+                   trusted_keys: Sequence[bytes | str | ec.EllipticCurvePublicKey]) -> PackedExport:
+    """export.bin read into arrays once export.sig verified it with a trusted key."""
     key_id = verify_signature(export_bin, export_sig, trusted_keys)
     exp = parse_export_bin_packed(export_bin)
     return dataclasses.replace(exp, verified=True, verified_key_id=key_id)

@@ -273,7 +273,12 @@ class Store:
     # -- opening ------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike[str], key: MasterKeySource, *, clock: Clock | None = None,
-               retention_days: int = DEFAULT_RETENTION_DAYS, research_retention_days: int | None = None) -> Store:
+               retention_days: int = DEFAULT_RETENTION_DAYS, research_retention_days: int | None = None,
+               durable: bool = True) -> Store:
+        """A new store. ``durable=False``: its commits are not synced to the disk (SQLite
+        ``synchronous=OFF``), for stores that need not survive a power cut (the demo's
+        simulated devices, whose durability is not what the demo shows); a device's store
+        is always durable."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = StoreLock(path).acquire()
@@ -284,7 +289,7 @@ class Store:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # SQLite gives -wal/-shm the same mode
             os.close(fd)
             return cls._open_db(path, ring, clock=clock or RealClock(), retention_days=retention_days, lock=lock,
-                                research_retention_days=research_retention_days)
+                                research_retention_days=research_retention_days, durable=durable)
         except BaseException:
             lock.release()
             raise
@@ -313,7 +318,7 @@ class Store:
 
     @classmethod
     def _open_db(cls, path: Path, ring: Keyring, *, clock: Clock, retention_days: int,
-                 lock: StoreLock | None, research_retention_days: int | None = None) -> Store:
+                 lock: StoreLock | None, research_retention_days: int | None = None, durable: bool = True) -> Store:
         if retention_days < 1:
             raise StoreError("retention_days must be at least 1")
         try:
@@ -329,7 +334,8 @@ class Store:
             db = sqlite_utils.Database(conn)
             if lock is not None:
                 conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")  # each committed batch survives a power cut
+                # each committed batch survives a power cut (unless asked not to: see create)
+                conn.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=OFF")
                 conn.execute("PRAGMA secure_delete=ON")
                 conn.execute("PRAGMA foreign_keys=ON")
                 cls._migrate(db, version, clock.now())

@@ -20,7 +20,7 @@ import json
 import logging
 import sqlite3
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
 
@@ -178,10 +178,14 @@ class EncounterTable:
             blobs.setdefault(day, []).append(plain)
         out = {}
         for day, parts in blobs.items():
-            entries = np.frombuffer(b"".join(parts), _INDEX_ENTRY)
-            if len(np.unique(entries["row"])) != len(entries):
-                _, last = np.unique(entries["row"][::-1], return_index=True)
-                entries = entries[::-1][last]
+            entries = np.frombuffer(parts[0] if len(parts) == 1 else b"".join(parts), _INDEX_ENTRY)
+            if len(parts) > 1:  # one merged row holds each row id once; several may repeat one
+                rows = entries["row"][::-1]
+                order = np.argsort(rows, kind="stable")
+                keep = np.ones(len(rows), np.bool_)
+                keep[1:] = rows[order[1:]] != rows[order[:-1]]
+                if not keep.all():
+                    entries = entries[::-1][np.sort(order[keep])]
             out[day] = entries
         return out
 
@@ -191,6 +195,16 @@ class EncounterTable:
         whose rows and entries agree in number and sum of row ids is not listed."""
         conn = self._rows.conn
         out: list[int] = []
+        # an encounter is indexed when it closes, minutes after it was last heard; one left
+        # open by a crash (or written before the index) is indexed at the next open. So
+        # only the two latest days, and days whose index rows were not merged into one,
+        # can miss rows: the others are not counted (a scan of every row's id)
+        (latest,) = conn.execute(f"SELECT MAX(day) FROM encounters {where}", params).fetchone()
+        if latest is None:
+            return out
+        days = [d for d, entries in indexed.items() if d < latest - 1 and self._index_rows_of(d) == 1]
+        where += (" AND " if where else "WHERE ") + f"day NOT IN ({','.join('?' * len(days))})"
+        params = (*params, *days)
         for day, n, total in conn.execute(f"SELECT day, COUNT(*), SUM(id) FROM encounters {where} GROUP BY day",
                                           params):
             entries = indexed.get(day)
@@ -201,15 +215,21 @@ class EncounterTable:
             out.extend(i for (i,) in conn.execute("SELECT id FROM encounters WHERE day = ?", (day,)) if i not in known)
         return out
 
+    def _index_rows_of(self, day: int) -> int:
+        return int(self._rows.conn.execute("SELECT COUNT(*) FROM encounter_index WHERE day = ?", (day,)).fetchone()[0])
+
     def matching_arrays(self, *, since_day: int | None = None) -> MatchingArrays:
         """The RPI, first and last interval and row id of every encounter since
         ``since_day``: the index decrypted in bulk, plus the rows not indexed yet."""
         where, params = ("WHERE day >= ?", (since_day,)) if since_day is not None else ("", ())
         indexed = self._indexed(where, params)
         loose = self.get_many(self._unindexed_ids(indexed, where, params)).values()
-        entries = np.concatenate([*indexed.values(), _index_entries(loose)])
-        return MatchingArrays(entries["rpi"].tobytes(), entries["first"].copy(), entries["last"].copy(),
-                              entries["row"].copy())
+        parts = [*indexed.values(), _index_entries(loose)]
+        del indexed
+        # column by column: no second copy of the whole index at once
+        return MatchingArrays(b"".join([p["rpi"].tobytes() for p in parts]),
+                              np.concatenate([p["first"] for p in parts]), np.concatenate([p["last"] for p in parts]),
+                              np.concatenate([p["row"] for p in parts]))
 
     def index_unindexed(self) -> int:
         """Index the encounter rows that have no entry (written before the index
@@ -248,16 +268,23 @@ class ExposureTable:
 
     def add(self, exposure: Exposure) -> bool:
         """Store ``exposure`` unless one with the same uniqueness key exists; True if new."""
-        day = exposure.day
-        row_id = self._rows.new_id("exposures")
-        uid = self._rows.uid(day, exposure.uniqueness_key)
-        try:
-            with self._rows.transaction() as c:
-                c.execute("INSERT INTO exposures (id, day, blob, uid) VALUES (?, ?, ?, ?)",
-                          (row_id, day, self._rows.seal("exposures", row_id, day, exposure.to_bytes()), uid))
-        except sqlite3.IntegrityError:
-            return False
-        return True
+        return self.add_many([exposure]) == [True]
+
+    def add_many(self, exposures: Sequence[Exposure]) -> list[bool]:
+        """Store each exposure unless one with the same uniqueness key exists, in one
+        transaction (one sync to the disk); for each, whether it was new."""
+        if not exposures:
+            return []
+        new = []
+        with self._rows.transaction() as c:
+            for exposure in exposures:
+                day = exposure.day
+                row_id = self._rows.new_id("exposures")
+                uid = self._rows.uid(day, exposure.uniqueness_key)
+                cur = c.execute("INSERT OR IGNORE INTO exposures (id, day, blob, uid) VALUES (?, ?, ?, ?)",
+                                (row_id, day, self._rows.seal("exposures", row_id, day, exposure.to_bytes()), uid))
+                new.append(cur.rowcount == 1)
+        return new
 
     def all(self) -> list[Exposure]:
         return [Exposure.from_bytes(p, day) for _, day, p in self._rows.rows("exposures")]
@@ -445,26 +472,32 @@ class StateTable:
         return None if doc is None else kind.from_json(doc)
 
     def put(self, record: StateRecord) -> None:
-        self._write(type(record), record.to_json())
+        self.put_many([record])
+
+    def put_many(self, records: Sequence[StateRecord]) -> None:
+        """Write the records in one transaction (one sync to the disk)."""
+        with self._rows.transaction() as c:
+            for record in records:
+                self._write_in(c, type(record), record.to_json())
 
     def clear(self, kind: type[StateRecord]) -> None:
         self._write(kind, None)
 
     def _write(self, kind: type[StateRecord], doc: Any) -> None:
+        with self._rows.transaction() as c:
+            self._write_in(c, kind, doc)
+
+    def _write_in(self, c: sqlite3.Connection, kind: type[StateRecord], doc: Any) -> None:
         name = kind.STATE_NAME
         if kind.SENSITIVE:
             old = [i for i, _ in self._secret_rows(name)]
-            with self._rows.transaction() as c:
-                c.executemany("DELETE FROM secrets WHERE id = ?", [(i,) for i in old])
-                if doc is not None:
-                    self._put_secret(c, name, doc)
+            c.executemany("DELETE FROM secrets WHERE id = ?", [(i,) for i in old])
+            if doc is not None:
+                self._put_secret(c, name, doc)
+        elif doc is None:
+            c.execute("DELETE FROM sync_state WHERE name = ?", (name,))
         else:
-            with self._rows.transaction() as c:
-                if doc is None:
-                    c.execute("DELETE FROM sync_state WHERE name = ?", (name,))
-                else:
-                    c.execute("INSERT OR REPLACE INTO sync_state (name, value) VALUES (?, ?)",
-                              (name, json.dumps(doc)))
+            c.execute("INSERT OR REPLACE INTO sync_state (name, value) VALUES (?, ?)", (name, json.dumps(doc)))
 
     def encrypt_legacy_clear_values(self) -> None:
         for name in _LEGACY_CLEAR_SENSITIVE:

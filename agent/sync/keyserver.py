@@ -253,8 +253,11 @@ class KeyServerClient:
                 failed.append(name)
                 continue
             try:
-                exp = export.parse_export_packed(self.transport.fetch(url, max_bytes=self.max_export_bytes),
-                                                 trusted_keys=self.trusted_keys)
+                data = self.transport.fetch(url, max_bytes=self.max_export_bytes)
+                export_bin, export_sig = export.unzip_export(data)
+                del data  # the zip goes before the keys' arrays come
+                exp = export.parse_verified(export_bin, export_sig, trusted_keys=self.trusted_keys)
+                del export_bin
             except (BackendUnreachable, BackendRejected, export.ExportError) as e:
                 log.warning("sync: export file failed (%s: %s); retried next sync", type(e).__name__, e)
                 failed.append(name)
@@ -272,11 +275,12 @@ class KeyServerClient:
         """Remember what ``result`` processed (after its keys were matched)."""
         old = store.state.get(ProcessedExports)
         names = list(dict.fromkeys((old.names if old else ()) + result.processed))[-MAX_REMEMBERED_FILES:]
-        store.state.put(ProcessedExports(tuple(names)))
+        records: list[Any] = [ProcessedExports(tuple(names))]
         if not result.files_failed and not result.offline:
             if result.index_etag:  # only once every listed file was processed
-                store.state.put(IndexEtag(result.index_etag))
-            store.state.put(LastSync(self.clock.now()))
+                records.append(IndexEtag(result.index_etag))
+            records.append(LastSync(self.clock.now()))
+        store.state.put_many(records)  # together: one sync to the disk
 
     # -- declare positive -------------------------------------------------------------
     def declare(self, code: str, teks: Sequence[TemporaryExposureKey], store: Store, *, now: float) -> DeclareResult:

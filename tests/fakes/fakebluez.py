@@ -24,7 +24,9 @@ extended one a fresh address per registration, kept on a payload change. Over-lo
 advertisements fail with org.bluez.Error.Failed, a broadcast with Discoverable fails to
 parse. A legacy controller refuses a new random address while it scans (as real chips do,
 Core v5.3 Vol 4 Part E 7.8.4): a registration then fails, a payload change leaves the
-advertisement registered but silent.
+advertisement registered but silent. Not modelled: what goes on air (Flags, intervals: the
+real-stack tests read those off the HCI trace) and the controller's duplicate filter,
+which Linux turns on for discovery (the fake reports every packet with DuplicateData).
 
 RSSI follows the project's one radio model (``agent.ble.sim.medium.packet_rssi``: the
 shared log-distance path loss and Rayleigh fading), with a Raspberry Pi 3's calibration.

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import shutil
+import tomllib
 import time
 import traceback
 from collections.abc import Awaitable, Callable
@@ -116,12 +120,13 @@ class Recorder:
         self.only = only  # the operations to do (None: all)
         self.observations: list[dict[str, Any]] = []
 
-    async def run(self, kind: str, op: str, fn: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+    async def run(self, kind: str, op: str, fn: Callable[[], Awaitable[dict[str, Any]]],
+                  timeout_s: float = 60) -> None:
         if self.only is not None and op not in self.only:
             return
         t0 = time.time()
         try:
-            details = await asyncio.wait_for(fn(), 60)
+            details = await asyncio.wait_for(fn(), timeout_s)
             error = None
         except BluezError as e:
             details, error = {}, e.name + ": " + e.text
@@ -360,7 +365,7 @@ async def find_bumble(st: Stack, vhci_log: Path) -> dict[str, str]:
     return out
 
 
-async def bumble_checks(st: Stack, rec: Recorder, names: dict[str, str], main_conf: Path) -> None:
+async def bumble_checks(st: Stack, rec: Recorder, names: dict[str, str], main_conf: Path, out: Path) -> None:
     """On modelled controllers: the legacy chip's refusal, and RSSI from the radio model."""
     PAIRS["bumble"] = (names["near"], names["rx"])
     rec.only = {"caps", "register", "rotate-while-scanning", "update-while-scanning"}
@@ -404,6 +409,55 @@ async def bumble_checks(st: Stack, rec: Recorder, names: dict[str, str], main_co
 
     await rec.run("bumble", "rssi-by-distance", rssi_by_distance)
 
+    config = out / "agent" / "ctagent.toml"  # `ctagent init` ran on the host (test_realstack.py)
+    if not config.exists():
+        return
+
+    async def ctagent_run() -> dict[str, Any]:
+        """``ctagent run --radio bluez`` on rx (initialised on the host) while near and far
+        broadcast Exposure Notification frames, rotating so that each is reported."""
+        import signal
+        import subprocess
+        import sys
+
+        clock = RealClock()
+        near = BluezAdvertiser(names["near"], clock=clock, service_uuid16=EN_SERVICE_UUID16)
+        far = BluezAdvertiser(names["far"], clock=clock, service_uuid16=EN_SERVICE_UUID16)
+        # SQLite gets "disk I/O error" on the 9p share: the store runs on the VM's tmpfs and
+        # is copied back for the host to read
+        shared = Path(tomllib.loads(config.read_text())["agent"]["data_dir"])
+        local = Path("/tmp/ctagent-data")
+        shutil.copytree(shared, local, dirs_exist_ok=True)
+        status = local / "status.json"
+        env = {**os.environ, "CTAGENT_CONFIG": str(config), "CTAGENT_AGENT_DATA_DIR": str(local),
+               "CTAGENT_RADIO_ADAPTER": names["rx"], "CTAGENT_AGENT_FLUSH_INTERVAL_S": "1",
+               "CTAGENT_AGENT_CLOCK_CHECK": "off"}
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "run", "--radio", "bluez"], env=env,
+                                stderr=subprocess.PIPE, text=True)
+        figures: dict[str, Any] = {}
+        deadline = time.monotonic() + 120  # the daemon's start alone takes 20-40 s in the VM
+        try:
+            for i in range(1000):
+                if time.monotonic() > deadline:
+                    break
+                if figures.get("sightings", 0) and deadline - time.monotonic() > 12:
+                    deadline = time.monotonic() + 12  # it hears: 12 s more, for both peers
+                rpi = bytes([i % 256]) * 16
+                await (near.rotate if i else near.start)(rpi + bytes([0x40, 0, 0, 0]), "")
+                await (far.rotate if i else far.start)(rpi + bytes([0x41, 0, 0, 0]), "")
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(OSError, ValueError):
+                    figures = json.loads(status.read_text())
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(proc.wait, 30)
+            await near.stop()
+            await far.stop()
+            shutil.copytree(local, shared, dirs_exist_ok=True)
+        return {"exit": code, "figures": figures, "stderr": proc.stderr.read()[-1500:] if proc.stderr else ""}
+
+    await rec.run("bumble", "ctagent-run", ctagent_run, timeout_s=180)
+
 
 async def main(privacy: str, phase: str, out: Path, main_conf: Path, vhci_log: Path | None) -> None:
     bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
@@ -413,10 +467,13 @@ async def main(privacy: str, phase: str, out: Path, main_conf: Path, vhci_log: P
     if vhci_log is not None:
         names = await find_bumble(st, vhci_log)
         print("bumble", names, flush=True)
-        await bumble_checks(st, rec, names, main_conf)
+        await bumble_checks(st, rec, names, main_conf, out)
     else:
         PAIRS.update(await find_pairs(st))
         print("pairs", PAIRS, flush=True)
+        if privacy != "off":  # frames, errors, limits and intervals do not depend on Privacy
+            rec.only = {"caps", "register", "rotate-while-scanning", "update-while-scanning", "agent-rotate-update",
+                        "doctor", "gatt-beside-en", "agent-too-long"}
         for kind in list(PAIRS):
             await raw_checks(st, rec, kind)
         for kind in list(PAIRS):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from .vm import run_vm, unavailable_reason
 
 pytestmark = [pytest.mark.realstack, pytest.mark.integration]
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 PRIVACY_MODES = ("off", "device")
 KINDS = ("legacy", "extended")
 #: the VM's hard limit (boot ~5-12 s, ~1 min of checks per phase under TCG, more on a loaded machine)
@@ -67,11 +70,14 @@ def stack() -> dict[str, Run]:
     keep = os.environ.get("REALSTACK_RESULTS")  # a folder to keep the traces in
     results = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="ctagent-realstack-"))
     try:
-        vm = run_vm(HERE / "guest.sh", results, timeout_s=VM_TIMEOUT_S)
+        agent_env = _init_agent(results)
+        vm = run_vm(HERE / "guest.sh", results, timeout_s=VM_TIMEOUT_S,
+                    env={k: v for k, v in os.environ.items() if k in ("REALSTACK_PRIVACY", "REALSTACK_NO_BUMBLE")})
         log = (results / "guest.log").read_text() if (results / "guest.log").exists() else ""
         assert not vm.timed_out, f"the VM did not finish in {VM_TIMEOUT_S} s:\n{log}\n{vm.console[-2000:]}"
         runs = {}
-        for privacy in PRIVACY_MODES:
+        wanted = os.environ.get("REALSTACK_PRIVACY", " ".join(PRIVACY_MODES)).split()  # to debug one phase
+        for privacy in (p for p in PRIVACY_MODES if p in wanted):
             f = results / f"observations-{privacy}.json"
             checks_log = results / f"checks-{privacy}.log"
             assert f.exists(), f"no observations for Privacy={privacy}:\n{log}\n" + \
@@ -86,6 +92,12 @@ def stack() -> dict[str, Run]:
             data = json.loads(f.read_text())
             pairs = {k: (int(a[3:]), int(b[3:])) for k, (a, b) in data["pairs"].items()}
             runs["bumble"] = Run("off", data["observations"], pairs, analyse(results / "trace-bumble.btsnoop"))
+            # what the daemon stored inside the VM, read here with the CLI
+            export = subprocess.run([sys.executable, "-m", "cli", "export", "--consent", "--format", "json"],
+                                    env=agent_env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+            runs["bumble"].observations.append({"kind": "bumble", "op": "export", "exit": export.returncode,
+                                                "rows": json.loads(export.stdout) if export.returncode == 0 else [],
+                                                "stderr": export.stderr[-1000:]})
         print(f"\nreal-stack VM: {vm.seconds:.0f} s in all\n{log}")
         return runs
     finally:
@@ -93,13 +105,27 @@ def stack() -> dict[str, Run]:
             shutil.rmtree(results, ignore_errors=True)
 
 
+def _init_agent(results: Path) -> dict[str, str]:
+    """``ctagent init --radio bluez`` in the results folder, for ``ctagent run`` inside the VM."""
+    env = {**os.environ, "CTAGENT_CONFIG": str(results / "agent" / "ctagent.toml"), "CTAGENT_AGENT_CLOCK_CHECK": "off"}
+    (results / "agent").mkdir(parents=True, exist_ok=True)
+    r = subprocess.run([sys.executable, "-m", "cli", "init", "--data-dir", str(results / "agent" / "data"),
+                        "--radio", "bluez"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return env
+
+
 def both(fn):  # a parametrising decorator: every kind and Privacy mode
     return pytest.mark.parametrize("privacy", PRIVACY_MODES)(pytest.mark.parametrize("kind", KINDS)(fn))
 
 
+def kinds(fn):  # what does not depend on Privacy (seen alike in both) is checked with Privacy off
+    return pytest.mark.parametrize("privacy", ["off"])(pytest.mark.parametrize("kind", KINDS)(fn))
+
+
 # -- the stack's own behaviour (the table in hardware/raspberry-pi.md) ------------------
 
-@both
+@kinds
 def test_broadcast_goes_out_non_connectable_with_flags_04(stack: dict[str, Run], kind: str, privacy: str) -> None:
     run = stack[privacy]
     assert run.op(kind, "register")["error"] is None
@@ -109,7 +135,7 @@ def test_broadcast_goes_out_non_connectable_with_flags_04(stack: dict[str, Run],
     assert service_data_of(air.data) == bytes([1]) * 16 + bytes([0x40, 1, 0, 0])
 
 
-@both
+@kinds
 def test_flags_other_than_04_need_a_connectable_peripheral(stack: dict[str, Run], kind: str, privacy: str) -> None:
     """Issue 12 point 9: BlueZ 5.66 refuses Discoverable on a broadcast ("Broadcast cannot set
     flags"); a peripheral with Discoverable gets 0x06 but is connectable (ADV_IND)."""
@@ -120,7 +146,7 @@ def test_flags_other_than_04_need_a_connectable_peripheral(stack: dict[str, Run]
     assert air.pdu == "ADV_IND" and flags_of(air.data) == 0x06
 
 
-@both
+@kinds
 def test_extended_honours_min_max_interval_legacy_ignores_it(stack: dict[str, Run], kind: str, privacy: str) -> None:
     run = stack[privacy]
     (default,) = run.on_air(kind, "register")
@@ -132,7 +158,7 @@ def test_extended_honours_min_max_interval_legacy_ignores_it(stack: dict[str, Ru
         assert default.interval_ms == asked.interval_ms == (100.0, 150.0)  # the kernel's non-connectable default
 
 
-@both
+@kinds
 def test_21_to_23_bytes_of_service_data_are_mangled(stack: dict[str, Run], kind: str, privacy: str) -> None:
     """Accepted by BlueZ, but legacy drops the Flags and extended sends a >31-byte legacy
     PDU (which a real controller refuses): the agent refuses these before registering."""
@@ -146,13 +172,13 @@ def test_21_to_23_bytes_of_service_data_are_mangled(stack: dict[str, Run], kind:
             assert flags_of(air.data) == 0x04 and len(air.data) == 11 + n > 31
 
 
-@both
+@kinds
 def test_over_long_is_failed_not_invalid_length(stack: dict[str, Run], kind: str, privacy: str) -> None:
     assert stack[privacy].op(kind, "service-data-24")["error"] == \
         "org.bluez.Error.Failed: Failed to register advertisement"
 
 
-@both
+@kinds
 def test_one_registration_more_than_supported_is_not_permitted(stack: dict[str, Run], kind: str,
                                                               privacy: str) -> None:
     o = stack[privacy].op(kind, "instances")
@@ -318,8 +344,9 @@ def test_fake_bluetoothd_answers_as_the_real_one(stack: dict[str, Run], privacy:
         env.stop()
     run = stack[privacy]
     real_answers, fake_answers = _answers(run, run.observations, True), _answers(run, fake, False)
-    real_answers = {k: v for k, v in real_answers.items() if k in fake_answers}
-    assert fake_answers == real_answers
+    common = real_answers.keys() & fake_answers.keys()
+    assert len(common) >= 8
+    assert {k: fake_answers[k] for k in common} == {k: real_answers[k] for k in common}
 
 
 @both
@@ -404,3 +431,15 @@ def test_rssi_follows_the_radio_model(bumble: Run) -> None:
     assert len(set(o["near"])) > 2 and 127 not in o["near"] + o["far"]
     filters = {dup for t, on, dup in bumble.listener("bumble").scan_changes if on and o["t0"] <= t <= o["t1"]}
     assert filters == {True}
+
+
+def test_ctagent_run_records_sightings_with_the_modelled_rssi(bumble: Run) -> None:
+    """``ctagent run --radio bluez`` on the legacy chip 'rx' hears 'near' (1 m) and 'far'
+    (8 m); its store, exported on the host, holds encounters at two RSSI levels."""
+    o = bumble.op("bumble", "ctagent-run")
+    assert o["error"] is None and o["exit"] == 0, o
+    assert o["figures"]["sightings"] >= 12 and o["figures"]["advertiser"]["advertising"], o["figures"]
+    rows = bumble.op("bumble", "export")["rows"]
+    levels = sorted(r["rssi_mean_dbm"] for r in rows)
+    assert len(rows) >= 4 and levels[-1] - levels[0] > 10, levels  # near ~-46, far ~-66 dBm
+    assert all(-100 < x < -20 for x in levels)

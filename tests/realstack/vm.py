@@ -124,9 +124,11 @@ class VmRun:
     timed_out: bool
 
 
-def run_vm(guest: Path, results: Path, *, timeout_s: float, memory_mb: int = 1024) -> VmRun:
+def run_vm(guest: Path, results: Path, *, timeout_s: float, memory_mb: int = 1024,
+           env: dict[str, str] | None = None) -> VmRun:
     """Boot the VM, run ``guest`` (a shell script, given the results folder) inside it,
-    and return when it powers off or after ``timeout_s`` (killed)."""
+    and return when it powers off or after ``timeout_s`` (killed). ``env``: variables for
+    the guest (the kernel hands unknown ``NAME=value`` parameters to init's environment)."""
     kernel = find_kernel()
     assert kernel is not None
     results.mkdir(parents=True, exist_ok=True)
@@ -135,7 +137,8 @@ def run_vm(guest: Path, results: Path, *, timeout_s: float, memory_mb: int = 102
     cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", str(memory_mb),
            "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
            "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd),
-           "-append", "console=ttyS0 panic=-1 quiet loglevel=3 cryptomgr.notests=1 rdinit=/init",
+           "-append", " ".join(["console=ttyS0 panic=-1 quiet loglevel=3 cryptomgr.notests=1 rdinit=/init",
+                                *(f"{k}={v}" for k, v in (env or {}).items())]),
            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
            "-virtfs", f"local,path={results},mount_tag=results,security_model=none,multidevs=remap"]
     t0 = time.monotonic()

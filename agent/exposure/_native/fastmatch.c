@@ -32,7 +32,7 @@
 
 #define PERIOD_MAX 144          /* TEKRollingPeriod */
 #define MAX_DAYS 4096           /* days one index may span */
-#define FILTER_BITS_PER_RPI 16
+#define FILTER_BITS_PER_RPI 32
 #define CHUNK_KEYS 256          /* keys a thread takes at a time */
 #define MAX_THREADS 64
 
@@ -559,6 +559,13 @@ static int lookup_generic(scan_worker *w, uint32_t key, int64_t start, int64_t a
 }
 
 #ifdef HAVE_X86
+__attribute__((target("avx2"))) static inline __m256i mask4_avx2(__m256i hi, __m256i one, __m256i m63) {
+    __m256i m = _mm256_sllv_epi64(one, _mm256_and_si256(hi, m63));
+    m = _mm256_or_si256(m, _mm256_sllv_epi64(one, _mm256_and_si256(_mm256_srli_epi64(hi, 6), m63)));
+    m = _mm256_or_si256(m, _mm256_sllv_epi64(one, _mm256_and_si256(_mm256_srli_epi64(hi, 12), m63)));
+    return _mm256_or_si256(m, _mm256_sllv_epi64(one, _mm256_and_si256(_mm256_srli_epi64(hi, 18), m63)));
+}
+
 /* the same, four RPIs at a time: AVX2 gathers their filter words and makes their masks */
 __attribute__((target("avx2,bmi2"))) static int lookup_avx2(scan_worker *w, uint32_t key, int64_t start, int64_t a,
                                                             int64_t b, const uint8_t *out) {
@@ -573,21 +580,36 @@ __attribute__((target("avx2,bmi2"))) static int lookup_avx2(scan_worker *w, uint
             unsigned shift = 64 - ix->wbits[d - ix->day0];
             __m128i sh = _mm_cvtsi32_si128((int)shift);
             int64_t x = e;
+            /* eight at a time: two gathers in flight hide each other's latency */
+            for (; x + 8 <= end + 1; x += 8) {
+                const uint8_t *r = out + 16 * (x - a);
+                __m256i p0 = _mm256_loadu_si256((const __m256i *)r), q0 = _mm256_loadu_si256((const __m256i *)(r + 32));
+                __m256i p1 = _mm256_loadu_si256((const __m256i *)(r + 64)), q1 = _mm256_loadu_si256((const __m256i *)(r + 96));
+                __m256i lo0 = _mm256_unpacklo_epi64(p0, q0), hi0 = _mm256_unpackhi_epi64(p0, q0);
+                __m256i lo1 = _mm256_unpacklo_epi64(p1, q1), hi1 = _mm256_unpackhi_epi64(p1, q1);
+                __m256i w0 = _mm256_i64gather_epi64((const long long *)f, _mm256_srl_epi64(lo0, sh), 8);
+                __m256i w1 = _mm256_i64gather_epi64((const long long *)f, _mm256_srl_epi64(lo1, sh), 8);
+                __m256i m0 = mask4_avx2(hi0, one, m63), m1 = mask4_avx2(hi1, one, m63);
+                int pass = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_and_si256(w0, m0), m0))) |
+                           _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_and_si256(w1, m1), m1))) << 4;
+                for (; pass; pass &= pass - 1) {
+                    int k = __builtin_ctz((unsigned)pass);
+                    int64_t y = x + (k & 4) + lane_rpi[k & 3];
+                    if (exact_hits(w, key, (uint32_t)(y - start), (int32_t)(d - ix->day0), out + 16 * (y - a))) return -1;
+                }
+            }
             for (; x + 4 <= end + 1; x += 4) {
                 const uint8_t *r = out + 16 * (x - a);
                 __m256i p = _mm256_loadu_si256((const __m256i *)r), q = _mm256_loadu_si256((const __m256i *)(r + 32));
                 __m256i lo = _mm256_unpacklo_epi64(p, q), hi = _mm256_unpackhi_epi64(p, q);
                 __m256i word = _mm256_i64gather_epi64((const long long *)f, _mm256_srl_epi64(lo, sh), 8);
-                __m256i m = _mm256_sllv_epi64(one, _mm256_and_si256(hi, m63));
-                m = _mm256_or_si256(m, _mm256_sllv_epi64(one, _mm256_and_si256(_mm256_srli_epi64(hi, 6), m63)));
-                m = _mm256_or_si256(m, _mm256_sllv_epi64(one, _mm256_and_si256(_mm256_srli_epi64(hi, 12), m63)));
-                m = _mm256_or_si256(m, _mm256_sllv_epi64(one, _mm256_and_si256(_mm256_srli_epi64(hi, 18), m63)));
+                __m256i m = mask4_avx2(hi, one, m63);
                 int pass = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_and_si256(word, m), m)));
-                for (int k = 0; k < 4; k++)
-                    if ((pass >> k) & 1) {
-                        int64_t y = x + lane_rpi[k];
-                        if (exact_hits(w, key, (uint32_t)(y - start), (int32_t)(d - ix->day0), out + 16 * (y - a))) return -1;
-                    }
+                for (; pass; pass &= pass - 1) {
+                    int k = __builtin_ctz((unsigned)pass);
+                    int64_t y = x + lane_rpi[k];
+                    if (exact_hits(w, key, (uint32_t)(y - start), (int32_t)(d - ix->day0), out + 16 * (y - a))) return -1;
+                }
             }
             for (; x <= end; x++) {
                 const uint8_t *r = out + 16 * (x - a);

@@ -70,10 +70,11 @@ static int bytes_field(rd *r, const uint8_t **data, uint64_t *len) {
     return 0;
 }
 
-/* ---- growing key arrays -------------------------------------------------------------- */
+/* ---- key arrays: Python bytes objects sized by a first pass ----------------------------- */
 
 typedef struct {
     size_t n, cap;
+    PyObject *obj[8];        /* key_data, start, period, risk, report, dso, has_dso, variant */
     uint8_t *key_data;
     uint32_t *start;
     uint16_t *period;
@@ -84,19 +85,48 @@ typedef struct {
     uint8_t *variant;
 } keys_t;
 
+static const Py_ssize_t key_field_size[8] = {16, 4, 2, 4, 1, 4, 1, 1};
+
 static void keys_free(keys_t *k) {
-    free(k->key_data); free(k->start); free(k->period); free(k->risk); free(k->report); free(k->dso); free(k->has_dso); free(k->variant);
+    for (int f = 0; f < 8; f++) Py_CLEAR(k->obj[f]);
     memset(k, 0, sizeof *k);
 }
 
-static int keys_grow(keys_t *k, size_t want) {
-    if (want <= k->cap) return 0;
-    size_t cap = k->cap ? k->cap : 1024;
-    while (cap < want) cap *= 2;
-#define GROW(f, sz) do { void *q = realloc(k->f, cap * (sz)); if (!q) return -1; k->f = q; } while (0)
-    GROW(key_data, 16); GROW(start, 4); GROW(period, 2); GROW(risk, 4); GROW(report, 1); GROW(dso, 4); GROW(has_dso, 1); GROW(variant, 1);
-#undef GROW
+/* room for ``cap`` keys (with the GIL) */
+static int keys_alloc(keys_t *k, size_t cap) {
+    for (int f = 0; f < 8; f++)
+        if (!(k->obj[f] = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)cap * key_field_size[f]))) return -1;
     k->cap = cap;
+    k->key_data = (uint8_t *)PyBytes_AS_STRING(k->obj[0]); k->start = (uint32_t *)PyBytes_AS_STRING(k->obj[1]);
+    k->period = (uint16_t *)PyBytes_AS_STRING(k->obj[2]); k->risk = (int32_t *)PyBytes_AS_STRING(k->obj[3]);
+    k->report = (uint8_t *)PyBytes_AS_STRING(k->obj[4]); k->dso = (int32_t *)PyBytes_AS_STRING(k->obj[5]);
+    k->has_dso = (uint8_t *)PyBytes_AS_STRING(k->obj[6]); k->variant = (uint8_t *)PyBytes_AS_STRING(k->obj[7]);
+    return 0;
+}
+
+/* (n, key_data, start, ...) of the keys read, the arrays cut to n (with the GIL) */
+static PyObject *keys_tuple(keys_t *k) {
+    for (int f = 0; f < 8; f++)
+        if ((size_t)PyBytes_GET_SIZE(k->obj[f]) != k->n * (size_t)key_field_size[f] &&
+            _PyBytes_Resize(&k->obj[f], (Py_ssize_t)k->n * key_field_size[f]))
+            return NULL;
+    PyObject *t = Py_BuildValue("(nOOOOOOOO)", (Py_ssize_t)k->n, k->obj[0], k->obj[1], k->obj[2], k->obj[3], k->obj[4],
+                                k->obj[5], k->obj[6], k->obj[7]);
+    return t;
+}
+
+/* how many keys (field 7) and revised keys (field 8) the message holds, read from its
+ * top-level tags only; -1 when those are malformed (the full pass says how) */
+static int count_keys(const uint8_t *buf, size_t len, size_t *keys, size_t *revised) {
+    rd r = {buf, buf + len};
+    *keys = *revised = 0;
+    while (r.p < r.end) {
+        uint64_t t;
+        if (varint(&r, &t) || t > 0xffffffffu || (t >> 3) == 0) return -1;
+        if (((uint32_t)t >> 3) == 7 && (t & 7) == 2) (*keys)++;
+        else if (((uint32_t)t >> 3) == 8 && (t & 7) == 2) (*revised)++;
+        if (skip_field(&r, (uint32_t)t, 1)) return -1;
+    }
     return 0;
 }
 
@@ -134,7 +164,7 @@ static int parse_key(const uint8_t *buf, size_t len, keys_t *k, perr *err) {
     if (kdlen != 16 || !kd) { err->msg = "key_data must be 16 bytes, got %lld"; err->arg = kd ? (long long)kdlen : 0; return -2; }
     if (period < 1 || period > 144) { err->msg = "rolling_period must be 1..144, got %lld"; err->arg = period; return -2; }
     if (start < 0) { err->msg = "rolling_start_interval_number must be 0..2147483647"; err->arg = 0; return -2; }
-    if (keys_grow(k, k->n + 1)) return -3;
+    if (k->n == k->cap) return -3;   /* counted first: cannot happen */
     size_t i = k->n++;
     memcpy(k->key_data + 16 * i, kd, 16);
     k->start[i] = (uint32_t)start; k->period[i] = (uint16_t)period; k->risk[i] = risk; k->report[i] = report;
@@ -145,14 +175,6 @@ bad:
     return -1;
 }
 
-static PyObject *keys_tuple(const keys_t *k) {
-#define BUF(f) (k->f ? (const char *)k->f : "")   /* y# of NULL is None, not b"" */
-    return Py_BuildValue("(ny#y#y#y#y#y#y#y#)", (Py_ssize_t)k->n, BUF(key_data), (Py_ssize_t)(16 * k->n),
-                         BUF(start), (Py_ssize_t)(4 * k->n), BUF(period), (Py_ssize_t)(2 * k->n), BUF(risk),
-                         (Py_ssize_t)(4 * k->n), BUF(report), (Py_ssize_t)k->n, BUF(dso), (Py_ssize_t)(4 * k->n),
-                         BUF(has_dso), (Py_ssize_t)k->n, BUF(variant), (Py_ssize_t)k->n);
-#undef BUF
-}
 
 /* parse(buf) -> (start_ts, end_ts, region bytes, batch_num, batch_size, [signature_info bytes],
  *                keys, revised_keys, first invalid key's message or None, same for revised);
@@ -170,9 +192,11 @@ static PyObject *parse(PyObject *mod, PyObject *arg) {
     const uint8_t *region = (const uint8_t *)"";
     uint64_t region_len = 0;
     if (!infos) goto out;
+    size_t nk = 0, nr = 0;
+    if (count_keys(b.buf, (size_t)b.len, &nk, &nr)) rc = -1;   /* its tags are malformed: so is the whole */
+    else if (keys_alloc(&keys, nk) || keys_alloc(&revised, nr)) goto out;
     Py_BEGIN_ALLOW_THREADS
     rd r = {b.buf, (const uint8_t *)b.buf + b.len};
-    if (keys_grow(&keys, (size_t)b.len / 32 + 1)) rc = -3;
     while (!rc && r.p < r.end) {
         uint64_t t, v;
         if (varint(&r, &t) || t > 0xffffffffu || (t >> 3) == 0) { rc = -1; break; }
@@ -210,7 +234,7 @@ static PyObject *parse(PyObject *mod, PyObject *arg) {
     Py_END_ALLOW_THREADS
     if (rc == -1) PyErr_SetString(PyExc_ValueError, err.msg ? err.msg : "export.bin protobuf is truncated or malformed");
     else if (rc == -2) PyErr_Format(PyExc_ValueError, err.msg, err.arg);
-    else if (rc == -3) PyErr_NoMemory();
+    else if (rc == -3) PyErr_SetString(PyExc_RuntimeError, "export.bin: more keys than counted");
     else if (rc == 0) {
         PyObject *k = keys_tuple(&keys), *rk = k ? keys_tuple(&revised) : NULL;
         PyObject *ke = kerr.msg ? PyUnicode_FromFormat(kerr.msg, kerr.arg) : Py_NewRef(Py_None);
