@@ -1150,16 +1150,19 @@ def backend_init(as_json: bool) -> None:
               help="Also publish keys with the certificates of this outside verification server (e.g. Google's "
                    "exposure-notifications-verification-server): its issuer (iss), the audience (aud) it writes "
                    "for this key server, and its ECDSA P-256 public key. Repeat for several.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, envvar="CTAGENT_BACKEND_WORKERS",
+              help="Worker processes serving requests (production: one per core, hardware/backend.md); the export "
+                   "job runs once, in the parent. Per-client request limits are shared out among them.")
 @click.pass_context
 @friendly_errors
 def backend_serve(ctx, host, port, protocol, register_api_key, trusted_proxies, secure_cookies, export_period_s,
-                  rehearsal_embargo_s, outside_verifiers):
+                  rehearsal_embargo_s, outside_verifiers, workers):
     """Serve the API, the physicians' page and the export files; run the export job."""
     import uvicorn
 
     from backend.app import create_app
     from backend.schedule import ExportScheduler
-    from backend.server import UVICORN_OPTIONS
+    from backend.server import UVICORN_OPTIONS, serve_workers
 
     b = _backend(create=True, trusted_proxies=tuple(trusted_proxies), secure_cookies=secure_cookies,
                  export_period_s=export_period_s, rehearsal_embargo_s=rehearsal_embargo_s,
@@ -1178,7 +1181,10 @@ def backend_serve(ctx, host, port, protocol, register_api_key, trusted_proxies, 
     if not b.verification.users():
         click.echo("no physician account yet: add one with `ctagent backend user add NAME`", err=True)
     with ExportScheduler(b):
-        uvicorn.run(create_app(b, rs), host=host, port=port, log_level="info", **UVICORN_OPTIONS)
+        if workers > 1:
+            serve_workers(b.config, workers=workers, host=host, port=port, robert=rs.cfg if rs else None)
+        else:
+            uvicorn.run(create_app(b, rs), host=host, port=port, log_level="info", **UVICORN_OPTIONS)
 
 
 @backend.command("code")

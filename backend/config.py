@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 #: the file whose presence says a folder holds a backend (created by ``backend init``/``serve``)
 MARKER_FILE = "export-signing-key.pem"
@@ -61,3 +64,15 @@ class BackendConfig:
     @property
     def database(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'backend.db'}"
+
+    def to_json(self) -> str:
+        """The settings as JSON (what ``backend serve --workers`` hands its worker processes)."""
+        return json.dumps({**dataclasses.asdict(self), "data_dir": str(self.data_dir)})
+
+    @classmethod
+    def from_json(cls, text: str) -> BackendConfig:
+        doc: dict[str, Any] = json.loads(text)
+        doc["data_dir"] = Path(doc["data_dir"])
+        doc["trusted_proxies"] = tuple(doc["trusted_proxies"])
+        doc["outside_verifiers"] = tuple(tuple(v) for v in doc["outside_verifiers"])
+        return cls(**doc)

@@ -125,6 +125,12 @@ def _without_row_values(ctx: sa.engine.ExceptionContext) -> None:
         ctx.sqlalchemy_exception.args = (f"({type(orig).__module__}.{type(orig).__name__}) {primary}",)
 
 
+#: database connections a process keeps (a server process runs up to 40 requests at once
+#: in its thread pool; most wait on the network, a few on the database)
+POOL_SIZE = 20
+POOL_OVERFLOW = 20
+
+
 def make_engine(url: str) -> sa.Engine:
     """The engine of ``url``. An error's text never holds SQL parameters or row values
     (keys, hashes, codes): errors go to logs."""
@@ -137,6 +143,10 @@ def make_engine(url: str) -> sa.Engine:
     kw: dict = {"hide_parameters": True}
     if url.startswith("sqlite"):
         kw["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    else:
+        # as many kept connections as requests a process serves at once: beyond the pool,
+        # each request would open (PostgreSQL: fork) a connection and close it after
+        kw.update(pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
     engine = sa.create_engine(url, **kw)
     if engine.dialect.name == "postgresql":
         sa.event.listen(engine, "handle_error", _without_row_values)

@@ -1,18 +1,31 @@
-"""Run the backend's HTTP server in a background thread (the demo's embedded backend
-and the tests' live server): real uvicorn on 127.0.0.1, an ephemeral port."""
+"""Run the backend's HTTP server: in a background thread (the demo's embedded backend
+and the tests' live server: real uvicorn on 127.0.0.1, an ephemeral port), or in several
+worker processes (``backend serve --workers N``, the production set-up: one event loop
+per core, hardware/backend.md)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import os
 import socket
 import threading
 import time
 from typing import Any, Self
 
 import uvicorn
+from fastapi import FastAPI
+
+from agent.clock import RealClock
 
 from .app import create_app
-from .robert import RobertServer
+from .config import BackendConfig
+from .robert import RobertConfig, RobertServer
 from .service import Backend
+
+#: how ``serve_workers`` hands its settings to the worker processes it starts
+WORKER_SETTINGS_ENV = "CTAGENT_BACKEND_WORKER_SETTINGS"
 
 START_TIMEOUT_S = 15
 #: every server of the backend runs with these: uvicorn believes ``X-Forwarded-*`` from
@@ -49,3 +62,32 @@ class BackgroundServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def worker_settings(config: BackendConfig, workers: int, robert: RobertConfig | None) -> str:
+    """What each of ``workers`` processes builds its backend from. The per-client request
+    limits are counted in each process (in memory): each gets its share of them, so that
+    all together allow about what one process would."""
+    share = dataclasses.replace(config, rate_issue_per_min=math.ceil(config.rate_issue_per_min / workers),
+                                rate_verify_per_min=math.ceil(config.rate_verify_per_min / workers))
+    robert_doc = None if robert is None else dataclasses.asdict(
+        dataclasses.replace(robert, register_per_min=math.ceil(robert.register_per_min / workers)))
+    return json.dumps({"config": share.to_json(), "robert": robert_doc})
+
+
+def worker_app() -> FastAPI:
+    """The application of one worker process (uvicorn's factory), from the settings
+    :func:`serve_workers` put in the environment; the export job runs in the parent."""
+    doc = json.loads(os.environ[WORKER_SETTINGS_ENV])
+    backend = Backend(BackendConfig.from_json(doc["config"]), clock=RealClock())
+    robert = None if doc["robert"] is None else RobertServer(backend, RobertConfig(**doc["robert"]))
+    return create_app(backend, robert)
+
+
+def serve_workers(config: BackendConfig, *, workers: int, host: str, port: int, robert: RobertConfig | None = None,
+                  log_level: str = "info") -> None:
+    """Serve with ``workers`` processes on one listening socket (uvicorn's supervisor
+    restarts one that dies); each has its own event loop and database connections."""
+    os.environ[WORKER_SETTINGS_ENV] = worker_settings(config, workers, robert)
+    uvicorn.run("backend.server:worker_app", factory=True, workers=workers, host=host, port=port,
+                log_level=log_level, access_log=False, **UVICORN_OPTIONS)

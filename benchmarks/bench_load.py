@@ -21,6 +21,7 @@ import argparse
 import base64
 import collections
 import json
+import os
 import secrets
 import socket
 import statistics
@@ -62,16 +63,19 @@ def backend_config(data_dir: Path, database_url: str | None):
                          rate_verify_per_min=10**9, export_period_s=EXPORT_PERIOD_S, export_min_keys=0)
 
 
-def serve(data_dir: Path, database_url: str | None, port: int) -> None:
-    """The server process (this module run with --serve)."""
+def serve(data_dir: Path, database_url: str | None, port: int, workers: int) -> None:
+    """The server process (this module run with --serve): as ``backend serve --workers``."""
     import uvicorn
 
     from backend import Backend
     from backend.app import create_app
-    from backend.server import UVICORN_OPTIONS
+    from backend.server import UVICORN_OPTIONS, serve_workers
     backend = Backend(backend_config(data_dir, database_url), clock=RealClock())
-    uvicorn.run(create_app(backend), host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                **UVICORN_OPTIONS)
+    if workers > 1:
+        serve_workers(backend.config, workers=workers, host="127.0.0.1", port=port, log_level="warning")
+    else:
+        uvicorn.run(create_app(backend), host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                    **UVICORN_OPTIONS)
 
 
 @dataclass
@@ -118,9 +122,10 @@ def flow(i: int, http: httpx.Client, api_key: str, tally: Tally) -> None:
     sends = 2 if i % PUBLISH_RACE_EVERY == 0 else 1
     with ThreadPoolExecutor(sends) as pool:
         answers = list(pool.map(lambda _: tally.call(http, "publish", "/v1/publish", body), range(sends)))
-    ok = [r.json() for r in answers if r.status_code == 200]
+    # a retry gets the first answer (its padding aside: random in every answer, as the key server pads)
+    ok = [{k: v for k, v in r.json().items() if k != "padding"} for r in answers if r.status_code == 200]
     if ok:
-        assert all(a == ok[0] for a in ok), ok  # a retry gets the first answer
+        assert all(a == ok[0] for a in ok), ok
         assert ok[0]["insertedExposures"] == KEYS_PER_PUBLISH, ok[0]
         with tally.lock:
             tally.acked.update(k.key_data for k in keys)
@@ -135,6 +140,28 @@ def exported(data_dir: Path, public_key: str) -> tuple[list[str], collections.Co
     return index, seen
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its descendants still running: the
+    server and its workers."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for p, (ppid, _) in stats.items():
+            if ppid == parent and p not in tree:
+                tree.add(p)
+                frontier.append(p)
+    return sum(stats[p][1] for p in tree if p in stats)
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -142,7 +169,8 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def run_one(db_name: str, database_url: str | None, clients: int, flows: int, console: Console) -> dict:
+def run_one(db_name: str, database_url: str | None, clients: int, flows: int, console: Console,
+            workers: int = 1) -> dict:
     from backend import Backend
     with tempfile.TemporaryDirectory(prefix=f"ctagent-load-{db_name}-") as d:
         data_dir = Path(d) / "backend"
@@ -159,7 +187,7 @@ def run_one(db_name: str, database_url: str | None, clients: int, flows: int, co
             port = s.getsockname()[1]
         log = open(Path(d) / "server.log", "w+")
         server = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_load", "--serve", str(data_dir),
-                                   "--database", database_url or "", "--port", str(port)],
+                                   "--database", database_url or "", "--port", str(port), "--workers", str(workers)],
                                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -188,6 +216,7 @@ def run_one(db_name: str, database_url: str | None, clients: int, flows: int, co
 
         exporters = [threading.Thread(target=export_loop, args=(j,)) for j in jobs]
         started = time.perf_counter()
+        cpu_before = tree_cpu_s(server.pid)
         try:
             for t in exporters:
                 t.start()
@@ -201,6 +230,7 @@ def run_one(db_name: str, database_url: str | None, clients: int, flows: int, co
                     except Exception as e:
                         failures.append(f"{type(e).__name__}: {e}"[:300])
             load_s = time.perf_counter() - started
+            server_cpu_s = tree_cpu_s(server.pid) - cpu_before
             load_done.set()
             for t in exporters:
                 t.join(RUN_TIMEOUT_S)
@@ -225,7 +255,7 @@ def run_one(db_name: str, database_url: str | None, clients: int, flows: int, co
           and not tally.server_errors and not failures and not job_errors)
     all_lat = sorted(x for v in tally.latencies.values() for x in v)
     res = {
-        "db": db_name, "clients": clients, "flows": clients * flows, "load_s": round(load_s, 1),
+        "db": db_name, "workers": workers, "clients": clients, "flows": clients * flows, "load_s": round(load_s, 1),
         "requests": len(all_lat), "requests_per_s": round(len(all_lat) / load_s),
         "acked_keys": len(tally.acked), "keys_in_files": in_files, "distinct_keys_in_files": len(seen),
         "index_files": len(index), "index_unique": len(set(index)) == len(index),
@@ -235,7 +265,7 @@ def run_one(db_name: str, database_url: str | None, clients: int, flows: int, co
         "latency_ms": {step: {"p50": round(pct(v, 50) * 1000, 1), "p99": round(pct(v, 99) * 1000, 1)}
                        for step, v in tally.latencies.items()},
         "all_p50_ms": round(pct(all_lat, 50) * 1000, 1), "all_p99_ms": round(pct(all_lat, 99) * 1000, 1),
-        "server_peak_mb": round(peak, 1), "ok": ok,
+        "server_peak_mb": round(peak, 1), "server_cpu_s": round(server_cpu_s, 2), "ok": ok,
         "statuses": {f"{step} {status}": n for (step, status), n in sorted(tally.statuses.items())},
         "failures": failures[:5], "job_errors": job_errors[:5], "server_errors": tally.server_errors[:5],
     }
@@ -257,43 +287,47 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--clients", type=int, default=16, help="concurrent clients (threads)")
     ap.add_argument("--flows", type=int, default=40, help="declarations per client")
     ap.add_argument("--db", default="sqlite,postgresql", help="databases to run on, comma-separated")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, os.cpu_count() or 1],
+                    help="server worker processes (backend serve --workers); each count is a run")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     ap.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--database", default="", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.serve:
-        serve(a.serve, a.database or None, a.port)
+        serve(a.serve, a.database or None, a.port, a.workers[0])
         return []
     console = Console(stderr=a.json, width=max(150, Console().width))
     results = []
     for name in a.db.split(","):
-        if name == "sqlite":
-            results.append(run_one("SQLite", None, a.clients, a.flows, console))
-        elif name == "postgresql":
-            sys.path.insert(0, str(ROOT))
-            from tests.postgres_fixture import PostgresServer
-            pg = PostgresServer()
-            if pg.start() is None:
-                console.print(f"[yellow]PostgreSQL skipped: {pg.skip_reason}[/]")
-                continue
-            try:
-                results.append(run_one("PostgreSQL", pg.url, a.clients, a.flows, console))
-            finally:
-                pg.stop()
-        else:
-            ap.error(f"unknown database {name!r}")
+        for workers in a.workers:
+            if name == "sqlite":
+                results.append(run_one("SQLite", None, a.clients, a.flows, console, workers))
+            elif name == "postgresql":
+                sys.path.insert(0, str(ROOT))
+                from tests.postgres_fixture import PostgresServer
+                pg = PostgresServer()
+                if pg.start() is None:
+                    console.print(f"[yellow]PostgreSQL skipped: {pg.skip_reason}[/]")
+                    continue
+                try:
+                    results.append(run_one("PostgreSQL", pg.url, a.clients, a.flows, console, workers))
+                finally:
+                    pg.stop()
+            else:
+                ap.error(f"unknown database {name!r}")
     if a.json:
         print(json.dumps(results, indent=1))
     else:
         t = Table(title=f"Backend under load on 127.0.0.1 (server process; {a.clients} clients, "
                         "two export jobs at once, 1-s export windows)")
-        for c in ("database", "flows (requests/s)", "acked keys", "keys in files", "5xx", "409",
-                  "p50 / p99 ms", "publish p50 / p99 ms", "server peak", "invariant"):
+        for c in ("database", "workers", "flows (requests/s)", "requests/s per core", "acked keys", "keys in files",
+                  "5xx", "409", "p50 / p99 ms", "publish p50 / p99 ms", "server peak", "invariant"):
             t.add_column(c)
         for r in results:
             pub = r["latency_ms"].get("publish", {})
-            t.add_row(r["db"], f"{r['flows']} ({r['requests_per_s']}/s)", str(r["acked_keys"]),
+            t.add_row(r["db"], str(r["workers"]), f"{r['flows']} ({r['requests_per_s']}/s)",
+                      f"{r['requests'] / r['server_cpu_s']:.0f}" if r.get("server_cpu_s") else "", str(r["acked_keys"]),
                       f"{r['keys_in_files']} ({r['distinct_keys_in_files']} distinct, {r['index_files']} files)",
                       str(r["status_5xx"]), str(r["status_409"]), f"{r['all_p50_ms']} / {r['all_p99_ms']}",
                       f"{pub.get('p50')} / {pub.get('p99')}", f"{r['server_peak_mb']} MB",

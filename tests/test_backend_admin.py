@@ -138,6 +138,13 @@ def test_backend_export_says_how_many_keys_wait_and_until_when(xdg):
     assert "0 export file(s) written\n1 key(s) wait for their embargo" in r.output and iso_time(midnight) in r.output
 
 
+def _ppid(proc_dir: Path) -> int:
+    try:
+        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -145,12 +152,16 @@ def free_port() -> int:
 
 
 @pytest.mark.integration
-def test_serve_runs_the_export_job_on_its_period_and_a_rehearsal_embargo_is_explicit(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_runs_the_export_job_on_its_period_and_a_rehearsal_embargo_is_explicit(tmp_path, workers):
+    """With --workers 2 (the production set-up) the requests go to worker processes and
+    the export job runs once, in the parent."""
     data = tmp_path / "backend"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "backend", "serve", "--data-dir", str(data),
-                             "--port", str(port), "--export-period", "2", "--rehearsal-embargo", "0"],
+                             "--port", str(port), "--export-period", "2", "--rehearsal-embargo", "0",
+                             "--workers", str(workers)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         def healthy() -> bool:
@@ -170,6 +181,9 @@ def test_serve_runs_the_export_job_on_its_period_and_a_rehearsal_embargo_is_expl
         wait_until(exported, timeout_s=30, what="the server's own export run to list a file")
         name = httpx.get(url + "/exports/index.txt").text.split()[0]
         assert re.fullmatch(r"[\w./-]+", name) and httpx.get(f"{url}/exports/{name}").status_code == 200
+        if workers > 1:  # the parent supervises its workers (and runs the export job)
+            children = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == proc.pid]
+            assert len(children) >= workers
     finally:
         proc.terminate()
         _out, err = proc.communicate(timeout=15)

@@ -54,25 +54,23 @@ def simulate(fleet: Fleet, scenario: Scenario, rng: random.Random, *, tick_s: fl
     limit = fleet.mode_cls.samples_per_scan
     on_air: list[Any] = [None] * n  # each transmitter's decoded payload
     next_at = [0.0] * n
-    heard: dict[tuple[int, int], int] = {}
     trace = Trace(close_minutes=np.zeros((scenario.days, n)))
-    records = [m.record for m in modes]
+    records = [m.record_many for m in modes]
     research = fleet.recorders
     raw: list[tuple[str, bytes] | None] = [None] * n  # each transmitter's address and service data
 
-    def deliver(rx: int, tx: int, ts: float, rssi: int) -> None:
+    def deliver_many(rx: int, tx: int, times: list[float], rssis: list[int]) -> None:
+        """One pair's samples of the tick (all of the same payload: one broadcast per tick)."""
         if limit is not None:
-            k = heard.get((rx, tx), 0)
-            if k >= limit:
-                return
-            heard[(rx, tx)] = k + 1
+            times, rssis = times[:limit], rssis[:limit]
         payload = on_air[tx]
         if payload is not None:
-            records[rx](ts, payload, rssi)
-            trace.sightings += 1
+            records[rx](times, payload, rssis)
+            trace.sightings += len(times)
             if research:
                 address, data = raw[tx]  # type: ignore[misc]
-                research[rx].heard(ts, address, rssi, None, data)
+                for ts, rssi in zip(times, rssis):
+                    research[rx].heard(ts, address, rssi, None, data)
 
     total_ticks = scenario.days * int((scenario.active_span(0)[1] - scenario.active_span(0)[0]) / tick_s)
     done_ticks = 0
@@ -88,7 +86,6 @@ def simulate(fleet: Fleet, scenario: Scenario, rng: random.Random, *, tick_s: fl
         active = np.ones(n, dtype=bool)
         while t < end:
             clock.t = t
-            heard.clear()
             for i, mode in enumerate(modes):
                 if t >= next_at[i]:
                     b = mode.broadcast(t)
@@ -103,7 +100,7 @@ def simulate(fleet: Fleet, scenario: Scenario, rng: random.Random, *, tick_s: fl
                     trace.rotations += int(b.new_identity)
             pos, room = scenario.layout(t)
             pos += np.asarray(medium.rng.normal(0, 0.05, pos.shape))
-            d = medium.tick(t, tick_s, pos, room, active, deliver)
+            d = medium.tick(t, tick_s, pos, room, active, deliver_many=deliver_many)
             trace.close_minutes[day] += (d[:, 0] <= distance_m) * (tick_s / 60)
             if research:
                 near_i, near_j = np.nonzero(np.triu(d <= TRUTH_RANGE_M, 1))

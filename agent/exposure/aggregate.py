@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .encounter import Encounter, Sighting, valid_rssi
+from .encounter import RSSI_UNAVAILABLE, Encounter, Sighting, valid_rssi
 from .minutes import MINUTE_S, HeardMinute, summarise
 
 #: A minute is summarised this long after it ended: a scanner delivers in batches.
@@ -59,6 +59,22 @@ class Aggregator:
         enc.add(t, rssi, tx_power)
         self._dirty.add(rpi)
         self.stats.accepted += 1
+
+    def add_many(self, times: Sequence[float], rpi: bytes, aem: bytes, rssis: Sequence[int]) -> None:
+        """Several advertisements of one identifier, as :meth:`add_raw` takes each."""
+        enc = self._open.get(rpi)
+        accepted = 0
+        for t, rssi in zip(times, rssis):
+            if rssi in RSSI_UNAVAILABLE or not -126 <= rssi <= 20:  # valid_rssi, inline: the hot path
+                self.stats.dropped_rssi += 1
+                continue
+            if enc is None:
+                enc = self._open[rpi] = Encounter(rpi, aem, t, t, self.window_s)
+            enc.add(t, rssi)
+            accepted += 1
+        if accepted:
+            self._dirty.add(rpi)
+            self.stats.accepted += accepted
 
     def completed_minutes(self, now: float, *, final: bool = False) -> list[HeardMinute]:
         """The minutes that ended (plus ``MINUTE_GRACE_S``) since the last call, each

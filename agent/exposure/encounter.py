@@ -65,6 +65,12 @@ _WINDOW = struct.Struct("<HHbb")  # offset from first window, count (saturating)
 _UNKNOWN_TX = -128
 
 
+def _pack_window(w: ScanWindow, base: int) -> bytes:
+    mean = round(w.rssi_mean)
+    return _WINDOW.pack(w.index - base, min(w.count, 0xFFFF), max(-128, min(127, mean)),
+                        max(-128, min(127, w.rssi_max)))
+
+
 @dataclass(slots=True)
 class Encounter:
     rpi: bytes
@@ -76,6 +82,10 @@ class Encounter:
     windows: list[ScanWindow] = field(default_factory=list)
     #: The store's row id once written (None before the first write).
     row_id: int | None = None
+    #: to_bytes' packing of the windows before the last, while they stay as they were
+    #: (base index, windows packed, their bytes): an open encounter is rewritten every
+    #: flush, and all but its last window are final
+    _packed: tuple[int, int, bytes] | None = field(default=None, compare=False, repr=False)
 
     def __repr__(self) -> str:
         return (f"Encounter(first_seen={self.first_seen:.0f}, last_seen={self.last_seen:.0f}, "
@@ -97,6 +107,7 @@ class Encounter:
         else:
             if self.windows and idx < self.windows[-1].index:
                 # out-of-order sample (scanner batching): find or insert its window
+                self._packed = None
                 for w in self.windows:
                     if w.index == idx:
                         break
@@ -119,13 +130,16 @@ class Encounter:
     def to_bytes(self) -> bytes:
         base = self.windows[0].index if self.windows else int(self.first_seen // self.window_s)
         tx = _UNKNOWN_TX if self.tx_power is None else max(-127, min(127, self.tx_power))
-        parts = [_HEADER.pack(self.first_seen, self.last_seen, tx, self.window_s, 0), self.rpi, self.aem,
-                 struct.pack("<q", base)]
-        for w in self.windows:
-            mean = round(w.rssi_mean)
-            parts.append(_WINDOW.pack(w.index - base, min(w.count, 0xFFFF), max(-128, min(127, mean)),
-                                      max(-128, min(127, w.rssi_max))))
-        return b"".join(parts)
+        done = len(self.windows) - 1  # all but the last are final
+        cached = self._packed
+        if cached is None or cached[0] != base or cached[1] > done:
+            cached = (base, 0, b"")
+        if done > cached[1]:
+            cached = (base, done, cached[2] + b"".join(_pack_window(w, base) for w in self.windows[cached[1]:done]))
+            self._packed = cached
+        last = _pack_window(self.windows[-1], base) if self.windows else b""
+        return b"".join((_HEADER.pack(self.first_seen, self.last_seen, tx, self.window_s, 0), self.rpi, self.aem,
+                         struct.pack("<q", base), cached[2], last))
 
     @classmethod
     def from_bytes(cls, data: bytes, row_id: int | None = None) -> Encounter:

@@ -181,6 +181,11 @@ class ProtocolMode(abc.ABC, Generic[P]):
     def record(self, t: float, payload: P, rssi: int, tx_power: int | None = None) -> None:
         """Keep one reception of ``payload`` (hot path: no I/O)."""
 
+    def record_many(self, times: list[float], payload: P, rssis: list[int]) -> None:
+        """Keep several receptions of one ``payload`` (a simulated scan's)."""
+        for t, rssi in zip(times, rssis):
+            self.record(t, payload, rssi)
+
     @abc.abstractmethod
     def flush(self, now: float, *, final: bool = False) -> int:
         """Write what was recorded to the store (one transaction); rows or records written."""

@@ -79,12 +79,16 @@ class GaenMode(ProtocolMode[ENPayload]):
     def record(self, t: float, payload: ENPayload, rssi: int, tx_power: int | None = None) -> None:
         self.aggregator.add_raw(t, payload.rpi, payload.aem, rssi, tx_power)
 
+    def record_many(self, times: list[float], payload: ENPayload, rssis: list[int]) -> None:
+        self.aggregator.add_many(times, payload.rpi, payload.aem, rssis)
+
     def flush(self, now: float, *, final: bool = False) -> int:
         minutes = self.aggregator.completed_minutes(now, final=final)  # before flush forgets closed encounters
         batch, closed = self.aggregator.flush_closing(now, final=final)
         try:
-            written = self.store.encounters.write(batch, closed=closed)
-            self.store.heard_minutes.add(minutes)
+            with self.store.rows.transaction():  # one commit (one sync to the disk) per flush
+                written = self.store.encounters.write(batch, closed=closed)
+                self.store.heard_minutes.add(minutes)
             return written
         except StoreError:
             # written at the next flush (encounters are rewritten in place, closed ones closed again)

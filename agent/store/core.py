@@ -20,6 +20,7 @@ import hmac
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -155,13 +156,21 @@ class EncryptedRows:
                          for t in (*ENCRYPTED_TABLES, "research")}
         self._envelopes: dict[int, Envelope] = {}
         self._uid_keys: dict[int, bytes] = {}
+        self._depth = 0  # transactions open (the inner ones, of the same thread, join the outer)
+        self._owner = 0
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (a batch): all of it is committed, or none. A failed
-        write (a full disk) is a :class:`StoreError`; integrity errors pass through."""
+        write (a full disk) is a :class:`StoreError`; integrity errors pass through.
+        Inside another one it joins it: the outer one commits (one sync to the disk)."""
         if self.read_only:
             raise StoreError(f"the store {self.path} was opened read-only")
+        if self._depth and self._owner == threading.get_ident():
+            yield self.conn
+            return
+        self._depth += 1
+        self._owner = threading.get_ident()
         try:
             with self.conn:
                 self.conn.execute("BEGIN IMMEDIATE")
@@ -170,6 +179,8 @@ class EncryptedRows:
             raise
         except sqlite3.Error as e:
             raise StoreError(f"cannot write to the store {self.path}: {e}") from None
+        finally:
+            self._depth -= 1
 
     def forget_days(self, days: list[int]) -> None:
         for d in days:

@@ -89,9 +89,12 @@ class Medium:
         return att, d
 
     def tick(self, t: float, dt: float, pos: np.ndarray, room: np.ndarray, active: np.ndarray,
-             deliver: Callable[[int, int, float, int], None]) -> np.ndarray:
+             deliver: Callable[[int, int, float, int], None] | None = None, *,
+             deliver_many: Callable[[int, int, list[float], list[int]], None] | None = None) -> np.ndarray:
         """One scan tick of ``dt`` seconds: calls ``deliver(rx, tx, t_sample, rssi)``
-        for every received advertisement. Returns the distance matrix."""
+        for every received advertisement, or ``deliver_many(rx, tx, times, rssis)`` once
+        per pair with all of that pair's (the same draws, in the same order). Returns the
+        distance matrix."""
         c = self.cfg
         att, d = self.attenuation(pos, room, dt)
         self.last_attenuation = att
@@ -112,8 +115,18 @@ class Medium:
         rssi = np.round(mean_rssi[rr, tt] + fading)
         times = t + self.rng.uniform(0, dt, total)
         keep = rssi >= c.sensitivity_dbm
-        for r, x, ts, s in zip(rr[keep].tolist(), tt[keep].tolist(), times[keep].tolist(), rssi[keep].tolist()):
-            deliver(r, x, ts, int(s))
+        rr, tt, times_l, rssi_l = rr[keep].tolist(), tt[keep].tolist(), times[keep].tolist(), rssi[keep].tolist()
+        if deliver_many is not None:  # pairs come in runs (np.repeat of the pairs)
+            i, n = 0, len(rr)
+            while i < n:
+                j = i + 1
+                while j < n and rr[j] == rr[i] and tt[j] == tt[i]:
+                    j += 1
+                deliver_many(rr[i], tt[i], times_l[i:j], [int(v) for v in rssi_l[i:j]])
+                i = j
+        elif deliver is not None:
+            for r, x, ts, v in zip(rr, tt, times_l, rssi_l):
+                deliver(r, x, ts, int(v))
         return d
 
 
