@@ -17,6 +17,28 @@ from agent.store import Store
 
 from .helpers import T0, fast_passphrase
 
+
+@pytest.hookimpl(trylast=True)  # after -m / -k have deselected what they deselect
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The real-stack tests run last, and their VM boots now, in the background: its
+    minutes of emulated CPU overlap the rest of the suite instead of adding to it."""
+    realstack = [i for i in items if i.get_closest_marker("realstack")]
+    if not realstack:
+        return
+    items[:] = [i for i in items if not i.get_closest_marker("realstack")] + realstack
+    if not config.option.collectonly:
+        from .realstack import background
+
+        background.start()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    import sys
+
+    background = sys.modules.get("tests.realstack.background")
+    if background is not None:
+        background.stop()  # e.g. after -x: no VM left running
+
 TESTS = pathlib.Path(__file__).parent
 DATA = TESTS / "data"
 

@@ -18,23 +18,21 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from . import background
 from .btsnoop import Controller, OnAir, analyse, flags_of, service_data_of
-from .vm import run_vm, unavailable_reason
+from .vm import unavailable_reason
 
 pytestmark = [pytest.mark.realstack, pytest.mark.integration]
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 PRIVACY_MODES = ("off", "device")
 KINDS = ("legacy", "extended")
-#: the VM's hard limit (boot ~5-12 s, ~1 min of checks per phase under TCG, more on a loaded machine)
-VM_TIMEOUT_S = 600
 
 
 @dataclass
@@ -67,14 +65,10 @@ def stack() -> dict[str, Run]:
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
-    keep = os.environ.get("REALSTACK_RESULTS")  # a folder to keep the traces in
-    results = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="ctagent-realstack-"))
+    results, vm, agent_env = background.outcome()  # started with the session (tests/conftest.py)
     try:
-        agent_env = _init_agent(results)
-        vm = run_vm(HERE / "guest.sh", results, timeout_s=VM_TIMEOUT_S,
-                    env={k: v for k, v in os.environ.items() if k in ("REALSTACK_PRIVACY", "REALSTACK_NO_BUMBLE")})
         log = (results / "guest.log").read_text() if (results / "guest.log").exists() else ""
-        assert not vm.timed_out, f"the VM did not finish in {VM_TIMEOUT_S} s:\n{log}\n{vm.console[-2000:]}"
+        assert not vm.timed_out, f"the VM did not finish in {background.VM_TIMEOUT_S} s:\n{log}\n{vm.console[-2000:]}"
         runs = {}
         wanted = os.environ.get("REALSTACK_PRIVACY", " ".join(PRIVACY_MODES)).split()  # to debug one phase
         for privacy in (p for p in PRIVACY_MODES if p in wanted):
@@ -101,18 +95,8 @@ def stack() -> dict[str, Run]:
         print(f"\nreal-stack VM: {vm.seconds:.0f} s in all\n{log}")
         return runs
     finally:
-        if not keep:
+        if not os.environ.get("REALSTACK_RESULTS"):
             shutil.rmtree(results, ignore_errors=True)
-
-
-def _init_agent(results: Path) -> dict[str, str]:
-    """``ctagent init --radio bluez`` in the results folder, for ``ctagent run`` inside the VM."""
-    env = {**os.environ, "CTAGENT_CONFIG": str(results / "agent" / "ctagent.toml"), "CTAGENT_AGENT_CLOCK_CHECK": "off"}
-    (results / "agent").mkdir(parents=True, exist_ok=True)
-    r = subprocess.run([sys.executable, "-m", "cli", "init", "--data-dir", str(results / "agent" / "data"),
-                        "--radio", "bluez"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    return env
 
 
 def both(fn):  # a parametrising decorator: every kind and Privacy mode

@@ -27,6 +27,7 @@ import shutil
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,10 +126,12 @@ class VmRun:
 
 
 def run_vm(guest: Path, results: Path, *, timeout_s: float, memory_mb: int = 1024,
-           env: dict[str, str] | None = None) -> VmRun:
+           env: dict[str, str] | None = None,
+           on_start: Callable[[subprocess.Popen[bytes]], None] | None = None) -> VmRun:
     """Boot the VM, run ``guest`` (a shell script, given the results folder) inside it,
     and return when it powers off or after ``timeout_s`` (killed). ``env``: variables for
-    the guest (the kernel hands unknown ``NAME=value`` parameters to init's environment)."""
+    the guest (the kernel hands unknown ``NAME=value`` parameters to init's environment);
+    ``on_start`` is given the QEMU process (to kill it from elsewhere)."""
     kernel = find_kernel()
     assert kernel is not None
     results.mkdir(parents=True, exist_ok=True)
@@ -143,6 +146,8 @@ def run_vm(guest: Path, results: Path, *, timeout_s: float, memory_mb: int = 102
            "-virtfs", f"local,path={results},mount_tag=results,security_model=none,multidevs=remap"]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if on_start is not None:
+        on_start(proc)
     try:
         out, _ = proc.communicate(timeout=timeout_s)
         timed_out = False
