@@ -15,13 +15,14 @@ lock, :func:`~backend.db.job_lock`), and every batch's files carry its id in the
 names, so no run can overwrite another's. A row that cannot be written to a file is set
 aside (quarantined, one log line without key bytes), never the whole batch.
 
-At scale (a million keys in a run): the run's rows are fixed once in a temporary table
-of their ids, read in chunks into arrays (no object per key) and marked exported by one
+At scale (a million keys in a run): the keys that wait are the rows of ``export_pending``
+(a trigger adds every new key); a run's are fixed once in a temporary table of their ids,
+read in chunks into arrays (no object per key) and taken out of ``export_pending`` by one
 statement that joins that table, never a statement with a parameter per key. The files
 and the database are committed as one step: the files are written first, under names
-no committed batch has; then one transaction records the batch with its files and marks
-its keys. A run that dies before that commit leaves only files nobody lists, removed by
-the next run.
+no committed batch has; then one transaction records the batch with its files and takes
+its keys out of the waiting ones. A run that dies before that commit leaves only files
+nobody lists, removed by the next run.
 """
 
 from __future__ import annotations
@@ -34,9 +35,8 @@ import random
 import re
 import secrets
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -131,27 +131,6 @@ def stored_key(row: Any) -> DiagnosisKey:
                        report_type, row.days_since_onset)
     key.validate()
     return key
-
-
-#: SQLite's page cache for an export run, which reads and marks every row it exports
-#: (64 MiB instead of the default 2 MiB: a million-key mark takes 3 s instead of 4)
-RUN_CACHE_KIB = 65536
-
-
-@contextmanager
-def _large_page_cache(c: sa.Connection) -> Iterator[None]:
-    """SQLite: a large page cache for this connection while the run holds it, the
-    default again after (the pooled connection keeps no run's memory)."""
-    if c.dialect.name != "sqlite":
-        yield
-        return
-    (default,) = c.exec_driver_sql("PRAGMA cache_size").one()
-    c.exec_driver_sql(f"PRAGMA cache_size=-{RUN_CACHE_KIB}")
-    try:
-        yield
-    finally:
-        c.exec_driver_sql(f"PRAGMA cache_size={int(default)}")
-        c.commit()
 
 
 def _integers(values: Sequence[Any], lo: int, hi: int) -> tuple[Any, Any]:
@@ -262,7 +241,7 @@ class ExportJob:
 
     def _run(self, progress: Callable[[int, int], None] | None) -> list[str]:
         now, cfg, b_ = self.clock.now(), self.config, db.batches.c
-        with self.engine.connect() as c, _large_page_cache(c):
+        with self.engine.connect() as c:
             self._remove_unfinished(c)
             last = c.execute(sa.select(sa.func.max(b_.end)).where(b_.files != _NO_FILES)).scalar()
             window = plan_batches(last, now, cfg.export_period_s)
@@ -273,12 +252,16 @@ class ExportJob:
             # this run's rows, fixed once: later uploads wait for the next run
             c.execute(sa.text(f"DROP TABLE IF EXISTS {RUN_TABLE}"))
             c.execute(sa.text(f"CREATE TEMPORARY TABLE {RUN_TABLE} (id INTEGER PRIMARY KEY)"))
-            c.execute(sa.text(f"INSERT INTO {RUN_TABLE} (id) SELECT id FROM exposures "
-                              "WHERE batch_id IS NULL AND export_after <= :end"), {"end": window.end})
+            c.execute(sa.text(f"INSERT INTO {RUN_TABLE} (id) SELECT id FROM export_pending "
+                              "WHERE export_after <= :end"), {"end": window.end})
             c.commit()
             try:
                 keys = self._read_run(c)
-                names = self._write_batch(c, window, keys, now, progress) if len(keys) else []
+                real = len(keys)
+                names = []
+                if real:
+                    keys = self._padded_and_shuffled(keys, now)  # rebound: the unshuffled arrays go
+                    names = self._write_batch(c, window, keys, real, now, progress)
             finally:
                 c.execute(sa.text(f"DROP TABLE IF EXISTS {RUN_TABLE}"))
                 c.commit()
@@ -310,20 +293,24 @@ class ExportJob:
                 except ValueError as e:
                     log.error("export: row %d cannot be exported (%s); quarantined, the batch goes on", row[0], e)
             with c.begin():
+                ids = [{"row_id": r[0]} for r in bad]
                 c.execute(sa.update(db.exposures).where(e_.id == sa.bindparam("row_id")).values(batch_id=QUARANTINED),
-                          [{"row_id": r[0]} for r in bad])
+                          ids)
+                c.execute(sa.delete(db.pending).where(db.pending.c.id == sa.bindparam("row_id")), ids)
         return PackedKeys.concat(parts)
 
-    def _write_batch(self, c: sa.Connection, window: BatchWindow, real: PackedKeys, now: float,
-                     progress: Callable[[int, int], None] | None) -> list[str]:
-        cfg, b_ = self.config, db.batches.c
-        keys = real
+    def _padded_and_shuffled(self, keys: PackedKeys, now: float) -> PackedKeys:
+        cfg = self.config
         if len(keys) < cfg.export_min_keys:  # few real keys: records are cheap
             keys = PackedKeys.concat([keys, PackedKeys.from_keys(padding_keys(cfg.export_min_keys - len(keys),
                                                                               keys.keys(), self.rng))])
         # padding must not be told apart by position: a permutation from the CSPRNG
         order = np.argsort(np.frombuffer(self.rng.randbytes(8 * len(keys)), np.uint64), kind="stable")
-        keys = keys.take(order)
+        return keys.take(order)
+
+    def _write_batch(self, c: sa.Connection, window: BatchWindow, keys: PackedKeys, real: int, now: float,
+                     progress: Callable[[int, int], None] | None) -> list[str]:
+        cfg, b_ = self.config, db.batches.c
         bid = int(c.execute(sa.select(sa.func.coalesce(sa.func.max(b_.id), 0))).scalar_one()) + 1
         c.commit()
         count = -(-len(keys) // cfg.export_max_keys)
@@ -356,18 +343,17 @@ class ExportJob:
             for name in names:  # what a run that failed wrote; its keys stay for the next run
                 (cfg.exports_dir / name).unlink(missing_ok=True)
             raise
-        log.info("export: %d real key(s) in %d file(s), batch %d", len(real), len(names), bid)
+        log.info("export: %d real key(s) in %d file(s), batch %d", real, len(names), bid)
         return names
 
     @staticmethod
     def _commit_batch(c: sa.Connection, bid: int, window: BatchWindow, names: list[str], now: float) -> None:
-        """The one step that publishes a run: the batch with its files, its keys marked."""
-        e_ = db.exposures.c
+        """The one step that publishes a run: the batch with its files, its keys no longer waiting."""
         run_ids = sa.select(sa.table(RUN_TABLE, sa.column("id")).c.id)
         with c.begin():
             c.execute(sa.insert(db.batches).values(id=bid, start=window.start, end=window.end,
                                                    files=json.dumps(names), created_at=now))
-            c.execute(sa.update(db.exposures).where(e_.batch_id.is_(None), e_.id.in_(run_ids)).values(batch_id=bid))
+            c.execute(sa.delete(db.pending).where(db.pending.c.id.in_(run_ids)))
 
     def _remove_unfinished(self, c: sa.Connection) -> None:
         """What runs that died before their commit left: files no committed batch lists
@@ -392,10 +378,9 @@ class ExportJob:
 
     def backlog(self) -> ExportBacklog:
         """What waits for a later run (the ``backend export`` command says it)."""
-        e_ = db.exposures.c
+        p_ = db.pending.c
         with self.engine.connect() as c:
-            row = c.execute(sa.select(sa.func.count(), sa.func.min(e_.export_after))
-                            .where(e_.batch_id.is_(None))).one()
+            row = c.execute(sa.select(sa.func.count(), sa.func.min(p_.export_after))).one()
         waiting, earliest = int(row[0]), row[1]
         first = None if earliest is None else first_run_at(float(earliest), self.config.export_period_s)
         return ExportBacklog(waiting, first)

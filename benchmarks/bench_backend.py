@@ -89,8 +89,9 @@ def reset_exports(backend: Backend) -> None:
     """The keys unexported again, their files gone: the next run exports them all."""
     from backend import db
     with backend.engine.begin() as c:
-        c.execute(sa.update(db.exposures).values(batch_id=None))
         c.execute(sa.delete(db.batches))
+        c.execute(sa.text("INSERT INTO export_pending (id, export_after) SELECT id, export_after FROM exposures "
+                          "WHERE id NOT IN (SELECT id FROM export_pending)"))
     for p in backend.config.exports_dir.glob("*.zip"):
         p.unlink()
 
