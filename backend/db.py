@@ -80,10 +80,32 @@ exposures = sa.Table(
     sa.Column("days_since_onset", sa.Integer, nullable=True),
     sa.Column("health_authority", sa.String(64), nullable=False),
     sa.Column("received_at", sa.Float, nullable=False),
-    sa.Column("export_after", sa.Float, nullable=False, index=True),
-    # the batch the key was exported in; NULL: not yet; 0: cannot be exported (quarantined)
-    sa.Column("batch_id", sa.Integer, nullable=True, index=True),
+    sa.Column("export_after", sa.Float, nullable=False),
+    # 0: cannot be exported (quarantined); older versions wrote here the batch a key went
+    # out in (whether a key waits is export_pending's to say)
+    sa.Column("batch_id", sa.Integer, nullable=True),
 )
+
+#: the keys that wait for an export run (a trigger adds every new exposures row): a run
+#: takes its rows from here and, in the transaction that records its batch, deletes them,
+#: a narrow table's rows instead of a million wide rows of ``exposures`` rewritten (on
+#: PostgreSQL, with every index of theirs: 21 s instead of 2 for a million keys)
+pending = sa.Table(
+    "export_pending", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("export_after", sa.Float, nullable=False, index=True),
+)
+
+#: every new exposures row waits for an export (publishes, and rows written around the API)
+_PENDING_TRIGGER = {
+    "sqlite": ["CREATE TRIGGER IF NOT EXISTS exposures_pending AFTER INSERT ON exposures WHEN NEW.batch_id IS NULL "
+               "BEGIN INSERT INTO export_pending (id, export_after) VALUES (NEW.id, NEW.export_after); END"],
+    "postgresql": [
+        "CREATE OR REPLACE FUNCTION ctagent_exposure_pending() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN INSERT INTO export_pending (id, export_after) VALUES (NEW.id, NEW.export_after); RETURN NULL; END $$",
+        "CREATE OR REPLACE TRIGGER exposures_pending AFTER INSERT ON exposures FOR EACH ROW "
+        "WHEN (NEW.batch_id IS NULL) EXECUTE FUNCTION ctagent_exposure_pending()"],
+}
 
 batches = sa.Table(
     "export_batches", metadata,
@@ -159,8 +181,24 @@ def make_engine(url: str) -> sa.Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+    had_pending = sa.inspect(engine).has_table("export_pending")
     metadata.create_all(engine)
+    _pending_on_insert(engine, migrate=not had_pending)
     return engine
+
+
+def _pending_on_insert(engine: sa.Engine, *, migrate: bool) -> None:
+    """The trigger that makes every new exposures row wait for an export; ``migrate``: a
+    database of an older version, whose waiting keys were those with no batch, gets them
+    in export_pending and loses the two indexes the runs no longer read."""
+    with engine.begin() as c:
+        for ddl in _PENDING_TRIGGER[engine.dialect.name]:
+            c.exec_driver_sql(ddl)
+        if migrate:
+            c.exec_driver_sql("INSERT INTO export_pending (id, export_after) SELECT id, export_after FROM exposures "
+                              "WHERE batch_id IS NULL AND id NOT IN (SELECT id FROM export_pending)")
+            for index in ("ix_exposures_batch_id", "ix_exposures_export_after"):
+                c.exec_driver_sql(f"DROP INDEX IF EXISTS {index}")
 
 
 def insert_new(conn: sa.Connection, table: sa.Table, rows: list[dict], unique: str) -> int:

@@ -15,13 +15,14 @@ lock, :func:`~backend.db.job_lock`), and every batch's files carry its id in the
 names, so no run can overwrite another's. A row that cannot be written to a file is set
 aside (quarantined, one log line without key bytes), never the whole batch.
 
-At scale (a million keys in a run): the run's rows are fixed once in a temporary table
-of their ids, read in chunks into arrays (no object per key) and marked exported by one
+At scale (a million keys in a run): the keys that wait are the rows of ``export_pending``
+(a trigger adds every new key); a run's are fixed once in a temporary table of their ids,
+read in chunks into arrays (no object per key) and taken out of ``export_pending`` by one
 statement that joins that table, never a statement with a parameter per key. The files
 and the database are committed as one step: the files are written first, under names
-no committed batch has; then one transaction records the batch with its files and marks
-its keys. A run that dies before that commit leaves only files nobody lists, removed by
-the next run.
+no committed batch has; then one transaction records the batch with its files and takes
+its keys out of the waiting ones. A run that dies before that commit leaves only files
+nobody lists, removed by the next run.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ import re
 import secrets
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import sqlalchemy as sa
@@ -59,6 +61,8 @@ _NO_FILES = "[]"
 EXPORT_LOCK_WAIT_S = 600
 #: rows read from the database at a time
 READ_CHUNK = 50_000
+#: export files built at once (each holds its keys' export.bin and zip while it is built)
+FILE_THREADS = 2
 #: ``exposures.batch_id`` of a row that cannot be exported (no batch has id 0): it stays
 #: in the database, out of every file, and is not read again
 QUARANTINED = 0
@@ -129,7 +133,7 @@ def stored_key(row: Any) -> DiagnosisKey:
     return key
 
 
-def _integers(values: list[Any], lo: int, hi: int) -> tuple[Any, Any]:
+def _integers(values: Sequence[Any], lo: int, hi: int) -> tuple[Any, Any]:
     """``values`` as int64 (0 where not an integer) and whether each is an integer in lo..hi."""
     try:
         a = np.array(values, dtype=np.int64)
@@ -139,23 +143,56 @@ def _integers(values: list[Any], lo: int, hi: int) -> tuple[Any, Any]:
         return np.array([v if good else 0 for v, good in zip(values, ok.tolist())], dtype=np.int64), ok
 
 
+#: the run's rows, in id order (the columns of :class:`_StoredRow`)
+_RUN_ROWS = (f"SELECT e.id, e.key_data, e.rolling_start, e.rolling_period, e.transmission_risk, e.report_type, "
+             f"e.days_since_onset FROM exposures e JOIN {RUN_TABLE} r ON r.id = e.id ORDER BY e.id")
+
+
+class _StoredRow(NamedTuple):
+    """The columns an export run reads, by name (for :func:`stored_key`)."""
+
+    id: int
+    key_data: bytes
+    rolling_start: Any
+    rolling_period: Any
+    transmission_risk: Any
+    report_type: Any
+    days_since_onset: Any
+
+
+def _onsets(values: tuple[Any, ...]) -> tuple[Any, Any, Any]:
+    """days_since_onset as int64 (0 where absent), whether present, whether an int32."""
+    try:
+        f = np.array(values, dtype=np.float64)  # None: NaN (numbers beyond int32 stay out of range)
+        has = ~np.isnan(f)
+        ok = ~has | ((f >= INT32_MIN) & (f <= INT32_MAX) & (f == np.round(f)))
+        return np.where(has & ok, f, 0).astype(np.int64), has, ok
+    except (TypeError, ValueError, OverflowError):  # text (SQLite keeps anything)
+        has = np.fromiter((v is not None for v in values), np.bool_, len(values))
+        onset, ok = _integers([0 if v is None else v for v in values], INT32_MIN, INT32_MAX)
+        return onset, has, ok
+
+
 def _rows_to_keys(rows: Sequence[Any]) -> tuple[PackedKeys, list[Any]]:
     """Rows (id, key_data, rolling_start, rolling_period, transmission_risk, report_type,
     days_since_onset) as arrays of the keys an export file can hold, and the other rows."""
     if not rows:
         return PackedKeys.empty(), []
-    _, kd, rs, rp, risk, rt, dso = (list(col) for col in zip(*rows))
-    has = np.fromiter((v is not None for v in dso), np.bool_, len(rows))
+    n = len(rows)
+    _, kd, rs, rp, risk, rt, dso = zip(*rows)
     start, ok = _integers(rs, 0, INT32_MAX)
     period, ok_period = _integers(rp, 1, gaen.TEK_ROLLING_PERIOD)
     trl, ok_trl = _integers(risk, INT32_MIN, INT32_MAX)
     report, ok_report = _integers(rt, min(ReportType), max(ReportType))
-    onset, ok_onset = _integers([0 if v is None else v for v in dso], INT32_MIN, INT32_MAX)
+    onset, has, ok_onset = _onsets(dso)
     ok &= ok_period & ok_trl & ok_report & ok_onset
-    ok &= np.fromiter((isinstance(k, bytes | memoryview) and len(k) == gaen.KEY_LEN for k in kd), np.bool_, len(rows))
+    if set(map(type, kd)) <= {bytes}:
+        ok &= np.fromiter(map(len, kd), np.int64, n) == gaen.KEY_LEN
+    else:
+        ok &= np.fromiter((isinstance(k, bytes | memoryview) and len(k) == gaen.KEY_LEN for k in kd), np.bool_, n)
     good = np.flatnonzero(ok)
-    keys = PackedKeys(b"".join([bytes(kd[i]) for i in good.tolist()]) if len(good) < len(rows) else
-                      b"".join(map(bytes, kd)), start[good].astype(np.uint32), period[good].astype(np.uint16),
+    key_data = b"".join(kd) if len(good) == n else b"".join([bytes(kd[i]) for i in good.tolist()])
+    keys = PackedKeys(key_data, start[good].astype(np.uint32), period[good].astype(np.uint16),
                       trl[good].astype(np.int32), report[good].astype(np.uint8), onset[good].astype(np.int32),
                       has[good], np.zeros(len(good), np.uint8))  # the variant is not stored: UNKNOWN
     return keys, [rows[i] for i in np.flatnonzero(~ok).tolist()]
@@ -215,12 +252,16 @@ class ExportJob:
             # this run's rows, fixed once: later uploads wait for the next run
             c.execute(sa.text(f"DROP TABLE IF EXISTS {RUN_TABLE}"))
             c.execute(sa.text(f"CREATE TEMPORARY TABLE {RUN_TABLE} (id INTEGER PRIMARY KEY)"))
-            c.execute(sa.text(f"INSERT INTO {RUN_TABLE} (id) SELECT id FROM exposures "
-                              "WHERE batch_id IS NULL AND export_after <= :end"), {"end": window.end})
+            c.execute(sa.text(f"INSERT INTO {RUN_TABLE} (id) SELECT id FROM export_pending "
+                              "WHERE export_after <= :end"), {"end": window.end})
             c.commit()
             try:
                 keys = self._read_run(c)
-                names = self._write_batch(c, window, keys, now, progress) if len(keys) else []
+                real = len(keys)
+                names = []
+                if real:
+                    keys = self._padded_and_shuffled(keys, now)  # rebound: the unshuffled arrays go
+                    names = self._write_batch(c, window, keys, real, now, progress)
             finally:
                 c.execute(sa.text(f"DROP TABLE IF EXISTS {RUN_TABLE}"))
                 c.commit()
@@ -228,75 +269,91 @@ class ExportJob:
         return names
 
     def _read_run(self, c: sa.Connection) -> PackedKeys:
-        """The keys of the run's rows, as arrays; rows no file can hold are quarantined."""
+        """The keys of the run's rows, as arrays; rows no file can hold are quarantined.
+        Read through the driver's own cursor (PostgreSQL: a server-side one), in chunks of
+        plain tuples: a million rows as SQLAlchemy Row objects cost a second more."""
         e_ = db.exposures.c
-        cols = [e_.id, e_.key_data, e_.rolling_start, e_.rolling_period, e_.transmission_risk, e_.report_type,
-                e_.days_since_onset]
-        run_ids = sa.table(RUN_TABLE, sa.column("id"))
-        q = sa.select(*cols).join_from(db.exposures, run_ids, e_.id == run_ids.c.id).order_by(e_.id)
+        dbapi = c.connection.dbapi_connection
+        assert dbapi is not None
+        cursor = dbapi.cursor(name="ctagent_export_run") if c.dialect.name == "postgresql" else dbapi.cursor()
         parts, bad = [], []
-        result = c.execute(q.execution_options(stream_results=True, yield_per=READ_CHUNK))
-        for rows in result.partitions(READ_CHUNK):
-            part, bad_rows = _rows_to_keys(rows)
-            parts.append(part)
-            bad += bad_rows
-        c.commit()
+        try:
+            cursor.execute(_RUN_ROWS)
+            while rows := cursor.fetchmany(READ_CHUNK):
+                part, bad_rows = _rows_to_keys(rows)
+                parts.append(part)
+                bad += bad_rows
+        finally:
+            cursor.close()
+            dbapi.commit()  # the read's transaction (PostgreSQL), which SQLAlchemy did not begin
         if bad:
             for row in bad:
                 try:
-                    stored_key(row)
+                    stored_key(_StoredRow(*row))
                 except ValueError as e:
-                    log.error("export: row %d cannot be exported (%s); quarantined, the batch goes on", row.id, e)
+                    log.error("export: row %d cannot be exported (%s); quarantined, the batch goes on", row[0], e)
             with c.begin():
+                ids = [{"row_id": r[0]} for r in bad]
                 c.execute(sa.update(db.exposures).where(e_.id == sa.bindparam("row_id")).values(batch_id=QUARANTINED),
-                          [{"row_id": r.id} for r in bad])
+                          ids)
+                c.execute(sa.delete(db.pending).where(db.pending.c.id == sa.bindparam("row_id")), ids)
         return PackedKeys.concat(parts)
 
-    def _write_batch(self, c: sa.Connection, window: BatchWindow, real: PackedKeys, now: float,
-                     progress: Callable[[int, int], None] | None) -> list[str]:
-        cfg, b_ = self.config, db.batches.c
-        keys = real
+    def _padded_and_shuffled(self, keys: PackedKeys, now: float) -> PackedKeys:
+        cfg = self.config
         if len(keys) < cfg.export_min_keys:  # few real keys: records are cheap
             keys = PackedKeys.concat([keys, PackedKeys.from_keys(padding_keys(cfg.export_min_keys - len(keys),
                                                                               keys.keys(), self.rng))])
         # padding must not be told apart by position: a permutation from the CSPRNG
         order = np.argsort(np.frombuffer(self.rng.randbytes(8 * len(keys)), np.uint64), kind="stable")
-        keys = keys.take(order)
+        return keys.take(order)
+
+    def _write_batch(self, c: sa.Connection, window: BatchWindow, keys: PackedKeys, real: int, now: float,
+                     progress: Callable[[int, int], None] | None) -> list[str]:
+        cfg, b_ = self.config, db.batches.c
         bid = int(c.execute(sa.select(sa.func.coalesce(sa.func.max(b_.id), 0))).scalar_one()) + 1
         c.commit()
         count = -(-len(keys) // cfg.export_max_keys)
         names: list[str] = []
+
+        def write_file(i: int) -> str:
+            chunk = keys.span(i * cfg.export_max_keys, min(len(keys), (i + 1) * cfg.export_max_keys))
+            # batch 1 of 1 per file, as Google's export worker: the Android verifier wants
+            # every file of a batch in one call, and each file here stands alone
+            blob = export.build_export_packed(chunk, signing_key=self.signing_key, start_timestamp=window.start,
+                                              end_timestamp=window.end, region=cfg.region, key_id=cfg.key_id,
+                                              key_version=cfg.key_version, batch_num=1, batch_size=1)
+            name = file_name(window, bid, i + 1)
+            _write_atomic(cfg.exports_dir / name, blob)
+            return name
+
         try:
-            for i in range(count):
-                chunk = keys.span(i * cfg.export_max_keys, min(len(keys), (i + 1) * cfg.export_max_keys))
-                # batch 1 of 1 per file, as Google's export worker: the Android verifier wants
-                # every file of a batch in one call, and each file here stands alone
-                blob = export.build_export_packed(chunk, signing_key=self.signing_key, start_timestamp=window.start,
-                                                  end_timestamp=window.end, region=cfg.region, key_id=cfg.key_id,
-                                                  key_version=cfg.key_version, batch_num=1, batch_size=1)
-                name = file_name(window, bid, i + 1)
-                _write_atomic(cfg.exports_dir / name, blob)
-                names.append(name)
-                del blob
+            if count == 1:
+                names.append(write_file(0))
                 if progress:
-                    progress(i + 1, count)
+                    progress(1, 1)
+            else:  # files side by side: deflate, the most of a file's time, lets the other threads run
+                with ThreadPoolExecutor(min(count, FILE_THREADS)) as pool:
+                    for name in pool.map(write_file, range(count)):
+                        names.append(name)
+                        if progress:
+                            progress(len(names), count)
             self._commit_batch(c, bid, window, names, now)
         except BaseException:
             for name in names:  # what a run that failed wrote; its keys stay for the next run
                 (cfg.exports_dir / name).unlink(missing_ok=True)
             raise
-        log.info("export: %d real key(s) in %d file(s), batch %d", len(real), len(names), bid)
+        log.info("export: %d real key(s) in %d file(s), batch %d", real, len(names), bid)
         return names
 
     @staticmethod
     def _commit_batch(c: sa.Connection, bid: int, window: BatchWindow, names: list[str], now: float) -> None:
-        """The one step that publishes a run: the batch with its files, its keys marked."""
-        e_ = db.exposures.c
+        """The one step that publishes a run: the batch with its files, its keys no longer waiting."""
         run_ids = sa.select(sa.table(RUN_TABLE, sa.column("id")).c.id)
         with c.begin():
             c.execute(sa.insert(db.batches).values(id=bid, start=window.start, end=window.end,
                                                    files=json.dumps(names), created_at=now))
-            c.execute(sa.update(db.exposures).where(e_.batch_id.is_(None), e_.id.in_(run_ids)).values(batch_id=bid))
+            c.execute(sa.delete(db.pending).where(db.pending.c.id.in_(run_ids)))
 
     def _remove_unfinished(self, c: sa.Connection) -> None:
         """What runs that died before their commit left: files no committed batch lists
@@ -321,10 +378,9 @@ class ExportJob:
 
     def backlog(self) -> ExportBacklog:
         """What waits for a later run (the ``backend export`` command says it)."""
-        e_ = db.exposures.c
+        p_ = db.pending.c
         with self.engine.connect() as c:
-            row = c.execute(sa.select(sa.func.count(), sa.func.min(e_.export_after))
-                            .where(e_.batch_id.is_(None))).one()
+            row = c.execute(sa.select(sa.func.count(), sa.func.min(p_.export_after))).one()
         waiting, earliest = int(row[0]), row[1]
         first = None if earliest is None else first_run_at(float(earliest), self.config.export_period_s)
         return ExportBacklog(waiting, first)

@@ -54,10 +54,11 @@ def fill_backend(data_dir: Path, n: int, planted: list[bytes], today: int):
             "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < :n) "
             "SELECT randomblob(16), (:today - 13 + abs(random()) % 14) * 144, 144, 0, 1, 'bench', 0, 0 FROM s"),
             {"n": rows, "today": today})
-        c.execute(sa.insert(db.exposures), [
-            {"key_data": tek, "rolling_start": (today - 13 + i % 14) * 144, "rolling_period": 144,
-             "transmission_risk": 0, "report_type": 1, "days_since_onset": None, "health_authority": "bench",
-             "received_at": 0, "export_after": 0} for i, tek in enumerate(planted)])
+        if planted:
+            c.execute(sa.insert(db.exposures), [
+                {"key_data": tek, "rolling_start": (today - 13 + i % 14) * 144, "rolling_period": 144,
+                 "transmission_risk": 0, "report_type": 1, "days_since_onset": None, "health_authority": "bench",
+                 "received_at": 0, "export_after": 0} for i, tek in enumerate(planted)])
     return backend
 
 

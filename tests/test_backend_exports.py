@@ -41,7 +41,8 @@ def assert_every_key_in_exactly_one_file(backend, published: list[bytes]) -> Non
     published key is in exactly one listed file, and a key marked exported is in one."""
     index = (backend.config.exports_dir / "index.txt").read_text().split()
     seen = collections.Counter(exported_keys(backend))
-    marked = {r.key_data for r in stored(backend) if r.batch_id}
+    waiting = set(pending_ids(backend))
+    marked = {r.key_data for r in stored(backend) if r.id not in waiting and r.batch_id != export_job.QUARANTINED}
     missing = [k for k in published if seen[k] == 0]
     twice = [k for k in published if seen[k] > 1]
     assert len(index) == len(set(index)) and not missing and not twice, (
@@ -55,6 +56,12 @@ def twin(backend, clock):
     return Backend(BackendConfig(backend.config.data_dir, database_url=backend.config.database_url,
                                  export_min_keys=backend.config.export_min_keys,
                                  export_period_s=backend.config.export_period_s), clock=clock)
+
+
+def pending_ids(backend) -> list[int]:
+    """The rows that wait for an export run."""
+    with backend.engine.connect() as c:
+        return [i for (i,) in c.execute(sa.select(db.pending.c.id))]
 
 
 def stored(backend, **where):
@@ -319,7 +326,8 @@ def _insert_keys(backend, clock, n) -> list[bytes]:
                           "report_type, health_authority, received_at, export_after) "
                           f"SELECT k, :start, 144, 0, 1, 'x', :now, 0 FROM ({rows}) AS keys"),
                   {"n": n, "start": start, "now": clock.t})
-        return [k for (k,) in c.execute(sa.select(db.exposures.c.key_data).where(db.exposures.c.batch_id.is_(None)))]
+        return [k for (k,) in c.execute(sa.select(db.exposures.c.key_data).join(
+            db.pending, db.pending.c.id == db.exposures.c.id))]
 
 
 def test_a_run_killed_between_its_files_and_its_commit_leaves_nothing_half_done(backend, clock):
@@ -350,7 +358,7 @@ def test_a_run_killed_between_its_files_and_its_commit_leaves_nothing_half_done(
         child.wait(30)
     with backend.engine.connect() as c:
         assert c.execute(sa.select(sa.func.count()).select_from(db.batches)).scalar() == 0
-    assert not [r for r in stored(backend) if r.batch_id is not None]
+    assert len(pending_ids(backend)) == len(keys)  # every key still waits
     assert (backend.config.exports_dir / "index.txt").read_bytes() == index_before
     clock.advance(3600)
     names = backend.exports.run()
@@ -379,3 +387,30 @@ def test_100k_keys_exported_with_no_statement_holding_a_parameter_per_key(backen
         sa.event.remove(backend.engine, "before_cursor_execute", count)
     assert max(widest) <= 10
     assert_every_key_in_exactly_one_file(backend, keys)
+
+
+def test_a_database_of_an_older_version_keeps_its_waiting_keys(backend, clock):
+    """Before export_pending, a waiting key was one with no batch: the first start of this
+    version puts those (and only those) in export_pending; new rows wait by themselves."""
+    pg = backend.engine.dialect.name == "postgresql"
+    with backend.engine.begin() as c:  # as an older version left it
+        c.exec_driver_sql("DROP TRIGGER exposures_pending" + (" ON exposures" if pg else ""))
+        c.exec_driver_sql("DROP TABLE export_pending")
+    base = {"rolling_start": gaen.rolling_start_for_day(clock.t) - 144, "rolling_period": 144,
+            "transmission_risk": 0, "report_type": 1, "days_since_onset": None, "health_authority": "x",
+            "received_at": clock.t, "export_after": 0.0}
+    waiting = [dict(base, key_data=os.urandom(16)) for _ in range(5)]
+    done = [dict(base, key_data=os.urandom(16), batch_id=7) for _ in range(3)]
+    with backend.engine.begin() as c:  # two statements: an executemany takes the first row's columns
+        c.execute(sa.insert(db.exposures), waiting)
+        c.execute(sa.insert(db.exposures), done)
+    engine = db.make_engine(backend.config.database)  # the first start of this version
+    try:
+        with engine.begin() as c:
+            c.execute(sa.insert(db.exposures), [dict(base, key_data=os.urandom(16))])
+            keys = {k for (k,) in c.execute(sa.select(db.exposures.c.key_data).join(
+                db.pending, db.pending.c.id == db.exposures.c.id))}
+        assert len(keys) == 6 and {r["key_data"] for r in waiting} <= keys
+        assert not keys & {r["key_data"] for r in done}
+    finally:
+        engine.dispose()

@@ -480,16 +480,23 @@ def _first_invalid(keys: Any) -> str | None:
 
 
 def _packed_from_pb(keys: Any) -> PackedKeys:
+    """The keys of a protobuf list as arrays, each message read once (one pass, not one
+    per field); ExportFormatError with validate()'s message for the first invalid one."""
     n = len(keys)
-    return PackedKeys(
-        b"".join([k.key_data for k in keys]),
-        np.fromiter([k.rolling_start_interval_number for k in keys], np.uint32, n),
-        np.fromiter([k.rolling_period for k in keys], np.uint16, n),
-        np.fromiter([k.transmission_risk_level for k in keys], np.int32, n),
-        np.fromiter([k.report_type for k in keys], np.uint8, n),
-        np.fromiter([k.days_since_onset_of_symptoms for k in keys], np.int32, n),
-        np.fromiter([k.HasField("days_since_onset_of_symptoms") for k in keys], np.bool_, n),
-        np.fromiter([k.variant_of_concern for k in keys], np.uint8, n))
+    if not n:
+        return PackedKeys.empty()
+    kd, rs, rp, trl, rt, dso, has, voc = zip(*[
+        (k.key_data, k.rolling_start_interval_number, k.rolling_period, k.transmission_risk_level, k.report_type,
+         k.days_since_onset_of_symptoms, k.HasField("days_since_onset_of_symptoms"), k.variant_of_concern)
+        for k in keys])
+    start = np.array(rs, np.int64)
+    period = np.array(rp, np.int64)
+    if not ((np.fromiter(map(len, kd), np.int64, n) == KEY_LEN).all() and (start >= 0).all()
+            and ((period >= 1) & (period <= TEK_ROLLING_PERIOD)).all()):
+        raise ExportFormatError(_first_invalid(keys) or "a key is invalid")
+    return PackedKeys(b"".join(kd), start.astype(np.uint32), period.astype(np.uint16), np.array(trl, np.int32),
+                      np.array(rt, np.uint8), np.array(dso, np.int32), np.array(has, np.bool_),
+                      np.array(voc, np.uint8))
 
 
 def _parse_protobuf(body: bytes | memoryview) -> PackedExport:
@@ -503,14 +510,10 @@ def _parse_protobuf(body: bytes | memoryview) -> PackedExport:
         raise ExportFormatError(f"export.bin protobuf could not be parsed: {type(e).__name__}") from None
     if msg.start_timestamp > msg.end_timestamp:
         raise ExportFormatError("start_timestamp is after end_timestamp")
-    for keys in (msg.keys, msg.revised_keys):
-        bad = _first_invalid(keys) if any(len(k.key_data) != KEY_LEN or not 1 <= k.rolling_period <= TEK_ROLLING_PERIOD
-                                          or k.rolling_start_interval_number < 0 for k in keys) else None
-        if bad:
-            raise ExportFormatError(bad)
+    keys = _packed_from_pb(msg.keys)  # keys first: their first invalid one is the error, as validate() says
+    revised = _packed_from_pb(msg.revised_keys)
     return PackedExport(msg.start_timestamp, msg.end_timestamp, _text(msg.region), msg.batch_num, msg.batch_size,
-                        _packed_from_pb(msg.keys), _packed_from_pb(msg.revised_keys),
-                        tuple(_info_from_pb(i) for i in msg.signature_infos))
+                        keys, revised, tuple(_info_from_pb(i) for i in msg.signature_infos))
 
 
 def _parse_native(body: bytes | memoryview) -> PackedExport:

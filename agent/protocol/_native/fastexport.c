@@ -284,6 +284,7 @@ static PyObject *encode(PyObject *mod, PyObject *args) {
     const uint32_t *start = st.buf;
     const uint16_t *period = pe.buf;
     const int32_t *risk = ri.buf, *dso = ds.buf;
+    Py_BEGIN_ALLOW_THREADS   /* the buffers stay ours: the other threads may run */
     for (Py_ssize_t i = 0; i < n; i++) {
         uint8_t body[64], *b = body;
         *b++ = 0x0a; *b++ = 16; memcpy(b, k + 16 * i, 16); b += 16;
@@ -298,6 +299,7 @@ static PyObject *encode(PyObject *mod, PyObject *args) {
         memcpy(o, body, (size_t)(b - body));
         o += b - body;
     }
+    Py_END_ALLOW_THREADS
     if (_PyBytes_Resize(&out, (Py_ssize_t)(o - (uint8_t *)PyBytes_AS_STRING(out)))) out = NULL;
 done:
     PyBuffer_Release(&kd); PyBuffer_Release(&st); PyBuffer_Release(&pe); PyBuffer_Release(&ri);
