@@ -5,6 +5,7 @@ x86-64, one of its own (SHA-NI, AES-NI/VAES, AVX2); the pure-Python path is a th
 They must find exactly the same (key, RPI, encounter) triples, and their primitives the
 same bytes as ``agent.protocol.gaen`` (the spec's reference)."""
 
+import json
 import os
 import random
 
@@ -132,10 +133,10 @@ def test_masking_aes_ni_like_openssl_turns_the_kernel_portable():
     import subprocess
     import sys
     env = {**os.environ, "OPENSSL_ia32cap": "~0x200000200000000:~0x20000000"}
-    out = subprocess.run([sys.executable, "-c", "from agent.exposure import _fastmatch as f; print(f.features())"],
-                         env=env, capture_output=True, text=True, check=True).stdout
-    if out.strip() != "{}":  # not x86-64
-        feats = eval(out)  # a dict literal printed by the line above
+    code = "import json; from agent.exposure import _fastmatch as f; print(json.dumps(f.features()))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    feats = json.loads(out)
+    if feats:  # x86-64
         assert not feats["aesni"] and not feats["vaes"] and not feats["shani"]
 
 
