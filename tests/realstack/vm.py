@@ -10,7 +10,8 @@ Why it is built this way (each point cost a failed run to learn):
   controller failed to come up in 2 of ~10 runs.
 - The host's ``/`` is shared read-only over virtio-9p (``multidevs=remap``: it spans
   several host file systems) so the VM runs exactly the host's bluez, dbus and the
-  project's venv; a second, writable 9p share (the results folder) is mounted at the
+  project's venv; the checkout is shared again at its own path (a clone under /tmp would
+  be hidden by the guest's tmpfs there); a writable 9p share (the results folder) is mounted at the
   same path it has on the host.
 - A tiny busybox initramfs loads the virtio/9p modules, mounts both shares and tmpfs on
   the few places that must be writable, and ``switch_root``s into the host's tree to run
@@ -32,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+#: the checkout the VM runs (its venv and the guest scripts)
+PROJECT = HERE.parents[1]
 #: the modules the initramfs loads, in dependency order (the rest comes from the host's /lib/modules)
 INITRAMFS_MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
                      "netfs", "fscache", "9pnet", "9pnet_virtio", "9p")
@@ -46,6 +49,10 @@ for m in /modules/*.ko; do /bin/busybox insmod "$m" || echo "realstack: insmod $
 /bin/busybox mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=262144 hostroot /newroot \\
   || { echo "realstack: cannot mount the host root"; /bin/busybox poweroff -f; }
 for d in /run /tmp /var/lib/bluetooth /var/tmp; do /bin/busybox mount -t tmpfs tmpfs /newroot$d; done
+# the project (its venv, guest.sh) again at its own path: a checkout under /tmp or /var/tmp
+# would otherwise be hidden by the guest's tmpfs there
+/bin/busybox mkdir -p /newroot{project} 2>/dev/null
+/bin/busybox mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=262144 project /newroot{project}
 /bin/busybox mkdir -p /newroot{results} 2>/dev/null  # under a tmpfs (/tmp) it must be made first
 /bin/busybox mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 results /newroot{results}
 /bin/busybox mount -t devtmpfs dev /newroot/dev
@@ -112,7 +119,7 @@ def build_initramfs(kernel: Kernel, results: Path, guest: Path, dest: Path) -> N
         found = list(kernel.modules.glob(f"kernel/**/{name}.ko"))
         if found:  # built into this kernel otherwise
             entries.append((f"modules/{i:02d}-{name}.ko", stat.S_IFREG | 0o644, found[0].read_bytes()))
-    init = INIT.replace("{results}", str(results)).replace("{guest}", str(guest))
+    init = INIT.replace("{results}", str(results)).replace("{guest}", str(guest)).replace("{project}", str(PROJECT))
     entries.append(("init", stat.S_IFREG | 0o755, init.encode()))
     dest.write_bytes(_cpio_newc(entries))
 
@@ -143,6 +150,7 @@ def run_vm(guest: Path, results: Path, *, timeout_s: float, memory_mb: int = 102
            "-append", " ".join(["console=ttyS0 panic=-1 quiet loglevel=3 cryptomgr.notests=1 rdinit=/init",
                                 *(f"{k}={v}" for k, v in (env or {}).items())]),
            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+           "-virtfs", f"local,path={PROJECT},mount_tag=project,security_model=none,readonly=on,multidevs=remap",
            "-virtfs", f"local,path={results},mount_tag=results,security_model=none,multidevs=remap"]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
