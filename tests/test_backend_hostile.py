@@ -188,9 +188,12 @@ def test_register_and_status_do_not_stall_other_requests(world, clock):
         during, first = _probe_while(all_done, srv.url)
         all_done.result()
         took = time.monotonic() - t0
-    assert len(during) >= 3 and max(during) < QUICK_S, (
+    # a stalled server answers once or twice, late; a busy one answers quickly nearly always
+    # (one scheduling hiccup on a loaded 2-core CI machine is not a stall: judged at the 90th percentile)
+    p90 = sorted(during)[int(0.9 * (len(during) - 1))] if during else first
+    assert len(during) >= 3 and p90 < QUICK_S and max(during) < 4 * QUICK_S, (
         f"/healthz: {len(during)} answer(s) during {took:.2f} s of 32 registrations and 32 status requests by "
-        f"32 clients, worst {max(during, default=first):.2f} s")
+        f"32 clients, 90th percentile {p90:.2f} s, worst {max(during, default=first):.2f} s")
 
 
 @sqlite_only
