@@ -355,6 +355,32 @@ def test_exposures_typed_and_unique(store):
     assert all(str(20000 * 144) not in u for (u,) in raw)  # the uniqueness key reveals nothing
 
 
+def test_hellos_as_arrays_are_stored_as_one_by_one(tmp_path, clock):
+    """The simulator's array path writes the very bytes the daemon's path writes: the
+    same rows per day, the same records in the same order (RSSI clamped to int8)."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    times = T0 + np.sort(rng.uniform(-DAY / 2, DAY, 500))  # across UTC days
+    hellos = [bytes(rng.integers(0, 256, 16, dtype=np.uint8)) for _ in range(500)]
+    hellos[3] = b"\x00" * 15 + b"\x07"  # leading and trailing zero bytes survive
+    hellos[4] = b"\x07" + b"\x00" * 15
+    rssis = rng.integers(-140, 140, 500)
+    plain = []
+    for name, write in (("one", lambda s: s.hellos.add(HeardHello(t, h, int(r))
+                                                       for t, h, r in zip(times.tolist(), hellos, rssis))),
+                        ("arrays", lambda s: s.hellos.add_arrays(times, np.array(hellos, dtype="S16"), rssis))):
+        with Store.create(tmp_path / f"{name}.db", fast_passphrase(), clock=clock) as s:
+            assert write(s) == 500
+            plain.append([(day, blob) for _, day, blob in s.rows.rows("hellos", "", ())])
+            assert [h.hello for h in s.hellos.all()] == hellos
+            assert {h.rssi for h in s.hellos.all()} <= set(range(-128, 128))
+    assert len(plain[0]) >= 2 and plain[0] == plain[1]
+    with Store.create(tmp_path / "bad.db", fast_passphrase(), clock=clock) as s:
+        with pytest.raises(ValueError, match="same length"):
+            s.hellos.add_arrays(times, np.array(hellos[:10], dtype="S16"), rssis)
+
+
 def test_sensitive_state_is_encrypted_and_survives_retention(tmp_path, clock):
     with Store.create(tmp_path / "a.db", fast_passphrase(), clock=clock) as s:
         s.hellos.add([HeardHello(T0, b"h" * 16, -50)])

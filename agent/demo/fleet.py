@@ -20,13 +20,12 @@ from ..modes import mode_class
 from ..modes.base import DeviceContext, ProtocolMode
 from ..protocol.robert import EPOCH_SECONDS
 from ..experiment.recording import RadioFacts, ResearchRecorder
-from ..store import Passphrase, Store
+from ..store import Store
+from ..store.keys import KeyFile, create_key_file
 from .scenario import ACTIVE, DAY0
 
 #: the device models handed out in turn
 MODELS = ("Raspberry Pi 3 Model B", "Raspberry Pi Zero W", "Raspberry Pi 4 Model B")
-#: cheap scrypt: the demo's stores live for a minute in a temporary folder
-DEMO_SCRYPT = {"n": 2**12, "r": 8, "p": 1}
 #: the export job pads files to at least this many keys
 EXPORT_MIN_KEYS = 100
 HTTP_TIMEOUT_S = 20.0
@@ -52,8 +51,9 @@ class Fleet:
             self.calibrations.append(cal)
             # not durable: a simulated minute's flush need not reach the disk, and the
             # demo's wall time must not depend on the disk's
-            self.stores.append(Store.create(work / f"device-{i:02d}.db", Passphrase(f"demo-{i}", scrypt=DEMO_SCRYPT),
-                                            clock=clock, durable=False))
+            # a random key file each, as `ctagent init` makes by default (no passphrase to stretch)
+            key = KeyFile(create_key_file(work / f"device-{i:02d}.key"))
+            self.stores.append(Store.create(work / f"device-{i:02d}.db", key, clock=clock, durable=False))
             self.rngs.append(random.Random(rng.getrandbits(64)))
             self.sim_devices.append(SimDevice(f"device-{i:02d}", cal.tx_power, cal.rssi_correction))
         self.medium = Medium(self.sim_devices, MediumConfig(), seed=seed)

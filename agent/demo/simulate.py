@@ -5,19 +5,24 @@ says, the medium decides who hears whom and how loud, receivers record it; the t
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from ..ble.sim.medium import Draws
 from ..protocol.payload import uuid128
 from ..timesync import simulated_clock
 from .fleet import Fleet
 from .scenario import Scenario
 
-#: seconds of simulated time between writes to the stores (the daemon's flush interval)
-FLUSH_EVERY_S = 60.0
+#: seconds of simulated time between writes to the stores. The daemon flushes every
+#: minute (``[agent] flush_interval_s``) so that a power cut loses little; the simulated
+#: devices cannot lose power, and what they store does not depend on how often they
+#: write (an open encounter is rewritten in place, a minute summarised once), only the
+#: demo's time does: each encounter would be re-encrypted every simulated minute.
+FLUSH_EVERY_S = 1800.0
 #: research batches are written less often (each write is a durable transaction: the
 #: demo's many stores on one disk would wait on them)
 RESEARCH_FLUSH_S = 600.0
@@ -52,24 +57,22 @@ def simulate(fleet: Fleet, scenario: Scenario, rng: random.Random, *, tick_s: fl
     n = len(modes)
     service_key = uuid128(fleet.mode_cls.service_uuid16)
     limit = fleet.mode_cls.samples_per_scan
-    on_air: list[Any] = [None] * n  # each transmitter's decoded payload
+    #: every payload put on air, by id; each transmitter's current id (-1: silent)
+    payloads: list[Any] = []
+    raws: list[tuple[str, bytes]] = []  # each payload's address and service data
+    on_air = np.full(n, -1, dtype=np.int64)
     next_at = [0.0] * n
     trace = Trace(close_minutes=np.zeros((scenario.days, n)))
-    records = [m.record_many for m in modes]
     research = fleet.recorders
-    raw: list[tuple[str, bytes] | None] = [None] * n  # each transmitter's address and service data
+    heard = _Heard()
 
-    def deliver_many(rx: int, tx: int, times: list[float], rssis: list[int]) -> None:
-        """One pair's samples of the tick (all of the same payload: one broadcast per tick)."""
-        if limit is not None:
-            times, rssis = times[:limit], rssis[:limit]
-        payload = on_air[tx]
-        if payload is not None:
-            records[rx](times, payload, rssis)
-            trace.sightings += len(times)
+    def deliver() -> None:
+        """The block heard since the last flush, to each receiver (in reception order)."""
+        for rx, times, ids, rssis in heard.by_receiver():
+            modes[rx].record_block(times, ids, rssis, payloads)
             if research:
-                address, data = raw[tx]  # type: ignore[misc]
-                for ts, rssi in zip(times, rssis):
+                for ts, i, rssi in zip(times.tolist(), ids.tolist(), rssis.tolist()):
+                    address, data = raws[i]
                     research[rx].heard(ts, address, rssi, None, data)
 
     total_ticks = scenario.days * int((scenario.active_span(0)[1] - scenario.active_span(0)[0]) / tick_s)
@@ -90,17 +93,24 @@ def simulate(fleet: Fleet, scenario: Scenario, rng: random.Random, *, tick_s: fl
                 if t >= next_at[i]:
                     b = mode.broadcast(t)
                     if b is None:
-                        on_air[i], next_at[i] = None, t + tick_s
+                        on_air[i], next_at[i] = -1, t + tick_s
                         continue
-                    on_air[i] = mode.decode({service_key: b.service_data})
-                    raw[i] = (b.address, b.service_data)
+                    payload = mode.decode({service_key: b.service_data})
+                    if payload is None:
+                        on_air[i] = -1
+                    else:
+                        on_air[i] = len(payloads)
+                        payloads.append(payload)
+                        raws.append((b.address, b.service_data))
                     if research:
                         research[i].advertised(t, b.address, b.service_data, b.new_identity)
                     next_at[i] = b.next_at
                     trace.rotations += int(b.new_identity)
             pos, room = scenario.layout(t)
             pos += np.asarray(medium.rng.normal(0, 0.05, pos.shape))
-            d = medium.tick(t, tick_s, pos, room, active, deliver_many=deliver_many)
+            dr = medium.draw(t, tick_s, pos, room, active)
+            trace.sightings += heard.add(dr, on_air, n, limit)
+            d = dr.distance
             trace.close_minutes[day] += (d[:, 0] <= distance_m) * (tick_s / 60)
             if research:
                 near_i, near_j = np.nonzero(np.triu(d <= TRUTH_RANGE_M, 1))
@@ -111,6 +121,7 @@ def simulate(fleet: Fleet, scenario: Scenario, rng: random.Random, *, tick_s: fl
             trace.attenuation_from_p0.append(medium.last_attenuation[:, 0].copy())  # device i hearing person 0
             t += tick_s
             if t >= next_flush:
+                deliver()
                 for m in modes:
                     m.flush(t)
                 if t >= next_research_flush:
@@ -121,6 +132,7 @@ def simulate(fleet: Fleet, scenario: Scenario, rng: random.Random, *, tick_s: fl
             done_ticks += 1
             if progress and done_ticks % 200 == 0:
                 progress("simulating", done_ticks / total_ticks)
+        deliver()
         for m in modes:
             m.flush(end, final=True)
         for r in research:
@@ -129,3 +141,39 @@ def simulate(fleet: Fleet, scenario: Scenario, rng: random.Random, *, tick_s: fl
         progress("simulating", 1.0)
     return trace
 
+
+class _Heard:
+    """The samples received since the last flush, as arrays, tick after tick."""
+
+    def __init__(self) -> None:
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, dr: Draws, on_air: np.ndarray, n: int, limit: int | None) -> int:
+        """One tick's draws: samples of silent transmitters dropped, at most ``limit``
+        per pair (the family's app keeps that many per scan). Returns how many were kept."""
+        ids = on_air[dr.tx]
+        keep = ids >= 0
+        if limit is not None and len(ids):
+            pair = dr.rx * n + dr.tx  # a pair's samples are contiguous
+            starts = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
+            rank = np.arange(len(pair)) - np.repeat(starts, np.diff(np.r_[starts, len(pair)]))
+            keep &= rank < limit
+        if not keep.all():
+            rx, t, ids, rssi = dr.rx[keep], dr.t[keep], ids[keep], dr.rssi[keep]
+        else:
+            rx, t, rssi = dr.rx, dr.t, dr.rssi
+        self._parts.append((rx, t, ids, rssi))
+        return len(rx)
+
+    def by_receiver(self) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """(receiver, times, payload ids, RSSIs) per receiver, each in reception order; then empty."""
+        if not self._parts:
+            return
+        rx, t, ids, rssi = (np.concatenate(a) for a in zip(*self._parts))
+        self._parts = []
+        order = np.argsort(rx, kind="stable")
+        rx, t, ids, rssi = rx[order], t[order], ids[order], rssi[order]
+        cuts = np.flatnonzero(np.diff(rx)) + 1
+        for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(rx)].tolist()):
+            if hi > lo:
+                yield int(rx[lo]), t[lo:hi], ids[lo:hi], rssi[lo:hi]

@@ -13,11 +13,16 @@ keys arrive, days later, naming only a few of the identifiers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .encounter import RSSI_UNAVAILABLE, Encounter, Sighting, valid_rssi
+import numpy as np
+
+from .encounter import Encounter, ScanWindow, Sighting, valid_rssi
 from .minutes import MINUTE_S, HeardMinute, summarise
+
+#: ScanWindow.add's power of each whole dBm (index: RSSI + 128), computed as it computes it
+_POWER_MW = np.array([10.0 ** (r / 10.0) for r in range(-128, 128)])
 
 #: A minute is summarised this long after it ended: a scanner delivers in batches.
 MINUTE_GRACE_S = 5.0
@@ -60,21 +65,77 @@ class Aggregator:
         self._dirty.add(rpi)
         self.stats.accepted += 1
 
-    def add_many(self, times: Sequence[float], rpi: bytes, aem: bytes, rssis: Sequence[int]) -> None:
-        """Several advertisements of one identifier, as :meth:`add_raw` takes each."""
-        enc = self._open.get(rpi)
-        accepted = 0
-        for t, rssi in zip(times, rssis):
-            if rssi in RSSI_UNAVAILABLE or not -126 <= rssi <= 20:  # valid_rssi, inline: the hot path
-                self.stats.dropped_rssi += 1
-                continue
+    def add_block(self, times: np.ndarray, ids: np.ndarray, rssis: np.ndarray,
+                  identifiers: Mapping[int, tuple[bytes, bytes]]) -> None:
+        """Many advertisements at once, in reception order (a simulator's block):
+        sample ``k`` was identifier ``ids[k]``, whose (RPI, AEM) is ``identifiers[ids[k]]``.
+        The encounters come out exactly as from :meth:`add_raw` on each sample in order
+        (power sums accumulated in the same order, from the same per-dBm powers), at a
+        Python step per identifier and window instead of per sample."""
+        times = np.asarray(times, dtype=float)
+        ids = np.asarray(ids, dtype=np.int64)
+        rssis = np.asarray(rssis, dtype=np.int64)
+        valid = (rssis >= -126) & (rssis <= 20)  # valid_rssi: the unavailable markers are outside
+        bad = len(rssis) - int(np.count_nonzero(valid))
+        if bad:
+            self.stats.dropped_rssi += bad
+            times, ids, rssis = times[valid], ids[valid], rssis[valid]
+        if not len(times):
+            return
+        win = np.floor_divide(times, self.window_s).astype(np.int64)
+        low = int(win.min())
+        span = int(win.max()) - low + 1
+        groups, inv = np.unique(ids * span + (win - low), return_inverse=True)  # by identifier, then window
+        inv = inv.reshape(-1)
+        powers = _POWER_MW[rssis + 128]
+        counts = np.bincount(inv, minlength=len(groups))
+        partial = np.zeros(len(groups))
+        np.add.at(partial, inv, powers)  # unbuffered: in sample order, as ScanWindow.add sums
+        strongest = np.full(len(groups), -128, dtype=np.int64)
+        np.maximum.at(strongest, inv, rssis)
+        # per identifier: its encounter, first and last time
+        group_ids = groups // span
+        starts = np.flatnonzero(np.r_[True, group_ids[1:] != group_ids[:-1]])
+        id_of_sample = np.searchsorted(group_ids[starts], ids)
+        first = np.full(len(starts), np.inf)
+        np.minimum.at(first, id_of_sample, times)
+        last = np.full(len(starts), -np.inf)
+        np.maximum.at(last, id_of_sample, times)
+        encounters = []
+        for ident, t0, t1 in zip(group_ids[starts].tolist(), first.tolist(), last.tolist()):
+            rpi, aem = identifiers[ident]
+            enc = self._open.get(rpi)
             if enc is None:
-                enc = self._open[rpi] = Encounter(rpi, aem, t, t, self.window_s)
-            enc.add(t, rssi)
-            accepted += 1
-        if accepted:
+                enc = self._open[rpi] = Encounter(rpi, aem, t0, t1, self.window_s)
+            else:
+                if t0 < enc.first_seen:
+                    enc.first_seen = t0
+                if t1 > enc.last_seen:
+                    enc.last_seen = t1
             self._dirty.add(rpi)
-            self.stats.accepted += accepted
+            encounters.append(enc)
+        # per identifier and window: merge into the encounter's window
+        enc_of_group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(groups)]))
+        order: np.ndarray | None = None
+        ends = np.cumsum(counts)
+        for g, (e, w, n, total, top) in enumerate(zip(enc_of_group.tolist(), (groups % span + low).tolist(),
+                                                      counts.tolist(), partial.tolist(), strongest.tolist())):
+            windows = encounters[e].windows
+            if not windows or w > windows[-1].index:  # the usual case: a new window, in order
+                windows.append(ScanWindow(w, n, total, top))  # top >= -126 > ScanWindow's -127
+                continue
+            window = encounters[e].window(w)
+            if window.count:  # it had samples: go on summing from its total, sample by sample
+                if order is None:
+                    order = np.argsort(inv, kind="stable")
+                total = window.power_sum_mw
+                for v in powers[order[ends[g] - n : ends[g]]].tolist():
+                    total += v
+            window.count += n
+            window.power_sum_mw = total
+            if top > window.rssi_max:
+                window.rssi_max = top
+        self.stats.accepted += len(times)
 
     def completed_minutes(self, now: float, *, final: bool = False) -> list[HeardMinute]:
         """The minutes that ended (plus ``MINUTE_GRACE_S``) since the last call, each

@@ -65,10 +65,18 @@ _WINDOW = struct.Struct("<HHbb")  # offset from first window, count (saturating)
 _UNKNOWN_TX = -128
 
 
-def _pack_window(w: ScanWindow, base: int) -> bytes:
-    mean = round(w.rssi_mean)
-    return _WINDOW.pack(w.index - base, min(w.count, 0xFFFF), max(-128, min(127, mean)),
-                        max(-128, min(127, w.rssi_max)))
+def _pack_windows(windows: list[ScanWindow], base: int) -> bytes:
+    """The windows' records (:data:`_WINDOW` each), in one call: an encounter is packed at
+    every flush while open."""
+    values: list[int] = []
+    log10 = math.log10
+    for w in windows:
+        mean = round(10.0 * log10(w.power_sum_mw / w.count))  # rssi_mean, rounded
+        top = w.rssi_max
+        values += (w.index - base, w.count if w.count < 0xFFFF else 0xFFFF,
+                   mean if -128 <= mean <= 127 else (-128 if mean < 0 else 127),
+                   top if -128 <= top <= 127 else (-128 if top < 0 else 127))
+    return struct.pack("<" + "HHbb" * len(windows), *values)
 
 
 @dataclass(slots=True)
@@ -100,25 +108,26 @@ class Encounter:
     def sample_count(self) -> int:
         return sum(w.count for w in self.windows)
 
-    def add(self, t: float, rssi: int, tx_power: int | None = None) -> None:
-        idx = int(t // self.window_s)
+    def window(self, idx: int) -> ScanWindow:
+        """The window of index ``idx``, made (in order) if it is new."""
         if self.windows and self.windows[-1].index == idx:
-            w = self.windows[-1]
-        else:
-            if self.windows and idx < self.windows[-1].index:
-                # out-of-order sample (scanner batching): find or insert its window
-                self._packed = None
-                for w in self.windows:
-                    if w.index == idx:
-                        break
-                else:
-                    w = ScanWindow(idx)
-                    self.windows.append(w)
-                    self.windows.sort(key=lambda x: x.index)
-            else:
-                w = ScanWindow(idx)
-                self.windows.append(w)
-        w.add(rssi)
+            return self.windows[-1]
+        if self.windows and idx < self.windows[-1].index:
+            # out-of-order sample (scanner batching): find or insert its window
+            self._packed = None
+            for w in self.windows:
+                if w.index == idx:
+                    return w
+            w = ScanWindow(idx)
+            self.windows.append(w)
+            self.windows.sort(key=lambda x: x.index)
+            return w
+        w = ScanWindow(idx)
+        self.windows.append(w)
+        return w
+
+    def add(self, t: float, rssi: int, tx_power: int | None = None) -> None:
+        self.window(int(t // self.window_s)).add(rssi)
         if t < self.first_seen:
             self.first_seen = t
         if t > self.last_seen:
@@ -135,9 +144,9 @@ class Encounter:
         if cached is None or cached[0] != base or cached[1] > done:
             cached = (base, 0, b"")
         if done > cached[1]:
-            cached = (base, done, cached[2] + b"".join(_pack_window(w, base) for w in self.windows[cached[1]:done]))
+            cached = (base, done, cached[2] + _pack_windows(self.windows[cached[1]:done], base))
             self._packed = cached
-        last = _pack_window(self.windows[-1], base) if self.windows else b""
+        last = _pack_windows(self.windows[-1:], base)
         return b"".join((_HEADER.pack(self.first_seen, self.last_seen, tx, self.window_s, 0), self.rpi, self.aem,
                          struct.pack("<q", base), cached[2], last))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -63,12 +64,14 @@ def summarise(encounters: Iterable[Encounter], first_minute: int, end_minute: in
     in minute order; minutes with nothing heard are left out. The encounters' windows
     must be 1-minute windows."""
     by_minute: dict[int, list[int]] = {}
+    log10 = math.log10
     for enc in encounters:
         for w in reversed(enc.windows):  # recent windows last: stop at the first older one
             if w.index < first_minute:
                 break
             if w.index < end_minute and w.count:
-                by_minute.setdefault(w.index, []).append(round(w.rssi_mean))
+                # round(w.rssi_mean), inline: every window of every peer passes here
+                by_minute.setdefault(w.index, []).append(round(10.0 * log10(w.power_sum_mw / w.count)))
     out = []
     for minute in sorted(by_minute):
         values = sorted(by_minute[minute], reverse=True)
@@ -98,7 +101,9 @@ def pack(minutes: Iterable[HeardMinute]) -> bytes:
     for m in minutes:
         kept = m.rssi[:MAX_KEPT]
         parts.append(_HEAD.pack(m.minute, min(m.heard, 0xFFFF), len(kept)))
-        parts.append(struct.pack(f"<{len(kept)}b", *(max(-128, min(127, r)) for r in kept)))
+        if kept and not (-128 <= min(kept) and max(kept) <= 127):
+            kept = tuple(max(-128, min(127, r)) for r in kept)
+        parts.append(struct.pack(f"<{len(kept)}b", *kept))
     return b"".join(parts)
 
 

@@ -23,11 +23,12 @@ from __future__ import annotations
 import abc
 import os
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import httpx
+import numpy as np
 
 from ..ble.base import SimulatedPeer
 from ..clock import Clock
@@ -181,10 +182,12 @@ class ProtocolMode(abc.ABC, Generic[P]):
     def record(self, t: float, payload: P, rssi: int, tx_power: int | None = None) -> None:
         """Keep one reception of ``payload`` (hot path: no I/O)."""
 
-    def record_many(self, times: list[float], payload: P, rssis: list[int]) -> None:
-        """Keep several receptions of one ``payload`` (a simulated scan's)."""
-        for t, rssi in zip(times, rssis):
-            self.record(t, payload, rssi)
+    def record_block(self, times: np.ndarray, ids: np.ndarray, rssis: np.ndarray, payloads: Sequence[P]) -> None:
+        """Keep many receptions at once, in reception order (a simulator's block): sample
+        ``k`` heard ``payloads[ids[k]]`` at ``times[k]`` with ``rssis[k]``. The same as
+        :meth:`record` on each; families override it where arrays are faster."""
+        for t, i, rssi in zip(times.tolist(), ids.tolist(), rssis.tolist()):
+            self.record(t, payloads[i], rssi)
 
     @abc.abstractmethod
     def flush(self, now: float, *, final: bool = False) -> int:

@@ -9,6 +9,8 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from ..clock import utc_day
 from ..errors import ConfigError, StoreError
 from ..exposure.aggregate import Aggregator
@@ -79,8 +81,10 @@ class GaenMode(ProtocolMode[ENPayload]):
     def record(self, t: float, payload: ENPayload, rssi: int, tx_power: int | None = None) -> None:
         self.aggregator.add_raw(t, payload.rpi, payload.aem, rssi, tx_power)
 
-    def record_many(self, times: list[float], payload: ENPayload, rssis: list[int]) -> None:
-        self.aggregator.add_many(times, payload.rpi, payload.aem, rssis)
+    def record_block(self, times: np.ndarray, ids: np.ndarray, rssis: np.ndarray,
+                     payloads: Sequence[ENPayload]) -> None:
+        heard = {i: (payloads[i].rpi, payloads[i].aem) for i in np.unique(ids).tolist()}
+        self.aggregator.add_block(times, ids, rssis, heard)
 
     def flush(self, now: float, *, final: bool = False) -> int:
         minutes = self.aggregator.completed_minutes(now, final=final)  # before flush forgets closed encounters

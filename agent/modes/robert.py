@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..clock import utc_day
@@ -74,6 +75,8 @@ class RobertMode(ProtocolMode[bytes]):
         self.server_public_key = ctx.server_public_key
         self.registration = self.store.state.get(RobertRegistration)
         self._pending: list[HeardHello] = []
+        #: a simulator's blocks (record_block): times, HELLOs, RSSIs
+        self._pending_blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._epoch: int | None = None  # the epoch whose EBID is on air
 
     @property
@@ -147,9 +150,23 @@ class RobertMode(ProtocolMode[bytes]):
     def record(self, t: float, payload: bytes, rssi: int, tx_power: int | None = None) -> None:
         self._pending.append(HeardHello(t, payload, rssi))
 
+    def record_block(self, times: np.ndarray, ids: np.ndarray, rssis: np.ndarray, payloads: Sequence[bytes]) -> None:
+        heard = np.unique(ids)
+        hellos = np.array([payloads[i] for i in heard.tolist()], dtype="S16").reshape(len(heard))
+        self._pending_blocks.append((times, hellos[np.searchsorted(heard, ids)], rssis))
+
+    @property
+    def pending(self) -> int:
+        """HELLOs heard and not yet written."""
+        return len(self._pending) + sum(len(b[0]) for b in self._pending_blocks)
+
     def flush(self, now: float, *, final: bool = False) -> int:
         n = self.store.hellos.add(self._pending)
         self._pending = []
+        if self._pending_blocks:
+            times, hellos, rssis = (np.concatenate(a) for a in zip(*self._pending_blocks))
+            n += self.store.hellos.add_arrays(times, hellos, rssis)
+            self._pending_blocks = []
         return n
 
     # -- the server -------------------------------------------------------------------------
@@ -229,7 +246,7 @@ class RobertMode(ProtocolMode[bytes]):
         left = self.store.state.get(RobertLeft)
         return {"registered": self.registered, "left_at": left.at if left and not self.registered else None,
                 "at_risk": st.at_risk if st else None, "risk_level": st.risk_level if st else None,
-                "hellos_pending": len(self._pending)}
+                "hellos_pending": self.pending}
 
     def heard_by_day(self) -> list[DaySummary]:
         ids: dict[int, set[bytes]] = {}

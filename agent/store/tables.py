@@ -27,7 +27,7 @@ from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from ..clock import utc_day
+from ..clock import DAY_SECONDS
 from ..exposure import minutes as heard_minutes
 from ..exposure.encounter import Encounter
 from ..exposure.minutes import HeardMinute
@@ -318,22 +318,31 @@ class HelloTable:
     def __init__(self, rows: EncryptedRows) -> None:
         self._rows = rows
 
+    #: _REC as a numpy record: the same 25 bytes
+    _ARRAY = np.dtype([("t", "<f8"), ("hello", "S16"), ("rssi", "i1")])
+
     def add(self, hellos: Iterable[HeardHello]) -> int:
         """Packed into one encrypted row per day and call (a flush), in one transaction."""
-        by_day: dict[int, list[bytes]] = {}
-        n = 0
-        pack = self._REC.pack
-        for t, hello, rssi in hellos:
-            by_day.setdefault(utc_day(t), []).append(pack(t, bytes(hello), max(-128, min(127, int(rssi)))))
-            n += 1
+        hellos = list(hellos)
+        return self.add_arrays(np.fromiter((h.t for h in hellos), dtype=float, count=len(hellos)),
+                               np.array([bytes(h.hello) for h in hellos], dtype="S16").reshape(len(hellos)),
+                               np.fromiter((int(h.rssi) for h in hellos), dtype=np.int64, count=len(hellos)))
+
+    def add_arrays(self, times: np.ndarray, hellos: np.ndarray, rssis: np.ndarray) -> int:
+        """:meth:`add` of many HELLOs as arrays (reception times, 16-byte HELLOs, RSSIs)."""
+        if any(len(a) != len(times) for a in (hellos, rssis)) or (len(hellos) and hellos.dtype.itemsize != 16):
+            raise ValueError("times, 16-byte HELLOs and RSSIs must be the same length")
+        recs = np.empty(len(times), dtype=self._ARRAY)
+        recs["t"], recs["hello"], recs["rssi"] = times, hellos, np.clip(rssis, -128, 127)
+        days = np.floor_divide(times, DAY_SECONDS).astype(np.int64)  # utc_day, for many
         rows = []
-        for day, recs in by_day.items():
+        for day in dict.fromkeys(days.tolist()):  # days in order of first reception
             row_id = self._rows.new_id("hellos")
-            rows.append((row_id, day, self._rows.seal("hellos", row_id, day, b"".join(recs))))
+            rows.append((row_id, day, self._rows.seal("hellos", row_id, day, recs[days == day].tobytes())))
         if rows:
             with self._rows.transaction() as c:
                 c.executemany("INSERT INTO hellos (id, day, blob) VALUES (?, ?, ?)", rows)
-        return n
+        return len(times)
 
     def all(self, since_day: int | None = None) -> list[HeardHello]:
         where, params = ("WHERE day >= ?", (since_day,)) if since_day is not None else ("", ())

@@ -24,6 +24,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -78,8 +79,9 @@ class Medium:
         """Mean attenuation matrix (dB) [rx, tx] for positions (n,2) and room ids (n,),
         advancing the shadowing by ``dt`` seconds. Also returns distances."""
         c = self.cfg
-        d = np.sqrt(((pos[:, None, :] - pos[None, :, :]) ** 2).sum(-1))
-        d = np.maximum(d, 0.1)
+        dx = pos[:, 0, None] - pos[None, :, 0]
+        dy = pos[:, 1, None] - pos[None, :, 1]
+        d = np.maximum(np.sqrt(dx * dx + dy * dy), 0.1)  # as ((a - b) ** 2).sum(-1), a sixth of the time
         rho = math.exp(-dt / c.shadow_tau_s)
         innov = self.rng.normal(0, c.shadow_db * math.sqrt(1 - rho * rho), self._shadow.shape)
         innov = (innov + innov.T) / math.sqrt(2)
@@ -88,46 +90,57 @@ class Medium:
                + self._body[None, :] + c.wall_db * (room[:, None] != room[None, :]) + self._shadow)
         return att, d
 
-    def tick(self, t: float, dt: float, pos: np.ndarray, room: np.ndarray, active: np.ndarray,
-             deliver: Callable[[int, int, float, int], None] | None = None, *,
-             deliver_many: Callable[[int, int, list[float], list[int]], None] | None = None) -> np.ndarray:
-        """One scan tick of ``dt`` seconds: calls ``deliver(rx, tx, t_sample, rssi)``
-        for every received advertisement, or ``deliver_many(rx, tx, times, rssis)`` once
-        per pair with all of that pair's (the same draws, in the same order). Returns the
-        distance matrix."""
+    def draw(self, t: float, dt: float, pos: np.ndarray, room: np.ndarray, active: np.ndarray) -> Draws:
+        """One scan tick of ``dt`` seconds, as arrays: every received advertisement's
+        receiver, transmitter, time and RSSI, the samples of a pair contiguous (receivers
+        ascending, then transmitters) in the order they were drawn."""
         c = self.cfg
         att, d = self.attenuation(pos, room, dt)
         self.last_attenuation = att
-        mean_rssi = self._tx[None, :] - att - self._corr[:, None]
+        n = len(att)
+        mean_rssi = (self._tx[None, :] - att - self._corr[:, None]).ravel()
         expected = dt / (sum(c.adv_interval_s) / 2) * c.duty * (1 - c.loss)
-        heard = (mean_rssi > c.sensitivity_dbm - 10) & active[:, None] & active[None, :]
-        np.fill_diagonal(heard, False)
-        rx_idx, tx_idx = np.nonzero(heard)
-        if rx_idx.size == 0:
-            return d
-        counts = np.minimum(self.rng.poisson(expected, rx_idx.size), c.max_samples_per_tick)
+        heard = mean_rssi > c.sensitivity_dbm - 10
+        heard[:: n + 1] = False  # no device hears itself
+        if not active.all():
+            heard &= (active[:, None] & active[None, :]).ravel()
+        pairs = np.flatnonzero(heard)  # rx * n + tx, receivers ascending, then transmitters
+        if pairs.size == 0:
+            return Draws(d, _NO_INT, _NO_INT, _NO_FLOAT, _NO_INT)
+        counts = np.minimum(self.rng.poisson(expected, pairs.size), c.max_samples_per_tick)
         total = int(counts.sum())
         if total == 0:
-            return d
-        rr = np.repeat(rx_idx, counts)
-        tt = np.repeat(tx_idx, counts)
+            return Draws(d, _NO_INT, _NO_INT, _NO_FLOAT, _NO_INT)
+        each = np.repeat(pairs, counts)
         fading = rayleigh_fading_db(self.rng, total)
-        rssi = np.round(mean_rssi[rr, tt] + fading)
+        rssi = np.round(mean_rssi[each] + fading)
         times = t + self.rng.uniform(0, dt, total)
         keep = rssi >= c.sensitivity_dbm
-        rr, tt, times_l, rssi_l = rr[keep].tolist(), tt[keep].tolist(), times[keep].tolist(), rssi[keep].tolist()
-        if deliver_many is not None:  # pairs come in runs (np.repeat of the pairs)
-            i, n = 0, len(rr)
-            while i < n:
-                j = i + 1
-                while j < n and rr[j] == rr[i] and tt[j] == tt[i]:
-                    j += 1
-                deliver_many(rr[i], tt[i], times_l[i:j], [int(v) for v in rssi_l[i:j]])
-                i = j
-        elif deliver is not None:
-            for r, x, ts, v in zip(rr, tt, times_l, rssi_l):
-                deliver(r, x, ts, int(v))
-        return d
+        each = each[keep]
+        return Draws(d, each // n, each % n, times[keep], rssi[keep].astype(np.int64))
+
+    def tick(self, t: float, dt: float, pos: np.ndarray, room: np.ndarray, active: np.ndarray,
+             deliver: Callable[[int, int, float, int], None]) -> np.ndarray:
+        """One scan tick (:meth:`draw`), calling ``deliver(rx, tx, t_sample, rssi)`` for
+        every received advertisement. Returns the distance matrix."""
+        dr = self.draw(t, dt, pos, room, active)
+        for r, x, ts, v in zip(dr.rx.tolist(), dr.tx.tolist(), dr.t.tolist(), dr.rssi.tolist()):
+            deliver(r, x, ts, v)
+        return dr.distance
+
+
+class Draws(NamedTuple):
+    """What :meth:`Medium.draw` drew for one tick."""
+
+    distance: np.ndarray  # (n, n) metres
+    rx: np.ndarray  # per sample: receiver index
+    tx: np.ndarray  # per sample: transmitter index
+    t: np.ndarray  # per sample: reception time
+    rssi: np.ndarray  # per sample: RSSI (dBm, whole)
+
+
+_NO_INT = np.empty(0, dtype=np.int64)
+_NO_FLOAT = np.empty(0)
 
 
 def packet_rssi(rng: random.Random, distance_m: float, *, tx_power_dbm: float, rx_correction_db: float = 0.0,
