@@ -74,7 +74,8 @@ def test_a_block_of_samples_aggregates_exactly_as_one_sample_after_another(seed,
         for t, i, r in zip(times.tolist(), who.tolist(), rssi.tolist()):
             one.add_raw(t, ids[i][0], ids[i][1], r)
         many.add_block(times, who, rssi, dict(enumerate(ids)))
-        assert sorted(e.rpi for e in one.flush(t0 + b * 90 + 200)) == sorted(e.rpi for e in many.flush(t0 + b * 90 + 200))
+        now = t0 + b * 90 + 200
+        assert sorted(e.rpi for e in one.flush(now)) == sorted(e.rpi for e in many.flush(now))
     assert one.stats == many.stats
     assert one._open.keys() == many._open.keys()
     for rpi, a in one._open.items():

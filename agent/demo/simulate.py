@@ -17,11 +17,13 @@ from ..timesync import simulated_clock
 from .fleet import Fleet
 from .scenario import Scenario
 
-#: seconds of simulated time between writes to the stores. The daemon flushes every
-#: minute (``[agent] flush_interval_s``) so that a power cut loses little; the simulated
-#: devices cannot lose power, and what they store does not depend on how often they
-#: write (an open encounter is rewritten in place, a minute summarised once), only the
-#: demo's time does: each encounter would be re-encrypted every simulated minute.
+#: seconds of simulated time between writes to the stores, as a daemon configured with
+#: ``[agent] flush_interval_s = 1800`` writes. The daemon's default is a minute, so that a
+#: power cut loses little; simulated devices cannot lose power, and writing every
+#: simulated minute re-encrypted every open encounter each time (most of the demo's
+#: time). The windows stored are the same; only an identifier silent for more than
+#: ``close_after_s`` and heard again before the next write stays one encounter, as it
+#: would on such a daemon (the decisions are unchanged: tests/test_demo.py).
 FLUSH_EVERY_S = 1800.0
 #: research batches are written less often (each write is a durable transaction: the
 #: demo's many stores on one disk would wait on them)
