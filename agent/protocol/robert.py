@@ -23,8 +23,12 @@ import hashlib
 import hmac
 import json
 import os
+import array
+import functools
 import struct
 from dataclasses import dataclass
+
+import numpy as np
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
@@ -91,8 +95,6 @@ def reconstruct_ntp(t16: int, reference_ntp: int) -> int:
 _SBOX = (0xC, 0x6, 0x9, 0x0, 0x1, 0xA, 0x2, 0xB, 0x3, 0x8, 0x5, 0xD, 0x4, 0xE, 0x7, 0xF)
 _SBOX_INV = tuple(_SBOX.index(i) for i in range(16))
 _PT = (9, 15, 8, 13, 10, 14, 12, 11, 0, 1, 2, 3, 4, 5, 6, 7)  # tweakey cell permutation
-_SHIFT = (0, 1, 2, 3, 7, 4, 5, 6, 10, 11, 8, 9, 13, 14, 15, 12)  # ShiftRows (rotate right by row)
-_SHIFT_INV = tuple(_SHIFT.index(i) for i in range(16))
 SKINNY64_192_ROUNDS = 40
 
 
@@ -101,10 +103,6 @@ def _nibbles(b: bytes) -> list[int]:
     for x in b:
         out += [x >> 4, x & 0xF]
     return out
-
-
-def _bytes(n: list[int]) -> bytes:
-    return bytes((n[i] << 4) | n[i + 1] for i in range(0, 16, 2))
 
 
 def _lfsr2(x: int) -> int:  # TK2, 4-bit cells: (x3,x2,x1,x0) -> (x2,x1,x0,x3^x2)
@@ -133,50 +131,75 @@ class Skinny64_192:
             tk[1] = [_lfsr2(x) if i < 8 else x for i, x in enumerate(tk[1])]
             tk[2] = [_lfsr3(x) if i < 8 else x for i, x in enumerate(tk[2])]
 
+        # The state as four 16-bit rows (cell 4r the top nibble of row r). ShiftRows
+        # rotates row r right by r cells and commutes with the cell-wise S-box, and the
+        # round key and constants fall on rows 0-2 only, so a round is one table look-up
+        # per row (S-box then rotation), three XORs with the rotated round tweakey and
+        # constants, and MixColumns, which mixes whole rows.
+        self._row_keys: list[tuple[int, int, int]] = []
+        for (c0, c1), rk in zip(self._round_consts, self._round_keys):
+            k0 = ((rk[0] ^ c0) << 12) | (rk[1] << 8) | (rk[2] << 4) | rk[3]
+            k1 = ((rk[4] ^ c1) << 12) | (rk[5] << 8) | (rk[6] << 4) | rk[7]
+            self._row_keys.append((k0, _rotr16(k1, 4), _rotr16(0x2000, 8)))
+        self._tables = _row_tables()
+
     def encrypt(self, block: bytes) -> bytes:
         if len(block) != 8:
             raise RobertError("SKINNY-64 blocks are 8 bytes")
-        s = _nibbles(block)
-        for r in range(SKINNY64_192_ROUNDS):
-            s = [_SBOX[x] for x in s]
-            c0, c1 = self._round_consts[r]
-            s[0] ^= c0
-            s[4] ^= c1
-            s[8] ^= 0x2
-            rk = self._round_keys[r]
-            for i in range(8):
-                s[i] ^= rk[i]
-            s = [s[_SHIFT[i]] for i in range(16)]
-            for j in range(4):  # MixColumns
-                r0, r1, r2, r3 = s[j], s[4 + j], s[8 + j], s[12 + j]
-                r1 ^= r2
-                r2 ^= r0
-                r3 ^= r2
-                s[j], s[4 + j], s[8 + j], s[12 + j] = r3, r0, r1, r2
-        return _bytes(s)
+        t0, t1, t2, t3 = self._tables[0]
+        r0, r1, r2, r3 = _ROWS.unpack(block)
+        for k0, k1, k2 in self._row_keys:
+            r0 = t0[r0] ^ k0
+            r1 = t1[r1] ^ k1
+            r2 = t2[r2] ^ k2
+            r3 = t3[r3]
+            r1 ^= r2  # MixColumns
+            r2 ^= r0
+            r3 ^= r2
+            r0, r1, r2, r3 = r3, r0, r1, r2
+        return _ROWS.pack(r0, r1, r2, r3)
 
     def decrypt(self, block: bytes) -> bytes:
         if len(block) != 8:
             raise RobertError("SKINNY-64 blocks are 8 bytes")
-        s = _nibbles(block)
-        for r in reversed(range(SKINNY64_192_ROUNDS)):
-            for j in range(4):  # inverse MixColumns
-                n0, n1, n2, n3 = s[j], s[4 + j], s[8 + j], s[12 + j]
-                r0, r1, r2, r3 = n1, n2, n3, n0
-                r3 ^= r2
-                r2 ^= r0
-                r1 ^= r2
-                s[j], s[4 + j], s[8 + j], s[12 + j] = r0, r1, r2, r3
-            s = [s[_SHIFT_INV[i]] for i in range(16)]
-            rk = self._round_keys[r]
-            for i in range(8):
-                s[i] ^= rk[i]
-            c0, c1 = self._round_consts[r]
-            s[0] ^= c0
-            s[4] ^= c1
-            s[8] ^= 0x2
-            s = [_SBOX_INV[x] for x in s]
-        return _bytes(s)
+        u0, u1, u2, u3 = self._tables[1]
+        n0, n1, n2, n3 = _ROWS.unpack(block)
+        for k0, k1, k2 in reversed(self._row_keys):
+            r0, r1, r2, r3 = n1, n2, n3, n0  # inverse MixColumns
+            r3 ^= r2
+            r2 ^= r0
+            r1 ^= r2
+            n0, n1, n2, n3 = u0[r0 ^ k0], u1[r1 ^ k1], u2[r2 ^ k2], u3[r3]
+        return _ROWS.pack(n0, n1, n2, n3)
+
+
+_ROWS = struct.Struct(">4H")
+
+
+def _rotr16(x: int, bits: int) -> int:
+    return ((x >> bits) | (x << (16 - bits))) & 0xFFFF if bits else x
+
+
+@functools.cache
+def _row_tables() -> tuple[tuple[array.array[int], ...], tuple[array.array[int], ...]]:
+    """Per row r: the S-box on each cell then a right rotation by r cells; and the
+    inverse (left rotation, then the inverse S-box). 8 tables of 2**16 entries (1 MiB),
+    built once, on first use."""
+    x = np.arange(1 << 16, dtype=np.uint32)
+    sbox, inv = np.array(_SBOX, dtype=np.uint32), np.array(_SBOX_INV, dtype=np.uint32)
+
+    def cells(table: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return sum(table[(v >> s) & 0xF] << s for s in (12, 8, 4, 0))  # type: ignore[no-any-return]
+
+    def rotr(v: np.ndarray, bits: int) -> np.ndarray:
+        return ((v >> bits) | (v << (16 - bits))) & 0xFFFF if bits else v
+
+    def as_array(v: np.ndarray) -> array.array[int]:
+        return array.array("H", v.astype(np.uint16).tobytes())
+
+    enc = tuple(as_array(rotr(cells(sbox, x), 4 * r)) for r in range(4))
+    dec = tuple(as_array(cells(inv, rotr(x, 16 - 4 * r) if r else x)) for r in range(4))
+    return enc, dec
 
 
 # --- EBID and ECC (server side) -------------------------------------------------------------
