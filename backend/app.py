@@ -35,10 +35,13 @@ class _BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = MAX_REPORT_BODY if scope["path"] == REPORT_PATH else MAX_BODY
-        too_large = error_response(Code.BODY_TOO_LARGE, f"request body over {limit} bytes", scope["path"])
+
+        def too_large() -> ASGIApp:  # made only when needed: every request passes here
+            return error_response(Code.BODY_TOO_LARGE, f"request body over {limit} bytes", scope["path"])
+
         length = Headers(scope=scope).get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            await too_large(scope, receive, send)
+            await too_large()(scope, receive, send)
             return
         received, cut, answered, started = 0, False, False, False
 
@@ -52,7 +55,7 @@ class _BodyLimit:
                 if received > limit:
                     cut, answered = True, not started
                     if answered:
-                        await too_large(scope, receive, send)
+                        await too_large()(scope, receive, send)
                     return {"type": "http.disconnect"}
             return message
 
