@@ -22,7 +22,7 @@ import datetime as dt
 import json
 import secrets
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jwt
 import sqlalchemy as sa
@@ -83,6 +83,8 @@ MAX_HELLOS_PER_CONTACT = robert.EPOCH_SECONDS + 2 * TIME_TOLERANCE_S
 #: repeating a HELLO raised it: copies spread over the 6 minutes the time tolerance allows
 #: counted as 6 minutes of contact (robert-server's scoring, too, counts every reception).
 MAX_HELLO_SPAN_S = robert.HELLO_REFRESH_S
+#: registrations read per statement (far below SQLite's and PostgreSQL's parameter limits)
+_IDS_PER_STATEMENT = 500
 
 
 def clamp_rssi(rssi: int) -> int:
@@ -343,35 +345,48 @@ class RobertServer:
         valid, dropped = self._verify_contacts(contacts_in)
         with self.engine.begin() as c:
             verification.claim_code(c, token)  # single use; undone with the insert if that fails
-            if valid:
-                c.execute(sa.insert(contacts), valid)
+            if valid:  # the driver's executemany: SQLAlchemy's per-row parameter work was most of a report's time
+                mark = "?" if c.dialect.paramstyle == "qmark" else "%s"
+                c.exec_driver_sql(f"INSERT INTO {contacts.name} (id_a, epoch, ntp, rssi) VALUES ({mark}, {mark}, "
+                                  f"{mark}, {mark})", valid)
         self.stats["hellos_valid"] += len(valid)
         self.stats["hellos_dropped"] += dropped
         # ReportBatchResponse as ReportController.kt, and how many HELLOs were kept (an extension)
         return {"success": True, "message": "Successful operation",
                 "reportValidationToken": self._token("report-validation"), "accepted": len(valid), "dropped": dropped}
 
-    def _sender(self, ebid: bytes, ecc: bytes) -> tuple[int, bytes, bytes] | None:
-        """(epoch, ID_A, K_mac) of the registration an (EBID, ECC) belongs to; None if none."""
-        if robert.open_ecc(self.k_g, ebid, ecc) != self.cfg.country_code:
-            return None
-        epoch, id_a = robert.open_ebid(self.skinny, ebid)
+    def _senders(self, pairs: set[tuple[bytes, bytes]]) -> dict[tuple[bytes, bytes], tuple[int, bytes, bytes] | None]:
+        """For each (EBID, ECC): (epoch, ID_A, K_mac) of the registration it belongs to;
+        None if none. The registrations are read in a few statements, not one per sender."""
+        opened: dict[tuple[bytes, bytes], tuple[int, bytes] | None] = {}
+        for ebid, ecc in pairs:
+            country = robert.open_ecc(self.k_g, ebid, ecc)
+            opened[(ebid, ecc)] = robert.open_ebid(self.skinny, ebid) if country == self.cfg.country_code else None
+        wanted = sorted({v[1] for v in opened.values() if v is not None})
+        rows: dict[bytes, Any] = {}
         with self.engine.connect() as c:
-            row = c.execute(sa.select(registrations).where(registrations.c.id_a == id_a)).first()
-        return None if row is None else (epoch, id_a, self._keys(row).k_mac)
+            for k in range(0, len(wanted), _IDS_PER_STATEMENT):
+                part = wanted[k : k + _IDS_PER_STATEMENT]
+                rows.update((r.id_a, r) for r in c.execute(sa.select(registrations)
+                                                           .where(registrations.c.id_a.in_(part))))
+        out: dict[tuple[bytes, bytes], tuple[int, bytes, bytes] | None] = {}
+        for pair, v in opened.items():
+            row = None if v is None else rows.get(v[1])
+            out[pair] = None if v is None or row is None else (v[0], v[1], self._keys(row).k_mac)
+        return out
 
-    def _verify_contacts(self, contacts_in: list) -> tuple[list[dict], int]:
-        """The rows of the valid HELLOs, and how many were dropped: a HELLO is dropped when
-        its MAC, time or epoch is wrong, when it was received in the future, when it repeats
-        a reception (same EBID, time and second), or when its receptions span longer than
+    def _verify_contacts(self, contacts_in: list) -> tuple[list[tuple[bytes, int, int, int]], int]:
+        """The rows (ID_A, epoch, NTP time, RSSI) of the valid HELLOs, and how many were
+        dropped: a HELLO is dropped when its MAC, time or epoch is wrong, when it was received
+        in the future, when it repeats a reception (same EBID, time and second), or when its receptions span longer than
         a HELLO is broadcast (:data:`MAX_HELLO_SPAN_S`). Each (EBID, ECC) is opened once
         per report, each HELLO's MAC checked once."""
-        senders: dict[bytes, tuple[int, bytes, bytes] | None] = {}
         macs_ok: dict[bytes, bool] = {}
         #: (EBID, HELLO time) -> second of reception -> row
-        heard: dict[tuple[bytes, int], dict[int, dict]] = {}
+        heard: dict[tuple[bytes, int], dict[int, tuple[bytes, int, int, int]]] = {}
         latest = self.now_ntp() + self.cfg.time_tolerance_s
         dropped = 0
+        parsed = []
         for ct in contacts_in:
             try:
                 ebid = self._b64(ct["ebid"], "ebid", 8)
@@ -383,9 +398,10 @@ class RobertServer:
                 raise ApiError(Code.INVALID_REQUEST, "each contact needs ebid, ecc and ids") from None
             if len(ids) > MAX_HELLOS_PER_CONTACT:
                 raise ApiError(Code.TOO_MANY_HELLOS, f"a contact holds at most {MAX_HELLOS_PER_CONTACT} HELLOs")
-            if ebid + ecc not in senders:
-                senders[ebid + ecc] = self._sender(ebid, ecc)
-            sender = senders[ebid + ecc]
+            parsed.append((ebid, ecc, ids))
+        senders = self._senders({(ebid, ecc) for ebid, ecc, _ in parsed})
+        for ebid, ecc, ids in parsed:
+            sender = senders[(ebid, ecc)]
             if sender is None:
                 dropped += len(ids)
                 continue
@@ -416,8 +432,8 @@ class RobertServer:
                 if not macs_ok[key]:
                     dropped += 1
                     continue
-                receptions[collected] = {"id_a": id_a, "epoch": epoch, "ntp": collected, "rssi": rssi}
-        valid: list[dict] = []
+                receptions[collected] = (id_a, epoch, collected, rssi)
+        valid: list[tuple[bytes, int, int, int]] = []
         for receptions in heard.values():
             if receptions and max(receptions) - min(receptions) > MAX_HELLO_SPAN_S:
                 dropped += len(receptions)
