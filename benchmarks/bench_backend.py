@@ -36,6 +36,8 @@ import sqlalchemy as sa
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks import throwaway_postgres
+
 from agent.clock import RealClock
 from agent.protocol import export, gaen
 from agent.protocol.gaen import TemporaryExposureKey
@@ -192,16 +194,9 @@ def main(argv=None) -> dict:
         if name == "sqlite":
             exports.append(run_export("SQLite", None, a.export_keys, a.repeat, a.naive_keys))
         elif name == "postgresql":
-            sys.path.insert(0, str(ROOT))
-            from tests.postgres_fixture import PostgresServer
-            pg = PostgresServer()
-            if pg.start() is None:
-                console.print(f"[yellow]PostgreSQL skipped: {pg.skip_reason}[/]")
-                continue
-            try:
-                exports.append(run_export("PostgreSQL", pg.url, a.export_keys, a.repeat, a.naive_keys))
-            finally:
-                pg.stop()
+            with throwaway_postgres(console) as url:
+                if url is not None:
+                    exports.append(run_export("PostgreSQL", url, a.export_keys, a.repeat, a.naive_keys))
         else:
             ap.error(f"unknown database {name!r}")
     res["exports"] = exports

@@ -38,6 +38,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks import throwaway_postgres
+
 from agent.clock import RealClock
 from agent.protocol import export, gaen
 from agent.protocol.gaen import TemporaryExposureKey
@@ -304,16 +306,9 @@ def main(argv=None) -> list[dict]:
             if name == "sqlite":
                 results.append(run_one("SQLite", None, a.clients, a.flows, console, workers))
             elif name == "postgresql":
-                sys.path.insert(0, str(ROOT))
-                from tests.postgres_fixture import PostgresServer
-                pg = PostgresServer()
-                if pg.start() is None:
-                    console.print(f"[yellow]PostgreSQL skipped: {pg.skip_reason}[/]")
-                    continue
-                try:
-                    results.append(run_one("PostgreSQL", pg.url, a.clients, a.flows, console, workers))
-                finally:
-                    pg.stop()
+                with throwaway_postgres(console) as url:
+                    if url is not None:
+                        results.append(run_one("PostgreSQL", url, a.clients, a.flows, console, workers))
             else:
                 ap.error(f"unknown database {name!r}")
     if a.json:
