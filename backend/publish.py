@@ -167,6 +167,15 @@ def check_key_count(keys: Sequence[object]) -> None:
         raise ApiError(Code.TOO_MANY_KEYS, f"at most {MAX_KEYS_PER_PUBLISH} keys per request")
 
 
+# built once (building a statement per request costs more CPU than running it)
+_certs = db.certificates
+_CLAIM_CERTIFICATE = (sa.update(_certs).where(_certs.c.jti == sa.bindparam("cert_jti"), _certs.c.used_at.is_(None))
+                      .values(used_at=sa.bindparam("now")))
+_CERTIFICATE = sa.select(_certs).where(_certs.c.jti == sa.bindparam("cert_jti"))
+_SAVE_RESPONSE = sa.update(_certs).where(_certs.c.jti == sa.bindparam("cert_jti")).values(
+    response=sa.bindparam("answer"))
+
+
 class Publisher:
     def __init__(self, engine: sa.Engine, clock: Clock, issuers: Sequence[certificate.TrustedIssuer], *,
                  rehearsal_embargo_s: float | None = None) -> None:
@@ -183,16 +192,14 @@ class Publisher:
         check_key_count(request["temporaryExposureKeys"])  # before any work on the certificate
         claims = certificate.read(request["verificationPayload"], self.issuers, now)
         valid = validate_publish(request, claims, now)
-        certs = db.certificates
         with self.engine.begin() as c:
             if not claims.issued_here:  # an outside certificate: recorded at its first use
-                db.insert_new(c, certs, [{"jti": valid.jti}], "jti")
+                db.insert_new(c, _certs, [{"jti": valid.jti}], "jti")
             # claim the certificate first: a second request with it waits here until the
             # first is stored (a row lock; SQLite's one writer), then answers as a retry
-            claimed = c.execute(sa.update(certs).where(certs.c.jti == valid.jti, certs.c.used_at.is_(None))
-                                .values(used_at=now)).rowcount == 1
+            claimed = c.execute(_CLAIM_CERTIFICATE, {"cert_jti": valid.jti, "now": now}).rowcount == 1
             if not claimed:
-                cert = c.execute(sa.select(certs).where(certs.c.jti == valid.jti)).first()
+                cert = c.execute(_CERTIFICATE, {"cert_jti": valid.jti}).first()
                 if cert is None:
                     raise ApiError(Code.CERTIFICATE_INVALID, "unknown certificate")
                 if cert.response:
@@ -205,7 +212,7 @@ class Publisher:
             resp: dict[str, Any] = {"revisionToken": "", "insertedExposures": inserted, "error": "", "code": ""}
             if valid.warnings:  # as the key server's ``warnings`` (omitted when empty)
                 resp["warnings"] = list(valid.warnings)
-            c.execute(sa.update(certs).where(certs.c.jti == valid.jti).values(response=json.dumps(resp)))
+            c.execute(_SAVE_RESPONSE, {"cert_jti": valid.jti, "answer": json.dumps(resp)})
         log.info("publish: %d key(s) inserted", inserted)
         return resp
 
