@@ -14,7 +14,10 @@ are arguments."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,16 +102,28 @@ def _invalid(why: str) -> ApiError:
     return ApiError(Code.CERTIFICATE_INVALID, f"the verification certificate is invalid: {why}")
 
 
+def _unverified_issuer(token: str) -> object:
+    """The ``iss`` the token names, read without checking anything: only to pick the key
+    the one verified decoding below uses, which checks the issuer again (a second full
+    decoding by PyJWT, which checks the base64 character by character in Python, was a
+    tenth of a publish's CPU)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise _invalid("not a JWT (three dot-separated parts)")
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error, RecursionError):
+        raise _invalid("its payload is not base64url JSON") from None
+    return payload.get("iss") if isinstance(payload, dict) else None
+
+
 def read(token: str, issuers: Sequence[TrustedIssuer] | ec.EllipticCurvePublicKey, now: float) -> CertificateClaims:
     """Verify the signature with the key of the issuer the token names, its audience, and
     its times (``exp``, ``nbf``) against ``now``, not the wall clock: the demo runs the
     backend on simulated time. ``issuers`` may be the built-in role's key alone."""
     if isinstance(issuers, ec.EllipticCurvePublicKey):
         issuers = [TrustedIssuer(ISSUER, AUDIENCE, issuers, builtin=True)]
-    try:
-        iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
-    except jwt.PyJWTError as e:
-        raise _invalid(str(e)) from None
+    iss = _unverified_issuer(token)
     trusted = next((i for i in issuers if i.issuer == iss), None)
     if trusted is None:
         raise _invalid(f"issuer {str(iss)[:64]!r} is not a trusted verification server")

@@ -322,10 +322,11 @@ class VerificationService:
                 long = "".join(secrets.choice(_LONG_ALPHABET) for _ in range(LONG_CODE_LEN))
             try:
                 with self.engine.begin() as c:
-                    c.execute(_INSERT_CODE, dict(
-                        short_hash=self._h(short), long_hash=self._h(long), short_expires_at=now + SHORT_CODE_TTL,
-                        long_expires_at=now + LONG_CODE_TTL, test_type=test_type,
-                        symptom_onset_interval=symptom_onset_interval, issued_by=issued_by, issued_at=now))
+                    c.execute(_INSERT_CODE, {
+                        "short_hash": self._h(short), "long_hash": self._h(long),
+                        "short_expires_at": now + SHORT_CODE_TTL, "long_expires_at": now + LONG_CODE_TTL,
+                        "test_type": test_type, "symptom_onset_interval": symptom_onset_interval,
+                        "issued_by": issued_by, "issued_at": now})
                 break
             except sa.exc.IntegrityError:  # collides with a stored code: draw again
                 continue

@@ -378,7 +378,8 @@ def main(argv=None) -> list[dict]:
             pub = r["latency_ms"].get("publish", {})
             t.add_row(r["db"], str(r["workers"]), f"{r['flows']} ({r['requests_per_s']}/s)",
                       f"{r['requests'] / r['server_cpu_s']:.0f}" if r.get("server_cpu_s") else "",
-                      f"{r['server_cpu_s'] / r['requests'] * 1e3:.2f} / {r['generator_cpu_s'] / r['requests'] * 1e3:.2f}",
+                      f"{r['server_cpu_s'] / r['requests'] * 1e3:.2f} / "
+                      f"{r['generator_cpu_s'] / r['requests'] * 1e3:.2f}",
                       str(r["acked_keys"]),
                       f"{r['keys_in_files']} ({r['distinct_keys_in_files']} distinct, {r['index_files']} files)",
                       str(r["status_5xx"]), str(r["status_409"]), f"{r['all_p50_ms']} / {r['all_p99_ms']}",

@@ -274,6 +274,22 @@ def test_certificate_round_trip_expiry_and_wrong_key():
     assert e.value.code is Code.CERTIFICATE_INVALID
 
 
+def _jwt_with_payload(payload: bytes) -> str:
+    return "x." + base64.urlsafe_b64encode(payload).decode() + ".y"
+
+
+@pytest.mark.parametrize("token", ["", "a.b", "a.b.c.d", "x.!!!!.y", _jwt_with_payload(b"[" * 6000),
+                                   _jwt_with_payload(b'"iss"'), _jwt_with_payload(b"\xff\xfe")])
+def test_a_malformed_certificate_is_refused_in_one_sentence(token):
+    """The issuer is read before the one verified decoding: whatever the token holds (no
+    JWT, no base64, no JSON object, JSON nested past the parser's recursion), the answer
+    is ``certificate_invalid``, never an exception of the parser."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    with pytest.raises(ApiError) as e:
+        certificate.read(token, key.public_key(), NOW)
+    assert e.value.code is Code.CERTIFICATE_INVALID
+
+
 # -- exports ------------------------------------------------------------------------------
 
 H = 3600
