@@ -12,6 +12,7 @@ import secrets
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.protocol.export import INT32_MAX
@@ -39,8 +40,10 @@ def response_padding() -> str:
                             ).decode()
 
 
-def padded(answer: dict) -> dict:
-    return {**answer, "padding": response_padding()}
+def padded(answer: dict) -> JSONResponse:
+    """The answer with its padding, as a response: these answers hold only JSON types, so
+    FastAPI's walk through them (``jsonable_encoder``) is skipped."""
+    return JSONResponse({**answer, "padding": response_padding()})
 
 
 class _Strict(BaseModel):
@@ -121,7 +124,8 @@ def api_router(backend: Backend) -> APIRouter:
                     onset = date_interval(date)
                 except ValueError:
                     raise ApiError(Code.INVALID_REQUEST, "symptomDate and testDate are YYYY-MM-DD") from None
-        return verification.issue_code(f"api:{who}", test_type=body.testType, symptom_onset_interval=onset)
+        return JSONResponse(verification.issue_code(f"api:{who}", test_type=body.testType,
+                                                    symptom_onset_interval=onset))
 
     @router.post("/api/verify")
     def api_verify(body: Annotated[VerifyRequest, model_body(VerifyRequest)], request: Request):
