@@ -24,6 +24,7 @@ from agent.protocol import gaen
 from agent.protocol.export import key_fingerprint
 from agent.protocol.gaen import TemporaryExposureKey
 from backend import Backend, BackendConfig
+from backend.verification import API_KEY_CACHE_S
 
 from .backend_requests import certified, publish_body
 from .helpers import wait_until
@@ -110,17 +111,33 @@ def test_api_keys_are_shown_once_and_revoked_by_name(xdg):
     r = invoke("backend", "api-key", "add", "lab-1")
     assert r.exit_code == 0
     key = r.output.strip().splitlines()[-1]
-    b = Backend(BackendConfig(xdg), clock=ManualClock(time.time()))
+    clock = ManualClock(time.time())
+    b = Backend(BackendConfig(xdg), clock=clock)
     assert b.verification.api_key_owner(key) == "lab-1"
     assert invoke("backend", "api-key", "add", "lab-1").exit_code == 1  # names are unique
     assert json.loads(invoke("backend", "api-key", "list", "--json").output) == [
         {"name": "lab-1", "health_authority": "default"}]
     assert key not in invoke("backend", "api-key", "list").output
     assert invoke("backend", "api-key", "remove", "lab-1").exit_code == 0
+    # a running server (here ``b``) trusts a key it found for API_KEY_CACHE_S, not longer
+    assert b.verification.api_key_owner(key) == "lab-1"
+    clock.advance(API_KEY_CACHE_S)
     with pytest.raises(Exception, match="X-API-Key"):
         b.verification.api_key_owner(key)
+    fresh = Backend(BackendConfig(xdg), clock=clock)  # a process that had not seen it: at once
+    with pytest.raises(Exception, match="X-API-Key"):
+        fresh.verification.api_key_owner(key)
     r = invoke("backend", "api-key", "remove", "lab-1")
     assert r.exit_code == 1 and "no API key named" in r.output
+
+
+def test_an_api_key_removed_by_the_same_process_is_refused_at_once(tmp_path):
+    b = Backend(BackendConfig(tmp_path / "backend"), clock=ManualClock(time.time()))
+    key = b.verification.add_api_key("lab-2")
+    assert b.verification.api_key_owner(key) == "lab-2"
+    b.verification.remove_api_key("lab-2")
+    with pytest.raises(Exception, match="X-API-Key"):
+        b.verification.api_key_owner(key)
 
 
 def test_backend_export_says_how_many_keys_wait_and_until_when(xdg):
