@@ -1,10 +1,13 @@
 """Per-client request limits: a sliding one-minute window per (bucket, client); and
 the back-off of failed sign-ins per account name. In memory (one process), on the
-backend's clock."""
+backend's clock; safe to share between the threads of a server process (the routes run
+on a thread pool: unlocked, concurrent requests could lose counts, a way past the limit,
+or fail on a table another thread was changing)."""
 
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
@@ -35,9 +38,14 @@ class RateLimiter:
         #: least recently seen first
         self._hits: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
         self._peak = 0
+        self._lock = threading.Lock()
 
     def check(self, bucket: str, client: str, per_min: int) -> None:
         """Count one request of ``client`` in ``bucket``; :class:`ApiError` when over the limit."""
+        with self._lock:
+            self._check(bucket, client, per_min)
+
+    def _check(self, bucket: str, client: str, per_min: int) -> None:
         now = self.clock.now()
         self._forget(now)
         key = (bucket, client)
@@ -95,12 +103,14 @@ class LoginBackoff:
         self.clock = clock
         self._failures: OrderedDict[str, _Failures] = OrderedDict()
         self._peak = 0
+        self._lock = threading.Lock()
 
     def check(self, username: str) -> None:
         """:class:`ApiError` while this account name must wait."""
         now = self.clock.now()
-        self._forget(now)
-        f = self._failures.get(username)
+        with self._lock:
+            self._forget(now)
+            f = self._failures.get(username)
         if f is not None and now < f.until:
             minutes = max(1, math.ceil((f.until - now) / 60))
             raise ApiError(Code.RATE_LIMITED, f"too many failed sign-ins for this account; try again in "
@@ -108,17 +118,19 @@ class LoginBackoff:
 
     def failed(self, username: str) -> None:
         now = self.clock.now()
-        f = self._failures.pop(username, None) or _Failures(0, now, now)
-        f.count, f.last = f.count + 1, now
-        if f.count >= LOGIN_FREE_FAILURES:
-            f.until = now + min(LOGIN_BACKOFF_FIRST_S * 2 ** (f.count - LOGIN_FREE_FAILURES), LOGIN_BACKOFF_MAX_S)
-        self._failures[username] = f  # the most recent last
-        while len(self._failures) > LOGIN_MAX_TRACKED:
-            self._failures.popitem(last=False)
-        self._peak = max(self._peak, len(self._failures))
+        with self._lock:
+            f = self._failures.pop(username, None) or _Failures(0, now, now)
+            f.count, f.last = f.count + 1, now
+            if f.count >= LOGIN_FREE_FAILURES:
+                f.until = now + min(LOGIN_BACKOFF_FIRST_S * 2 ** (f.count - LOGIN_FREE_FAILURES), LOGIN_BACKOFF_MAX_S)
+            self._failures[username] = f  # the most recent last
+            while len(self._failures) > LOGIN_MAX_TRACKED:
+                self._failures.popitem(last=False)
+            self._peak = max(self._peak, len(self._failures))
 
     def succeeded(self, username: str) -> None:
-        self._failures.pop(username, None)
+        with self._lock:
+            self._failures.pop(username, None)
 
     def _forget(self, now: float) -> None:
         while self._failures:

@@ -430,6 +430,43 @@ def test_rate_limiter_forgets_idle_clients():
     assert idle < busy / 20 and idle < 1_000_000, f"{busy / 1e6:.1f} MB busy, {idle / 1e6:.1f} MB idle"
 
 
+def test_rate_limiter_counts_exactly_when_threads_share_it():
+    """The routes run on a thread pool: under load the limiter failed a request
+    ("OrderedDict mutated during iteration", a 500 in benchmarks.bench_load), and two
+    threads could each miss the other's count, a way past the limit."""
+    import sys
+    import threading
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        clock = ManualClock(NOW)
+        lim = RateLimiter(clock)
+        accepted, errors = [], []
+
+        def client(n: int) -> None:
+            for i in range(400):
+                try:
+                    lim.check("verify", "shared", 1000)
+                    accepted.append(1)
+                except ApiError:
+                    pass
+                except Exception as e:  # the unlocked table's failures
+                    errors.append(e)
+                lim.check("verify", f"own-{n}-{i}", 1000)
+                if i % 50 == 0:
+                    clock.advance(0.001)  # old clients leave: each check walks the table's head
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors and len(accepted) == 1000
+
+
 def test_rate_limiter_holds_at_most_its_cap(monkeypatch):
     monkeypatch.setattr(ratelimit, "MAX_TRACKED", 100)
     clock = ManualClock(NOW)
