@@ -30,6 +30,7 @@ import http.client
 import json
 import os
 import secrets
+import signal
 import socket
 import statistics
 import subprocess
@@ -55,6 +56,7 @@ from agent.protocol.verification import tek_hmac
 #: the whole run of one database stops here, whatever is left
 RUN_TIMEOUT_S = 300
 START_TIMEOUT_S = 30
+STOP_TIMEOUT_S = 30
 #: export windows of one second: keys are exported while the load goes on
 EXPORT_PERIOD_S = 1
 #: every k-th flow sends its publish twice at once; every m-th verifies its code twice at once
@@ -105,11 +107,21 @@ class LeanClient:
     def __init__(self, host: str, port: int, timeout: float) -> None:
         self.host, self.port, self.timeout = host, port, timeout
         self.local = threading.local()
+        self.lock = threading.Lock()
+        self.opened: list[http.client.HTTPConnection] = []
+
+    def close(self) -> None:
+        with self.lock:
+            for conn in self.opened:
+                conn.close()
+            self.opened.clear()
 
     def post(self, path: str, json_body: dict, headers: dict | None = None) -> Answer:
         conn = getattr(self.local, "conn", None)
         if conn is None:
             conn = self.local.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            with self.lock:
+                self.opened.append(conn)
         try:
             conn.request("POST", path, body=json.dumps(json_body).encode(),
                          headers={"Content-Type": "application/json", **(headers or {})})
@@ -212,6 +224,26 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def stop_server(server: subprocess.Popen) -> float:
+    """SIGTERM (uvicorn's supervisor stops its workers), then, past STOP_TIMEOUT_S, SIGKILL
+    to the server's whole process group: a benchmark never leaves a server behind. The
+    seconds SIGTERM took (inf: it did not stop)."""
+    started = time.monotonic()
+    server.terminate()
+    try:
+        server.wait(STOP_TIMEOUT_S)
+        return time.monotonic() - started
+    except subprocess.TimeoutExpired:
+        print(f"the server did not stop within {STOP_TIMEOUT_S} s of SIGTERM: killed", file=sys.stderr)
+        return float("inf")
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGKILL)  # workers too, whatever their parent did
+        except ProcessLookupError:
+            pass
+        server.wait()
+
+
 def run_one(db_name: str, database_url: str | None, clients: int, flows: int, console: Console,
             workers: int = 1, warmup: int = 2) -> dict:
     from backend import Backend
@@ -231,7 +263,7 @@ def run_one(db_name: str, database_url: str | None, clients: int, flows: int, co
         log = open(Path(d) / "server.log", "w+")
         server = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_load", "--serve", str(data_dir),
                                    "--database", database_url or "", "--port", str(port), "--workers", str(workers)],
-                                  cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                                  cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -240,6 +272,7 @@ def run_one(db_name: str, database_url: str | None, clients: int, flows: int, co
                 break
             except httpx.HTTPError:
                 if server.poll() is not None or time.monotonic() > deadline:
+                    stop_server(server)
                     log.seek(0)
                     raise RuntimeError(f"the server did not start:\n{log.read()[-2000:]}") from None
                 time.sleep(0.05)
@@ -269,10 +302,10 @@ def run_one(db_name: str, database_url: str | None, clients: int, flows: int, co
                 except Exception as e:
                     failures.append(f"{type(e).__name__}: {e}"[:300])
 
+        http = LeanClient("127.0.0.1", port, timeout=60)
         try:
             for t in exporters:
                 t.start()
-            http = LeanClient("127.0.0.1", port, timeout=60)
             with ThreadPoolExecutor(clients) as pool:
                 # a long-running server's state first (its pooled connections open, its
                 # statements prepared): the warm-up's answers are checked, not timed
@@ -296,8 +329,8 @@ def run_one(db_name: str, database_url: str | None, clients: int, flows: int, co
             peak = peak_rss_mb(server.pid)
         finally:
             load_done.set()
-            server.terminate()
-            server.wait(30)
+            http.close()
+            stop_s = stop_server(server)
             for j in jobs:
                 j.engine.dispose()
         index, seen = exported(data_dir, public_key)
@@ -306,7 +339,7 @@ def run_one(db_name: str, database_url: str | None, clients: int, flows: int, co
         log.close()
     in_files = sum(seen.values())
     ok = (tally.acked == set(seen) and in_files == len(tally.acked) and len(index) == len(set(index))
-          and not tally.server_errors and not failures and not job_errors)
+          and not tally.server_errors and not failures and not job_errors and stop_s < STOP_TIMEOUT_S)
     all_lat = sorted(x for v in tally.latencies.values() for x in v)
     res = {
         "db": db_name, "workers": workers, "clients": clients, "flows": clients * flows, "load_s": round(load_s, 1),
@@ -320,7 +353,7 @@ def run_one(db_name: str, database_url: str | None, clients: int, flows: int, co
                        for step, v in tally.latencies.items()},
         "all_p50_ms": round(pct(all_lat, 50) * 1000, 1), "all_p99_ms": round(pct(all_lat, 99) * 1000, 1),
         "server_peak_mb": round(peak, 1), "server_cpu_s": round(server_cpu_s, 2),
-        "generator_cpu_s": round(generator_cpu_s, 2), "ok": ok,
+        "generator_cpu_s": round(generator_cpu_s, 2), "server_stop_s": round(stop_s, 2), "ok": ok,
         "statuses": {f"{step} {status}": n for (step, status), n in sorted(tally.statuses.items())},
         "failures": failures[:5], "job_errors": job_errors[:5], "server_errors": tally.server_errors[:5],
     }
