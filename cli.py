@@ -1160,9 +1160,8 @@ def backend_serve(ctx, host, port, protocol, register_api_key, trusted_proxies, 
     """Serve the API, the physicians' page and the export files; run the export job."""
     import uvicorn
 
-    from backend.app import create_app
     from backend.schedule import ExportScheduler
-    from backend.server import UVICORN_OPTIONS, serve_workers
+    from backend.server import UVICORN_OPTIONS, serve_workers, server_app
 
     b = _backend(create=True, trusted_proxies=tuple(trusted_proxies), secure_cookies=secure_cookies,
                  export_period_s=export_period_s, rehearsal_embargo_s=rehearsal_embargo_s,
@@ -1184,7 +1183,7 @@ def backend_serve(ctx, host, port, protocol, register_api_key, trusted_proxies, 
         if workers > 1:
             serve_workers(b.config, workers=workers, host=host, port=port, robert=rs.cfg if rs else None)
         else:
-            uvicorn.run(create_app(b, rs), host=host, port=port, log_level="info", **UVICORN_OPTIONS)
+            uvicorn.run(server_app(b, rs), host=host, port=port, log_level="info", **UVICORN_OPTIONS)
 
 
 @backend.command("code")

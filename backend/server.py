@@ -6,6 +6,7 @@ per core, hardware/backend.md)."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -75,13 +76,26 @@ def worker_settings(config: BackendConfig, workers: int, robert: RobertConfig | 
     return json.dumps({"config": share.to_json(), "robert": robert_doc})
 
 
+def server_app(backend: Backend, robert_server: RobertServer | None = None) -> FastAPI:
+    """The application of a serving process (``backend serve``, each of its workers): as
+    :func:`~backend.app.create_app`, then everything alive at that point (the modules, the
+    app, its routes and models) moved out of the garbage collector's reach
+    (``gc.freeze``). Each full collection walked them all: 110-180 ms with the GIL held,
+    a stall of every request in flight in that process (most of the publish p99 in
+    ``benchmarks.bench_load``); it now walks what requests make."""
+    app = create_app(backend, robert_server)
+    gc.collect()
+    gc.freeze()
+    return app
+
+
 def worker_app() -> FastAPI:
     """The application of one worker process (uvicorn's factory), from the settings
     :func:`serve_workers` put in the environment; the export job runs in the parent."""
     doc = json.loads(os.environ[WORKER_SETTINGS_ENV])
     backend = Backend(BackendConfig.from_json(doc["config"]), clock=RealClock())
     robert = None if doc["robert"] is None else RobertServer(backend, RobertConfig(**doc["robert"]))
-    return create_app(backend, robert)
+    return server_app(backend, robert)
 
 
 def serve_workers(config: BackendConfig, *, workers: int, host: str, port: int, robert: RobertConfig | None = None,

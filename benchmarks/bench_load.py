@@ -79,13 +79,12 @@ def serve(data_dir: Path, database_url: str | None, port: int, workers: int) -> 
     import uvicorn
 
     from backend import Backend
-    from backend.app import create_app
-    from backend.server import UVICORN_OPTIONS, serve_workers
+    from backend.server import UVICORN_OPTIONS, serve_workers, server_app
     backend = Backend(backend_config(data_dir, database_url), clock=RealClock())
     if workers > 1:
         serve_workers(backend.config, workers=workers, host="127.0.0.1", port=port, log_level="warning")
     else:
-        uvicorn.run(create_app(backend), host="127.0.0.1", port=port, log_level="warning", access_log=False,
+        uvicorn.run(server_app(backend), host="127.0.0.1", port=port, log_level="warning", access_log=False,
                     **UVICORN_OPTIONS)
 
 

@@ -554,3 +554,24 @@ async def test_chaff_is_answered_in_the_time_and_size_of_a_real_answer():
     body = sent[1]["body"]
     assert sent[0]["status"] == 200 and abs(len(body) - 1800) <= 2
     assert set(json.loads(body)) == {"revisionToken", "insertedExposures", "error", "code", "padding"}
+
+
+def test_a_serving_process_moves_its_start_up_objects_out_of_the_collectors_reach(tmp_path, monkeypatch):
+    """A full collection walked every module, route and model of the app: 90-220 ms with
+    the GIL held in a worker under load (benchmarks.bench_load), every request in flight
+    stalled. The workers of ``backend serve --workers`` build their app frozen
+    (``gc.freeze``); what requests make is all a collection walks."""
+    import gc
+
+    from backend import Backend, BackendConfig
+    from backend.server import WORKER_SETTINGS_ENV, worker_app, worker_settings
+
+    config = BackendConfig(tmp_path / "backend")
+    Backend(config, clock=ManualClock(NOW)).engine.dispose()
+    monkeypatch.setenv(WORKER_SETTINGS_ENV, worker_settings(config, 2, None))
+    gc.unfreeze()
+    try:
+        worker_app()
+        assert gc.get_freeze_count() > 10_000  # the interpreter's modules and the app
+    finally:
+        gc.unfreeze()
