@@ -414,3 +414,26 @@ def test_a_database_of_an_older_version_keeps_its_waiting_keys(backend, clock):
         assert not keys & {r["key_data"] for r in done}
     finally:
         engine.dispose()
+
+
+def test_insert_new_stores_each_value_as_given_and_skips_stored_keys(backend):
+    """The key insert (one unnest statement of fixed text on PostgreSQL, one VALUES row per
+    key on SQLite): NULLs, an int beside floats in a float column, a key stored already
+    (skipped, not counted) and a text key column (an outside certificate's jti)."""
+    rows = [{"key_data": bytes([i]) * 16, "rolling_start": 2_900_000 + i, "rolling_period": 144,
+             "transmission_risk": i % 9, "report_type": 1, "days_since_onset": None if i % 2 else -i,
+             "health_authority": "lab", "received_at": 1_700_000_000.25, "export_after": 1_700_000_000 + i}
+            for i in range(5)]
+    with backend.engine.begin() as c:
+        assert db.insert_new(c, db.exposures, rows[:3], "key_data") == 3
+        assert db.insert_new(c, db.exposures, rows, "key_data") == 2  # the first three are stored
+        assert db.insert_new(c, db.exposures, [], "key_data") == 0
+        assert db.insert_new(c, db.certificates, [{"jti": "a" * 64}], "jti") == 1
+        assert db.insert_new(c, db.certificates, [{"jti": "a" * 64}], "jti") == 0
+    with backend.engine.connect() as c:
+        stored = {r.key_data: r for r in c.execute(sa.select(db.exposures))}
+    assert len(stored) == 5
+    for r in rows:
+        s = stored[r["key_data"]]
+        assert (s.rolling_start, s.transmission_risk, s.days_since_onset, s.export_after, s.received_at) == (
+            r["rolling_start"], r["transmission_risk"], r["days_since_onset"], r["export_after"], r["received_at"])
