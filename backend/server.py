@@ -29,11 +29,15 @@ from .service import Backend
 WORKER_SETTINGS_ENV = "CTAGENT_BACKEND_WORKER_SETTINGS"
 
 START_TIMEOUT_S = 15
+#: a stop (SIGTERM) lets the requests in flight finish for this long, then cancels them
+#: (a transaction cancelled is rolled back): uvicorn's default waits for ever, and one
+#: client that stalls in the middle of its body kept the server from stopping
+SHUTDOWN_GRACE_S = 5
 #: every server of the backend runs with these: uvicorn believes ``X-Forwarded-*`` from
 #: 127.0.0.1 by default, which would let any local client (or a proxy's clients) pick
 #: its own address; the backend reads them itself, from configured proxies only
 #: (:func:`backend.httputil.client_host`)
-UVICORN_OPTIONS: dict[str, Any] = {"proxy_headers": False}
+UVICORN_OPTIONS: dict[str, Any] = {"proxy_headers": False, "timeout_graceful_shutdown": SHUTDOWN_GRACE_S}
 
 
 class BackgroundServer:

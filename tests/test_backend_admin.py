@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -206,6 +207,46 @@ def test_serve_runs_the_export_job_on_its_period_and_a_rehearsal_embargo_is_expl
         _out, err = proc.communicate(timeout=15)
     assert "REHEARSAL" in err and "never run this with real users" in err
     assert "no physician account yet" in err
+
+
+@pytest.mark.integration
+def test_serve_stops_on_sigterm_while_a_client_stalls_in_its_body(tmp_path):
+    """A client that sent half a request and went quiet kept ``backend serve --workers 2``
+    from stopping (uvicorn waited for it for ever; benchmarks.bench_load left servers
+    behind): now the requests in flight get SHUTDOWN_GRACE_S, then the server exits."""
+    import socket
+
+    from backend.server import SHUTDOWN_GRACE_S
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "backend", "serve", "--data-dir",
+                             str(tmp_path / "backend"), "--port", str(port), "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    stalled = []
+    try:
+        def healthy() -> bool:
+            try:
+                return httpx.get(url + "/healthz").status_code == 200
+            except httpx.TransportError:
+                return proc.poll() is not None
+        wait_until(healthy, what="the backend to answer")
+        for _ in range(4):  # likely on both workers
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"POST /v1/publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"temporaryExposureKeys\": [")
+            stalled.append(s)
+        time.sleep(0.5)
+        started = time.monotonic()
+        proc.terminate()
+        proc.wait(timeout=SHUTDOWN_GRACE_S + 10)
+        assert time.monotonic() - started < SHUTDOWN_GRACE_S + 10
+    finally:
+        for s in stalled:
+            s.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def test_the_embargo_is_the_key_servers_unless_a_rehearsal_says_otherwise(tmp_path):
