@@ -5,6 +5,8 @@ the export files."""
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.staticfiles import StaticFiles
@@ -21,14 +23,22 @@ from .service import Backend
 from .web import web_router
 
 
+#: the longest a client may go silent in the middle of its request body (nginx's
+#: ``client_body_timeout`` is 60 s): then it is answered 408 and its request dropped, so
+#: that clients that stall cannot hold the server's connections and tasks for ever
+BODY_TIMEOUT_S = 30.0
+
+
 class _BodyLimit:
     """Refuse a body over its route's limit, whatever the transfer encoding (pure ASGI):
     at once when the declared length is over it, else as soon as the bytes received pass
     it. The 413 goes out then; the application sees the client gone and what it still
-    sends is dropped, so nothing more of the body is read or kept."""
+    sends is dropped, so nothing more of the body is read or kept. A body whose next
+    bytes take more than ``body_timeout_s`` is answered 408 the same way."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, body_timeout_s: float | None = None) -> None:
         self.app = app
+        self.body_timeout_s = BODY_TIMEOUT_S if body_timeout_s is None else body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -39,19 +49,33 @@ class _BodyLimit:
         def too_large() -> ASGIApp:  # made only when needed: every request passes here
             return error_response(Code.BODY_TOO_LARGE, f"request body over {limit} bytes", scope["path"])
 
+        def too_slow() -> ASGIApp:
+            return error_response(Code.BODY_TIMEOUT, f"no byte of the request body for {self.body_timeout_s:g} s",
+                                  scope["path"])
+
         length = Headers(scope=scope).get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             await too_large()(scope, receive, send)
             return
-        received, cut, answered, started = 0, False, False, False
+        received, cut, answered, started, body_done = 0, False, False, False, False
 
         async def receive_within_limit() -> Message:
-            nonlocal received, cut, answered
+            nonlocal received, cut, answered, body_done
             if cut:
                 return {"type": "http.disconnect"}
-            message = await receive()
+            if body_done:  # after the body: only a disconnect can come, whenever it comes
+                return await receive()
+            try:
+                async with asyncio.timeout(self.body_timeout_s):  # a timer, no task of its own
+                    message = await receive()
+            except TimeoutError:
+                cut, answered = True, not started
+                if answered:
+                    await too_slow()(scope, receive, send)
+                return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > limit:
                     cut, answered = True, not started
                     if answered:

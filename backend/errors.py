@@ -29,6 +29,8 @@ class Code(enum.StrEnum):
     UNPARSABLE_REQUEST = "unparsable_request"
     INVALID_REQUEST = "invalid_request"
     BODY_TOO_LARGE = "body_too_large"
+    #: the client stopped sending its body (BODY_TIMEOUT_S without a byte)
+    BODY_TIMEOUT = "body_timeout"
     RATE_LIMITED = "rate_limited"
     UNAUTHORIZED = "unauthorized"
     # -- verification: accounts, codes, tokens, certificates
@@ -77,6 +79,7 @@ class Code(enum.StrEnum):
 # Codes answered with another status than 400.
 _STATUS: dict[Code, HTTPStatus] = {
     Code.BODY_TOO_LARGE: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+    Code.BODY_TIMEOUT: HTTPStatus.REQUEST_TIMEOUT,
     Code.RATE_LIMITED: HTTPStatus.TOO_MANY_REQUESTS,
     Code.TOO_FREQUENT: HTTPStatus.TOO_MANY_REQUESTS,
     Code.UNAUTHORIZED: HTTPStatus.UNAUTHORIZED,

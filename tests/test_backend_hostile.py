@@ -562,3 +562,55 @@ def test_fuzzed_json_gets_a_client_answer(world):
                 refused(r)
 
         post()
+
+
+def _raw_post(port: int, path: str, head_body: bytes, declared: int):
+    import socket
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {declared}\r\n\r\n".encode() + head_body)
+    return s
+
+
+def _answer(s) -> tuple[int, dict]:
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
+            [ln for ln in data.split(b"\r\n\r\n")[0].split(b"\r\n") if ln.lower().startswith(b"content-length")][0]
+            .split(b":")[1]):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    return int(head.split(b" ")[1]), json.loads(body)
+
+
+def test_a_client_that_stalls_in_its_body_is_answered_408_and_a_slow_steady_one_is_not(tmp_path, clock,
+                                                                                        monkeypatch):
+    """A client that goes quiet mid-body held a connection and a task of the server for
+    ever (and kept it from stopping): after BODY_TIMEOUT_S of silence it gets 408
+    ``body_timeout`` and the request is dropped. The limit is on silence, not on the whole
+    body: a slow client that keeps sending is served."""
+    from backend import app as backend_app
+
+    monkeypatch.setattr(backend_app, "BODY_TIMEOUT_S", 0.5)
+    backend = Backend(BackendConfig(tmp_path / "backend"), clock=clock)
+    body = json.dumps({"code": "12345678"}).encode()
+    with BackgroundServer(backend) as srv:
+        port = srv.port
+        s = _raw_post(port, "/api/verify", body[:5], len(body))
+        started = time.monotonic()
+        status, answer = _answer(s)
+        s.close()
+        assert status == 408 and answer["errorCode"] == "body_timeout", answer
+        assert time.monotonic() - started < 5
+        s = _raw_post(port, "/api/verify", b"", len(body))  # slow and steady: a byte every 0.2 s
+        for i in range(len(body)):
+            s.sendall(body[i : i + 1])
+            time.sleep(0.2 if i < 8 else 0)
+        status, answer = _answer(s)
+        s.close()
+        assert status == 400 and answer["errorCode"] == "code_invalid", answer  # read whole, then judged
+        r = httpx.post(srv.url + "/api/verify", json={"code": "12345678"})
+        assert r.status_code == 400 and r.json()["errorCode"] == "code_invalid"
