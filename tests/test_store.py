@@ -454,6 +454,51 @@ def test_matching_index_is_bulk_encrypted_compacted_and_erased(tmp_path):
         assert len(s.encounters.matching_arrays()) == 0
 
 
+def test_index_rows_are_22_bytes_an_entry_and_older_32_byte_rows_still_read(tmp_path):
+    """Index rows are written packed (a mark byte, 22 bytes an entry); the 32-byte entries
+    of stores written before are read as they are, beside packed ones of the same day, and
+    an entry that does not fit the packed form (a span over 255 intervals, a clock that
+    went back) makes its row the 32-byte form: every entry comes back exactly."""
+    import numpy as np
+
+    from agent.store import tables
+
+    d0 = T0 // DAY
+    clock = ManualClock(d0 * DAY + 3600)
+    with Store.create(tmp_path / "agent.db", fast_passphrase(), clock=clock) as s:
+        new = make_encounters(5, t0=d0 * DAY + 3600)
+        s.encounters.write(new, closed=new)
+        (plain,) = [p for _, _, p in s.rows.rows("encounter_index")]
+        assert plain[:1] == b"\x02" and len(plain) == 1 + 22 * 5
+        # an older store's row (32-byte entries) of the same day, and rows that cannot be packed
+        old = make_encounters(3, t0=d0 * DAY + 7200, seed=1)
+        s.encounters.write(old)
+        entries = tables._index_entries(old)
+        row_id = s.rows.new_id("encounter_index")
+        with s.rows.transaction() as c:
+            c.execute("INSERT INTO encounter_index (id, day, blob) VALUES (?, ?, ?)",
+                      (row_id, d0, s.rows.seal("encounter_index", row_id, d0, entries.tobytes())))
+        odd = make_encounters(2, t0=d0 * DAY + 10800, seed=2)
+        odd[0].last_seen = odd[0].first_seen + 300 * 600  # heard for 300 intervals (a replay)
+        odd[1].last_seen = odd[1].first_seen - 1200  # the clock went back
+        s.encounters.write(odd, closed=odd)
+        packed_forms = sorted(len(p) % 2 for _, _, p in s.rows.rows("encounter_index"))
+        assert packed_forms == [0, 0, 1]  # the older row, the row that did not fit; the packed one
+
+        def as_set(arrays):
+            return sorted(zip(arrays.row_ids.tolist(), (arrays.rpis[i:i + 16] for i in range(0, len(arrays.rpis), 16)),
+                              arrays.first_enin.tolist(), arrays.last_enin.tolist()))
+
+        want = sorted((e.row_id, e.rpi, int(e.first_seen // 600), max(0, int(e.last_seen // 600)))
+                      for e in [*new, *old, *odd])
+        assert as_set(s.encounters.matching_arrays()) == want
+        assert s.encounters.compact_index(before_day=d0 + 1) == 1  # merged: one row, in the form its entries fit
+        assert as_set(s.encounters.matching_arrays()) == want
+        assert tables._unpack_index(b"\x02" + bytes(21), d0) is None  # neither form: skipped as corrupt
+        assert len(tables._unpack_index(b"\x02", d0)) == 0 and np.all(
+            tables._unpack_index(tables._pack_index(tables._index_entries(new), d0), d0) == tables._index_entries(new))
+
+
 # -- durability: the daemon's store syncs every commit; only the demo's may not ------------
 
 _COUNT_SYNCS = r"""
