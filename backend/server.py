@@ -84,7 +84,7 @@ def server_app(backend: Backend, robert_server: RobertServer | None = None) -> F
     """The application of a serving process (``backend serve``, each of its workers): as
     :func:`~backend.app.create_app`, then everything alive at that point (the modules, the
     app, its routes and models) moved out of the garbage collector's reach
-    (``gc.freeze``). Each full collection walked them all: 110-180 ms with the GIL held,
+    (``gc.freeze``). Each full collection walked them all: 90-220 ms with the GIL held,
     a stall of every request in flight in that process (most of the publish p99 in
     ``benchmarks.bench_load``); it now walks what requests make."""
     app = create_app(backend, robert_server)
