@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -497,6 +498,38 @@ def test_index_rows_are_22_bytes_an_entry_and_older_32_byte_rows_still_read(tmp_
         assert tables._unpack_index(b"\x02" + bytes(21), d0) is None  # neither form: skipped as corrupt
         assert len(tables._unpack_index(b"\x02", d0)) == 0 and np.all(
             tables._unpack_index(tables._pack_index(tables._index_entries(new), d0), d0) == tables._index_entries(new))
+
+
+def test_a_store_written_before_the_packed_index_reads_the_same(tmp_path):
+    """A real store of the previous version (tests/data/store-32-byte-index, written by
+    commit c52278d's own code): its 32-byte index rows give matching what that version
+    read; new encounters of the same day are indexed packed beside them, and the day's
+    rows merged give all of them back."""
+    data = Path(__file__).parent / "data" / "store-32-byte-index"
+    expected = json.loads((data / "expected.json").read_text())
+    for name in ("agent.db", "agent.db.keyring"):
+        shutil.copy(data / name, tmp_path / name)
+        os.chmod(tmp_path / name, 0o600)
+    d0 = 20420
+    clock = ManualClock((d0 + 1) * DAY + 4 * 3600)
+    path = tmp_path / "agent.db"
+
+    def as_list(arrays):
+        return sorted([r, arrays.rpis[16 * i:16 * i + 16].hex(), f, la] for i, (r, f, la) in enumerate(
+            zip(arrays.row_ids.tolist(), arrays.first_enin.tolist(), arrays.last_enin.tolist())))
+
+    with Store.open(path, Passphrase("old-store"), clock=clock) as s:
+        assert sorted(len(p) % 32 for _, _, p in s.rows.rows("encounter_index")) == [0] * len(
+            expected["index_row_lengths"])  # the old form, as written
+        assert as_list(s.encounters.matching_arrays()) == expected["want"]
+        new = make_encounters(4, t0=(d0 + 1) * DAY + 3600, seed=9)
+        s.encounters.write(new, closed=new)
+        assert any(len(p) % 2 for _, _, p in s.rows.rows("encounter_index"))  # packed, beside the old rows
+        want = sorted(expected["want"] + [[e.row_id, e.rpi.hex(), int(e.first_seen // 600), int(e.last_seen // 600)]
+                                          for e in new])
+        assert as_list(s.encounters.matching_arrays()) == want
+        s.encounters.compact_index(before_day=d0 + 2)
+        assert as_list(s.encounters.matching_arrays()) == want
 
 
 # -- durability: the daemon's store syncs every commit; only the demo's may not ------------

@@ -64,10 +64,10 @@ class TekTable:
 #: memory, and the stored form of index rows written before 2026-12-03, 32 bytes each)
 _INDEX_ENTRY = np.dtype([("row", "<u8"), ("rpi", "V16"), ("first", "<u4"), ("last", "<u4")])
 #: the stored form since: a mark byte, then 22 bytes an entry: row id, RPI, first interval
-#: within the row's day (0-143) and the intervals to the last (0.7 MB a crowded day
-#: instead of 32 bytes an entry's 0.7 + 0.2 MB). Told apart by length: 1 + 22 n is odd,
-#: 32 n even. A row whose entries do not fit (row id >= 2^32, a span over 255 intervals, a
-#: clock that went back) is written in the 32-byte form.
+#: within the row's day (0-143) and the intervals to the last (a crowded day's index 0.5 MB
+#: instead of 0.7). Told apart by length: 1 + 22 n is odd, 32 n even. A row whose entries
+#: do not fit (row id >= 2^32, a span over 255 intervals, a clock that went back) is
+#: written in the 32-byte form.
 _PACKED_ENTRY = np.dtype([("row", "<u4"), ("rpi", "V16"), ("first", "u1"), ("span", "u1")])
 _PACKED_MARK = b"\x02"
 _DAY_INTERVALS = 144
@@ -99,6 +99,8 @@ def _unpack_index(plain: bytes, day: int) -> npt.NDArray[np.void] | None:
     if len(plain) % _INDEX_ENTRY.itemsize:
         return None
     return np.frombuffer(plain, _INDEX_ENTRY)
+
+
 #: rows read per statement by id (far below SQLite's limit on parameters)
 _IDS_PER_QUERY = 500
 
