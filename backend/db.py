@@ -12,10 +12,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
 from agent.errors import UserError
+
+from .transaction import Sql, Transaction
 
 metadata = sa.MetaData()
 
@@ -188,6 +191,17 @@ def make_engine(url: str) -> sa.Engine:
     return engine
 
 
+def make_async_engine(engine: sa.Engine) -> Any:
+    """An asyncio engine (psycopg's async connections) of ``engine``'s PostgreSQL
+    database, with its options: errors without parameters or row values, the same pool."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url = engine.url.set(drivername="postgresql+psycopg_async")
+    async_engine = create_async_engine(url, hide_parameters=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
+    sa.event.listen(async_engine.sync_engine, "handle_error", _without_row_values)
+    return async_engine
+
+
 def _pending_on_insert(engine: sa.Engine, *, migrate: bool) -> None:
     """The trigger that makes every new exposures row wait for an export; ``migrate``: a
     database of an older version, whose waiting keys were those with no batch, gets them
@@ -202,27 +216,31 @@ def _pending_on_insert(engine: sa.Engine, *, migrate: bool) -> None:
                 c.exec_driver_sql(f"DROP INDEX IF EXISTS {index}")
 
 
-def insert_new(conn: sa.Connection, table: sa.Table, rows: list[dict], unique: str) -> int:
+def insert_new(dialect: str, table: sa.Table, rows: list[dict], unique: str) -> Transaction[int]:
     """Insert the rows whose ``unique`` column holds no stored value yet, in one
     statement (``ON CONFLICT DO NOTHING``: a row another transaction is inserting at the
-    same moment is waited for, then skipped, never an error); how many were inserted."""
+    same moment is waited for, then skipped, never an error); how many were inserted.
+    A step of a transaction (``yield from``) on a database of ``dialect``."""
     if not rows:
         return 0
     columns = tuple(rows[0])
-    if conn.dialect.name == "postgresql":
+    if dialect == "postgresql":
         # one array per column: the statement's text is the same whatever the number of
         # rows, so the driver prepares it once (a VALUES row per key made a new text,
         # parsed and planned each time: a millisecond of a publish's CPU)
-        sql = _pg_unnest_insert(table, columns, unique)
         arrays = tuple([r[c] for r in rows] if not isinstance(table.c[c].type, sa.Float)
                        else [None if r[c] is None else float(r[c]) for r in rows]  # one type per array
                        for c in columns)
-        return len(conn.exec_driver_sql(sql, arrays).fetchall())
+        return len((yield Sql(_pg_unnest_insert(table, columns, unique), arrays)).fetchall())
+    return len((yield Sql(_sqlite_insert_new(table, unique), rows)).fetchall())
+
+
+@functools.lru_cache(maxsize=32)
+def _sqlite_insert_new(table: sa.Table, unique: str) -> sa.Executable:
     from sqlalchemy.dialects import sqlite
 
     primary = list(table.primary_key.columns)[0]
-    stmt = sqlite.insert(table).on_conflict_do_nothing(index_elements=[unique]).returning(primary)
-    return len(conn.execute(stmt, rows).fetchall())
+    return sqlite.insert(table).on_conflict_do_nothing(index_elements=[unique]).returning(primary)
 
 
 @functools.lru_cache(maxsize=32)
