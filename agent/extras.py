@@ -11,7 +11,7 @@ from .errors import UserError
 #: extra -> the modules it brings (import names)
 EXTRAS: dict[str, tuple[str, ...]] = {
     "backend": ("fastapi", "uvicorn", "sqlalchemy", "jwt", "qrcode", "multipart"),
-    "postgresql": ("psycopg", "greenlet"),
+    "postgresql": ("psycopg",),
     "plots": ("matplotlib",),
     "bumble": ("bumble",),
     "experiment": ("duckdb",),

@@ -23,7 +23,6 @@ from .httputil import client_host
 from .jsonbody import model_body
 from .publish import MAX_TRANSMISSION_RISK
 from .service import Backend
-from .transaction import Transaction
 from .verification import date_interval
 
 #: the largest body of these routes (the publish request's padding included)
@@ -102,7 +101,7 @@ class PublishRequest(_Strict):
 
 def api_router(backend: Backend) -> APIRouter:
     router = APIRouter()
-    verification, transactions = backend.verification, backend.transactions
+    verification = backend.verification
 
     @router.get("/healthz")
     def healthz():
@@ -114,36 +113,30 @@ def api_router(backend: Backend) -> APIRouter:
         return {"publicKey": backend.public_key_b64, "keyId": c.key_id, "keyVersion": c.key_version,
                 "region": c.region, "algorithm": "ECDSA P-256 SHA-256"}
 
-    # The four routes of a declaration await their transaction on the event loop
-    # (backend.transaction: on PostgreSQL an asyncio connection, elsewhere the thread pool).
     @router.post("/api/issue")
-    async def api_issue(body: Annotated[IssueRequest, model_body(IssueRequest)],
-                        x_api_key: str | None = Header(default=None)):
-        def issue() -> Transaction[dict]:
-            who = yield from verification.api_key_owner_tx(x_api_key)
-            onset = body.symptomOnsetInterval
-            for date in (body.symptomDate, body.testDate):
-                if onset is None and date:
-                    try:
-                        onset = date_interval(date)
-                    except ValueError:
-                        raise ApiError(Code.INVALID_REQUEST, "symptomDate and testDate are YYYY-MM-DD") from None
-            return (yield from verification.issue_code_tx(f"api:{who}", test_type=body.testType,
-                                                          symptom_onset_interval=onset))
-
-        return JSONResponse(await transactions.run_async(issue()))
+    def api_issue(body: Annotated[IssueRequest, model_body(IssueRequest)],
+                  x_api_key: str | None = Header(default=None)):
+        who = verification.api_key_owner(x_api_key)
+        onset = body.symptomOnsetInterval
+        for date in (body.symptomDate, body.testDate):
+            if onset is None and date:
+                try:
+                    onset = date_interval(date)
+                except ValueError:
+                    raise ApiError(Code.INVALID_REQUEST, "symptomDate and testDate are YYYY-MM-DD") from None
+        return JSONResponse(verification.issue_code(f"api:{who}", test_type=body.testType,
+                                                    symptom_onset_interval=onset))
 
     @router.post("/api/verify")
-    async def api_verify(body: Annotated[VerifyRequest, model_body(VerifyRequest)], request: Request):
-        return padded(await transactions.run_async(
-            verification.verify_code_tx(body.code, client_host(request), body.accept)))
+    def api_verify(body: Annotated[VerifyRequest, model_body(VerifyRequest)], request: Request):
+        return padded(verification.verify_code(body.code, client_host(request), body.accept))
 
     @router.post("/api/certificate")
-    async def api_certificate(body: Annotated[CertificateRequest, model_body(CertificateRequest)]):
-        return padded(await transactions.run_async(verification.certificate_tx(body.token, body.ekeyhmac)))
+    def api_certificate(body: Annotated[CertificateRequest, model_body(CertificateRequest)]):
+        return padded(verification.certificate(body.token, body.ekeyhmac))
 
     @router.post("/v1/publish")
-    async def publish(body: Annotated[PublishRequest, model_body(PublishRequest)]):
-        return padded(await transactions.run_async(backend.publisher.publish_tx(body.model_dump())))
+    def publish(body: Annotated[PublishRequest, model_body(PublishRequest)]):
+        return padded(backend.publisher.publish(body.model_dump()))
 
     return router

@@ -6,8 +6,6 @@ the export files."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -115,12 +113,7 @@ async def _validation_error(request: Request, exc: Exception):
 
 
 def create_app(backend: Backend, robert_server: RobertServer | None = None) -> FastAPI:
-    @contextlib.asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        yield
-        await backend.transactions.aclose()  # the asyncio connections belong to this loop
-
-    app = FastAPI(title="ctagent reference backend", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app = FastAPI(title="ctagent reference backend", docs_url=None, redoc_url=None)
     app.state.chaff = ChaffTracker()
     app.add_middleware(ChaffMiddleware, tracker=app.state.chaff)  # inside the body limit
     app.add_middleware(_BodyLimit)

@@ -12,13 +12,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import sqlalchemy as sa
 
 from agent.errors import UserError
-
-from .transaction import Sql, Transaction
 
 metadata = sa.MetaData()
 
@@ -191,17 +188,6 @@ def make_engine(url: str) -> sa.Engine:
     return engine
 
 
-def make_async_engine(engine: sa.Engine) -> Any:
-    """An asyncio engine (psycopg's async connections) of ``engine``'s PostgreSQL
-    database, with its options: errors without parameters or row values, the same pool."""
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    url = engine.url.set(drivername="postgresql+psycopg_async")
-    async_engine = create_async_engine(url, hide_parameters=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
-    sa.event.listen(async_engine.sync_engine, "handle_error", _without_row_values)
-    return async_engine
-
-
 def _pending_on_insert(engine: sa.Engine, *, migrate: bool) -> None:
     """The trigger that makes every new exposures row wait for an export; ``migrate``: a
     database of an older version, whose waiting keys were those with no batch, gets them
@@ -216,31 +202,27 @@ def _pending_on_insert(engine: sa.Engine, *, migrate: bool) -> None:
                 c.exec_driver_sql(f"DROP INDEX IF EXISTS {index}")
 
 
-def insert_new(dialect: str, table: sa.Table, rows: list[dict], unique: str) -> Transaction[int]:
+def insert_new(conn: sa.Connection, table: sa.Table, rows: list[dict], unique: str) -> int:
     """Insert the rows whose ``unique`` column holds no stored value yet, in one
     statement (``ON CONFLICT DO NOTHING``: a row another transaction is inserting at the
-    same moment is waited for, then skipped, never an error); how many were inserted.
-    A step of a transaction (``yield from``) on a database of ``dialect``."""
+    same moment is waited for, then skipped, never an error); how many were inserted."""
     if not rows:
         return 0
     columns = tuple(rows[0])
-    if dialect == "postgresql":
+    if conn.dialect.name == "postgresql":
         # one array per column: the statement's text is the same whatever the number of
         # rows, so the driver prepares it once (a VALUES row per key made a new text,
         # parsed and planned each time: a millisecond of a publish's CPU)
+        sql = _pg_unnest_insert(table, columns, unique)
         arrays = tuple([r[c] for r in rows] if not isinstance(table.c[c].type, sa.Float)
                        else [None if r[c] is None else float(r[c]) for r in rows]  # one type per array
                        for c in columns)
-        return len((yield Sql(_pg_unnest_insert(table, columns, unique), arrays)).fetchall())
-    return len((yield Sql(_sqlite_insert_new(table, unique), rows)).fetchall())
-
-
-@functools.lru_cache(maxsize=32)
-def _sqlite_insert_new(table: sa.Table, unique: str) -> sa.Executable:
+        return len(conn.exec_driver_sql(sql, arrays).fetchall())
     from sqlalchemy.dialects import sqlite
 
     primary = list(table.primary_key.columns)[0]
-    return sqlite.insert(table).on_conflict_do_nothing(index_elements=[unique]).returning(primary)
+    stmt = sqlite.insert(table).on_conflict_do_nothing(index_elements=[unique]).returning(primary)
+    return len(conn.execute(stmt, rows).fetchall())
 
 
 @functools.lru_cache(maxsize=32)

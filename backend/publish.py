@@ -34,7 +34,6 @@ from agent.protocol.verification import accepted_tek_hmacs
 from . import certificate, db
 from .certificate import CertificateClaims
 from .errors import ApiError, Code
-from .transaction import Sql, Transaction, Transactions
 
 log = logging.getLogger("ctagent.backend")
 
@@ -178,17 +177,13 @@ _SAVE_RESPONSE = sa.update(_certs).where(_certs.c.jti == sa.bindparam("cert_jti"
 
 
 class Publisher:
-    def __init__(self, transactions: Transactions, clock: Clock, issuers: Sequence[certificate.TrustedIssuer], *,
+    def __init__(self, engine: sa.Engine, clock: Clock, issuers: Sequence[certificate.TrustedIssuer], *,
                  rehearsal_embargo_s: float | None = None) -> None:
         """``issuers``: the verification servers whose certificates are trusted."""
-        self.transactions, self.clock, self.issuers = transactions, clock, tuple(issuers)
-        self.engine = transactions.engine
+        self.engine, self.clock, self.issuers = engine, clock, tuple(issuers)
         self.rehearsal_embargo_s = rehearsal_embargo_s
 
     def publish(self, request: Mapping[str, Any]) -> dict:
-        return self.transactions.run(self.publish_tx(request))
-
-    def publish_tx(self, request: Mapping[str, Any]) -> Transaction[dict]:
         """Store the keys of a v1 publish request; the response body. A certificate is
         used once; an identical retry (same certificate, hence same keys) gets the first
         answer again, also when it arrives while the first is being stored. A key that
@@ -197,27 +192,27 @@ class Publisher:
         check_key_count(request["temporaryExposureKeys"])  # before any work on the certificate
         claims = certificate.read(request["verificationPayload"], self.issuers, now)
         valid = validate_publish(request, claims, now)
-        dialect = self.engine.dialect.name
-        if not claims.issued_here:  # an outside certificate: recorded at its first use
-            yield from db.insert_new(dialect, _certs, [{"jti": valid.jti}], "jti")
-        # claim the certificate first: a second request with it waits here until the
-        # first is stored (a row lock; SQLite's one writer), then answers as a retry
-        claimed = (yield Sql(_CLAIM_CERTIFICATE, {"cert_jti": valid.jti, "now": now})).rowcount == 1
-        if not claimed:
-            cert = (yield Sql(_CERTIFICATE, {"cert_jti": valid.jti})).first()
-            if cert is None:
-                raise ApiError(Code.CERTIFICATE_INVALID, "unknown certificate")
-            if cert.response:
-                return json.loads(cert.response)
-            raise ApiError(Code.CERTIFICATE_USED, "the certificate was already used")
-        # in one order (by key): two uploads sharing keys cannot wait on each other
-        rows = sorted((_row(k, valid.health_authority, now, self.rehearsal_embargo_s) for k in valid.keys),
-                      key=lambda r: r["key_data"])
-        inserted = yield from db.insert_new(dialect, db.exposures, rows, "key_data")
-        resp: dict[str, Any] = {"revisionToken": "", "insertedExposures": inserted, "error": "", "code": ""}
-        if valid.warnings:  # as the key server's ``warnings`` (omitted when empty)
-            resp["warnings"] = list(valid.warnings)
-        yield Sql(_SAVE_RESPONSE, {"cert_jti": valid.jti, "answer": json.dumps(resp)})
+        with self.engine.begin() as c:
+            if not claims.issued_here:  # an outside certificate: recorded at its first use
+                db.insert_new(c, _certs, [{"jti": valid.jti}], "jti")
+            # claim the certificate first: a second request with it waits here until the
+            # first is stored (a row lock; SQLite's one writer), then answers as a retry
+            claimed = c.execute(_CLAIM_CERTIFICATE, {"cert_jti": valid.jti, "now": now}).rowcount == 1
+            if not claimed:
+                cert = c.execute(_CERTIFICATE, {"cert_jti": valid.jti}).first()
+                if cert is None:
+                    raise ApiError(Code.CERTIFICATE_INVALID, "unknown certificate")
+                if cert.response:
+                    return json.loads(cert.response)
+                raise ApiError(Code.CERTIFICATE_USED, "the certificate was already used")
+            # in one order (by key): two uploads sharing keys cannot wait on each other
+            rows = sorted((_row(k, valid.health_authority, now, self.rehearsal_embargo_s) for k in valid.keys),
+                          key=lambda r: r["key_data"])
+            inserted = db.insert_new(c, db.exposures, rows, "key_data")
+            resp: dict[str, Any] = {"revisionToken": "", "insertedExposures": inserted, "error": "", "code": ""}
+            if valid.warnings:  # as the key server's ``warnings`` (omitted when empty)
+                resp["warnings"] = list(valid.warnings)
+            c.execute(_SAVE_RESPONSE, {"cert_jti": valid.jti, "answer": json.dumps(resp)})
         log.info("publish: %d key(s) inserted", inserted)
         return resp
 

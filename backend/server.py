@@ -50,7 +50,7 @@ class BackgroundServer:
         self.port = port
         self.url = f"http://{host}:{port}"
         config = uvicorn.Config(create_app(backend, robert_server), host=host, port=port, log_level="warning",
-                                lifespan="on", access_log=False, **UVICORN_OPTIONS)
+                                lifespan="off", access_log=False, **UVICORN_OPTIONS)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="ctagent-backend", daemon=True)
 

@@ -14,7 +14,6 @@ from .httputil import proxy_networks
 from .keyfiles import private_data_dir
 from .publish import Publisher
 from .ratelimit import RateLimiter
-from .transaction import Transactions
 from .verification import VerificationService
 
 #: the default clock: wall time (the CLI and a deployed server)
@@ -29,12 +28,10 @@ class Backend:
         private_data_dir(config.data_dir)
         self.engine = db.make_engine(config.database)
         self.limiter = RateLimiter(clock)
-        #: the roles' transactions, on a thread or on the event loop (one asyncio engine)
-        self.transactions = Transactions(self.engine)
-        self.verification = VerificationService(config, self.transactions, clock, self.limiter)
+        self.verification = VerificationService(config, self.engine, clock, self.limiter)
         issuers = [TrustedIssuer(ISSUER, AUDIENCE, self.verification.certificate_public_key, builtin=True),
                    *(outside_issuer(*v) for v in config.outside_verifiers)]
-        self.publisher = Publisher(self.transactions, clock, issuers, rehearsal_embargo_s=config.rehearsal_embargo_s)
+        self.publisher = Publisher(self.engine, clock, issuers, rehearsal_embargo_s=config.rehearsal_embargo_s)
         self.exports = ExportJob(config, self.engine, clock)
         #: the export signing public key the agents trust (base64 SubjectPublicKeyInfo)
         self.public_key_b64 = self.exports.public_key_b64

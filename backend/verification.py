@@ -25,7 +25,6 @@ import uuid
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.clock import Clock
@@ -38,7 +37,6 @@ from .errors import ApiError, Code
 from .keyfiles import load_or_create_ec_key, load_or_create_secret
 from .publish import MAX_ONSET_REPORT_DAYS, onset_plausible
 from .ratelimit import LoginBackoff, RateLimiter
-from .transaction import Sql, Transaction, Transactions, run_on
 
 log = logging.getLogger("ctagent.backend")
 
@@ -158,10 +156,7 @@ def _normal_code(code: object) -> str | None:
 # coerces every operand and derives a cache key for it) was a third of a request's CPU.
 _c, _t = db.codes.c, db.tokens.c
 _API_KEY_OWNER = sa.select(db.api_keys.c.name).where(db.api_keys.c.key_hash == sa.bindparam("key_hash"))
-#: a code whose short or long hash collides with a stored one is not inserted (no row
-#: back; the caller draws again), in the same transaction
-_INSERT_CODE = {name: dialect.insert(db.codes).on_conflict_do_nothing().returning(_c.id)
-                for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))}
+_INSERT_CODE = sa.insert(db.codes)
 _CLAIM_CODE = (sa.update(db.codes)
                .where(sa.or_(sa.and_(_c.short_hash == sa.bindparam("h"), _c.short_expires_at > sa.bindparam("now")),
                              sa.and_(_c.long_hash == sa.bindparam("h"), _c.long_expires_at > sa.bindparam("now"))),
@@ -179,9 +174,8 @@ _INSERT_CERTIFICATE = sa.insert(db.certificates)
 
 
 class VerificationService:
-    def __init__(self, config: BackendConfig, transactions: Transactions, clock: Clock, limiter: RateLimiter) -> None:
-        self.config, self.clock, self.limiter = config, clock, limiter
-        self.transactions, self.engine = transactions, transactions.engine
+    def __init__(self, config: BackendConfig, engine: sa.Engine, clock: Clock, limiter: RateLimiter) -> None:
+        self.config, self.engine, self.clock, self.limiter = config, engine, clock, limiter
         self._cert_key = load_or_create_ec_key(config.data_dir / "certificate-signing-key.pem")
         self._pepper = load_or_create_secret(config.data_dir / "code-pepper")
         self.login_backoff = LoginBackoff(clock)
@@ -263,9 +257,6 @@ class VerificationService:
         self._api_key_cache.clear()
 
     def api_key_owner(self, key: str | None) -> str:
-        return self.transactions.run(self.api_key_owner_tx(key))
-
-    def api_key_owner_tx(self, key: str | None) -> Transaction[str]:
         """The name of a lab's API key. A key found is remembered for
         :data:`API_KEY_CACHE_S` seconds (one database round trip less per code issued; the
         verification server caches them too, ``pkg/controller/middleware/apikey.go``): a
@@ -276,7 +267,8 @@ class VerificationService:
             cached = self._api_key_cache.get(h)
             if cached is not None and 0 <= now - cached[1] < API_KEY_CACHE_S:
                 return cached[0]
-            row = (yield Sql(_API_KEY_OWNER, {"key_hash": h})).first()
+            with self.engine.connect() as c:
+                row = c.execute(_API_KEY_OWNER, {"key_hash": h}).first()
             if row:
                 if len(self._api_key_cache) >= _API_KEY_CACHE_MAX:
                     self._api_key_cache.clear()
@@ -326,12 +318,6 @@ class VerificationService:
     # -- codes ----------------------------------------------------------------------
     def issue_code(self, issued_by: str, *, test_type: str = "confirmed",
                    symptom_onset_interval: int | None = None, code_format: str = "digits") -> dict:
-        return self.transactions.run(self.issue_code_tx(issued_by, test_type=test_type,
-                                                        symptom_onset_interval=symptom_onset_interval,
-                                                        code_format=code_format))
-
-    def issue_code_tx(self, issued_by: str, *, test_type: str = "confirmed",
-                      symptom_onset_interval: int | None = None, code_format: str = "digits") -> Transaction[dict]:
         """A new code: ``digits`` (8 digits, and a 16-character long code) or ``robert``
         (6 characters, and a UUID: the formats the TousAntiCovid app accepts)."""
         if code_format not in CODE_FORMATS:
@@ -345,7 +331,6 @@ class VerificationService:
             raise ApiError(Code.ONSET_INVALID, f"the symptom onset must be within the last {MAX_ONSET_REPORT_DAYS} "
                                                "days and not in the future")
         self.limiter.check("issue", issued_by, self.config.rate_issue_per_min)
-        insert = _INSERT_CODE[self.engine.dialect.name]
         for _ in range(_DRAWS):
             if code_format == "robert":
                 short = "".join(secrets.choice(_ROBERT_SHORT_ALPHABET) for _ in range(ROBERT_SHORT_CODE_LEN))
@@ -353,13 +338,16 @@ class VerificationService:
             else:
                 short = f"{secrets.randbelow(10**SHORT_CODE_DIGITS):0{SHORT_CODE_DIGITS}d}"
                 long = "".join(secrets.choice(_LONG_ALPHABET) for _ in range(LONG_CODE_LEN))
-            inserted = (yield Sql(insert, {
-                "short_hash": self._h(short), "long_hash": self._h(long),
-                "short_expires_at": now + SHORT_CODE_TTL, "long_expires_at": now + LONG_CODE_TTL,
-                "test_type": test_type, "symptom_onset_interval": symptom_onset_interval,
-                "issued_by": issued_by, "issued_at": now})).first()
-            if inserted is not None:
-                break  # else it collides with a stored code: draw again
+            try:
+                with self.engine.begin() as c:
+                    c.execute(_INSERT_CODE, {
+                        "short_hash": self._h(short), "long_hash": self._h(long),
+                        "short_expires_at": now + SHORT_CODE_TTL, "long_expires_at": now + LONG_CODE_TTL,
+                        "test_type": test_type, "symptom_onset_interval": symptom_onset_interval,
+                        "issued_by": issued_by, "issued_at": now})
+                break
+            except sa.exc.IntegrityError:  # collides with a stored code: draw again
+                continue
         else:
             raise ApiError(Code.CODE_SPACE_EXHAUSTED, "could not draw a unique code")
         log.info("code issued by=%s type=%s", issued_by, test_type)
@@ -402,47 +390,38 @@ class VerificationService:
         """Use ``code`` once, in the caller's transaction ``conn``: what the code pays for
         is stored in that transaction, and a rollback leaves the code unused. Race-free:
         only one transaction moves ``claimed_at`` from NULL. The code's row."""
-        return run_on(conn, self.claim_code_tx(code))
-
-    def claim_code_tx(self, code: object) -> Transaction[sa.Row[Any]]:
-        """:meth:`claim_code` as a step of a transaction (``yield from``)."""
         now, h = self.clock.now(), self._code_hash(code)
-        claimed = (yield Sql(_CLAIM_CODE, {"h": h, "now": now})).all()
+        claimed = conn.execute(_CLAIM_CODE, {"h": h, "now": now}).all()
         if len(claimed) == 1:
             return claimed[0]
-        raise self._refusal((yield Sql(_CODE_BY_HASH, {"h": h})).first())
+        raise self._refusal(conn.execute(_CODE_BY_HASH, {"h": h}).first())
 
     def verify_code(self, code: str, client: str, accept: list[str] | None = None) -> dict:
-        return self.transactions.run(self.verify_code_tx(code, client, accept))
-
-    def verify_code_tx(self, code: str, client: str, accept: list[str] | None = None) -> Transaction[dict]:
         """Trade a live, unused code for a token; the code can never be used again. The
         answer is the verification server's VerifyCodeResponse: ``testtype``, ``token`` and,
         when the code carries an onset, ``symptomDate``. A code of a test type the client
         does not ``accept`` is refused (``unsupported_test_type``, 412) and stays unused."""
         accepted = accepted_test_types(accept)
         self.limiter.check("verify", client, self.config.rate_verify_per_min)
-        try:
-            row = yield from self.claim_code_tx(code)
-        except ApiError as e:
-            if e.code is Code.CODE_USED:  # the verification server: "code invalid or used"
-                raise ApiError(Code.CODE_INVALID, e.message) from None
-            raise
-        if accepted is not None and row.test_type not in accepted:
-            raise ApiError(Code.UNSUPPORTED_TEST_TYPE, f"the code is for a {row.test_type!r} test, which "
-                                                       "this app does not accept")  # rolls the claim back
-        token = secrets.token_urlsafe(32)
-        yield Sql(_INSERT_TOKEN, {"token_hash": self._h(token), "code_id": row.id,
-                                  "expires_at": self.clock.now() + TOKEN_TTL})
+        with self.engine.begin() as c:
+            try:
+                row = self.claim_code(c, code)
+            except ApiError as e:
+                if e.code is Code.CODE_USED:  # the verification server: "code invalid or used"
+                    raise ApiError(Code.CODE_INVALID, e.message) from None
+                raise
+            if accepted is not None and row.test_type not in accepted:
+                raise ApiError(Code.UNSUPPORTED_TEST_TYPE, f"the code is for a {row.test_type!r} test, which "
+                                                           "this app does not accept")  # rolls the claim back
+            token = secrets.token_urlsafe(32)
+            c.execute(_INSERT_TOKEN, {"token_hash": self._h(token), "code_id": row.id,
+                                      "expires_at": self.clock.now() + TOKEN_TTL})
         answer = {"testtype": row.test_type, "token": token}
         if row.symptom_onset_interval:
             answer["symptomDate"] = interval_date(row.symptom_onset_interval)
         return answer
 
     def certificate(self, token: str, ekeyhmac: str) -> dict:
-        return self.transactions.run(self.certificate_tx(token, ekeyhmac))
-
-    def certificate_tx(self, token: str, ekeyhmac: str) -> Transaction[dict]:
         """Trade a token, once, for a certificate binding the HMAC of the keys to upload."""
         try:
             if len(base64.b64decode(ekeyhmac, validate=True)) != hashlib.sha256().digest_size:
@@ -450,14 +429,14 @@ class VerificationService:
         except (ValueError, TypeError, binascii.Error):
             raise ApiError(Code.HMAC_INVALID, "ekeyhmac must be a base64 HMAC-SHA256") from None
         now = self.clock.now()
-        used = (yield Sql(_USE_TOKEN, {"h": self._h(str(token)), "now": now})).all()
-        if len(used) != 1:
-            raise ApiError(Code.TOKEN_INVALID, "the verification token is invalid, expired or used")
-        row = (yield Sql(_CODE_BY_ID, {"code_id": used[0].code_id})).first()
-        assert row is not None  # a token belongs to a code (foreign key)
-        jti = uuid.uuid4().hex
-        yield Sql(_INSERT_CERTIFICATE, {"jti": jti})
-        # signed before the commit: a certificate whose record is rolled back is never given out
+        with self.engine.begin() as c:
+            used = c.execute(_USE_TOKEN, {"h": self._h(str(token)), "now": now}).all()
+            if len(used) != 1:
+                raise ApiError(Code.TOKEN_INVALID, "the verification token is invalid, expired or used")
+            row = c.execute(_CODE_BY_ID, {"code_id": used[0].code_id}).first()
+            assert row is not None  # a token belongs to a code (foreign key)
+            jti = uuid.uuid4().hex
+            c.execute(_INSERT_CERTIFICATE, {"jti": jti})
         cert = certificate.sign(self._cert_key, key_version=self.config.key_version, jti=jti, tekmac=ekeyhmac,
                                 test_type=row.test_type, symptom_onset_interval=row.symptom_onset_interval,
                                 health_authority=row.issued_by, now=now, ttl_s=CERT_TTL)

@@ -18,7 +18,6 @@ import sqlalchemy as sa
 from agent.protocol import export, gaen
 from backend import Backend, BackendConfig, db
 from backend import exports as export_job
-from backend.transaction import run_on
 
 from .backend_requests import certified, prepared_publish, publish_body, random_keys
 from .helpers import wait_until
@@ -426,14 +425,11 @@ def test_insert_new_stores_each_value_as_given_and_skips_stored_keys(backend):
              "health_authority": "lab", "received_at": 1_700_000_000.25, "export_after": 1_700_000_000 + i}
             for i in range(5)]
     with backend.engine.begin() as c:
-        def insert_new(*args):
-            return run_on(c, db.insert_new(c.dialect.name, *args))
-
-        assert insert_new(db.exposures, rows[:3], "key_data") == 3
-        assert insert_new(db.exposures, rows, "key_data") == 2  # the first three are stored
-        assert insert_new(db.exposures, [], "key_data") == 0
-        assert insert_new(db.certificates, [{"jti": "a" * 64}], "jti") == 1
-        assert insert_new(db.certificates, [{"jti": "a" * 64}], "jti") == 0
+        assert db.insert_new(c, db.exposures, rows[:3], "key_data") == 3
+        assert db.insert_new(c, db.exposures, rows, "key_data") == 2  # the first three are stored
+        assert db.insert_new(c, db.exposures, [], "key_data") == 0
+        assert db.insert_new(c, db.certificates, [{"jti": "a" * 64}], "jti") == 1
+        assert db.insert_new(c, db.certificates, [{"jti": "a" * 64}], "jti") == 0
     with backend.engine.connect() as c:
         stored = {r.key_data: r for r in c.execute(sa.select(db.exposures))}
     assert len(stored) == 5
