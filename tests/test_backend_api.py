@@ -5,6 +5,7 @@ ROBERT client side here is the pure protocol code only."""
 
 import base64
 import io
+import random
 import re
 import zipfile
 
@@ -19,6 +20,8 @@ from agent.protocol.export import ReportType
 from agent.protocol.gaen import TemporaryExposureKey
 from agent.protocol.verification import tek_hmac
 from backend import Backend, BackendConfig, db
+from backend import verification as verification_module
+from backend.errors import ApiError, Code
 from backend.robert import SERVER_KEY_CONFIG, RobertConfig, RobertServer, contacts, registrations
 from backend.server import BackgroundServer
 
@@ -428,3 +431,29 @@ def test_robert_report_claims_a_code_once(robert_world, clock):
     big = {"token": "x", "contacts": [], "pad": "A" * 100_000}
     assert httpx.post(srv.url + "/api/v6/report", json=big).json()["code"] == "code_invalid"
     assert httpx.post(srv.url + "/api/v6/status", json=big).status_code == 413
+
+
+def test_a_code_that_collides_with_a_stored_one_is_drawn_again(backend, monkeypatch):
+    """A drawn code whose short or long form is stored already is not inserted and another
+    is drawn; when every draw collides the answer is 503 code_space_exhausted and nothing
+    is stored."""
+    first = backend.verification.issue_code("lab")
+    draws = iter([int(first["code"]), 12345678])  # the stored code, then a new one
+    monkeypatch.setattr(verification_module.secrets, "randbelow", lambda _n: next(draws))
+    second = backend.verification.issue_code("lab")
+    assert second["code"] == "12345678"
+
+    monkeypatch.setattr(verification_module.secrets, "randbelow", lambda _n: 12345678)
+    with pytest.raises(ApiError) as refused:
+        backend.verification.issue_code("lab")
+    assert refused.value.code is Code.CODE_SPACE_EXHAUSTED
+    with backend.engine.connect() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(db.codes)).scalar_one() == 2
+    # the long code collides alone: drawn again as well
+    distinct = random.Random(7)
+    monkeypatch.setattr(verification_module.secrets, "randbelow", distinct.randrange)
+    monkeypatch.setattr(verification_module.secrets, "choice", lambda seq: seq[0])
+    long_first = backend.verification.issue_code("lab")
+    with pytest.raises(ApiError) as refused:
+        backend.verification.issue_code("lab")
+    assert refused.value.code is Code.CODE_SPACE_EXHAUSTED and long_first["longCode"] == "a" * 16
