@@ -19,7 +19,7 @@ from agent.protocol.export import INT32_MAX
 from agent.protocol.gaen import TEK_ROLLING_PERIOD
 
 from .errors import ApiError, Code
-from .httputil import client_host
+from .httputil import blocking, client_host
 from .jsonbody import model_body
 from .publish import MAX_TRANSMISSION_RISK
 from .service import Backend
@@ -113,30 +113,34 @@ def api_router(backend: Backend) -> APIRouter:
         return {"publicKey": backend.public_key_b64, "keyId": c.key_id, "keyVersion": c.key_version,
                 "region": c.region, "algorithm": "ECDSA P-256 SHA-256"}
 
+    # The declaration's four routes: the body read and checked on the event loop, then
+    # the role's work (a database transaction) on a thread: one hand-off a request.
     @router.post("/api/issue")
-    def api_issue(body: Annotated[IssueRequest, model_body(IssueRequest)],
-                  x_api_key: str | None = Header(default=None)):
-        who = verification.api_key_owner(x_api_key)
-        onset = body.symptomOnsetInterval
-        for date in (body.symptomDate, body.testDate):
-            if onset is None and date:
-                try:
-                    onset = date_interval(date)
-                except ValueError:
-                    raise ApiError(Code.INVALID_REQUEST, "symptomDate and testDate are YYYY-MM-DD") from None
-        return JSONResponse(verification.issue_code(f"api:{who}", test_type=body.testType,
-                                                    symptom_onset_interval=onset))
+    async def api_issue(body: Annotated[IssueRequest, model_body(IssueRequest)],
+                        x_api_key: str | None = Header(default=None)):
+        def issue() -> dict:
+            who = verification.api_key_owner(x_api_key)
+            onset = body.symptomOnsetInterval
+            for date in (body.symptomDate, body.testDate):
+                if onset is None and date:
+                    try:
+                        onset = date_interval(date)
+                    except ValueError:
+                        raise ApiError(Code.INVALID_REQUEST, "symptomDate and testDate are YYYY-MM-DD") from None
+            return verification.issue_code(f"api:{who}", test_type=body.testType, symptom_onset_interval=onset)
+
+        return JSONResponse(await blocking(issue))
 
     @router.post("/api/verify")
-    def api_verify(body: Annotated[VerifyRequest, model_body(VerifyRequest)], request: Request):
-        return padded(verification.verify_code(body.code, client_host(request), body.accept))
+    async def api_verify(body: Annotated[VerifyRequest, model_body(VerifyRequest)], request: Request):
+        return padded(await blocking(verification.verify_code, body.code, client_host(request), body.accept))
 
     @router.post("/api/certificate")
-    def api_certificate(body: Annotated[CertificateRequest, model_body(CertificateRequest)]):
-        return padded(verification.certificate(body.token, body.ekeyhmac))
+    async def api_certificate(body: Annotated[CertificateRequest, model_body(CertificateRequest)]):
+        return padded(await blocking(verification.certificate, body.token, body.ekeyhmac))
 
     @router.post("/v1/publish")
-    def publish(body: Annotated[PublishRequest, model_body(PublishRequest)]):
-        return padded(backend.publisher.publish(body.model_dump()))
+    async def publish(body: Annotated[PublishRequest, model_body(PublishRequest)]):
+        return padded(await blocking(backend.publisher.publish, body.model_dump()))
 
     return router
