@@ -25,6 +25,7 @@ import uuid
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.clock import Clock
@@ -154,15 +155,19 @@ def _normal_code(code: object) -> str | None:
 
 # The statements of the API's hot routes, built once: building one per request (SQLAlchemy
 # coerces every operand and derives a cache key for it) was a third of a request's CPU.
+# Each route is one statement where it can be (no BEGIN and COMMIT round trips on
+# PostgreSQL: on a server shared with its database, a round trip costs the database
+# about as much CPU as the statement).
 _c, _t = db.codes.c, db.tokens.c
 _API_KEY_OWNER = sa.select(db.api_keys.c.name).where(db.api_keys.c.key_hash == sa.bindparam("key_hash"))
-_INSERT_CODE = sa.insert(db.codes)
-_CLAIM_CODE = (sa.update(db.codes)
-               .where(sa.or_(sa.and_(_c.short_hash == sa.bindparam("h"), _c.short_expires_at > sa.bindparam("now")),
-                             sa.and_(_c.long_hash == sa.bindparam("h"), _c.long_expires_at > sa.bindparam("now"))),
-                      _c.claimed_at.is_(None))
-               .values(claimed_at=sa.bindparam("now"))
-               .returning(*db.codes.c))
+#: a code whose short or long hash collides with a stored one is not inserted (no row
+#: back): the caller draws again
+_INSERT_CODE = {name: dialect.insert(db.codes).on_conflict_do_nothing().returning(_c.id)
+                for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))}
+_CLAIMABLE = sa.and_(
+    sa.or_(sa.and_(_c.short_hash == sa.bindparam("h"), _c.short_expires_at > sa.bindparam("now")),
+           sa.and_(_c.long_hash == sa.bindparam("h"), _c.long_expires_at > sa.bindparam("now"))),
+    _c.claimed_at.is_(None))
 _CODE_BY_HASH = sa.select(db.codes).where(sa.or_(_c.short_hash == sa.bindparam("h"), _c.long_hash == sa.bindparam("h")))
 _INSERT_TOKEN = sa.insert(db.tokens)
 _USE_TOKEN = (sa.update(db.tokens)
@@ -173,9 +178,45 @@ _CODE_BY_ID = sa.select(db.codes).where(_c.id == sa.bindparam("code_id"))
 _INSERT_CERTIFICATE = sa.insert(db.certificates)
 
 
+@functools.cache
+def _claim_code(*, of_types: bool, with_token: bool) -> sa.Executable:
+    """Claim a live, unused code (``of_types``: of one of the ``types``), returning its
+    row; ``with_token`` (PostgreSQL): and insert the token for it in the same statement
+    (data-modifying CTEs), whose rows are those of the code claimed."""
+    claim = (sa.update(db.codes)
+             .where(_CLAIMABLE, *([_c.test_type.in_(sa.bindparam("types", expanding=True))] if of_types else []))
+             .values(claimed_at=sa.bindparam("now"))
+             .returning(*db.codes.c))
+    if not with_token:
+        return claim
+    claimed = claim.cte("claimed")
+    token = sa.insert(db.tokens).from_select(
+        ["token_hash", "code_id", "expires_at"],
+        sa.select(sa.bindparam("token_hash", type_=_t.token_hash.type), claimed.c.id,
+                  sa.bindparam("token_expires_at", type_=_t.expires_at.type))).cte("token")
+    return sa.select(claimed).add_cte(token)
+
+
+#: PostgreSQL: use the token and record the certificate in one statement; the code's row
+_USED_TOKEN = _USE_TOKEN.cte("used")
+_USE_TOKEN_FOR_CERTIFICATE = (
+    sa.select(db.codes).join(_USED_TOKEN, _c.id == _USED_TOKEN.c.code_id)
+    .add_cte(sa.insert(db.certificates).from_select(
+        ["jti"], sa.select(sa.bindparam("jti", type_=db.certificates.c.jti.type)).select_from(_USED_TOKEN))
+        .cte("certificate")))
+
+
+def _live(row: sa.Row[Any], h: str, now: float) -> bool:
+    """Whether the code of ``row``, typed in as the form hashed ``h``, is still live."""
+    return (row.short_hash == h and row.short_expires_at > now) or (row.long_hash == h and row.long_expires_at > now)
+
+
 class VerificationService:
     def __init__(self, config: BackendConfig, engine: sa.Engine, clock: Clock, limiter: RateLimiter) -> None:
         self.config, self.engine, self.clock, self.limiter = config, engine, clock, limiter
+        #: connections whose every statement is its own transaction (the one-statement routes)
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._postgresql = engine.dialect.name == "postgresql"
         self._cert_key = load_or_create_ec_key(config.data_dir / "certificate-signing-key.pem")
         self._pepper = load_or_create_secret(config.data_dir / "code-pepper")
         self.login_backoff = LoginBackoff(clock)
@@ -267,7 +308,7 @@ class VerificationService:
             cached = self._api_key_cache.get(h)
             if cached is not None and 0 <= now - cached[1] < API_KEY_CACHE_S:
                 return cached[0]
-            with self.engine.connect() as c:
+            with self._autocommit.connect() as c:
                 row = c.execute(_API_KEY_OWNER, {"key_hash": h}).first()
             if row:
                 if len(self._api_key_cache) >= _API_KEY_CACHE_MAX:
@@ -331,25 +372,23 @@ class VerificationService:
             raise ApiError(Code.ONSET_INVALID, f"the symptom onset must be within the last {MAX_ONSET_REPORT_DAYS} "
                                                "days and not in the future")
         self.limiter.check("issue", issued_by, self.config.rate_issue_per_min)
-        for _ in range(_DRAWS):
-            if code_format == "robert":
-                short = "".join(secrets.choice(_ROBERT_SHORT_ALPHABET) for _ in range(ROBERT_SHORT_CODE_LEN))
-                long = str(uuid.uuid4())
-            else:
-                short = f"{secrets.randbelow(10**SHORT_CODE_DIGITS):0{SHORT_CODE_DIGITS}d}"
-                long = "".join(secrets.choice(_LONG_ALPHABET) for _ in range(LONG_CODE_LEN))
-            try:
-                with self.engine.begin() as c:
-                    c.execute(_INSERT_CODE, {
+        insert = _INSERT_CODE[self.engine.dialect.name]
+        with self._autocommit.connect() as c:
+            for _ in range(_DRAWS):
+                if code_format == "robert":
+                    short = "".join(secrets.choice(_ROBERT_SHORT_ALPHABET) for _ in range(ROBERT_SHORT_CODE_LEN))
+                    long = str(uuid.uuid4())
+                else:
+                    short = f"{secrets.randbelow(10**SHORT_CODE_DIGITS):0{SHORT_CODE_DIGITS}d}"
+                    long = "".join(secrets.choice(_LONG_ALPHABET) for _ in range(LONG_CODE_LEN))
+                if c.execute(insert, {
                         "short_hash": self._h(short), "long_hash": self._h(long),
                         "short_expires_at": now + SHORT_CODE_TTL, "long_expires_at": now + LONG_CODE_TTL,
                         "test_type": test_type, "symptom_onset_interval": symptom_onset_interval,
-                        "issued_by": issued_by, "issued_at": now})
-                break
-            except sa.exc.IntegrityError:  # collides with a stored code: draw again
-                continue
-        else:
-            raise ApiError(Code.CODE_SPACE_EXHAUSTED, "could not draw a unique code")
+                        "issued_by": issued_by, "issued_at": now}).all():
+                    break  # else it collides with a stored code: draw again
+            else:
+                raise ApiError(Code.CODE_SPACE_EXHAUSTED, "could not draw a unique code")
         log.info("code issued by=%s type=%s", issued_by, test_type)
         # the verification server's IssueCodeResponse (expiresAt as RFC 1123, the
         # timestamps in Unix seconds), and the long code and test type beside it
@@ -381,9 +420,7 @@ class VerificationService:
         now, h = self.clock.now(), self._code_hash(code)
         with self.engine.connect() as c:
             row = c.execute(_CODE_BY_HASH, {"h": h}).first()
-        if (row is None or row.claimed_at is not None
-                or not ((row.short_hash == h and row.short_expires_at > now)
-                        or (row.long_hash == h and row.long_expires_at > now))):
+        if row is None or row.claimed_at is not None or not _live(row, h, now):
             raise self._refusal(row)
 
     def claim_code(self, conn: sa.Connection, code: object) -> sa.Row[Any]:
@@ -391,7 +428,7 @@ class VerificationService:
         is stored in that transaction, and a rollback leaves the code unused. Race-free:
         only one transaction moves ``claimed_at`` from NULL. The code's row."""
         now, h = self.clock.now(), self._code_hash(code)
-        claimed = conn.execute(_CLAIM_CODE, {"h": h, "now": now}).all()
+        claimed = conn.execute(_claim_code(of_types=False, with_token=False), {"h": h, "now": now}).all()
         if len(claimed) == 1:
             return claimed[0]
         raise self._refusal(conn.execute(_CODE_BY_HASH, {"h": h}).first())
@@ -403,19 +440,32 @@ class VerificationService:
         does not ``accept`` is refused (``unsupported_test_type``, 412) and stays unused."""
         accepted = accepted_test_types(accept)
         self.limiter.check("verify", client, self.config.rate_verify_per_min)
-        with self.engine.begin() as c:
-            try:
-                row = self.claim_code(c, code)
-            except ApiError as e:
-                if e.code is Code.CODE_USED:  # the verification server: "code invalid or used"
-                    raise ApiError(Code.CODE_INVALID, e.message) from None
-                raise
-            if accepted is not None and row.test_type not in accepted:
-                raise ApiError(Code.UNSUPPORTED_TEST_TYPE, f"the code is for a {row.test_type!r} test, which "
-                                                           "this app does not accept")  # rolls the claim back
-            token = secrets.token_urlsafe(32)
-            c.execute(_INSERT_TOKEN, {"token_hash": self._h(token), "code_id": row.id,
-                                      "expires_at": self.clock.now() + TOKEN_TTL})
+        now, h = self.clock.now(), self._code_hash(code)
+        token = secrets.token_urlsafe(32)
+        params: dict[str, Any] = {"h": h, "now": now, "token_hash": self._h(token), "token_expires_at": now + TOKEN_TTL}
+        if accepted is not None:
+            params["types"] = sorted(accepted)
+        if self._postgresql:
+            with self._autocommit.connect() as c:
+                claimed = c.execute(_claim_code(of_types=accepted is not None, with_token=True), params).all()
+                found = None if claimed else c.execute(_CODE_BY_HASH, {"h": h}).first()
+        else:
+            with self.engine.begin() as c:
+                claimed = c.execute(_claim_code(of_types=accepted is not None, with_token=False), params).all()
+                if claimed:
+                    c.execute(_INSERT_TOKEN, {"token_hash": params["token_hash"], "code_id": claimed[0].id,
+                                              "expires_at": params["token_expires_at"]})
+                found = None if claimed else c.execute(_CODE_BY_HASH, {"h": h}).first()
+        if not claimed:
+            if found is not None and found.claimed_at is None and _live(found, h, now):
+                # live and unused, so of a type the client does not accept: it stays unused
+                raise ApiError(Code.UNSUPPORTED_TEST_TYPE, f"the code is for a {found.test_type!r} test, which "
+                                                           "this app does not accept")
+            e = self._refusal(found)
+            if e.code is Code.CODE_USED:  # the verification server: "code invalid or used"
+                raise ApiError(Code.CODE_INVALID, e.message)
+            raise e
+        row = claimed[0]
         answer = {"testtype": row.test_type, "token": token}
         if row.symptom_onset_interval:
             answer["symptomDate"] = interval_date(row.symptom_onset_interval)
@@ -428,15 +478,19 @@ class VerificationService:
                 raise ValueError
         except (ValueError, TypeError, binascii.Error):
             raise ApiError(Code.HMAC_INVALID, "ekeyhmac must be a base64 HMAC-SHA256") from None
-        now = self.clock.now()
-        with self.engine.begin() as c:
-            used = c.execute(_USE_TOKEN, {"h": self._h(str(token)), "now": now}).all()
-            if len(used) != 1:
-                raise ApiError(Code.TOKEN_INVALID, "the verification token is invalid, expired or used")
-            row = c.execute(_CODE_BY_ID, {"code_id": used[0].code_id}).first()
-            assert row is not None  # a token belongs to a code (foreign key)
-            jti = uuid.uuid4().hex
-            c.execute(_INSERT_CERTIFICATE, {"jti": jti})
+        now, jti = self.clock.now(), uuid.uuid4().hex
+        params = {"h": self._h(str(token)), "now": now, "jti": jti}
+        if self._postgresql:
+            with self._autocommit.connect() as c:
+                row = c.execute(_USE_TOKEN_FOR_CERTIFICATE, params).first()
+        else:
+            with self.engine.begin() as c:
+                used = c.execute(_USE_TOKEN, params).all()
+                row = c.execute(_CODE_BY_ID, {"code_id": used[0].code_id}).first() if len(used) == 1 else None
+                if row is not None:
+                    c.execute(_INSERT_CERTIFICATE, {"jti": jti})
+        if row is None:
+            raise ApiError(Code.TOKEN_INVALID, "the verification token is invalid, expired or used")
         cert = certificate.sign(self._cert_key, key_version=self.config.key_version, jti=jti, tekmac=ekeyhmac,
                                 test_type=row.test_type, symptom_onset_interval=row.symptom_onset_interval,
                                 health_authority=row.issued_by, now=now, ttl_s=CERT_TTL)

@@ -457,3 +457,36 @@ def test_a_code_that_collides_with_a_stored_one_is_drawn_again(backend, monkeypa
     with pytest.raises(ApiError) as refused:
         backend.verification.issue_code("lab")
     assert refused.value.code is Code.CODE_SPACE_EXHAUSTED and long_first["longCode"] == "a" * 16
+
+
+def test_a_code_and_a_token_raced_from_eight_threads_are_each_used_once(backend):
+    """Eight verifications of one code at once: one token, seven code_invalid; eight
+    certificate requests with that token at once: one certificate, seven token_invalid.
+    (On PostgreSQL each is one statement: the claim and its token, the token's use and its
+    certificate; on SQLite one transaction.)"""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    v = backend.verification
+    code = v.issue_code("lab")["code"]
+    gate = threading.Barrier(8)
+
+    def at_once(call):
+        gate.wait()
+        try:
+            return call()
+        except ApiError as e:
+            return e.code
+
+    with ThreadPoolExecutor(8) as pool:
+        verified = list(pool.map(lambda i: at_once(lambda: v.verify_code(code, f"client-{i}")), range(8)))
+    tokens = [r["token"] for r in verified if isinstance(r, dict)]
+    assert len(tokens) == 1 and sorted(r for r in verified if not isinstance(r, dict)) == [Code.CODE_INVALID] * 7
+    ekeyhmac = base64.b64encode(bytes(32)).decode()
+    with ThreadPoolExecutor(8) as pool:
+        certified = list(pool.map(lambda _: at_once(lambda: v.certificate(tokens[0], ekeyhmac)), range(8)))
+    assert sum(isinstance(r, dict) for r in certified) == 1
+    assert [r for r in certified if not isinstance(r, dict)] == [Code.TOKEN_INVALID] * 7
+    with backend.engine.connect() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(db.tokens)).scalar_one() == 1
+        assert c.execute(sa.select(sa.func.count()).select_from(db.certificates)).scalar_one() == 1
