@@ -417,12 +417,14 @@ def test_a_database_of_an_older_version_keeps_its_waiting_keys(backend, clock):
 
 
 def test_insert_new_stores_each_value_as_given_and_skips_stored_keys(backend):
-    """The key insert (one unnest statement of fixed text on PostgreSQL, one VALUES row per
-    key on SQLite): NULLs, an int beside floats in a float column, a key stored already
-    (skipped, not counted) and a text key column (an outside certificate's jti)."""
-    rows = [{"key_data": bytes([i]) * 16, "rolling_start": 2_900_000 + i, "rolling_period": 144,
+    """The key insert (one statement of fixed text on PostgreSQL, the rows as one JSON
+    parameter; one VALUES row per key on SQLite): bytes (a NUL among them), NULLs, an int
+    beside floats in a float column, floats of every digit, text that JSON escapes, a key
+    stored already (skipped, not counted) and a text key column (an outside certificate's jti)."""
+    rows = [{"key_data": bytes([i]) * 15 + b"\0", "rolling_start": 2_900_000 + i, "rolling_period": 144,
              "transmission_risk": i % 9, "report_type": 1, "days_since_onset": None if i % 2 else -i,
-             "health_authority": "lab", "received_at": 1_700_000_000.25, "export_after": 1_700_000_000 + i}
+             "health_authority": 'lab "ü" \\ é', "received_at": 1_700_000_000.123456789 + i / 3,
+             "export_after": 1_700_000_000 + i if i % 2 else 0.1 + 0.2}
             for i in range(5)]
     with backend.engine.begin() as c:
         assert db.insert_new(c, db.exposures, rows[:3], "key_data") == 3
@@ -435,5 +437,6 @@ def test_insert_new_stores_each_value_as_given_and_skips_stored_keys(backend):
     assert len(stored) == 5
     for r in rows:
         s = stored[r["key_data"]]
-        assert (s.rolling_start, s.transmission_risk, s.days_since_onset, s.export_after, s.received_at) == (
-            r["rolling_start"], r["transmission_risk"], r["days_since_onset"], r["export_after"], r["received_at"])
+        assert (s.rolling_start, s.transmission_risk, s.days_since_onset, s.export_after, s.received_at,
+                s.health_authority) == (r["rolling_start"], r["transmission_risk"], r["days_since_onset"],
+                                        r["export_after"], r["received_at"], r["health_authority"])
