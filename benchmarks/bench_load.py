@@ -216,6 +216,10 @@ def tree_cpu_s(pid: int) -> float:
     return sum(stats[p][1] for p in tree if p in stats)
 
 
+def parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -254,6 +258,11 @@ def run_one(db_name: str, database_url: str | None, clients: int, flows: int, co
             db.metadata.drop_all(setup.engine)
             db.metadata.create_all(setup.engine)
         api_key = setup.verification.add_api_key("load")
+        database_pid = None  # PostgreSQL's postmaster (its backends are its children): CPU of the database
+        if database_url:
+            import sqlalchemy as sa
+            with setup.engine.connect() as c:
+                database_pid = parent_pid(c.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
         public_key = setup.public_key_b64
         setup.engine.dispose()
         with socket.socket() as s:
@@ -313,10 +322,13 @@ def run_one(db_name: str, database_url: str | None, clients: int, flows: int, co
                     tally.latencies.clear()
                 started = time.perf_counter()
                 cpu_before, own_cpu_before = tree_cpu_s(server.pid), time.process_time()
+                db_cpu_before = tree_cpu_s(database_pid) if database_pid else 0.0
                 run_flows(pool, clients * warmup, clients * flows)
             load_s = time.perf_counter() - started
             server_cpu_s = tree_cpu_s(server.pid) - cpu_before
             generator_cpu_s = time.process_time() - own_cpu_before  # the clients and the two export jobs
+            # SQLite's work is in the processes that use it
+            database_cpu_s = tree_cpu_s(database_pid) - db_cpu_before if database_pid else 0.0
             load_done.set()
             for t in exporters:
                 t.join(RUN_TIMEOUT_S)
@@ -352,7 +364,8 @@ def run_one(db_name: str, database_url: str | None, clients: int, flows: int, co
                        for step, v in tally.latencies.items()},
         "all_p50_ms": round(pct(all_lat, 50) * 1000, 1), "all_p99_ms": round(pct(all_lat, 99) * 1000, 1),
         "server_peak_mb": round(peak, 1), "server_cpu_s": round(server_cpu_s, 2),
-        "generator_cpu_s": round(generator_cpu_s, 2), "server_stop_s": round(stop_s, 2), "ok": ok,
+        "generator_cpu_s": round(generator_cpu_s, 2), "database_cpu_s": round(database_cpu_s, 2),
+        "server_stop_s": round(stop_s, 2), "ok": ok,
         "statuses": {f"{step} {status}": n for (step, status), n in sorted(tally.statuses.items())},
         "failures": failures[:5], "job_errors": job_errors[:5], "server_errors": tally.server_errors[:5],
     }
@@ -403,7 +416,7 @@ def main(argv=None) -> list[dict]:
         t = Table(title=f"Backend under load on 127.0.0.1 (server process; {a.clients} clients, "
                         "two export jobs at once, 1-s export windows)")
         for c in ("database", "workers", "flows (requests/s)", "requests/s per server core",
-                  "CPU ms per request: server / load generator", "acked keys", "keys in files",
+                  "CPU ms per request: server / database / load generator", "acked keys", "keys in files",
                   "5xx", "409", "p50 / p99 ms", "publish p50 / p99 ms", "server peak", "invariant"):
             t.add_column(c)
         for r in results:
@@ -411,6 +424,7 @@ def main(argv=None) -> list[dict]:
             t.add_row(r["db"], str(r["workers"]), f"{r['flows']} ({r['requests_per_s']}/s)",
                       f"{r['requests'] / r['server_cpu_s']:.0f}" if r.get("server_cpu_s") else "",
                       f"{r['server_cpu_s'] / r['requests'] * 1e3:.2f} / "
+                      f"{r['database_cpu_s'] / r['requests'] * 1e3:.2f} / "
                       f"{r['generator_cpu_s'] / r['requests'] * 1e3:.2f}",
                       str(r["acked_keys"]),
                       f"{r['keys_in_files']} ({r['distinct_keys_in_files']} distinct, {r['index_files']} files)",
