@@ -52,6 +52,76 @@ def test_out_of_order_samples_and_serialisation():
         [(w.index, w.count, w.rssi_max, round(w.rssi_mean)) for w in e.windows]
 
 
+
+def _record_of_schema_6(e: Encounter) -> bytes:
+    """Encounter.to_bytes as commit a9bd506 wrote it (the reference the compact record is
+    checked against): float64 times, the first window's index as int64, 6 bytes a window."""
+    import math
+    import struct
+    base = e.windows[0].index if e.windows else int(e.first_seen // e.window_s)
+    tx = -128 if e.tx_power is None else max(-127, min(127, e.tx_power))
+    out = [struct.pack("<ddbHB", e.first_seen, e.last_seen, tx, e.window_s, 0), e.rpi, e.aem, struct.pack("<q", base)]
+    for w in e.windows:
+        mean = round(10.0 * math.log10(w.power_sum_mw / w.count))
+        out.append(struct.pack("<HHbb", w.index - base, min(w.count, 0xFFFF), max(-128, min(127, mean)),
+                               max(-128, min(127, w.rssi_max))))
+    return b"".join(out)
+
+
+def _fields(e: Encounter) -> tuple:
+    """Every field of an encounter, times as their float64 bits (0.0 and -0.0 differ)."""
+    import struct
+    return (e.rpi, e.aem, struct.pack("<dd", e.first_seen, e.last_seen), e.window_s, e.tx_power,
+            [(w.index, w.count, struct.pack("<d", w.power_sum_mw), w.rssi_max) for w in e.windows])
+
+
+_REAL_TIMES = st.floats(1.1e9, 4.2e9)  # 2004-2103: the ticks' range
+_ANY_TIMES = st.floats(allow_nan=False, allow_infinity=False, width=64)
+
+
+@settings(max_examples=400, deadline=None)
+@given(first=st.one_of(_REAL_TIMES, _ANY_TIMES, st.sampled_from([0.0, -0.0, 1.0, 2.0**30, 2.0**32 - 2**-20])),
+       span=st.one_of(st.floats(0, 3600), st.floats(-600, 13 * 86400), _ANY_TIMES),
+       window_s=st.sampled_from([1, 30, 60, 120, 65535]), tx=st.one_of(st.none(), st.integers(-200, 200)),
+       offsets=st.lists(st.integers(0, 300), max_size=30), shift=st.integers(-200, 200),
+       counts=st.lists(st.sampled_from([1, 2, 30, 255, 256, 70000]), min_size=30, max_size=30),
+       rssis=st.lists(st.integers(-130, 30), min_size=30, max_size=30))
+def test_the_record_gives_back_exactly_what_schema_6_did(first, span, window_s, tx, offsets, shift, counts, rssis):
+    """The compact record reads back exactly what the record written before it read back
+    (times bit for bit, windows, TX power): over real times and any floats, clocks that
+    went back, long encounters, wide windows; and it is the compact form, 37 bytes and 4 a
+    window, when the times are a real clock's and the windows are narrow."""
+    from agent.exposure.encounter import ScanWindow
+    last = first + span
+    if abs(first) > 2.0**62 or abs(last) > 1e300:  # the first window's index is an int64 in both forms
+        return
+    base = int(first // window_s) + shift
+    windows = [ScanWindow(base + o, c, c * 10 ** (r / 10), r) for o, c, r in zip(sorted(set(offsets)), counts, rssis)]
+    e = Encounter(bytes(range(16)), b"\x01\x02\x03\x04", first, last, window_s, tx, windows)
+    got = Encounter.from_bytes(e.to_bytes())
+    assert _fields(got) == _fields(Encounter.from_bytes(_record_of_schema_6(e)))
+    assert Encounter.from_bytes(got.to_bytes()).to_bytes() == got.to_bytes()
+    narrow = all(w.count <= 255 and w.index - windows[0].index <= 255 for w in windows)
+    near = not windows or abs(windows[0].index - int(first) // window_s) <= 127  # the first window near the first time
+    if 1.1e9 <= first < 4.2e9 and 0 <= span < 86400 and near and narrow:
+        assert len(e.to_bytes()) == 37 + 4 * len(windows)
+    assert len(e.to_bytes()) % 2 == 1 and len(_record_of_schema_6(e)) % 2 == 0
+
+
+def test_a_ten_minute_encounter_is_77_bytes_and_a_busy_scanner_keeps_its_counts():
+    e = Encounter(b"r" * 16, b"a" * 4, T0 + 0.3, T0 + 0.3)
+    for k in range(600):
+        e.add(T0 + 0.3 + k + k / 1e3, -60 - k % 20)
+    assert len(e.to_bytes()) == 37 + 4 * 10 == 77
+    assert _fields(Encounter.from_bytes(e.to_bytes())) == _fields(Encounter.from_bytes(_record_of_schema_6(e)))
+    for k in range(300):  # 300 samples in the last minute: its count needs two bytes, and so all windows
+        e.add(T0 + 600 + k / 5, -50)
+    assert len(e.to_bytes()) == 37 + 6 * 11
+    assert Encounter.from_bytes(e.to_bytes()).windows[-1].count == 300
+    with pytest.raises(ValueError, match="malformed"):
+        Encounter.from_bytes(b"\x30" + e.to_bytes()[1:])  # an unknown mark
+
+
 # --- calibration ------------------------------------------------------------------
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -285,16 +355,18 @@ def test_native_kernel_is_built_here():
 
 def test_incremental_serialisation_equals_a_fresh_one():
     """to_bytes keeps the packing of the windows before the last (an open encounter is
-    rewritten every flush): after any sequence of samples, in order or not, it writes
-    what a fresh encoding of the same windows writes."""
+    rewritten every flush): after any sequence of samples, in order or not, and when a
+    window outgrows the narrow form, it writes what a fresh encoding of the same windows
+    writes."""
     rng = random.Random(3)
     for _ in range(50):
         e = Encounter(b"r" * 16, b"a" * 4, T0, T0)
         t = T0
         for _ in range(rng.randint(1, 60)):
-            t += rng.choice([1, 5, 30, 61, 200])
+            t += rng.choice([0.1, 1, 5, 30, 61, 200])
             ts = t - rng.choice([0, 0, 0, 90, 300])  # sometimes late (scanner batching)
-            e.add(ts, rng.randint(-90, -40))
+            for _ in range(rng.choice([1, 1, 1, 300])):  # sometimes a busy scanner: counts over 255
+                e.add(ts, rng.randint(-90, -40))
             if rng.random() < 0.3:
                 got = e.to_bytes()
                 fresh = Encounter(e.rpi, e.aem, e.first_seen, e.last_seen, e.window_s, e.tx_power,

@@ -532,6 +532,62 @@ def test_a_store_written_before_the_packed_index_reads_the_same(tmp_path):
         assert as_list(s.encounters.matching_arrays()) == want
 
 
+
+def test_a_store_of_schema_6_reads_back_exactly(tmp_path):
+    """A real store of schema 6 (tests/data/store-schema-6-encounters, written by commit
+    a9bd506's own code, float64 times in its records): opened by this version it reads
+    back every field of every encounter as that version did, times bit for bit, and
+    matching reads the same; a record rewritten takes the compact form (odd length), new
+    ones are written beside, and all read back; no RPI in clear in any file."""
+    from agent.exposure.encounter import Encounter
+    from agent.store import SCHEMA_VERSION
+
+    data = Path(__file__).parent / "data" / "store-schema-6-encounters"
+    expected = json.loads((data / "expected.json").read_text())
+    for name in ("agent.db", "agent.db.keyring"):
+        shutil.copy(data / name, tmp_path / name)
+        os.chmod(tmp_path / name, 0o600)
+    d0 = 20430
+    clock = ManualClock((d0 + 1) * DAY + 6 * 3600)
+    path = tmp_path / "agent.db"
+
+    def fields(e):
+        return {"row": e.row_id, "day": e.day, "rpi": e.rpi.hex(), "aem": e.aem.hex(),
+                "first": float(e.first_seen).hex(), "last": float(e.last_seen).hex(), "window_s": e.window_s,
+                "tx": e.tx_power,
+                "windows": [[w.index, w.count, w.power_sum_mw.hex(), w.rssi_max] for w in e.windows]}
+
+    def as_list(arrays):
+        return sorted([r, arrays.rpis[16 * i:16 * i + 16].hex(), f, la] for i, (r, f, la) in enumerate(
+            zip(arrays.row_ids.tolist(), arrays.first_enin.tolist(), arrays.last_enin.tolist())))
+
+    with Store.open(path, Passphrase("old-store-6"), clock=clock) as s:
+        assert s.conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION == 7
+        assert sorted(len(p) for _, _, p in s.rows.rows("encounters")) == expected["record_lengths"]  # as written
+        assert [fields(e) for e in s.encounters.read()] == expected["encounters"]
+        assert as_list(s.encounters.matching_arrays()) == expected["matching"]
+        assert s.stats.corrupt_rows == 0
+        # one old encounter heard again: rewritten in the compact form
+        old = next(iter(s.encounters.get_many([expected["encounters"][-5]["row"]]).values()))
+        old.add(old.last_seen + 30.125, -44)
+        new = make_encounters(3, t0=(d0 + 1) * DAY + 4 * 3600 + 0.375, seed=4)
+        s.encounters.write([old, *new], closed=[old, *new])
+        lengths = {i: len(p) for i, _, p in s.rows.rows("encounters")}
+        assert lengths[old.row_id] % 2 == 1 and all(lengths[e.row_id] == 37 + 4 * len(e.windows) for e in new)
+        # as written (a window's power sum is kept as its mean, rounded: read back, not as in memory)
+        want = [*expected["encounters"][:-5], *[fields(Encounter.from_bytes(e.to_bytes(), e.row_id)) for e in [old]],
+                *expected["encounters"][-4:], *[fields(Encounter.from_bytes(e.to_bytes(), e.row_id)) for e in new]]
+        assert [fields(e) for e in s.encounters.read()] == want
+        assert (want[-8]["first"], want[-8]["last"]) == (old.first_seen.hex(), old.last_seen.hex())
+        assert [w[:2] + w[3:] for w in want[-8]["windows"]] == [[w.index, w.count, w.rssi_max] for w in old.windows]
+        s.encounters.compact_index(before_day=d0 + 2)
+        assert len(s.encounters.matching_arrays()) == len(want)
+    with Store.open(path, Passphrase("old-store-6"), clock=clock, read_only=True) as s:
+        assert [fields(e) for e in s.encounters.read()] == want
+    raw = b"".join(p.read_bytes() for p in files_of(path))
+    assert not any(bytes.fromhex(e["rpi"]) in raw for e in want)
+
+
 # -- durability: the daemon's store syncs every commit; only the demo's may not ------------
 
 _COUNT_SYNCS = r"""

@@ -38,7 +38,7 @@ from .lock import StoreLock, lock_path
 
 log = logging.getLogger("ctagent.store")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 DEFAULT_RETENTION_DAYS = 14
 #: Key slot of long-lived secrets (a ROBERT registration, a pending declaration): never
 #: reached by retention, erased with the keyring by purge.
@@ -134,10 +134,18 @@ def _migrate_to_6(db: sqlite_utils.Database) -> None:
     _encrypted_table(db, "encounter_index")
 
 
+def _migrate_to_7(db: sqlite_utils.Database) -> None:
+    """Encounter rows are written in the compact record from now on
+    (``Encounter.to_bytes``: a crowded day's row 117 bytes sealed instead of 154). The tables stay
+    as they are: rows of the older record read as they are, and take the new one when
+    rewritten. The version keeps an older ctagent, which cannot read the new record, from
+    opening the store (it would skip those rows as undecodable)."""
+
+
 #: version -> migration bringing the schema from version-1 to version
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_to_1, 2: _migrate_to_2,
                                                                    3: _migrate_to_3, 4: _migrate_to_4, 5: _migrate_to_5,
-                                                                   6: _migrate_to_6}
+                                                                   6: _migrate_to_6, 7: _migrate_to_7}
 
 
 # -- the encrypted-row core ---------------------------------------------------------------
