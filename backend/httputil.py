@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import queue
+import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from concurrent.futures import Executor, Future
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -147,11 +149,46 @@ class CpuLane:
             return await run_in_threadpool(fn, *args)
 
 
+class DaemonThreads(Executor):
+    """A pool of daemon threads, made as work waits and none is idle, up to ``max_workers``.
+    ``ThreadPoolExecutor``'s threads are joined when the interpreter exits: one blocked on
+    a database that stopped answering would keep a stopping server alive past its grace
+    period (anyio's threads, which served these routes before, are daemons too)."""
+
+    def __init__(self, max_workers: int, name: str) -> None:
+        self.max_workers, self.name = max_workers, name
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._threads = 0
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        future: Future[T] = Future()
+        self._work.put((future, fn, args, kwargs))
+        if not self._idle.acquire(blocking=False):
+            with self._lock:
+                if self._threads < self.max_workers:
+                    self._threads += 1
+                    threading.Thread(target=self._serve, name=f"{self.name}-{self._threads}", daemon=True).start()
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            future, fn, args, kwargs = self._work.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as e:  # the caller's to raise
+                    future.set_exception(e)
+            del future, fn, args, kwargs  # no reference kept while idle
+            self._idle.release()
+
+
 #: the threads the JSON API's blocking work runs on (database transactions): as many as
 #: Starlette's thread pool has (anyio's 40), handed work through the event loop's
 #: executor, a third of the CPU of anyio's ``to_thread`` per call (30 against 80-100 us,
 #: measured under uvloop with 16 callers): a request's one hand-off
-_BLOCKING = ThreadPoolExecutor(max_workers=40, thread_name_prefix="ctagent-blocking")
+_BLOCKING = DaemonThreads(max_workers=40, name="ctagent-blocking")
 
 
 async def blocking(fn: Callable[..., T], *args: object) -> T:

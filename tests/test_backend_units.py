@@ -575,3 +575,39 @@ def test_a_serving_process_moves_its_start_up_objects_out_of_the_collectors_reac
         assert gc.get_freeze_count() > 10_000  # the interpreter's modules and the app
     finally:
         gc.unfreeze()
+
+
+def test_daemon_threads_run_work_and_reuse_idle_threads_up_to_the_limit():
+    import threading
+    import time
+    from concurrent.futures import wait
+
+    from backend.httputil import DaemonThreads
+
+    pool = DaemonThreads(max_workers=3, name="t")
+    assert [pool.submit(lambda x: x * 2, i).result(5) for i in range(20)] == [i * 2 for i in range(20)]
+    assert pool._threads == 1  # one after the other: the idle thread took each
+    with pytest.raises(ZeroDivisionError):
+        pool.submit(lambda: 1 / 0).result(5)
+    gate = threading.Event()
+    running = [pool.submit(gate.wait, 5) for _ in range(5)]
+    time.sleep(0.2)
+    assert pool._threads == 3  # five waiting, three threads: the limit
+    gate.set()
+    done, _ = wait(running, timeout=5)
+    assert len(done) == 5 and all(f.result() for f in done)
+
+
+@pytest.mark.integration
+def test_a_blocked_daemon_thread_does_not_keep_the_process_from_exiting():
+    """A stopping server exits while a thread is still blocked (on a database that stopped
+    answering): ThreadPoolExecutor would join it at exit."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import time; from backend.httputil import DaemonThreads\n"
+            "DaemonThreads(2, 't').submit(time.sleep, 60); time.sleep(0.1); print('exiting', flush=True)")
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "exiting" in out.stdout and time.monotonic() - started < 15
