@@ -184,24 +184,37 @@ def make_engine(url: str) -> sa.Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
-    had_pending = sa.inspect(engine).has_table("export_pending")
-    metadata.create_all(engine)
-    _pending_on_insert(engine, migrate=not had_pending)
+    with schema_change(engine) as c:
+        had_pending = sa.inspect(c).has_table("export_pending")
+        metadata.create_all(c)
+        _pending_on_insert(c, migrate=not had_pending)
     return engine
 
 
-def _pending_on_insert(engine: sa.Engine, *, migrate: bool) -> None:
+@contextmanager
+def schema_change(engine: sa.Engine) -> Iterator[sa.Connection]:
+    """A transaction for creating or changing the schema, one process at a time on
+    PostgreSQL (an advisory lock held to its end): processes that open a new database
+    together, a server's workers or an export run from cron, raced in ``CREATE TABLE``
+    (a duplicate type) and in ``CREATE OR REPLACE FUNCTION`` ("tuple concurrently
+    updated"), and one of them failed. SQLite's writers are one at a time already."""
+    with engine.begin() as c:
+        if c.dialect.name == "postgresql":
+            c.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _advisory_key("schema")})
+        yield c
+
+
+def _pending_on_insert(c: sa.Connection, *, migrate: bool) -> None:
     """The trigger that makes every new exposures row wait for an export; ``migrate``: a
     database of an older version, whose waiting keys were those with no batch, gets them
     in export_pending and loses the two indexes the runs no longer read."""
-    with engine.begin() as c:
-        for ddl in _PENDING_TRIGGER[engine.dialect.name]:
-            c.exec_driver_sql(ddl)
-        if migrate:
-            c.exec_driver_sql("INSERT INTO export_pending (id, export_after) SELECT id, export_after FROM exposures "
-                              "WHERE batch_id IS NULL AND id NOT IN (SELECT id FROM export_pending)")
-            for index in ("ix_exposures_batch_id", "ix_exposures_export_after"):
-                c.exec_driver_sql(f"DROP INDEX IF EXISTS {index}")
+    for ddl in _PENDING_TRIGGER[c.dialect.name]:
+        c.exec_driver_sql(ddl)
+    if migrate:
+        c.exec_driver_sql("INSERT INTO export_pending (id, export_after) SELECT id, export_after FROM exposures "
+                          "WHERE batch_id IS NULL AND id NOT IN (SELECT id FROM export_pending)")
+        for index in ("ix_exposures_batch_id", "ix_exposures_export_after"):
+            c.exec_driver_sql(f"DROP INDEX IF EXISTS {index}")
 
 
 def insert_new(conn: sa.Connection, table: sa.Table, rows: list[dict], unique: str) -> int:

@@ -40,6 +40,7 @@ from agent.files import write_private_file
 from agent.protocol import robert
 from agent.store.envelope import Envelope
 
+from . import db
 from .db import metadata
 from .errors import ApiError, Code
 from .keyfiles import ec_key_from_pem, load_or_create_secret
@@ -139,7 +140,8 @@ class RobertServer:
         self.clock = backend.clock
         self.limiter = backend.limiter
         self.risk_cfg = RobertRiskConfig()
-        metadata.create_all(self.engine, tables=[registrations, contacts, last_requests])
+        with db.schema_change(self.engine) as c:
+            metadata.create_all(c, tables=[registrations, contacts, last_requests])
         d = backend.config.data_dir
         self._master = Envelope(load_or_create_secret(d / "robert-master.key"))
         keys_path = d / "robert-keys.enc"

@@ -440,3 +440,39 @@ def test_insert_new_stores_each_value_as_given_and_skips_stored_keys(backend):
         assert (s.rolling_start, s.transmission_risk, s.days_since_onset, s.export_after, s.received_at,
                 s.health_authority) == (r["rolling_start"], r["transmission_risk"], r["days_since_onset"],
                                         r["export_after"], r["received_at"], r["health_authority"])
+
+
+def test_processes_starting_together_create_the_schema_once_without_error(request, tmp_path):
+    """Several processes opening one new database at once (a server's workers, an export
+    run from cron): on PostgreSQL two concurrent ``CREATE OR REPLACE FUNCTION`` of the
+    trigger failed one of them ("tuple concurrently updated"), and two table creations
+    could race. Eight openers at once, five times, on a fresh schema each time."""
+    pg = request.getfixturevalue("postgres")
+    if pg.url is None:
+        pytest.skip(pg.skip_reason)
+    from backend.robert import metadata as robert_metadata
+
+    def fresh() -> None:
+        engine = sa.create_engine(pg.url)
+        with engine.begin() as c:
+            db.metadata.drop_all(c)
+            robert_metadata.drop_all(c)
+            c.exec_driver_sql("DROP FUNCTION IF EXISTS ctagent_exposure_pending() CASCADE")
+        engine.dispose()
+
+    def open_database(gate: threading.Barrier) -> None:
+        gate.wait()
+        backend = Backend(BackendConfig(tmp_path / f"b{threading.get_ident()}", database_url=pg.url))
+        try:
+            from backend.robert import RobertConfig, RobertServer
+            RobertServer(backend, RobertConfig())
+        finally:
+            backend.engine.dispose()
+
+    for _ in range(5):
+        fresh()
+        gate = threading.Barrier(8)
+        with ThreadPoolExecutor(8) as pool:
+            for f in [pool.submit(open_database, gate) for _ in range(8)]:
+                f.result(timeout=60)
+    fresh()
