@@ -368,13 +368,22 @@ class ExportJob:
                 log.warning("export: removed %s, left by a run that did not finish", p.name)
 
     def write_index(self, now: float) -> None:
-        """``index.txt``: the files of the batches of the retention period, oldest first."""
+        """``index.txt``: the files of the batches of the retention period, oldest first.
+        Written only when that changed: its ETag (its time and size, to the file server)
+        is what lets an agent skip a sync's downloads, and a run with nothing new would
+        have given it a new one."""
         cutoff = now - self.config.export_retention_days * DAY_SECONDS
         with self.engine.connect() as c:
             rows = c.execute(sa.select(db.batches.c.files).where(db.batches.c.end >= cutoff)
                              .order_by(db.batches.c.id)).fetchall()
         lines = [n for r in rows for n in json.loads(r.files)]
-        _write_atomic(self.config.exports_dir / INDEX, "".join(f"{n}\n" for n in lines).encode())
+        path, text = self.config.exports_dir / INDEX, "".join(f"{n}\n" for n in lines).encode()
+        try:
+            if path.read_bytes() == text:
+                return
+        except FileNotFoundError:
+            pass
+        _write_atomic(path, text)
 
     def backlog(self) -> ExportBacklog:
         """What waits for a later run (the ``backend export`` command says it)."""

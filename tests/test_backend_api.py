@@ -272,9 +272,13 @@ def test_export_job_writes_verifiable_signed_files(backend, live, clock):
     files = backend.exports.run(progress=lambda done, total: ticks.append((done, total)))
     assert len(files) == 1 and ticks == [(1, 1)]  # yesterday's key at once; today's is embargoed
     clock.advance(DAY_SECONDS)
-    assert backend.exports.run() != [] and backend.exports.run() == []  # today's key now; then nothing new
+    assert backend.exports.run() != []  # today's key now
+    listed = httpx.get(live.url + "/exports/index.txt")
+    assert backend.exports.run() == []  # then nothing new: index.txt and its ETag as they were
+    again = httpx.get(live.url + "/exports/index.txt", headers={"If-None-Match": listed.headers["etag"]})
+    assert again.status_code == 304
 
-    index = httpx.get(live.url + "/exports/index.txt").text.split()
+    index = listed.text.split()
     assert len(index) == 2
     seen = []
     for name in index:
