@@ -500,37 +500,43 @@ def test_index_rows_are_22_bytes_an_entry_and_older_32_byte_rows_still_read(tmp_
             tables._unpack_index(tables._pack_index(tables._index_entries(new), d0), d0) == tables._index_entries(new))
 
 
+def _old_version_store(name, tmp_path):
+    """A copy (0600) of the real store of an older version under tests/data/``name``, and
+    what that version read of it (its expected.json)."""
+    data = Path(__file__).parent / "data" / name
+    for file in ("agent.db", "agent.db.keyring"):
+        shutil.copy(data / file, tmp_path / file)
+        os.chmod(tmp_path / file, 0o600)
+    return tmp_path / "agent.db", json.loads((data / "expected.json").read_text())
+
+
+def _matching_list(arrays):
+    """Matching arrays as sorted [row id, RPI hex, first interval, last interval] lists."""
+    return sorted([r, arrays.rpis[16 * i:16 * i + 16].hex(), f, la] for i, (r, f, la) in enumerate(
+        zip(arrays.row_ids.tolist(), arrays.first_enin.tolist(), arrays.last_enin.tolist())))
+
+
 def test_a_store_written_before_the_packed_index_reads_the_same(tmp_path):
     """A real store of the previous version (tests/data/store-32-byte-index, written by
     commit c52278d's own code): its 32-byte index rows give matching what that version
     read; new encounters of the same day are indexed packed beside them, and the day's
     rows merged give all of them back."""
-    data = Path(__file__).parent / "data" / "store-32-byte-index"
-    expected = json.loads((data / "expected.json").read_text())
-    for name in ("agent.db", "agent.db.keyring"):
-        shutil.copy(data / name, tmp_path / name)
-        os.chmod(tmp_path / name, 0o600)
+    path, expected = _old_version_store("store-32-byte-index", tmp_path)
     d0 = 20420
     clock = ManualClock((d0 + 1) * DAY + 4 * 3600)
-    path = tmp_path / "agent.db"
-
-    def as_list(arrays):
-        return sorted([r, arrays.rpis[16 * i:16 * i + 16].hex(), f, la] for i, (r, f, la) in enumerate(
-            zip(arrays.row_ids.tolist(), arrays.first_enin.tolist(), arrays.last_enin.tolist())))
 
     with Store.open(path, Passphrase("old-store"), clock=clock) as s:
         assert sorted(len(p) % 32 for _, _, p in s.rows.rows("encounter_index")) == [0] * len(
             expected["index_row_lengths"])  # the old form, as written
-        assert as_list(s.encounters.matching_arrays()) == expected["want"]
+        assert _matching_list(s.encounters.matching_arrays()) == expected["want"]
         new = make_encounters(4, t0=(d0 + 1) * DAY + 3600, seed=9)
         s.encounters.write(new, closed=new)
         assert any(len(p) % 2 for _, _, p in s.rows.rows("encounter_index"))  # packed, beside the old rows
         want = sorted(expected["want"] + [[e.row_id, e.rpi.hex(), int(e.first_seen // 600), int(e.last_seen // 600)]
                                           for e in new])
-        assert as_list(s.encounters.matching_arrays()) == want
+        assert _matching_list(s.encounters.matching_arrays()) == want
         s.encounters.compact_index(before_day=d0 + 2)
-        assert as_list(s.encounters.matching_arrays()) == want
-
+        assert _matching_list(s.encounters.matching_arrays()) == want
 
 
 def test_a_store_of_schema_6_reads_back_exactly(tmp_path):
@@ -542,14 +548,9 @@ def test_a_store_of_schema_6_reads_back_exactly(tmp_path):
     from agent.exposure.encounter import Encounter
     from agent.store import SCHEMA_VERSION
 
-    data = Path(__file__).parent / "data" / "store-schema-6-encounters"
-    expected = json.loads((data / "expected.json").read_text())
-    for name in ("agent.db", "agent.db.keyring"):
-        shutil.copy(data / name, tmp_path / name)
-        os.chmod(tmp_path / name, 0o600)
+    path, expected = _old_version_store("store-schema-6-encounters", tmp_path)
     d0 = 20430
     clock = ManualClock((d0 + 1) * DAY + 6 * 3600)
-    path = tmp_path / "agent.db"
 
     def fields(e):
         return {"row": e.row_id, "day": e.day, "rpi": e.rpi.hex(), "aem": e.aem.hex(),
@@ -557,15 +558,12 @@ def test_a_store_of_schema_6_reads_back_exactly(tmp_path):
                 "tx": e.tx_power,
                 "windows": [[w.index, w.count, w.power_sum_mw.hex(), w.rssi_max] for w in e.windows]}
 
-    def as_list(arrays):
-        return sorted([r, arrays.rpis[16 * i:16 * i + 16].hex(), f, la] for i, (r, f, la) in enumerate(
-            zip(arrays.row_ids.tolist(), arrays.first_enin.tolist(), arrays.last_enin.tolist())))
 
     with Store.open(path, Passphrase("old-store-6"), clock=clock) as s:
         assert s.conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION == 7
         assert sorted(len(p) for _, _, p in s.rows.rows("encounters")) == expected["record_lengths"]  # as written
         assert [fields(e) for e in s.encounters.read()] == expected["encounters"]
-        assert as_list(s.encounters.matching_arrays()) == expected["matching"]
+        assert _matching_list(s.encounters.matching_arrays()) == expected["matching"]
         assert s.stats.corrupt_rows == 0
         # one old encounter heard again: rewritten in the compact form
         old = next(iter(s.encounters.get_many([expected["encounters"][-5]["row"]]).values()))
